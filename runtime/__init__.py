@@ -1,0 +1,29 @@
+"""SAS / SWS ops and their implementations per target (cpu, cuda, emulator).
+
+``sas_matmul`` / ``sws_matmul`` are the GEMM entry points, ``targets()`` says what this
+machine can run. Importing this package registers the ``sas::`` torch ops.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "project": "sas_compile.runtime.projection",
+    "slot_index": "sas_compile.runtime.projection",
+    "get_rule": "sas_compile.runtime.projection",
+    "register_rule": "sas_compile.runtime.projection",
+    "sas_matmul": "sas_compile.runtime.matmul",
+    "sws_matmul": "sas_compile.runtime.matmul",
+    "targets": "sas_compile.runtime.matmul",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sas_compile.runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,188 @@
+"""Sparse projection S: a narrow activation becomes M slots per value, one of them nonzero.
+
+Why this module exists: every SAS consumer (the ops, the CPU/CUDA/emulator targets, the
+function-preserving weight conversion, the CUTLASS packing check) must agree on which slot
+a value lands in. An *index rule* computes that slot from the activations; the value in the
+slot is always ``|x|``. The wide layout is channel-major: slot ``m`` of channel ``c`` sits
+at wide index ``c * M + m``.
+
+Rules
+-----
+``sign_pattern`` (the default, any M = 2**b):
+    channels form groups of ``b`` neighbours along the channel axis; the group pattern
+    ``I = sum_j [x_(g*b+j) <= 0] * 2**j`` is the slot of every channel in the group; a last
+    partial group uses the bits it has. For M = 2 (b = 1) this is exactly the reference
+    code's sign rule: slot 0 = max(x, 0), slot 1 = max(-x, 0).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "IndexRule",
+    "SignPatternRule",
+    "register_rule",
+    "get_rule",
+    "check_M",
+    "slot_index",
+    "project",
+    "reference_project",
+    "expand_dense_weight",
+]
+
+
+def check_M(M, *, what: str = "M") -> int:
+    """Return ``M`` as an int if it is a power of two >= 2, else raise a ValueError."""
+    if isinstance(M, bool) or not isinstance(M, int) or M < 2 or (M & (M - 1)) != 0:
+        raise ValueError(
+            f"{what}={M!r} is not supported: SAS needs M to be a power of two >= 2 "
+            "(allowed: 2, 4, 8, 16, ...)"
+        )
+    return M
+
+
+@dataclass(frozen=True)
+class IndexRule:
+    """How a projection picks the nonzero slot of each value.
+
+    Subclasses implement :meth:`slot` (the slot of every value, same shape as ``x``) and
+    :meth:`encodes_positive` (whether slot ``m`` of a channel at group position ``j`` means
+    the value was positive), which is all the function-preserving conversion needs.
+    """
+
+    M: int
+
+    name = "abstract"
+
+    def slot(self, x: Tensor, dim: int) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def encodes_positive(self, channels: int) -> Tensor:  # pragma: no cover - interface
+        """Bool tensor ``[channels, M]``: True where slot m of channel c encodes x_c > 0."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SignPatternRule(IndexRule):
+    """Sign pattern over groups of ``b = log2(M)`` neighbouring channels (BRIEF section 1)."""
+
+    name = "sign_pattern"
+
+    @property
+    def bits(self) -> int:
+        return int(math.log2(self.M))
+
+    def slot(self, x: Tensor, dim: int) -> Tensor:
+        nonpos = x <= 0
+        b = self.bits
+        if b == 1:
+            return nonpos.to(torch.uint8)
+        dim = dim % x.dim()
+        channels = x.shape[dim]
+        moved = nonpos.movedim(dim, -1)
+        pad = (-channels) % b
+        if pad:
+            # a last partial group uses the bits it has: missing neighbours contribute 0
+            moved = torch.nn.functional.pad(moved, (0, pad), value=False)
+        groups = moved.reshape(*moved.shape[:-1], -1, b).to(torch.uint8)
+        weights = (1 << torch.arange(b, device=x.device, dtype=torch.uint8))
+        pattern = (groups * weights).sum(-1, dtype=torch.uint8)
+        per_channel = pattern.repeat_interleave(b, dim=-1)[..., :channels]
+        return per_channel.movedim(-1, dim)
+
+    def encodes_positive(self, channels: int) -> Tensor:
+        b = self.bits
+        position = torch.arange(channels) % b
+        slots = torch.arange(self.M)
+        return ((slots.unsqueeze(0) >> position.unsqueeze(1)) & 1) == 0
+
+
+_RULES: Dict[str, Callable[[int], IndexRule]] = {}
+
+
+def register_rule(name: str, factory: Callable[[int], IndexRule]) -> None:
+    """Make an index rule available to the ops under ``name`` (``factory(M) -> IndexRule``)."""
+    _RULES[name] = factory
+
+
+def get_rule(name: str, M: int) -> IndexRule:
+    """The index rule called ``name`` for ``M`` slots."""
+    check_M(M)
+    try:
+        factory = _RULES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown SAS index rule {name!r}; registered rules: {sorted(_RULES)}"
+        ) from None
+    return factory(M)
+
+
+register_rule("sign_pattern", SignPatternRule)
+
+
+def slot_index(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -> Tensor:
+    """Slot (0..M-1, uint8) that each value of ``x`` occupies in the projection along ``dim``."""
+    return get_rule(rule, M).slot(x, dim)
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last
+    )
+
+
+def project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -> Tensor:
+    """The projected activation ``S(x)``: ``x`` widened M times along ``dim``, channel-major.
+
+    Built by one fused select (``where(slot == m, |x|, 0)``) straight into its final layout:
+    no zero-filled tensor and no scatter. A channels_last 4-D input gives a channels_last
+    output.
+    """
+    dim = dim % x.dim()
+    if dim == 1 and _is_channels_last(x):
+        return project(x.permute(0, 2, 3, 1), M, -1, rule).permute(0, 3, 1, 2)
+    slot = get_rule(rule, M).slot(x, dim).unsqueeze(dim + 1)
+    shape = [1] * (x.dim() + 1)
+    shape[dim + 1] = M
+    slots = torch.arange(M, device=x.device, dtype=slot.dtype).view(shape)
+    wide = torch.where(slot == slots, x.abs().unsqueeze(dim + 1), x.new_zeros(()))
+    return wide.flatten(dim, dim + 1)
+
+
+def reference_project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -> Tensor:
+    """The reference code's formulation: a zero-filled ``[..., C, M, ...]`` tensor plus scatter.
+
+    Kept only as the slow baseline for tests and benchmarks.
+    """
+    dim = dim % x.dim()
+    slot = get_rule(rule, M).slot(x, dim).to(torch.int64).unsqueeze(dim + 1)
+    shape = list(x.shape)
+    shape.insert(dim + 1, M)
+    wide = torch.zeros(shape, dtype=x.dtype, device=x.device)
+    wide.scatter_(dim + 1, slot, x.abs().unsqueeze(dim + 1))
+    return wide.flatten(dim, dim + 1)
+
+
+def expand_dense_weight(
+    weight: Tensor, M: int, *, fold_relu: bool = False, rule: str = "sign_pattern", groups: int = 1
+) -> Tensor:
+    """Function-preserving wide weight: ``Wt[:, c*M + m] = s_c(m) * W[:, c]``.
+
+    ``weight`` is a linear ``[out, in]`` or conv ``[out, in/groups, kh, kw]`` weight.
+    ``s = +1`` where slot m encodes ``x_c > 0`` and ``-1`` otherwise, so ``Wt S(x) = W x``.
+    With ``fold_relu`` the layer's input is the pre-ReLU tensor ``z`` and ``s = +1 / 0``, so
+    ``Wt S(z) = W relu(z)``. For a grouped conv the rule sees the global channel index.
+    """
+    out_channels, per_group = weight.shape[0], weight.shape[1]
+    positive = get_rule(rule, M).encodes_positive(per_group * groups).to(weight.device)
+    # [groups, per_group, M] -> one row per output channel
+    positive = positive.view(groups, per_group, M).repeat_interleave(out_channels // groups, dim=0)
+    sign = positive.to(weight.dtype) if fold_relu else positive.to(weight.dtype) * 2 - 1
+    sign = sign.view(out_channels, per_group, M, *([1] * (weight.dim() - 2)))
+    wide = weight.unsqueeze(2) * sign
+    return wide.flatten(1, 2).contiguous()
