@@ -86,9 +86,27 @@ class Plan:
     graph_before: Optional[str] = None
     graph_after: Optional[str] = None
     gm: Any = None  # the captured GraphModule (before the rewrite)
+    model: Any = None  # the analysed module (the export path swaps modules in a copy of it)
 
     def eligible(self) -> List[LayerPlan]:
         return [layer for layer in self.layers if layer.eligible]
 
     def by_node(self) -> Dict[str, LayerPlan]:
         return {layer.node: layer for layer in self.layers}
+
+    # formatting lives with the rest of the inspection output
+    def __str__(self) -> str:
+        from .inspection import plan_to_text
+
+        return plan_to_text(self)
+
+    def to_dict(self) -> Dict[str, Any]:
+        from .inspection import plan_to_dict
+
+        return plan_to_dict(self)
+
+    def to_dot(self) -> str:
+        from .inspection import plan_to_dot
+
+        return plan_to_dot(self)
+

@@ -1,0 +1,298 @@
+"""Analysis: find every conv/linear call of a captured graph and decide whether it becomes SAS.
+
+Why: the rewrite, ``report`` and ``inspect`` must agree on which layers convert and why the
+others stay dense; this pass is the one place that decides. It matches every spelling
+(modules, ``F.linear``/``F.conv2d``/``torch.conv2d``, ATen ops from torch.export, dynamo's
+``torch._C._nn.linear``), groups call sites that share a weight, applies the input-layer
+policy and the user's ``filter_fn``, and records shapes when the capture carried them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from sas_compile.plan import LayerPlan, Plan
+
+from .capture import clean_module_path
+
+__all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "LINEAR_FUNCTIONS", "CONV_FUNCTIONS"]
+
+LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
+CONV_FUNCTIONS = {
+    F.conv2d: "conv2d", torch.conv2d: "conv2d", torch.ops.aten.conv2d.default: "conv2d",
+    torch.ops.aten.conv2d.padding: "conv2d",
+    F.conv1d: "conv1d", torch.conv1d: "conv1d", torch.ops.aten.conv1d.default: "conv1d",
+    torch.ops.aten.conv1d.padding: "conv1d",
+}
+UNSUPPORTED_CONV_MODULES = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+UNSUPPORTED_CONV_FUNCTIONS = {F.conv3d: "conv3d", torch.conv3d: "conv3d", F.conv_transpose2d: "conv_transpose2d",
+                              F.conv_transpose1d: "conv_transpose1d"}
+_CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+@dataclass
+class LayerCall:
+    """A conv/linear call site with its arguments normalised."""
+
+    node: fx.Node
+    op: str  # linear | conv1d | conv2d | <unsupported op name>
+    x: fx.Node
+    weight: object  # fx.Node (get_attr / placeholder / computed) or None for module calls
+    bias: object
+    module: Optional[nn.Module]
+    module_path: Optional[str]
+    stride: Tuple[int, ...] = ()
+    padding: object = ()
+    dilation: Tuple[int, ...] = ()
+    groups: int = 1
+    supported: bool = True
+    unsupported_reason: Optional[str] = None
+
+
+def _tup(v, n):
+    return (v,) * n if isinstance(v, int) else tuple(v)
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def match_layer_call(node: fx.Node, gm: fx.GraphModule) -> Optional[LayerCall]:
+    """A LayerCall when ``node`` is a conv/linear call in any spelling, else None."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        x = node.args[0] if node.args else None
+        if isinstance(mod, nn.Linear):
+            return LayerCall(node, "linear", x, None, None, mod, node.target)
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not isinstance(mod, UNSUPPORTED_CONV_MODULES):
+            op = "conv2d" if isinstance(mod, nn.Conv2d) else "conv1d"
+            n = 2 if op == "conv2d" else 1
+            call = LayerCall(node, op, x, None, None, mod, node.target, _tup(mod.stride, n), mod.padding,
+                             _tup(mod.dilation, n), mod.groups)
+            if mod.padding_mode != "zeros":
+                call.supported = False
+                call.unsupported_reason = f"padding_mode={mod.padding_mode!r}: SAS convolutions support only zero padding"
+            return call
+        if isinstance(mod, UNSUPPORTED_CONV_MODULES):
+            return LayerCall(node, type(mod).__name__.lower(), x, None, None, mod, node.target, supported=False,
+                             unsupported_reason=f"{type(mod).__name__} is not supported (SAS converts Linear, Conv1d and Conv2d)")
+        return None
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if target in LINEAR_FUNCTIONS:
+        return LayerCall(node, "linear", _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias"), None, None)
+    if target in CONV_FUNCTIONS:
+        op = CONV_FUNCTIONS[target]
+        n = 2 if op == "conv2d" else 1
+        args = [_arg(node, i, name, d) for i, (name, d) in enumerate(zip(_CONV_ARG_NAMES, (None, None, None, 1, 0, 1, 1)))]
+        return LayerCall(node, op, args[0], args[1], args[2], None, None, _tup(args[3], n), args[4] if isinstance(args[4], str) else _tup(args[4], n),
+                         _tup(args[5], n), int(args[6]))
+    if target in UNSUPPORTED_CONV_FUNCTIONS:
+        return LayerCall(node, UNSUPPORTED_CONV_FUNCTIONS[target], _arg(node, 0, "input"), _arg(node, 1, "weight"), None, None, None,
+                         supported=False, unsupported_reason=f"{UNSUPPORTED_CONV_FUNCTIONS[target]} is not supported (SAS converts linear, conv1d and conv2d)")
+    return None
+
+
+def _shape(node) -> Optional[Tuple[int, ...]]:
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return tuple(int(s) for s in meta.shape)
+    val = node.meta.get("val", node.meta.get("example_value"))
+    if isinstance(val, torch.Tensor):
+        try:
+            return tuple(int(s) for s in val.shape)
+        except Exception:  # noqa: BLE001 - symbolic sizes without hints
+            return None
+    return None
+
+
+def _weight_tensor(call: LayerCall, gm: fx.GraphModule, placeholder_values: Dict[str, torch.Tensor]):
+    """(kind, target, tensor): kind is module | attr | placeholder | computed."""
+    if call.module is not None:
+        return "module", f"{call.module_path}.weight", call.module.weight
+    w = call.weight
+    if isinstance(w, fx.Node) and w.op == "get_attr":
+        try:
+            return "attr", w.target, gm.get_parameter(w.target)
+        except AttributeError:
+            try:
+                return "attr", w.target, gm.get_buffer(w.target)
+            except AttributeError:
+                return "computed", w.target, None
+    if isinstance(w, fx.Node) and w.op == "placeholder" and w.name in placeholder_values:
+        return "placeholder", w.name, placeholder_values[w.name]
+    return "computed", getattr(w, "name", str(w)), None
+
+
+def _raw_input_nodes(gm: fx.GraphModule, param_placeholders: set) -> set:
+    """Nodes computed from the network inputs alone, through no parameter or layer."""
+    raw = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if node.name not in param_placeholders:
+                raw.add(node)
+            continue
+        if node.op in ("get_attr", "output"):
+            continue
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
+                continue
+        if match_layer_call(node, gm) is not None:
+            continue
+        inputs = node.all_input_nodes
+        if inputs and all(i in raw for i in inputs):
+            raw.add(node)
+    return raw
+
+
+def _layer_name(call: LayerCall, kind: str, target: str, gm: fx.GraphModule) -> str:
+    if call.module_path is not None:
+        return call.module_path
+    stack = call.node.meta.get("nn_module_stack")
+    if stack:
+        path, cls = list(stack.values())[-1]
+        cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", "")
+        if any(k in cls_name for k in ("Linear", "Conv")):
+            return clean_module_path(path)
+    if target.endswith(".weight"):
+        return target[: -len(".weight")]
+    return target
+
+
+def find_sas_layers(
+    gm: fx.GraphModule,
+    *,
+    M: int,
+    capture: str,
+    filter_fn: Optional[Callable[[Optional[nn.Module], str], bool]] = None,
+    dense_input_layers: bool = True,
+    placeholder_values: Optional[Dict[str, torch.Tensor]] = None,
+    placeholder_sources: Optional[Dict[str, str]] = None,
+) -> Plan:
+    """The per-layer plan for ``gm`` (eligibility, reasons, shapes); folds are decided after."""
+    from sas_compile.layers import SAS_LAYERS
+
+    placeholder_values = placeholder_values or {}
+    placeholder_sources = placeholder_sources or {}
+    raw = _raw_input_nodes(gm, set(placeholder_values))
+    layers: List[LayerPlan] = []
+    sites: Dict[str, List[LayerPlan]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), SAS_LAYERS):
+            mod = gm.get_submodule(node.target)
+            layers.append(_existing_sas_layer(node, mod))
+            continue
+        call = match_layer_call(node, gm)
+        if call is None:
+            continue
+        kind, target, weight = _weight_tensor(call, gm, placeholder_values)
+        name = placeholder_sources.get(target, None) if kind == "placeholder" else None
+        name = _layer_name(call, kind, target, gm) if name is None else (name[:-7] if name.endswith(".weight") else name)
+        layer = _describe(call, kind, target, weight, name)
+        layer.input_shape = _shape(call.x)
+        layer.output_shape = _shape(node)
+        layer.input_is_graph_input = call.x in raw
+        layer.extra["weight_kind"] = kind
+        layer.eligible, layer.reason = _eligibility(call, kind, weight, layer, M, filter_fn, dense_input_layers, gm, capture)
+        layers.append(layer)
+        sites.setdefault(target, []).append(layer)
+    _resolve_shared_weights(sites)
+    return Plan(M=M, layers=layers, capture=capture, gm=gm, graph_before=gm.code)
+
+
+def _existing_sas_layer(node: fx.Node, mod) -> LayerPlan:
+    from sas_compile.layers import SASLinear
+
+    if isinstance(mod, SASLinear):
+        layer = LayerPlan(node.target, node.name, "linear", False, f"already a SAS layer (M={mod.M})",
+                          mod.in_features, mod.out_features, has_bias=mod.bias is not None,
+                          weight_target=f"{node.target}.weight", module_target=node.target)
+    else:
+        op = "conv2d" if len(mod.kernel_size) == 2 else "conv1d"
+        layer = LayerPlan(node.target, node.name, op, False, f"already a SAS layer (M={mod.M})", mod.in_channels,
+                          mod.out_channels, tuple(mod.kernel_size), tuple(mod.stride), mod.padding, tuple(mod.dilation),
+                          mod.groups, mod.bias is not None, f"{node.target}.weight", node.target)
+    layer.extra["sas_M"] = mod.M
+    layer.input_shape = _shape(node.args[0]) if node.args else None
+    layer.output_shape = _shape(node)
+    return layer
+
+
+def _describe(call: LayerCall, kind: str, target: str, weight, name: str) -> LayerPlan:
+    has_bias = (call.module.bias is not None) if call.module is not None else call.bias is not None
+    if weight is None or not isinstance(weight, torch.Tensor):
+        shape = None
+    else:
+        shape = tuple(weight.shape)
+    if call.op == "linear":
+        out_c, in_c = (shape[0], shape[1]) if shape else (-1, -1)
+        return LayerPlan(name, call.node.name, "linear", True, None, in_c, out_c, has_bias=has_bias,
+                         weight_target=target, module_target=call.module_path)
+    if shape is not None:
+        out_c, in_c, kernel = shape[0], shape[1] * call.groups, tuple(shape[2:])
+    else:
+        out_c, in_c, kernel = -1, -1, ()
+    return LayerPlan(name, call.node.name, call.op, True, None, in_c, out_c, kernel, call.stride, call.padding,
+                     call.dilation, call.groups, has_bias, target, call.module_path)
+
+
+def _eligibility(call, kind, weight, layer, M, filter_fn, dense_input_layers, gm, capture) -> Tuple[bool, Optional[str]]:
+    if not call.supported:
+        return False, call.unsupported_reason
+    if kind == "computed" or weight is None:
+        return False, "the weight is computed inside the graph, not a parameter: nothing to widen"
+    if not weight.is_floating_point():
+        return False, f"weight dtype {weight.dtype} is not a floating point type"
+    if dense_input_layers and layer.input_is_graph_input:
+        return False, ("input layer: reads the raw network input, kept dense as in the reference code "
+                       "(pass dense_input_layers=False to convert it)")
+    if filter_fn is not None:
+        owner = call.module
+        if owner is None and kind in ("attr",) and "." in layer.weight_target:
+            owner = gm.get_submodule(layer.weight_target.rsplit(".", 1)[0])
+        elif owner is None and kind == "attr":
+            owner = gm
+        if not filter_fn(owner, layer.name):
+            return False, "excluded by filter_fn"
+    if capture == "export" and call.module is None and kind == "attr":
+        owner_path = layer.weight_target.rsplit(".", 1)[0] if "." in layer.weight_target else ""
+        stack = call.node.meta.get("nn_module_stack") or {}
+        last = list(stack.values())[-1] if stack else None
+        cls = last[1] if last else None
+        cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", "")
+        is_module_call = last is not None and clean_module_path(last[0]) == owner_path and cls_name in (
+            "Linear", "Conv2d", "Conv1d") and layer.weight_target.endswith(".weight")
+        if not is_module_call:
+            return False, ("functional call in a model that symbolic tracing cannot capture: only "
+                           "nn.Linear/nn.Conv modules are swapped there; torch.compile(model, backend='sas') converts it")
+        layer.module_target = owner_path
+    return True, None
+
+
+def _resolve_shared_weights(sites: Dict[str, List[LayerPlan]]) -> None:
+    """Call sites sharing a weight convert together or not at all (one wide weight serves all)."""
+    for target, group in sites.items():
+        if len(group) < 2:
+            continue
+        names = [layer.name for layer in group]
+        for i, layer in enumerate(group):
+            layer.shared_with = tuple(n for j, n in enumerate(names) if j != i)
+            if len(set(names)) == 1:
+                layer.name = f"{layer.name}#{i + 1}"
+        dense = [layer for layer in group if not layer.eligible]
+        if dense:
+            for layer in group:
+                if layer.eligible:
+                    layer.eligible = False
+                    layer.reason = (f"weight {target} is shared with {dense[0].name}, which stays dense "
+                                    f"({dense[0].reason})")

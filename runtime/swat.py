@@ -1,0 +1,419 @@
+"""The ``swat::`` torch ops: Sparse Weight Activation Training (SWAT, NeurIPS 2020).
+
+Why ops and not hand-written autograd Functions: dynamo and AOT autograd see one opaque
+call per layer with a fake implementation and an autograd formula, so a SWAT model trains
+under ``torch.compile`` and DDP with no graph breaks. The top-K thresholds live in tensors
+the caller owns (module buffers); :func:`refresh_thresholds` rewrites them in place every
+``period`` steps, so there are no files and no global state.
+
+What a SWAT layer computes
+--------------------------
+- forward: ``y = W_k x`` with ``W_k`` the weight reduced to its top-K magnitudes; ``x`` dense;
+- grad of ``x``: from ``W_k`` and the dense output gradient;
+- grad of ``W``: from ``x_k`` (``x`` reduced to its top-K magnitudes) and the dense output
+  gradient. ``x_k`` is what autograd saves, compressed: its nonzero values plus a bitmask
+  packed 8 per byte (``density * 4 + 1/8`` bytes per fp32 activation instead of 4).
+
+Structures
+----------
+``"unstructured"``: weights and activations are masked value by value, ``|v| >= threshold``.
+``"channel"``: a weight input channel is scored by the mean ``|W[:, c]|`` over all filters
+(and kernel positions) and kept or removed for every filter at once; an activation channel
+is one sample's feature map ``x[b, c]`` (one value for a linear layer), scored by its mean
+``|x|``. Keeping activation channels per sample makes the choice independent of how a
+batch is split across data-parallel ranks.
+
+Zeros are never stored: an activation is kept when its score passes the threshold and is
+nonzero, so a layer whose input has fewer nonzeros than K saves fewer values.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "STRUCTURES",
+    "check_structure",
+    "topk_count",
+    "weight_scores",
+    "activation_scores",
+    "mask_weight",
+    "weight_mask",
+    "activation_mask",
+    "pack_bits",
+    "unpack_bits",
+    "compress_activation",
+    "decompress_activation",
+    "kth_largest",
+    "refresh_thresholds",
+    "swat_linear",
+    "swat_conv2d",
+]
+
+STRUCTURES = ("unstructured", "channel")
+
+
+def check_structure(structure, *, what: str = "structure") -> str:
+    """Return ``structure`` if it is a known SWAT structure, else raise a ValueError."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"{what}={structure!r} is not supported: use one of {STRUCTURES}")
+    return structure
+
+
+def topk_count(density: float, n: int) -> int:
+    """K for a tensor of ``n`` scores at ``density``: ``round(density * n)``, at least 1."""
+    return min(n, max(1, int(round(float(density) * n))))
+
+
+# ---------------------------------------------------------------- scores and masks
+
+
+def weight_scores(weight: Tensor, structure: str) -> Tensor:
+    """The magnitudes the weight top-K ranks: ``|W|``, or per input channel the mean ``|W[:, c]|``."""
+    if structure == "unstructured":
+        return weight.abs()
+    dims = [d for d in range(weight.dim()) if d != 1]
+    return weight.abs().mean(dims)
+
+
+def weight_mask(weight: Tensor, threshold: Tensor, structure: str) -> Tensor:
+    """Boolean mask of kept weights, broadcastable to ``weight``."""
+    keep = weight_scores(weight, structure) >= threshold
+    if structure == "unstructured":
+        return keep
+    return keep.view(1, -1, *([1] * (weight.dim() - 2)))
+
+
+def mask_weight(weight: Tensor, threshold: Tensor, structure: str) -> Tensor:
+    """``W_k``: the weight with every value (or input channel) below ``threshold`` zeroed."""
+    return weight * weight_mask(weight, threshold, structure)
+
+
+def activation_scores(x: Tensor, structure: str, channel_dim: int) -> Tensor:
+    """The magnitudes the activation top-K ranks: ``|x|``, or mean ``|x[b, c]|`` per sample channel.
+
+    For ``channel`` the result has ``x``'s dims up to and including ``channel_dim``.
+    """
+    if structure == "unstructured":
+        return x.abs()
+    channel_dim = channel_dim % x.dim()
+    trailing = list(range(channel_dim + 1, x.dim()))
+    return x.abs().mean(trailing) if trailing else x.abs()
+
+
+def activation_mask(x: Tensor, threshold: Tensor, structure: str, channel_dim: int) -> Tensor:
+    """Boolean mask of the kept activations, shaped like the scores (see :func:`activation_scores`)."""
+    scores = activation_scores(x, structure, channel_dim)
+    return (scores >= threshold) & (scores > 0)
+
+
+def _expand_to(mask: Tensor, shape) -> Tensor:
+    """Broadcast a per-sample-channel mask over the trailing (spatial) dims of ``shape``."""
+    if mask.dim() == len(shape):
+        return mask
+    return mask.view(*mask.shape, *([1] * (len(shape) - mask.dim()))).expand(shape)
+
+
+# ---------------------------------------------------------------- compressed storage
+
+def _bit_shifts(device) -> Tensor:
+    # built per call: a module-level constant tensor would leak into traced backward graphs
+    return torch.arange(8, dtype=torch.uint8, device=device)
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """A boolean tensor as a flat uint8 tensor, 8 flags per byte, little-endian within a byte."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    shifts = _bit_shifts(flat.device)
+    return (flat.view(-1, 8) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: Tensor, shape) -> Tensor:
+    """Inverse of :func:`pack_bits`: the boolean tensor of ``shape``."""
+    n = 1
+    for s in shape:
+        n *= s
+    shifts = _bit_shifts(bits.device)
+    flat = ((bits.unsqueeze(-1) >> shifts) & 1).reshape(-1)[:n]
+    return flat.view(shape).bool()
+
+
+def compress_activation(
+    x: Tensor, threshold: Tensor, structure: str, channel_dim: int
+) -> Tuple[Tensor, Tensor]:
+    """``(values, bits)``: the kept activations in row-major order and the packed mask.
+
+    The mask is per value (``unstructured``) or per sample channel (``channel``).
+    """
+    mask = activation_mask(x, threshold, structure, channel_dim)
+    values = x.masked_select(_expand_to(mask, x.shape))
+    return values, pack_bits(mask)
+
+
+def decompress_activation(
+    values: Tensor, bits: Tensor, shape, structure: str, channel_dim: int
+) -> Tensor:
+    """``x_k``, dense: the saved values at their positions, zeros elsewhere."""
+    shape = list(shape)
+    if structure == "unstructured":
+        mask_shape = shape
+    else:
+        mask_shape = shape[: (channel_dim % len(shape)) + 1]
+    mask = _expand_to(unpack_bits(bits, mask_shape), shape)
+    return values.new_zeros(shape).masked_scatter(mask, values)
+
+
+# ---------------------------------------------------------------- thresholds
+
+
+def _distributed_world() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def kth_largest(scores: Tensor, density: float, *, sync: bool = False) -> Tensor:
+    """The threshold that keeps the top ``round(density * n)`` of ``scores`` (a 0-dim tensor).
+
+    With ``sync`` and an initialised process group, ``n`` and the top-K are taken over the
+    scores of all ranks (each rank contributes its local top-K candidates, which must hold
+    the global top-K), so every rank gets the threshold one process would get on the whole
+    batch.
+    """
+    flat = scores.detach().reshape(-1)
+    world = _distributed_world() if sync else 1
+    if world == 1:
+        k = topk_count(density, flat.numel())
+        return torch.kthvalue(flat, flat.numel() - k + 1).values
+    import torch.distributed as dist
+
+    n = torch.tensor([flat.numel()], dtype=torch.int64)
+    dist.all_reduce(n)
+    k = topk_count(density, int(n.item()))
+    local = torch.topk(flat, min(k, flat.numel()), sorted=False).values
+    if local.numel() < k:
+        # scores are magnitudes (>= 0): padding with -1 never enters the top-K
+        local = torch.cat([local, local.new_full((k - local.numel(),), -1.0)])
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local.contiguous())
+    candidates = torch.cat(gathered)
+    return torch.kthvalue(candidates, candidates.numel() - k + 1).values
+
+
+@torch.library.custom_op(
+    "swat::refresh_thresholds",
+    mutates_args=("weight_threshold", "activation_threshold", "step"),
+)
+def refresh_thresholds(
+    x: Tensor,
+    weight: Tensor,
+    weight_threshold: Tensor,
+    activation_threshold: Tensor,
+    step: Tensor,
+    period: int,
+    weight_density: float,
+    activation_density: float,
+    structure: str,
+    channel_dim: int,
+    sync: bool,
+) -> None:
+    """Count one training step; on every ``period``-th (step 0 included) recompute both thresholds.
+
+    The weight threshold keeps the top ``weight_density`` of :func:`weight_scores`, the
+    activation threshold the top ``activation_density`` of :func:`activation_scores` of this
+    batch ``x`` (over all ranks when ``sync``). In between they are reused unchanged.
+    """
+    if int(step.item()) % period == 0:
+        with torch.no_grad():
+            w_thr = kth_largest(weight_scores(weight, structure), weight_density)
+            a_thr = kth_largest(
+                activation_scores(x, structure, channel_dim), activation_density, sync=sync
+            )
+            weight_threshold.copy_(w_thr)
+            activation_threshold.copy_(a_thr)
+    step.add_(1)
+
+
+@refresh_thresholds.register_fake
+def _(x, weight, weight_threshold, activation_threshold, step, period, weight_density,
+      activation_density, structure, channel_dim, sync):
+    return None
+
+
+# ---------------------------------------------------------------- linear
+
+
+def _fake_compressed(x: Tensor, structure: str, channel_dim: int) -> Tuple[Tensor, Tensor]:
+    """Fake ``(values, bits)``: the number of kept values is only known at run time."""
+    n_values = torch.library.get_ctx().new_dynamic_size()
+    if structure == "unstructured":
+        n_flags = x.numel()
+    else:
+        n_flags = 1
+        for s in x.shape[: (channel_dim % x.dim()) + 1]:
+            n_flags = n_flags * s
+    return x.new_empty(n_values), x.new_empty((n_flags + 7) // 8, dtype=torch.uint8)
+
+
+@torch.library.custom_op("swat::linear", mutates_args=())
+def _swat_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    weight_threshold: Tensor,
+    activation_threshold: Tensor,
+    structure: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(F.linear(x, W_k, bias), values, bits)``: the output and the compressed ``x_k``."""
+    y = F.linear(x, mask_weight(weight, weight_threshold, structure), bias)
+    values, bits = compress_activation(x, activation_threshold, structure, -1)
+    return y, values, bits
+
+
+@_swat_linear.register_fake
+def _(x, weight, bias, weight_threshold, activation_threshold, structure):
+    values, bits = _fake_compressed(x, structure, -1)
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), values, bits
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, weight_threshold, _, structure = inputs
+    _, values, bits = output
+    # autograd keeps only the compressed activation; the weight is the parameter itself
+    ctx.save_for_backward(weight, weight_threshold, values, bits)
+    ctx.x_shape = x.shape
+    ctx.structure = structure
+    ctx.mark_non_differentiable(values, bits)
+
+
+def _linear_backward(ctx, grad, _grad_values, _grad_bits):
+    weight, weight_threshold, values, bits = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x = grad_w = grad_b = None
+    grad2d = grad.reshape(-1, grad.shape[-1])
+    if need_x:
+        grad_x = grad.matmul(mask_weight(weight, weight_threshold, ctx.structure))
+    if need_w:
+        x_k = decompress_activation(values, bits, ctx.x_shape, ctx.structure, -1)
+        grad_w = grad2d.t().matmul(x_k.reshape(-1, x_k.shape[-1]))
+    if need_b:
+        grad_b = grad2d.sum(0)
+    return grad_x, grad_w, grad_b, None, None, None
+
+
+_swat_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def swat_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    weight_threshold: Tensor,
+    activation_threshold: Tensor,
+    structure: str = "unstructured",
+) -> Tensor:
+    """SWAT linear layer: forward with ``W_k``, backward with ``W_k`` and the saved ``x_k``."""
+    return torch.ops.swat.linear(
+        x, weight, bias, weight_threshold, activation_threshold, structure
+    )[0]
+
+
+# ---------------------------------------------------------------- conv2d
+
+
+def _conv2d_output_size(size, kernel: int, stride: int, padding: int, dilation: int):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@torch.library.custom_op("swat::conv2d", mutates_args=())
+def _swat_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    weight_threshold: Tensor,
+    activation_threshold: Tensor,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    structure: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(F.conv2d(x, W_k, bias, ...), values, bits)``: the output and the compressed ``x_k``."""
+    w_k = mask_weight(weight, weight_threshold, structure)
+    y = F.conv2d(x, w_k, bias, stride, padding, dilation, groups)
+    values, bits = compress_activation(x, activation_threshold, structure, 1)
+    return y, values, bits
+
+
+@_swat_conv2d.register_fake
+def _(x, weight, bias, weight_threshold, activation_threshold, stride, padding, dilation,
+      groups, structure):
+    kh, kw = weight.shape[-2:]
+    h = _conv2d_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    w = _conv2d_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    values, bits = _fake_compressed(x, structure, 1)
+    return x.new_empty((x.shape[0], weight.shape[0], h, w)), values, bits
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, weight_threshold, _, stride, padding, dilation, groups, structure = inputs
+    _, values, bits = output
+    ctx.save_for_backward(weight, weight_threshold, values, bits)
+    ctx.x_shape = x.shape
+    ctx.conf = (list(stride), list(padding), list(dilation), groups)
+    ctx.structure = structure
+    ctx.bias_sizes = None if bias is None else list(bias.shape)
+    ctx.mark_non_differentiable(values, bits)
+
+
+def _conv_backward(ctx, grad, _grad_values, _grad_bits):
+    weight, weight_threshold, values, bits = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conf
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and ctx.bias_sizes is not None
+    x_k = decompress_activation(values, bits, ctx.x_shape, ctx.structure, 1)
+    # one call: grad_x only reads W_k (and x's shape), grad_w only reads x_k
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad.contiguous(),
+        x_k,
+        mask_weight(weight, weight_threshold, ctx.structure),
+        ctx.bias_sizes if need_b else None,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0, 0],
+        groups,
+        [need_x, need_w, need_b],
+    )
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+_swat_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def swat_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    weight_threshold: Tensor,
+    activation_threshold: Tensor,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int = 1,
+    structure: str = "unstructured",
+) -> Tensor:
+    """SWAT conv2d layer (symmetric integer padding): forward with ``W_k``, backward with ``x_k``."""
+    return torch.ops.swat.conv2d(
+        x, weight, bias, weight_threshold, activation_threshold,
+        list(stride), list(padding), list(dilation), groups, structure,
+    )[0]

@@ -1,0 +1,411 @@
+"""``sas_compile.report(model)``: exact mult and parameter counts for base, SAS and SWS.
+
+Users decide whether SAS is worth it from these numbers before training anything. The
+report reads the per-layer plan of ``sas_compile.api.analyze`` (it never decides
+eligibility itself), counts with :mod:`sas_compile.accounting` (the one table of formulas)
+and takes SWS widths from the whole-graph SWS analysis, so the three columns agree with
+what ``sasify`` and ``swsify`` build.
+
+Without example inputs every count is per output position (the paper's "for a single
+pixel"); with them counts are exact for that input, and ``symbolic.base_mults`` gives each
+layer's mults as a formula in the input sizes (``batch``, ``height``, ``width``, ``seq``...).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import sys
+import types
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import sympy
+import torch
+from torch import nn
+
+from . import accounting
+from .plan import LayerPlan, Plan
+
+log = logging.getLogger("sas_compile.report")
+
+__all__ = ["Report", "report", "format_count"]
+
+
+def format_count(n: int, exact: bool = False) -> str:
+    """``1814073344`` -> ``1.81G`` (or ``1,814,073,344`` when exact)."""
+    n = int(n)
+    if exact:
+        return f"{n:,}"
+    for unit, scale in (("T", 10**12), ("G", 10**9), ("M", 10**6), ("K", 10**3)):
+        if abs(n) >= scale:
+            value = n / scale
+            digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+            return f"{value:.{digits}f}{unit}"
+    return str(n)
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+class Report:
+    """Per-layer and total mults/params of a model for base, SAS and SWS at several M.
+
+    ``print(report)`` shows a table nested by module path; :meth:`to_dict` has a fixed
+    schema (int M keys); :meth:`to_markdown`, :meth:`to_csv` and :meth:`to_json` export it.
+    ``plans`` holds the analysis plan used for each M, ``symbols`` the example value of
+    each size symbol, ``per_position`` is True when no example inputs were given.
+    """
+
+    def __init__(
+        self,
+        layers: List[Dict[str, Any]],
+        M: Tuple[int, ...],
+        *,
+        per_position: bool,
+        input_shapes: Optional[List[Tuple[int, ...]]] = None,
+        symbols: Optional[Dict[str, int]] = None,
+        symbolic_total: Optional[str] = None,
+        plans: Optional[Dict[int, Plan]] = None,
+        notes: Optional[List[str]] = None,
+    ):
+        self.layers = layers
+        self.M = tuple(M)
+        self.per_position = per_position
+        self.input_shapes = input_shapes
+        self.symbols = dict(symbols or {})
+        self.symbolic_total = symbolic_total
+        self.plans = plans or {}
+        self.notes = list(notes or [])
+        self.totals = accounting.sum_costs(layers, self.M)
+
+    # --- machine-readable -------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        """``{"layers": [...], "totals": {...}}`` with the schema of issue 6 (M keys are ints)."""
+        return {"layers": copy.deepcopy(self.layers), "totals": copy.deepcopy(self.totals)}
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        """The :meth:`to_dict` content as JSON (JSON object keys are strings: M becomes "2")."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def csv_header(self) -> List[str]:
+        cols = ["name", "op", "eligible", "reason", "base_mults", "base_params"]
+        for m in self.M:
+            cols += [f"sas_M{m}_mults", f"sas_M{m}_params"]
+        for m in self.M:
+            cols += [f"sws_M{m}_{k}" for k in ("mults", "params", "nonzero_params", "in_features", "out_features")]
+        return cols + ["symbolic_base_mults"]
+
+    def to_csv(self) -> str:
+        """One line per layer plus a ``total`` line; exact ints; columns from :meth:`csv_header`."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(self.csv_header())
+        for row in self.layers:
+            line = [row["name"], row["op"], row["eligible"], row["reason"] or "",
+                    row["base"]["mults"], row["base"]["params"]]
+            for m in self.M:
+                line += [row["sas"][m]["mults"], row["sas"][m]["params"]]
+            for m in self.M:
+                s = row["sws"][m]
+                line += [s["mults"], s["params"], s["nonzero_params"], s["in_features"], s["out_features"]]
+            writer.writerow(line + [row["symbolic"]["base_mults"]])
+        t = self.totals
+        line = ["total", "", "", "", t["base"]["mults"], t["base"]["params"]]
+        for m in self.M:
+            line += [t["sas"][m]["mults"], t["sas"][m]["params"]]
+        for m in self.M:
+            line += [t["sws"][m]["mults"], t["sws"][m]["params"], t["sws"][m]["nonzero_params"], "", ""]
+        writer.writerow(line + [self.symbolic_total or ""])
+        return buf.getvalue()
+
+    # --- human-readable ---------------------------------------------------------------
+    def _tree_rows(self, max_depth: Optional[int]) -> List[Tuple[int, str, List[Dict[str, Any]], bool]]:
+        """(depth, name, layer rows below it, is_leaf) in first-appearance order, fvcore style."""
+        tree: "OrderedDict[str, Any]" = OrderedDict()
+        for row in self.layers:
+            node = tree
+            parts = row["name"].split(".")
+            for i in range(1, len(parts) + 1):
+                key = ".".join(parts[:i])
+                node = node.setdefault(key, OrderedDict())
+            node.setdefault("__rows__", []).append(row)
+
+        out = []
+
+        def below(node) -> List[Dict[str, Any]]:
+            rows = list(node.get("__rows__", []))
+            for k, child in node.items():
+                if k != "__rows__":
+                    rows += below(child)
+            return rows
+
+        def walk(node, depth):
+            for key, child in node.items():
+                if key == "__rows__":
+                    continue
+                rows = below(child)
+                own = child.get("__rows__", [])
+                children = [k for k in child if k != "__rows__"]
+                if own and not children:
+                    for r in own:
+                        out.append((depth, key, [r], True))
+                    continue
+                if len(rows) > 1 and (max_depth is None or depth < max_depth):
+                    out.append((depth, key, rows, False))
+                    for r in own:
+                        out.append((depth + 1, key, [r], True))
+                    walk(child, depth + 1)
+                elif max_depth is not None and depth >= max_depth and len(rows) > 1:
+                    out.append((depth, key, rows, False))
+                else:
+                    # a single layer below: show it once, at this depth
+                    out.append((depth, rows[0]["name"], rows, True))
+
+        walk(tree, 0)
+        return out
+
+    def table(self, tablefmt: str = "simple", *, exact: bool = False, max_depth: Optional[int] = None) -> str:
+        """The report as a tabulate table (module paths nested by indentation), totals and ratios."""
+        from tabulate import tabulate
+
+        multiline = tablefmt not in ("github", "pipe", "tsv", "html")
+        sep = "\n" if multiline else " "
+        fmt = lambda n: format_count(n, exact)  # noqa: E731
+        headers = ["module", "op", "SAS", f"base{sep}mults", f"base{sep}params"]
+        for m in self.M:
+            headers += [f"SAS M={m}{sep}mults", f"SAS M={m}{sep}params",
+                        f"SWS M={m}{sep}mults", f"SWS M={m}{sep}params (nnz)", f"SWS M={m}{sep}in x out"]
+        reasons: "OrderedDict[str, int]" = OrderedDict()
+        body = []
+        for depth, name, rows, leaf in self._tree_rows(max_depth):
+            indent = " " * depth
+            tot = accounting.sum_costs(rows, self.M)
+            if leaf:
+                r = rows[0]
+                if r["eligible"]:
+                    sas = "yes"
+                elif r["reason"]:
+                    note = reasons.setdefault(r["reason"], len(reasons) + 1)
+                    sas = f"no [{note}]"
+                else:
+                    sas = "no"
+                line = [indent + name, r["op"], sas]
+            else:
+                line = [indent + name, "", f"{sum(r['eligible'] for r in rows)}/{len(rows)}"]
+            line += [fmt(tot["base"]["mults"]), fmt(tot["base"]["params"])]
+            for m in self.M:
+                s = tot["sws"][m]
+                width = ""
+                if leaf:
+                    w = rows[0]["sws"][m]
+                    width = f"{w['in_features']}x{w['out_features']}"
+                line += [fmt(tot["sas"][m]["mults"]), fmt(tot["sas"][m]["params"]), fmt(s["mults"]),
+                         f"{fmt(s['params'])} ({fmt(s['nonzero_params'])})", width]
+            body.append(line)
+        t = self.totals
+        n_sas = sum(r["eligible"] for r in self.layers)
+        total = ["total", "", f"{n_sas}/{len(self.layers)}", fmt(t["base"]["mults"]), fmt(t["base"]["params"])]
+        ratio = ["ratio to base", "", "", "1.00x", "1.00x"]
+        bm, bp = t["base"]["mults"], t["base"]["params"]
+        for m in self.M:
+            s = t["sws"][m]
+            total += [fmt(t["sas"][m]["mults"]), fmt(t["sas"][m]["params"]), fmt(s["mults"]),
+                      f"{fmt(s['params'])} ({fmt(s['nonzero_params'])})", ""]
+            ratio += [_ratio(t["sas"][m]["mults"], bm), _ratio(t["sas"][m]["params"], bp), _ratio(s["mults"], bm),
+                      f"{_ratio(s['params'], bp)} ({_ratio(s['nonzero_params'], bp)})", ""]
+        body += [total, ratio]
+        text = [self._title(), tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)]
+        if reasons:
+            text.append("\n".join(f"[{i}] {reason}" for reason, i in reasons.items()))
+        if self.symbolic_total:
+            text.append(f"total base mults = {self.symbolic_total}"
+                        + (f"  (at {', '.join(f'{k}={v}' for k, v in self.symbols.items())})" if self.symbols else ""))
+        text += self.notes
+        return ("\n\n" if not multiline else "\n").join(text)
+
+    def _title(self) -> str:
+        n_sas = sum(r["eligible"] for r in self.layers)
+        if self.per_position:
+            scope = "mults per output position (no example inputs)"
+        else:
+            shapes = ", ".join("x".join(str(d) for d in s) for s in (self.input_shapes or []))
+            scope = f"mults for input {shapes}" if shapes else "mults for the example inputs"
+        return (f"sas-compile report: {len(self.layers)} conv/linear layers, {n_sas} converted to SAS; "
+                f"{scope}; M = {', '.join(map(str, self.M))}")
+
+    def to_markdown(self, *, exact: bool = True) -> str:
+        """A GitHub-markdown table (exact counts by default)."""
+        return self.table("github", exact=exact)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        t = self.totals["base"]
+        return f"Report({len(self.layers)} layers, M={self.M}, base mults={t['mults']}, params={t['params']})"
+
+
+# ------------------------------------------------------------------------------------------
+def _analyze(model, example_inputs, M, filter_fn, dense_input_layers) -> Plan:
+    from sas_compile.api import analyze
+
+    return analyze(model, example_inputs, M=M, filter_fn=filter_fn, dense_input_layers=dense_input_layers)
+
+
+def _sws_widths(plan: Plan, M: int, example_inputs) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """Whole-graph SWS widths per node for this M, or (None, why) when they are not available."""
+    if plan.gm is None:
+        return None, "SWS widths: the plan has no graph; standalone per-layer rule used"
+    try:
+        from sas_compile.passes.tie_channel_widths import sws_layer_widths
+    except ImportError:
+        return None, "SWS widths: whole-graph analysis not available; standalone per-layer rule used"
+    try:
+        return sws_layer_widths(plan.gm, M, example_inputs), None
+    except Exception as exc:  # noqa: BLE001 - a report must not die on the baseline column
+        log.warning("SWS width analysis failed at M=%d: %s", M, exc)
+        return None, f"SWS widths at M={M}: whole-graph analysis failed ({exc}); standalone per-layer rule used"
+
+
+def _resolved_layer(layer: LayerPlan) -> Tuple[LayerPlan, Optional[str]]:
+    """A layer with known channel widths; functional calls with computed weights use shapes."""
+    if layer.in_channels > 0 and layer.out_channels > 0:
+        return layer, None
+    fixed = copy.copy(layer)
+    if layer.op == "linear" and layer.input_shape and layer.output_shape:
+        fixed.in_channels, fixed.out_channels = int(layer.input_shape[-1]), int(layer.output_shape[-1])
+        return fixed, None
+    return None, f"{layer.name}: weight shape unknown (computed inside the graph); not counted"
+
+
+def _symbolic_positions(layer: LayerPlan) -> Optional[str]:
+    """Output positions as a product of the traced dim formulas (kept as torch prints them)."""
+    if layer.symbolic_output_shape is None:
+        return None
+    out = list(layer.symbolic_output_shape)
+    inp = list(layer.symbolic_input_shape or ())
+    nk = len(layer.kernel_size) or None
+    if "transpose" in layer.op:
+        out = inp
+    if layer.op == "linear":
+        dims = out[:-1]
+    elif nk is not None and len(out) == nk + 1:
+        dims = out[1:]
+    else:
+        dims = out[:1] + out[2:]
+    factors = [d if d.replace("_", "").isalnum() else f"({d})" for d in dims if d != "1"]
+    return "*".join(factors) if factors else "1"
+
+
+def _free_names(formula: str) -> set:
+    return {str(sym) for sym in sympy.sympify(formula).free_symbols}
+
+
+def report(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    M: Union[int, Iterable[int]] = (2, 4, 8),
+    filter_fn: Optional[Callable[[Optional[nn.Module], str], bool]] = None,
+    dense_input_layers: bool = True,
+    symbolic: bool = True,
+) -> Report:
+    """Count mults and params of every conv/linear layer of ``model``: base, SAS and SWS per M.
+
+    ``example_inputs`` (a tensor or a tuple of positional inputs) gives exact counts for that
+    input and formulas in its sizes; without it counts are per output position.
+    ``filter_fn(module, fqn)`` and ``dense_input_layers`` are passed to the analysis, as in
+    ``sasify``. ``symbolic=False`` skips the formulas (faster on large graphs).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    Ms = accounting.check_M_values(M)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    elif isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    # eligibility may depend on M: one analysis per M, layers matched by node name
+    plans = {m: _analyze(model, example_inputs, m, filter_fn, dense_input_layers) for m in Ms}
+    first = plans[Ms[0]]
+    notes: List[str] = []
+    symbols: Dict[str, int] = {}
+    if example_inputs is not None and symbolic and first.gm is not None:
+        from sas_compile.passes.propagate_symbolic_shapes import propagate_symbolic_shapes
+
+        try:
+            symbols = propagate_symbolic_shapes(first, example_inputs)
+        except Exception as exc:  # noqa: BLE001 - numbers still come from the example shapes
+            log.warning("symbolic shapes unavailable: %s", exc)
+            notes.append(f"symbolic formulas unavailable: {exc}")
+    widths: Dict[int, Optional[Dict[str, Any]]] = {}
+    for m in Ms:
+        widths[m], why = _sws_widths(plans[m], m, example_inputs)
+        if why and why not in notes:
+            notes.append(why)
+
+    rows = []
+    per_position = example_inputs is None
+    # total formula: weights summed per distinct positions formula
+    by_positions: Optional[Dict[str, int]] = {}
+    for layer in first.layers:
+        resolved, why = _resolved_layer(layer)
+        if resolved is None:
+            notes.append(why)
+            continue
+        positions: Any = 1
+        if not per_position:
+            positions = accounting.output_positions(layer.op, layer.output_shape, layer.input_shape,
+                                                    len(layer.kernel_size) or None)
+            if positions is None:
+                positions = 1
+                notes.append(f"{layer.name}: output shape unknown, counted per output position")
+        eligible_at = {}
+        for m in Ms:
+            other = plans[m].by_node().get(layer.node)
+            eligible_at[m] = other.eligible if other is not None else layer.eligible
+        sws = {m: (widths[m] or {}).get(layer.node) for m in Ms}
+        row = accounting.layer_costs(resolved, Ms, positions=positions,
+                                     sws_widths={m: w for m, w in sws.items() if w is not None},
+                                     eligible_at=eligible_at)
+        if not all(eligible_at.values()) and layer.eligible:
+            row["eligible"] = False
+            dense_at = [m for m in Ms if not eligible_at[m]]
+            row["reason"] = "; ".join(f"M={m}: {plans[m].by_node()[layer.node].reason}" for m in dense_at)
+        sym_pos = _symbolic_positions(layer) if not per_position else "1"
+        if sym_pos is None:
+            by_positions = None
+            row["symbolic"]["base_mults"] = str(row["base"]["mults"])
+        else:
+            row["symbolic"]["base_mults"] = (f"{resolved.weight_numel}*{sym_pos}" if sym_pos != "1"
+                                             else str(resolved.weight_numel))
+            if by_positions is not None:
+                by_positions[sym_pos] = by_positions.get(sym_pos, 0) + resolved.weight_numel
+        rows.append(row)
+
+    input_shapes = None
+    if example_inputs is not None:
+        input_shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
+    total_text = None
+    if by_positions and not per_position:
+        total_text = " + ".join(f"{w}*{p}" if p != "1" else str(w) for p, w in by_positions.items())
+        used = set().union(*(_free_names(r["symbolic"]["base_mults"]) for r in rows)) if rows else set()
+        symbols = {k: v for k, v in symbols.items() if k in used}
+        if not used:
+            total_text = None
+    return Report(rows, Ms, per_position=per_position, input_shapes=input_shapes, symbols=symbols,
+                  symbolic_total=total_text, plans=plans, notes=notes)
+
+
+class _CallableModule(types.ModuleType):
+    """``import sas_compile.report`` binds the submodule over the function of the same name."""
+
+    def __call__(self, *args, **kwargs):
+        return report(*args, **kwargs)
+
+
+# keep `sas_compile.report(model)` working after `import sas_compile.report`
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,380 @@
+"""SWAT as a compiler mode: ``swatify(model)`` trains with sparse weights and activations.
+
+Why: the SWAT reference code (github AamirRaihan/SWAT) swaps layers by hand, keeps per-layer
+state in files read and written every batch and needs C++ extensions. Here one call on an
+unmodified model swaps every conv/linear module for a SWAT module that runs the ``swat::``
+ops (``sas_compile.runtime.swat``); its thresholds and step counter are module buffers, so
+the model trains under ``torch.compile`` and DDP and saves with ``state_dict``.
+
+Per-layer densities
+-------------------
+``distribution="uniform"``: every layer keeps ``1 - sparsity`` of its weights and activations,
+except the first layer that reads the raw network input, which stays dense (as SAS and the
+sparse-training literature do: it is tiny and its input has few channels); the overall
+density is therefore slightly above ``1 - sparsity``.
+``distribution="erk"``: Erdos-Renyi-Kernel (RigL, Evci et al. 2020, used by the SWAT paper):
+the density of a layer with weight shape ``(Co, Ci, kh, kw)`` is proportional to
+``(Co + Ci + kh + kw) / (Co * Ci * kh * kw)``, scaled so the network keeps exactly
+``1 - sparsity`` of all its weights; layers that would exceed 1 are dense and the rest are
+renormalised. A layer's activations use the layer's weight density (the same K rule).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sas_compile.runtime import swat as ops
+
+__all__ = [
+    "swatify",
+    "SWATLayer",
+    "SWATLinear",
+    "SWATConv1d",
+    "SWATConv2d",
+    "DISTRIBUTIONS",
+    "erk_densities",
+    "swat_layers",
+    "swat_costs",
+]
+
+DISTRIBUTIONS = ("uniform", "erk")
+_SOURCE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+# ---------------------------------------------------------------- modules
+
+
+class SWATLayer(nn.Module):
+    """Shared state of a SWAT conv/linear: the original Parameters, thresholds and step buffers.
+
+    ``weight_threshold`` and ``activation_threshold`` are recomputed from the current weight
+    and batch on training steps ``0, period, 2*period, ...`` and reused in between; ``step``
+    counts training forwards (with grad enabled). In eval mode the layer runs with the
+    sparse weight of the last refresh (see :meth:`sparse_weight`).
+    """
+
+    channel_dim = 1
+
+    def __init__(
+        self,
+        source: nn.Module,
+        *,
+        weight_density: float,
+        activation_density: float,
+        structure: str = "unstructured",
+        period: int = 100,
+        sync_thresholds: bool = True,
+    ):
+        super().__init__()
+        self.weight = source.weight
+        self.bias = source.bias
+        self.weight_density = _check_density(weight_density, "weight_density")
+        self.activation_density = _check_density(activation_density, "activation_density")
+        self.structure = ops.check_structure(structure)
+        self.period = _check_period(period)
+        self.sync_thresholds = bool(sync_thresholds)
+        with torch.no_grad():
+            w_thr = ops.kth_largest(ops.weight_scores(self.weight, structure), self.weight_density)
+        self.register_buffer("weight_threshold", w_thr.clone())
+        self.register_buffer("activation_threshold", torch.zeros((), dtype=self.weight.dtype,
+                                                                 device=self.weight.device))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=self.weight.device))
+
+    @property
+    def is_dense(self) -> bool:
+        return self.weight_density >= 1.0 and self.activation_density >= 1.0
+
+    def sparse_weight(self) -> Tensor:
+        """``W_k``: the weight reduced to its top-K magnitudes with the current threshold."""
+        if self.weight_density >= 1.0:
+            return self.weight
+        return ops.mask_weight(self.weight, self.weight_threshold, self.structure)
+
+    def _sparse_step(self, x: Tensor) -> bool:
+        """Whether this forward is a SWAT training step; counts it and refreshes thresholds."""
+        if self.is_dense or not (self.training and torch.is_grad_enabled()):
+            return False
+        torch.ops.swat.refresh_thresholds(
+            x, self.weight, self.weight_threshold, self.activation_threshold, self.step,
+            self.period, self.weight_density, self.activation_density, self.structure,
+            self.channel_dim, self.sync_thresholds,
+        )
+        return True
+
+    def extra_repr(self) -> str:
+        return (f"weight={tuple(self.weight.shape)}, weight_density={self.weight_density:.4g}, "
+                f"activation_density={self.activation_density:.4g}, structure={self.structure}, "
+                f"period={self.period}")
+
+
+class SWATLinear(SWATLayer):
+    """``nn.Linear`` trained with SWAT (``swat::linear``)."""
+
+    channel_dim = -1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._sparse_step(x):
+            return ops.swat_linear(x, self.weight, self.bias, self.weight_threshold,
+                                   self.activation_threshold, self.structure)
+        return F.linear(x, self.sparse_weight(), self.bias)
+
+
+class SWATConv2d(SWATLayer):
+    """``nn.Conv2d`` trained with SWAT (``swat::conv2d``); any padding mode, any groups."""
+
+    def __init__(self, source: nn.Conv2d, **kwargs):
+        super().__init__(source, **kwargs)
+        self.stride = tuple(source.stride)
+        self.dilation = tuple(source.dilation)
+        self.groups = source.groups
+        # string or non-zero padding modes become an explicit F.pad, so the op sees ints
+        if isinstance(source.padding, str) or source.padding_mode != "zeros":
+            self.pre_pad = tuple(source._reversed_padding_repeated_twice)
+            self.pad_mode = "constant" if source.padding_mode == "zeros" else source.padding_mode
+            self.padding = (0,) * len(self.stride)
+        else:
+            self.pre_pad = None
+            self.pad_mode = "constant"
+            self.padding = tuple(source.padding)
+
+    def _conv_args(self) -> Tuple[List[int], List[int], List[int]]:
+        return list(self.stride), list(self.padding), list(self.dilation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pre_pad is not None:
+            x = F.pad(x, self.pre_pad, mode=self.pad_mode)
+        stride, padding, dilation = self._conv_args()
+        if self._sparse_step(x):
+            return ops.swat_conv2d(x, self.weight, self.bias, self.weight_threshold,
+                                   self.activation_threshold, stride, padding, dilation,
+                                   self.groups, self.structure)
+        return F.conv2d(x, self.sparse_weight(), self.bias, stride, padding, dilation, self.groups)
+
+
+class SWATConv1d(SWATConv2d):
+    """``nn.Conv1d`` trained with SWAT: runs as a conv2d of height 1 (same scores and masks)."""
+
+    def _conv_args(self):
+        return [1, *self.stride], [0, *self.padding], [1, *self.dilation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pre_pad is not None:
+            x = F.pad(x, self.pre_pad, mode=self.pad_mode)
+        stride, padding, dilation = self._conv_args()
+        x2 = x.unsqueeze(2)
+        if self._sparse_step(x2):
+            y = ops.swat_conv2d(x2, self.weight.unsqueeze(2), self.bias, self.weight_threshold,
+                                self.activation_threshold, stride, padding, dilation,
+                                self.groups, self.structure)
+            return y.squeeze(2)
+        return F.conv1d(x, self.sparse_weight(), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+_SWAT_CLASS = {nn.Linear: SWATLinear, nn.Conv1d: SWATConv1d, nn.Conv2d: SWATConv2d}
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def _check_density(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{what}={value!r}: expected a number in (0, 1] (the kept fraction)")
+    return float(value)
+
+
+def _check_period(period) -> int:
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"period={period!r}: expected an int >= 1 (training steps between "
+                         "top-K threshold refreshes)")
+    return period
+
+
+def _check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity!r}: expected a number in [0, 1) (the removed "
+                         "fraction of weights and activations, e.g. 0.8 or 0.9)")
+    return float(sparsity)
+
+
+# ---------------------------------------------------------------- densities
+
+
+def erk_densities(shapes: Dict[str, Sequence[int]], density: float) -> Dict[str, float]:
+    """Per-layer densities by the Erdos-Renyi-Kernel rule with overall ``density`` of weights.
+
+    ``shapes`` maps a layer name to its weight shape. Layers whose density would exceed 1
+    are made dense and the others renormalised until the total nonzeros are
+    ``density * sum(numel)``.
+    """
+    _check_density(density, "density")
+    numel = {name: math.prod(shape) for name, shape in shapes.items()}
+    raw = {name: sum(shape) / numel[name] for name, shape in shapes.items()}
+    dense: set = set()
+    while True:
+        budget = density * sum(numel.values()) - sum(numel[n] for n in dense)
+        divisor = sum(raw[n] * numel[n] for n in shapes if n not in dense)
+        if divisor == 0:
+            return {n: 1.0 for n in shapes}
+        eps = budget / divisor
+        over = {n for n in shapes if n not in dense and eps * raw[n] >= 1.0}
+        if not over:
+            return {n: (1.0 if n in dense else eps * raw[n]) for n in shapes}
+        dense |= over
+
+
+# ---------------------------------------------------------------- layer discovery
+
+
+def _discover_layers(
+    model: nn.Module, example_inputs, filter_fn
+) -> Tuple[List[str], Optional[str]]:
+    """Names of the conv/linear modules to convert, and the one reading the raw input (if known).
+
+    With ``example_inputs`` the analysis plan says which layer reads the raw input;
+    otherwise it is the first conv/linear module in registration order.
+    """
+    names = [n for n, m in model.named_modules() if type(m) in _SWAT_CLASS]
+    first: Optional[str] = names[0] if names else None
+    if example_inputs is not None:
+        try:
+            from sas_compile.api import analyze
+        except ImportError:
+            analyze = None
+        if analyze is not None:
+            plan = analyze(model, example_inputs)
+            inputs = [layer.module_target for layer in plan.layers
+                      if layer.input_is_graph_input and layer.module_target in names]
+            first = inputs[0] if inputs else None
+    if filter_fn is not None:
+        modules = dict(model.named_modules())
+        names = [n for n in names if filter_fn(modules[n], n)]
+    return names, first
+
+
+def swatify(
+    model: nn.Module,
+    *,
+    sparsity: float = 0.9,
+    distribution: str = "uniform",
+    structure: str = "unstructured",
+    period: int = 100,
+    example_inputs=None,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+) -> nn.Module:
+    """A copy of ``model`` whose nn.Linear / nn.Conv1d / nn.Conv2d layers train with SWAT.
+
+    Forward: weights reduced to their top-K magnitudes per layer, activations dense.
+    Backward: input gradient from the sparse weights, weight gradient from the top-K
+    activations (saved compressed) and the dense output gradient. The thresholds are
+    recomputed every ``period`` training steps and reused in between.
+
+    ``sparsity`` is the removed fraction; ``distribution`` ``"uniform"`` (first layer on the
+    raw input dense) or ``"erk"`` sets the per-layer densities (module docstring);
+    ``structure`` ``"unstructured"`` or ``"channel"`` (the same input channels removed for
+    every filter). ``filter_fn(module, fqn) -> bool`` picks the layers. The original model
+    is untouched.
+    """
+    sparsity = _check_sparsity(sparsity)
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution={distribution!r} is not supported: use one of {DISTRIBUTIONS}")
+    ops.check_structure(structure)
+    _check_period(period)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn={filter_fn!r}: expected a callable (module, fqn) -> bool")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    model = copy.deepcopy(model)
+    names, first = _discover_layers(model, example_inputs, filter_fn)
+    modules = dict(model.named_modules())
+    density = 1.0 - sparsity
+    if distribution == "erk":
+        densities = erk_densities({n: tuple(modules[n].weight.shape) for n in names}, density)
+    else:
+        densities = {n: (1.0 if n == first else density) for n in names}
+    for name in names:
+        source = modules[name]
+        layer = _SWAT_CLASS[type(source)](
+            source, weight_density=densities[name], activation_density=densities[name],
+            structure=structure, period=period,
+        )
+        layer.train(source.training)
+        _set_submodule(model, name, layer)
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    if name == "":
+        raise ValueError("model: swatify converts the layers inside a model; wrap a bare "
+                         "nn.Linear / nn.Conv2d in nn.Sequential")
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def swat_layers(model: nn.Module) -> Dict[str, SWATLayer]:
+    """The SWAT layers of a swatified model by module path."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SWATLayer)}
+
+
+# ---------------------------------------------------------------- mult accounting
+
+
+def swat_costs(
+    layer,
+    weight_density: Optional[float] = None,
+    activation_density: Optional[float] = None,
+    *,
+    structure: Optional[str] = None,
+    output_positions: Optional[int] = None,
+) -> Dict[str, int]:
+    """Training mults of one layer with SWAT, the accounting the SWAT paper reports.
+
+    ``layer`` is a :class:`~sas_compile.plan.LayerPlan`, an nn.Linear/Conv1d/Conv2d or a SWAT
+    layer (whose densities and structure are the defaults). ``output_positions`` (batch times
+    spatial output size) defaults to the plan's output shape, else 1 (mults per position).
+    Returns ``forward_mults`` (nonzero weights x positions), ``backward_input_mults`` (the
+    same sparse weights against the dense output gradient) and ``backward_weight_mults``
+    (the kept activation fraction of the dense ``Co * Cbar`` per position). Densities of 1
+    give the dense counts.
+    """
+    groups = 1
+    if hasattr(layer, "cbar") and hasattr(layer, "out_channels") and hasattr(layer, "op"):
+        out_channels, cbar = int(layer.out_channels), int(layer.cbar)
+        groups = max(int(layer.groups), 1)
+        channels = int(layer.in_channels) // groups
+        if output_positions is None and layer.output_positions is not None:
+            output_positions = int(layer.output_positions)
+    elif isinstance(layer, (*_SOURCE_TYPES, SWATLayer)):
+        out_channels, cbar = layer.weight.shape[0], layer.weight[0].numel()
+        channels = layer.weight.shape[1]
+    else:
+        raise TypeError(f"layer: expected a LayerPlan, nn.Linear/Conv1d/Conv2d or SWAT layer, "
+                        f"got {type(layer).__name__}")
+    if isinstance(layer, SWATLayer):
+        weight_density = layer.weight_density if weight_density is None else weight_density
+        activation_density = layer.activation_density if activation_density is None else activation_density
+        structure = layer.structure if structure is None else structure
+    if weight_density is None or activation_density is None:
+        raise ValueError("weight_density / activation_density: give both for a layer that is "
+                         "not a SWAT layer (e.g. 0.1 for 90% sparsity)")
+    weight_density = _check_density(weight_density, "weight_density")
+    activation_density = _check_density(activation_density, "activation_density")
+    structure = ops.check_structure(structure or "unstructured")
+    positions = 1 if output_positions is None else int(output_positions)
+    weight_numel = out_channels * cbar
+    if structure == "channel":
+        kept = ops.topk_count(weight_density, channels)
+        weight_nonzeros = weight_numel * kept // channels
+    else:
+        weight_nonzeros = ops.topk_count(weight_density, weight_numel)
+    dense = weight_numel * positions
+    return {
+        "forward_mults": weight_nonzeros * positions,
+        "backward_input_mults": weight_nonzeros * positions,
+        "backward_weight_mults": int(round(activation_density * dense)),
+    }
