@@ -114,54 +114,68 @@ def kernel_status() -> str:
     return "" if available else reason
 
 
-def measure(args, dtype, device, timer: Timer, ours: bool, torch_sparse: bool):
-    """One row per size: times of every method at the same GEMM shape."""
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def measure_size(size, args, dtype, device, generator, timer, ours, torch_sparse) -> dict:
+    """Times of every method at one GEMM shape; all its tensors are freed on return."""
     from sas_compile.runtime import sas_matmul, sws_matmul
     from sas_compile.runtime.packing import pack_sas_activation_cutlass, pack_sws_weight
 
+    alpha = beta = size
+    gamma = args.gamma
+    w_sparse = one_in_two(alpha, beta, dtype, device, generator)
+    x_dense = torch.randn(beta, gamma, device=device, generator=generator).to(dtype)
+    x_rows = x_dense.t().contiguous()  # the SWS kernel reads the activation row-major
+    x_narrow = torch.randn(alpha, beta // 2, device=device, generator=generator).to(dtype)
+    w_wide = torch.randn(gamma, beta, device=device, generator=generator).to(dtype)
+    w_wide_t = w_wide.t().contiguous()
+    w_narrow_t = torch.randn(beta // 2, gamma, device=device, generator=generator).to(dtype)
+    check = size == args.sizes[0]  # outputs agree before anything is timed
+
+    methods: Dict[str, Callable[[], object]] = {
+        "dense": lambda: torch.mm(w_sparse, x_dense),
+        "dense_narrow": lambda: torch.mm(x_narrow, w_narrow_t),
+    }
+    backend = "n/a"
+    if ours:
+        packed = pack_sws_weight(w_sparse, M=2)
+        methods["sws_ours"] = lambda: sws_matmul(x_rows, packed, target=ours)
+        methods["sas_fused"] = lambda: sas_matmul(x_narrow, w_wide, M=2, target=ours)
+        if check:
+            diff = max_rel_diff(methods["sws_ours"]().t(), methods["dense"]())
+            print(f"  check {dtype} {size}: SWS ours vs dense, max rel diff {diff:.2e}")
+    if torch_sparse:
+        from torch.sparse import to_sparse_semi_structured
+
+        w_semi = to_sparse_semi_structured(w_sparse)
+        backend = getattr(w_semi, "BACKEND", type(w_semi).__name__)
+        methods["sws_torch"] = lambda: torch.mm(w_semi, x_dense)
+
+        def sas_unfused():
+            values, meta = pack_sas_activation_cutlass(x_narrow, 2)
+            return torch._sparse_semi_structured_mm(values, meta, w_wide_t)
+
+        methods["sas_unfused"] = sas_unfused
+        if ours and check:
+            diff = max_rel_diff(methods["sas_fused"](), sas_unfused())
+            print(f"  check {dtype} {size}: SAS fused vs pack + CUTLASS, max rel diff {diff:.2e}")
+    times = timer.median_ms(methods)
+    return {"size": size, "gamma": gamma, "dtype": str(dtype).replace("torch.", ""),
+            "sws_torch_backend": backend, **times}
+
+
+def measure(args, dtype, device, timer: Timer, ours: Optional[str], torch_sparse: bool):
+    """One row per size: times of every method at the same GEMM shape.
+
+    ``ours``: the target our ops run on ("cuda"; "cpu" in the dry run), None to leave them out.
+    """
     generator = torch.Generator(device=device).manual_seed(0)
     rows = []
     for size in args.sizes:
-        alpha = beta = size
-        gamma = args.gamma
-        w_sparse = one_in_two(alpha, beta, dtype, device, generator)
-        x_dense = torch.randn(beta, gamma, device=device, generator=generator).to(dtype)
-        x_rows = x_dense.t().contiguous()  # the SWS kernel reads the activation row-major
-        x_narrow = torch.randn(alpha, beta // 2, device=device, generator=generator).to(dtype)
-        w_wide = torch.randn(gamma, beta, device=device, generator=generator).to(dtype)
-        w_wide_t = w_wide.t().contiguous()
-        w_narrow_t = torch.randn(beta // 2, gamma, device=device, generator=generator).to(dtype)
-
-        methods: Dict[str, Callable[[], object]] = {
-            "dense": lambda: torch.mm(w_sparse, x_dense),
-            "dense_narrow": lambda: torch.mm(x_narrow, w_narrow_t),
-        }
-        backend = "n/a"
-        if ours:
-            packed = pack_sws_weight(w_sparse, M=2)
-            methods["sws_ours"] = lambda: sws_matmul(x_rows, packed, target="cuda")
-            methods["sas_fused"] = lambda: sas_matmul(x_narrow, w_wide, M=2, target="cuda")
-        if torch_sparse:
-            from torch.sparse import to_sparse_semi_structured
-
-            w_semi = to_sparse_semi_structured(w_sparse)
-            backend = getattr(w_semi, "BACKEND", type(w_semi).__name__)
-            methods["sws_torch"] = lambda: torch.mm(w_semi, x_dense)
-
-            def sas_unfused():
-                values, meta = pack_sas_activation_cutlass(x_narrow, 2)
-                return torch._sparse_semi_structured_mm(values, meta, w_wide_t)
-
-            methods["sas_unfused"] = sas_unfused
-            if ours and size == args.sizes[0]:
-                fused = sas_matmul(x_narrow, w_wide, M=2, target="cuda").double()
-                unfused = sas_unfused().double()
-                diff = ((fused - unfused).abs().max() / unfused.abs().max()).item()
-                print(f"  check {dtype} {size}: fused SAS vs pack + CUTLASS, max rel diff {diff:.2e}")
-        times = timer.median_ms(methods)
-        rows.append({"size": size, "gamma": gamma, "dtype": str(dtype).replace("torch.", ""),
-                     "sws_torch_backend": backend, **times})
-        del methods, w_sparse, x_dense, x_rows, x_narrow, w_wide, w_wide_t, w_narrow_t
+        rows.append(measure_size(size, args, dtype, device, generator, timer, ours, torch_sparse))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -229,8 +243,9 @@ def report(rows) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.dry_run_cpu:
-        device, ours, torch_sparse, cuda = torch.device("cpu"), False, False, False
-        print("gpu_matmul: dry run on the CPU (tiny shapes, wall clock; no sparse GPU paths)")
+        device, ours, torch_sparse, cuda = torch.device("cpu"), "cpu", False, False
+        print("gpu_matmul: dry run on the CPU (tiny shapes, wall clock, our ops on target='cpu'; "
+              "no sparse GPU paths)")
     else:
         if not torch.cuda.is_available():
             print("gpu_matmul: no CUDA device (torch.cuda.is_available() is False); this benchmark "
@@ -243,7 +258,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         device, torch_sparse, cuda = torch.device("cuda"), True, True
         missing = kernel_status()
-        ours = not missing
+        ours = None if missing else "cuda"
         print(f"gpu_matmul on {torch.cuda.get_device_name()}, torch {torch.__version__}")
         if missing:
             print(f"  our kernels unavailable ({missing}): their columns read n/a")

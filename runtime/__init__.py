@@ -15,6 +15,10 @@ _EXPORTS = {
     "sas_matmul": "sas_compile.runtime.matmul",
     "sws_matmul": "sas_compile.runtime.matmul",
     "targets": "sas_compile.runtime.matmul",
+    "PackedSparseWeight": "sas_compile.runtime.packing",
+    "pack_sws_weight": "sas_compile.runtime.packing",
+    "unpack_sws_weight": "sas_compile.runtime.packing",
+    "pack_sas_activation_cutlass": "sas_compile.runtime.packing",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -80,7 +80,10 @@ def _probe(target: str) -> TargetStatus:
 
 
 def targets(refresh: bool = False) -> Dict[str, TargetStatus]:
-    """What this machine can run: ``{"cpu" | "cuda" | "emulator": TargetStatus(available, reason)}``.
+    """What this machine can run: ``{name: TargetStatus(available, reason)}``.
+
+    Names are "cpu", "cuda" and "emulator"; the reason says what runs, or what is missing
+    (no CUDA driver or device, no NVRTC, no host compiler).
 
     The probe result is cached per process; ``refresh=True`` probes again.
     """
@@ -113,7 +116,9 @@ def _check_tensor(op: str, name: str, value) -> Tensor:
 def _check_like(op: str, name: str, value: Tensor, x: Tensor) -> None:
     """``value`` must share ``x``'s dtype and device (F.linear and the kernels need both)."""
     if value.dtype != x.dtype:
-        raise ValueError(f"{op}: {name} has dtype {value.dtype} but x has {x.dtype}; cast one of them")
+        raise ValueError(
+            f"{op}: {name} has dtype {value.dtype} but x has {x.dtype}; cast one of them"
+        )
     if value.device != x.device:
         raise ValueError(
             f"{op}: {name} is on {value.device} but x is on {x.device}; move them to one device"
@@ -125,7 +130,10 @@ def _check_bias(op: str, bias: Optional[Tensor], x: Tensor, n: int) -> None:
         return
     _check_tensor(op, "bias", bias)
     if bias.shape != (n,):
-        raise ValueError(f"{op}: bias must have shape ({n},) to match the output width, got {tuple(bias.shape)}")
+        raise ValueError(
+            f"{op}: bias must have shape ({n},) to match the output width, "
+            f"got {tuple(bias.shape)}"
+        )
     _check_like(op, "bias", bias, x)
 
 
@@ -138,20 +146,37 @@ def _resolve(op: str, target: str, x: Tensor, blockers: list) -> str:
             return "cpu"
         status = _target_status("cuda")
         if not status.available:
-            logger.info("%s: running the PyTorch formulation on CUDA tensors: cuda target unavailable (%s)", op, status.reason)
+            logger.info(
+                "%s: running the PyTorch formulation on CUDA tensors: cuda target unavailable (%s)",
+                op,
+                status.reason,
+            )
             return "cpu"
         target = "cuda"
     else:
         if target == "cuda" and not x.is_cuda:
-            raise ValueError(f"{op}: target='cuda' needs CUDA tensors, x is on {x.device}; use target='auto' or 'cpu'")
+            raise ValueError(
+                f"{op}: target='cuda' needs CUDA tensors, x is on {x.device}; "
+                "use target='auto' or 'cpu'"
+            )
         if target == "emulator" and x.device.type != "cpu":
-            raise ValueError(f"{op}: target='emulator' runs on CPU tensors, x is on {x.device}; move x to the CPU")
+            raise ValueError(
+                f"{op}: target='emulator' runs on CPU tensors, x is on {x.device}; "
+                "move x to the CPU"
+            )
         status = _target_status(target)
         if not status.available:
-            raise RuntimeError(f"{op}: target={target!r} is not available on this machine: {status.reason}")
+            raise RuntimeError(
+                f"{op}: target={target!r} is not available on this machine: {status.reason}"
+            )
     reasons = [reason for reason in blockers if reason]
     if reasons:
-        logger.info("%s: target %r falls back to the PyTorch formulation: %s", op, target, "; ".join(reasons))
+        logger.info(
+            "%s: target %r falls back to the PyTorch formulation: %s",
+            op,
+            target,
+            "; ".join(reasons),
+        )
         return "cpu"
     return target
 
@@ -159,7 +184,9 @@ def _resolve(op: str, target: str, x: Tensor, blockers: list) -> str:
 def _common_blockers(x: Tensor, *others: Optional[Tensor]) -> list:
     reasons = []
     if x.dtype not in _KERNEL_DTYPES:
-        reasons.append(f"dtype {x.dtype} is not supported by the kernels (float16, bfloat16, float32)")
+        reasons.append(
+            f"dtype {x.dtype} is not supported by the kernels (float16, bfloat16, float32)"
+        )
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)):
         reasons.append("inputs require grad and the kernels have no backward")
     if x.numel() == 0:
@@ -227,7 +254,7 @@ def sws_matmul(
     *,
     target: str = "auto",
 ) -> Tensor:
-    """``F.linear(x, W, bias)`` for a 1:M weight ``W`` given packed (``runtime.packing.pack_sws_weight``).
+    """``F.linear(x, W, bias)`` for a 1:M weight ``W`` packed by ``runtime.packing.pack_sws_weight``.
 
     ``x``: (..., K); ``packed_weight.shape`` = (N, K); ``bias``: (N,) or None. Returns
     (..., N) in x's dtype. Targets as for :func:`sas_matmul`.

@@ -64,7 +64,7 @@ def _nibbles_to_words(codes: Tensor) -> Tensor:
     """[R, G] 4-bit codes -> [R, G // 4] int16 words holding groups 4w..4w+3 at bits 4j."""
     rows, groups = codes.shape
     shifts = torch.arange(0, 16, 4, device=codes.device, dtype=torch.int64)
-    words = (codes.view(rows, groups // 4, 4) << shifts).sum(-1)
+    words = (codes.reshape(rows, groups // 4, 4) << shifts).sum(-1)
     # uint16 bit patterns stored in int16: wrap explicitly rather than rely on a cast
     words = torch.where(words >= 1 << 15, words - (1 << 16), words)
     return words.to(torch.int16)
@@ -126,7 +126,9 @@ def pack_sws_weight(weight: Tensor, M: Optional[int] = None) -> PackedSparseWeig
     explicit zero per group.
     """
     if not isinstance(weight, Tensor):
-        raise TypeError(f"pack_sws_weight: weight must be a torch.Tensor, got {type(weight).__name__}")
+        raise TypeError(
+            f"pack_sws_weight: weight must be a torch.Tensor, got {type(weight).__name__}"
+        )
     if weight.dim() != 2:
         raise ValueError(
             f"pack_sws_weight: weight must be 2-D [N, K] (a linear weight; flatten a conv "
@@ -208,7 +210,7 @@ def cutlass_reorder_meta(meta: Tensor) -> Tensor:
 
 
 def packed_to_cutlass(packed: PackedSparseWeight) -> Tuple[Tensor, Tensor]:
-    """``(values, meta)`` of a packed weight in the layout ``torch._sparse_semi_structured_mm`` reads.
+    """``(values, meta)`` of a packed weight, laid out for ``torch._sparse_semi_structured_mm``.
 
     Equal to ``sparse_semi_structured_from_dense_cutlass(unpack_sws_weight(packed))``; needs a
     16-bit dtype, N % 32 == 0 and K % 32 == 0 (no padding columns).
@@ -284,21 +286,22 @@ def pack_sas_activation_cutlass(
     if M < per_group:
         # several channels share a group (16-bit, M = 2): channel i owns columns i*M..i*M+M-1
         channels_per_group = per_group // M
-        slot_g = slot.view(rows, -1, channels_per_group)
-        nz_g = nonzero.view(rows, -1, channels_per_group)
+        slot_g = slot.reshape(rows, -1, channels_per_group)
+        nz_g = nonzero.reshape(rows, -1, channels_per_group)
         offset = torch.arange(channels_per_group, device=x2d.device) * M
         mask = ((nz_g * column_bits) << (units * (offset + slot_g))).sum(-1)
         codes = _code_table(x2d.device)[mask]
         kept = torch.stack((codes & 3, codes >> 2), dim=-1) // units  # wide column in group
         owner = kept // M
-        value = magnitude.view(rows, -1, channels_per_group).gather(-1, owner)
+        value = magnitude.reshape(rows, -1, channels_per_group).gather(-1, owner)
         hit = slot_g.gather(-1, owner) == kept % M
     else:
         # one channel spans M / per_group groups; group j holds its slots j*per_group..
         groups_per_channel = M // per_group
         j = torch.arange(groups_per_channel, device=x2d.device)
         in_group = (slot.unsqueeze(-1) // per_group) == j
-        mask = (nonzero.unsqueeze(-1) * in_group) * (column_bits << (units * (slot % per_group))).unsqueeze(-1)
+        bits = column_bits << (units * (slot % per_group))
+        mask = (nonzero * bits).unsqueeze(-1) * in_group
         mask = mask.reshape(rows, -1)
         codes = _code_table(x2d.device)[mask]
         kept = torch.stack((codes & 3, codes >> 2), dim=-1) // units

@@ -254,8 +254,6 @@ def test_unavailable_explicit_target_raises_with_the_reason(monkeypatch):
 def emulator_or_skip():
     """The emulator module; skip only when it cannot build for lack of a host compiler."""
     module = importlib.import_module("sas_compile.runtime.emulator")
-    if not hasattr(module, "available"):
-        pytest.skip("sas_compile.runtime.emulator has no kernels yet (no available())")
     ok, reason = module.available()
     if not ok and "compiler" in reason.lower():
         pytest.skip(f"emulator unavailable: {reason}")
@@ -265,19 +263,23 @@ def emulator_or_skip():
 
 @pytest.mark.parametrize("M", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_emulator_target_matches_float64_reference(M, dtype):
+def test_emulator_target_matches_float64_reference(M, dtype, caplog):
     emulator_or_skip()
     g = torch.Generator().manual_seed(M)
-    x = nonzero_randn(2, 3, 13, generator=g, dtype=dtype)
+    x = nonzero_randn(2, 35, 13, generator=g, dtype=dtype)  # 70 rows: more than one row tile
     weight = torch.randn(7, 13 * M, generator=g).to(dtype)
     bias = torch.randn(7, generator=g).to(dtype)
-    out = sas_matmul(x, weight, bias, M=M, target="emulator")
-    assert out.shape == (2, 3, 7) and out.dtype == dtype
+    with caplog.at_level(logging.INFO, logger="sas_compile.runtime"):
+        out = sas_matmul(x, weight, bias, M=M, target="emulator")
+    assert not caplog.records, f"the emulator call fell back: {caplog.text}"
+    assert out.shape == (2, 35, 7) and out.dtype == dtype
     # float32 runs as tf32 on the tensor cores: compare at the 16-bit tolerance
     assert_close_to(out, sas_reference(x, weight, bias, M), TOL[dtype] if dtype != torch.float32 else 2e-3)
 
     packed = pack_sws_weight(sparse_weight(7, 13, M, g, dtype), M)
-    out = sws_matmul(x, packed, bias, target="emulator")
+    with caplog.at_level(logging.INFO, logger="sas_compile.runtime"):
+        out = sws_matmul(x, packed, bias, target="emulator")
+    assert not caplog.records, f"the emulator call fell back: {caplog.text}"
     reference = x.double() @ unpack_sws_weight(packed).double().t() + bias.double()
     assert_close_to(out, reference, TOL[dtype] if dtype != torch.float32 else 2e-3)
 
@@ -323,3 +325,38 @@ def test_auto_on_cuda_tensors_falls_back_for_m8_with_a_logged_reason(caplog):
     assert out.is_cuda
     assert "M = 8 has no kernel" in caplog.text or "cuda target unavailable" in caplog.text
     assert_close_to(out.cpu(), sas_reference(x.cpu(), weight.cpu(), None, 8), 1e-5)
+
+
+# ------------------------------------------------------------------------- benchmark script
+
+
+def load_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_matmul.py"
+    spec = importlib.util.spec_from_file_location("gpu_matmul", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_benchmark_without_cuda_prints_one_line_and_succeeds(capsys):
+    assert load_benchmark().main([]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0]
+
+
+def test_gpu_benchmark_dry_run_fills_every_table_it_can(capsys, tmp_path):
+    import json
+
+    out_file = tmp_path / "bench.json"
+    assert load_benchmark().main(["--dry-run-cpu", "--dtypes", "bf16", "--json", str(out_file)]) == 0
+    text = capsys.readouterr().out
+    assert "SAS/SWS (ours)" in text and "SAS/dense narrow" in text
+    rows = json.loads(out_file.read_text())["rows"]
+    assert [r["size"] for r in rows] == [64, 128]
+    for r in rows:
+        assert {"dense", "dense_narrow", "sws_ours", "sas_fused"} <= set(r)
+        assert all(r[key] > 0 for key in ("dense", "dense_narrow", "sws_ours", "sas_fused"))

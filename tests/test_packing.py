@@ -193,7 +193,7 @@ def test_sas_activation_values_are_the_narrow_magnitudes_for_m2(dtype):
 @pytest.mark.parametrize("M", [2, 4])
 def test_sas_activation_pack_with_exact_zeros_still_matches_torch(M):
     g = torch.Generator().manual_seed(9)
-    x = nonzero_randn(32, 64, generator=g, dtype=torch.float16)
+    x = nonzero_randn(64, 32, generator=g, dtype=torch.float16).t()  # not contiguous
     x[torch.rand(32, 64, generator=g) < 0.3] = 0.0
     values, meta = pack_sas_activation_cutlass(x, M)
     ref_values, ref_meta = sparse_semi_structured_from_dense_cutlass(project(x, M))
@@ -261,3 +261,18 @@ def test_cutlass_mm_on_the_sas_pack_equals_sas_matmul_cpu(M, dtype):
     reference = sas_matmul(x.double(), weight.double(), M=M, target="cpu")
     err = (fused_free.double() - reference).abs().max()
     assert err <= 1e-2 * reference.abs().max(), f"CUTLASS path off by {err}"
+
+
+def test_round_trip_holds_for_any_24_compatible_weight():
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=40, deadline=None)
+    @given(n=st.integers(1, 6), k=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
+    def check(n, k, seed):
+        g = torch.Generator().manual_seed(seed)
+        weight = nonzero_randn(n, k, generator=g, dtype=torch.bfloat16) * random_24_mask(n, k, g)
+        packed = pack_sws_weight(weight)
+        assert torch.equal(unpack_sws_weight(packed), weight)
+        assert torch.equal(decode_by_hand(packed), weight.to(torch.float64))
+
+    check()

@@ -1,0 +1,217 @@
+"""SAS conversion end to end: function preservation through sasify and torch.compile(backend="sas")."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sas_compile
+from sas_compile.layers import SAS_LAYERS, SASConv2d, SASLinear
+from zoo import DataDependent, models, randomize_batchnorm
+
+MODELS = models()
+
+
+def _rel(out, ref):
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def _build(name):
+    torch.manual_seed(0)
+    factory, inputs = MODELS[name]
+    model = randomize_batchnorm(factory()).eval()
+    return model, inputs()
+
+
+@pytest.mark.parametrize("M", [2, 4, 8])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_sasify_preserves_function(name, M):
+    model, x = _build(name)
+    before = copy.deepcopy(model.state_dict())
+    sas = sas_compile.sasify(model, M=M)
+    with torch.no_grad():
+        ref, out = model(x), sas(x)
+    assert _rel(out, ref) < 1e-5
+    # the original is untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    # something was converted, and every converted layer owns an M-times wider weight
+    plan = sas._sas_plan
+    assert plan.eligible(), [(l.name, l.reason) for l in plan.layers]
+    sas_modules = [m for m in sas.modules() if isinstance(m, SAS_LAYERS)]
+    for m in sas_modules:
+        assert m.M == M
+    assert sum(p.numel() for p in sas.parameters()) > sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("M", [2, 4, 8])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compile_backend_preserves_function(name, M):
+    model, x = _build(name)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sas", options={"M": M, "inner": "eager"})
+    with torch.no_grad():
+        ref, out = model(x), compiled(x)
+    assert _rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("M", [2, 4, 8])
+def test_compile_data_dependent_branch(M, capsys):
+    torch.manual_seed(0)
+    model = DataDependent().eval()
+    x = torch.randn(3, 8)
+    with pytest.raises(sas_compile.api.CaptureError, match="torch.compile"):
+        sas_compile.sasify(model, M=M, example_inputs=(x,))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sas", options={"M": M, "inner": "eager", "explain": True})
+    with torch.no_grad():
+        for sign in (1, -1):  # both sides of the branch
+            xs = sign * x.abs()
+            assert _rel(compiled(xs), model(xs)) < 1e-5
+    printed = capsys.readouterr().out
+    # graphs after the break see activations, not the network input: b and c convert there
+    assert "converted  b (linear)" in printed and "converted  c (linear)" in printed
+    assert "dense      a (linear): input layer" in printed
+
+
+def test_compile_with_inductor_matches():
+    model, x = _build("vgg")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sas", options={"M": 4})
+    with torch.no_grad():
+        assert _rel(compiled(x), model(x)) < 1e-5
+
+
+def test_compile_refuses_training_a_dense_model():
+    model, x = _build("mlp")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sas", options={"inner": "eager"})
+    with pytest.raises(Exception, match="sasify"):
+        compiled(x)
+
+
+def test_compile_keeps_sas_layers_of_sasified_model_and_trains():
+    model, x = _build("vgg")
+    sas = sas_compile.sasify(model, M=2).train()
+    torch._dynamo.reset()
+    compiled = torch.compile(sas, backend="sas", options={"inner": "aot_eager"})
+    out = compiled(x)
+    ref = sas(x)
+    assert _rel(out, ref) < 1e-5
+    out.square().mean().backward()
+    for m in sas.modules():
+        if isinstance(m, SAS_LAYERS):
+            assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+
+
+def test_relu_folded_and_other_consumers_still_see_relu():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 8)
+            self.b = nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h) + h  # h (the ReLU output) is also read by the add
+
+    torch.manual_seed(0)
+    model = Branchy()
+    x = torch.randn(5, 6)
+    sas = sas_compile.sasify(model, M=2)
+    layer = {l.name: l for l in sas._sas_plan.layers}["b"]
+    assert layer.fold_relu
+    assert "relu" in sas.code  # still there for the add
+    assert _rel(sas(x), model(x)) < 1e-6
+    # b reads the pre-ReLU tensor: its negative slots start at exactly zero
+    assert torch.all(sas.b.weight[:, 1::2] == 0)
+
+
+def test_input_layer_policy_and_filter_fn():
+    model, x = _build("vgg")
+    sas = sas_compile.sasify(model, M=2)
+    first = sas._sas_plan.layers[0]
+    assert not first.eligible and "input layer" in first.reason
+    sas_all = sas_compile.sasify(model, M=2, dense_input_layers=False)
+    assert sas_all._sas_plan.layers[0].eligible
+    assert _rel(sas_all(x), model(x)) < 1e-5
+    only_head = sas_compile.sasify(model, M=2, filter_fn=lambda mod, fqn: fqn == "head")
+    converted = [l.name for l in only_head._sas_plan.eligible()]
+    assert converted == ["head"]
+    assert all(l.reason for l in only_head._sas_plan.layers if not l.eligible)
+
+
+def test_shared_weight_converts_once():
+    model, x = _build("shared_linear")
+    sas = sas_compile.sasify(model, M=4)
+    sites = [l for l in sas._sas_plan.layers if l.weight_target == "shared.weight"]
+    assert len(sites) == 2 and all(l.eligible for l in sites)
+    assert not any(l.fold_relu for l in sites)  # one site reads tanh: no fold for the shared weight
+    assert isinstance(sas.shared, SASLinear) and sas.shared.weight.shape == (10, 40)
+
+
+def test_invalid_M():
+    model, _ = _build("mlp")
+    for bad in (0, 1, 3, 6, 2.0, "2"):
+        with pytest.raises(ValueError, match="power of two"):
+            sas_compile.sasify(model, M=bad)
+
+
+def test_state_dict_round_trip_and_to_dtype(tmp_path):
+    model, x = _build("resnet18")
+    sas = sas_compile.sasify(model, M=2)
+    torch.save(sas.state_dict(), tmp_path / "sas.pt")
+    again = sas_compile.sasify(model, M=2)
+    for p in again.parameters():
+        p.data.add_(1.0)
+    again.load_state_dict(torch.load(tmp_path / "sas.pt"))
+    with torch.no_grad():
+        assert torch.equal(again(x), sas(x))
+        ref = model.double()(x.double())
+        out = sas.double()(x.double())
+    assert out.dtype == torch.float64 and _rel(out, ref) < 1e-12
+
+
+def test_train_eval_switch_batchnorm():
+    model, x = _build("vgg")
+    sas = sas_compile.sasify(model, M=2)
+    assert not sas.training
+    sas.train()
+    assert all(m.training for m in sas.modules())
+    y1 = sas(x)
+    sas.eval()
+    y2 = sas(x)
+    assert not torch.allclose(y1, y2)  # batch statistics in train, running statistics in eval
+
+
+def test_gradients_reach_every_wide_weight_and_sgd_lowers_loss():
+    model, x = _build("resnet18")
+    sas = sas_compile.sasify(model, M=4).train()
+    target = torch.randint(0, 10, (x.shape[0],))
+    opt = torch.optim.SGD(sas.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for step in range(8):
+        opt.zero_grad()
+        loss = F.cross_entropy(sas(x), target)
+        loss.backward()
+        if step == 0:
+            wide = [m for m in sas.modules() if isinstance(m, SASConv2d)]
+            assert wide and all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in wide)
+            # the negative slots (zero after folding) receive gradient too: capacity to train
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.5
+
+
+def test_channels_last_and_half_precision_layers():
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
+        conv = nn.Conv2d(6, 8, 3, padding="same", dilation=2).to(dtype)
+        sas = SASConv2d.from_dense(conv, 4)
+        x = torch.randn(2, 6, 9, 7, dtype=dtype).to(memory_format=torch.channels_last)
+        out = sas(x)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+        assert _rel(out.float(), conv(x).float()) < tol

@@ -1,0 +1,207 @@
+"""The sas:: ops and the projection against float64 references built the slow, obvious way."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import sas_compile
+from sas_compile.layers import SASConv1d, SASConv2d, SASLinear
+from sas_compile.runtime import sas_ops  # noqa: F401
+from sas_compile.runtime.projection import expand_dense_weight, project, reference_project, slot_index
+
+RULE = "sign_pattern"
+
+
+def _slow_projection(x: torch.Tensor, M: int) -> torch.Tensor:
+    """BRIEF section 1, element by element, for a 2-D (rows, channels) tensor."""
+    b = M.bit_length() - 1
+    rows, channels = x.shape
+    out = torch.zeros(rows, channels * M, dtype=x.dtype)
+    for r in range(rows):
+        for g in range(0, channels, b):
+            members = range(g, min(g + b, channels))
+            pattern = sum(int(x[r, c] <= 0) << j for j, c in enumerate(members))
+            for c in members:
+                out[r, c * M + pattern] = abs(x[r, c])
+    return out
+
+
+@pytest.mark.parametrize("M", [2, 4, 8, 16])
+@pytest.mark.parametrize("channels", [1, 5, 7, 12])
+def test_projection_matches_the_rule(M, channels):
+    torch.manual_seed(M * 100 + channels)
+    x = torch.randn(6, channels, dtype=torch.float64)
+    x[0, 0] = 0.0  # zero goes to the "<= 0" slot with value 0
+    ref = _slow_projection(x, M)
+    assert torch.equal(project(x, M), ref)
+    assert torch.equal(reference_project(x, M), ref)
+    # exactly one nonzero per M slots where x != 0
+    nz = (project(x, M).view(6, channels, M) != 0).sum(-1)
+    assert torch.equal(nz, (x != 0).long())
+
+
+def test_m2_is_the_reference_sign_rule():
+    x = torch.randn(3, 9, dtype=torch.float64)
+    wide = project(x, 2).view(3, 9, 2)
+    assert torch.equal(wide[..., 0], x.clamp_min(0))
+    assert torch.equal(wide[..., 1], (-x).clamp_min(0))
+
+
+def test_projection_along_channels_of_images():
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    for M in (2, 4):
+        wide = project(x, M, dim=1)
+        flat = x.permute(0, 2, 3, 1).reshape(-1, 5)
+        ref = _slow_projection(flat, M).view(2, 4, 3, 5 * M).permute(0, 3, 1, 2)
+        assert torch.equal(wide, ref)
+        assert slot_index(x, M, 1).shape == x.shape
+
+
+@pytest.mark.parametrize("M", [2, 4, 8])
+def test_linear_op_forward_backward_float64(M):
+    torch.manual_seed(M)
+    x = torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 7 * M, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    out = torch.ops.sas.linear(x, w, b, M, RULE)
+    ref = _slow_projection(x.detach().reshape(-1, 7), M).view(3, 4, 7 * M) @ w.detach().T + b.detach()
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, w, b: torch.ops.sas.linear(x, w, b, M, RULE), (x, w, b), fast_mode=True)
+
+
+@pytest.mark.parametrize("M", [2, 4])
+@pytest.mark.parametrize("conf", [
+    dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1),
+    dict(stride=[2, 1], padding=[0, 2], dilation=[1, 2], groups=1),
+    dict(stride=[1, 2], padding=[1, 0], dilation=[2, 1], groups=2),
+    dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=6),  # depthwise
+])
+def test_conv_op_forward_backward_float64(M, conf):
+    torch.manual_seed(M)
+    x = torch.randn(2, 6, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 6 // conf["groups"] * M, 3, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    args = (conf["stride"], conf["padding"], conf["dilation"], conf["groups"], M, RULE)
+    out = torch.ops.sas.conv2d(x, w, b, *args)
+    flat = x.detach().permute(0, 2, 3, 1).reshape(-1, 6)
+    wide = _slow_projection(flat, M).view(2, 7, 6, 6 * M).permute(0, 3, 1, 2)
+    ref = F.conv2d(wide, w.detach(), b.detach(), conf["stride"], conf["padding"], conf["dilation"], conf["groups"])
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    small = (x[:1, :, :4, :4].detach().clone().requires_grad_(), w[:, :, :2].detach().clone().requires_grad_(),
+             b.detach().clone().requires_grad_())
+    assert torch.autograd.gradcheck(lambda x, w, b: torch.ops.sas.conv2d(x, w, b, *args), small, fast_mode=True)
+
+
+@pytest.mark.parametrize("M", [2, 4])
+def test_opcheck(M):
+    torch.manual_seed(0)
+    torch.library.opcheck(torch.ops.sas.linear.default, (torch.randn(3, 5), torch.randn(4, 5 * M), torch.randn(4), M, RULE))
+    torch.library.opcheck(torch.ops.sas.linear.default, (torch.randn(2, 3, 5, requires_grad=True),
+                                                         torch.randn(4, 5 * M, requires_grad=True), None, M, RULE))
+    for x in (torch.randn(2, 4, 6, 5), torch.randn(2, 4, 6, 5).to(memory_format=torch.channels_last)):
+        torch.library.opcheck(torch.ops.sas.conv2d.default,
+                              (x.requires_grad_(), torch.randn(6, 4 * M, 3, 3, requires_grad=True),
+                               torch.randn(6, requires_grad=True), [2, 1], [1, 1], [1, 1], 1, M, RULE))
+
+
+def test_cpu_path_does_not_scatter_into_zeros():
+    """The CPU ops build S(x) with one select; the reference code scatters into a zero tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 4, 6, 5)
+    for call in (lambda: torch.ops.sas.conv2d(x, torch.randn(3, 8, 3, 3), None, [1, 1], [1, 1], [1, 1], 1, 2, RULE),
+                 lambda: torch.ops.sas.linear(x, torch.randn(3, 10), None, 2, RULE)):
+        with Record() as rec:
+            call()
+        assert not [op for op in rec.ops if "scatter" in op or "index_put" in op or "zeros" in op], rec.ops
+    with Record() as rec:
+        reference_project(x, 2)
+    assert any("scatter" in op for op in rec.ops)  # the recorder does see a scatter when there is one
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_layers_all_dtypes(dtype):
+    torch.manual_seed(0)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+    lin = nn.Linear(9, 4).to(dtype)
+    conv = nn.Conv2d(5, 6, 3, stride=2, padding=1).to(dtype)
+    conv1 = nn.Conv1d(5, 6, 3, padding="same").to(dtype)
+    for dense, sas_cls, x in ((lin, SASLinear, torch.randn(3, 9)), (conv, SASConv2d, torch.randn(2, 5, 7, 7)),
+                              (conv1, SASConv1d, torch.randn(2, 5, 11))):
+        x = x.to(dtype)
+        sas = sas_cls.from_dense(dense, 2)
+        out = sas(x)
+        assert out.dtype == dtype
+        ref = dense.double()(x.double())
+        dense.to(dtype)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < tol
+        out.float().sum().backward()
+        assert sas.weight.grad.dtype == dtype
+
+
+def test_fresh_sas_layers_train_from_scratch():
+    torch.manual_seed(0)
+    layer = SASLinear(6, 3, M=4)
+    assert layer.weight.shape == (3, 24)
+    bound = 1 / 6 ** 0.5
+    assert layer.weight.abs().max() <= bound
+    conv = SASConv2d(4, 5, 3, M=2, padding=1)
+    assert conv.weight.shape == (5, 8, 3, 3)
+    with pytest.raises(ValueError, match="power of two"):
+        SASLinear(6, 3, M=3)
+
+
+# ------------------------------------------------------------------ property test
+
+@st.composite
+def _stacks(draw):
+    kind = draw(st.sampled_from(["linear", "conv"]))
+    depth = draw(st.integers(1, 3))
+    widths = [draw(st.integers(1, 9)) for _ in range(depth + 1)]
+    acts = [draw(st.sampled_from(["relu", "none", "tanh"])) for _ in range(depth)]
+    M = draw(st.sampled_from([2, 4, 8]))
+    seed = draw(st.integers(0, 2**16))
+    ks = [draw(st.sampled_from([1, 2, 3])) for _ in range(depth)]
+    return kind, widths, acts, M, seed, ks
+
+
+class _Stack(nn.Module):
+    def __init__(self, kind, widths, acts, ks):
+        super().__init__()
+        self.acts = acts
+        if kind == "linear":
+            self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        else:
+            self.layers = nn.ModuleList(nn.Conv2d(a, b, k, padding=k // 2) for a, b, k in zip(widths, widths[1:], ks))
+
+    def forward(self, x):
+        for layer, act in zip(self.layers, self.acts):
+            x = layer(x)
+            x = torch.relu(x) if act == "relu" else torch.tanh(x) if act == "tanh" else x
+        return x
+
+
+@settings(max_examples=40, deadline=None)
+@given(_stacks())
+def test_property_random_stacks_preserve_function(case):
+    kind, widths, acts, M, seed, ks = case
+    torch.manual_seed(seed)
+    model = _Stack(kind, widths, acts, ks)
+    x = torch.randn(3, widths[0]) if kind == "linear" else torch.randn(2, widths[0], 5, 4)
+    sas = sas_compile.sasify(model, M=M, dense_input_layers=False)
+    with torch.no_grad():
+        ref, out = model(x), sas(x)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * (ref.abs().max().item() + 1e-3))
