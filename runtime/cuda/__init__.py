@@ -1,0 +1,91 @@
+"""The ``cuda`` target: Sparse Tensor Core kernels (``.cu`` files in this folder).
+
+``sas_gemm`` is the fused SAS GEMM (the projected activation is the 2:4 / 1:2 sparse
+operand, computed in registers from the narrow x), ``sws_gemm`` the 1:M weight-sparse GEMM.
+They are compiled by NVRTC for the GPU's arch at first use (cubins cached on disk, see
+``nvrtc_build``) and launched with ``cuda.bindings.driver`` on PyTorch's current stream.
+``compile_all(arch)`` returns every module's cubin for an arch without needing a GPU.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .kernels import prepare_sas, prepare_sws
+from .nvrtc_build import CudaBuildError, compile_all, kernel_names
+
+__all__ = ["available", "compile_all", "kernel_names", "sas_gemm", "sws_gemm", "CudaBuildError"]
+
+
+def available() -> Tuple[bool, str]:
+    """(True, device description) when the kernels can run here, else (False, reason)."""
+    try:
+        from cuda.bindings import driver, nvrtc  # noqa: F401
+    except ImportError:
+        return False, "cuda-python (cuda.bindings) is not installed: pip install 'sas-compile[cuda]'"
+    try:
+        from .nvrtc_build import nvrtc_version
+
+        nvrtc_version()
+    except Exception as e:  # the wheel is there but libnvrtc is not loadable
+        return False, f"NVRTC is not usable: {e}"
+    if not torch.cuda.is_available():
+        return False, "no CUDA driver or GPU visible to PyTorch (torch.cuda.is_available() is False)"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return False, f"the GPU is sm_{major}{minor}; mma.sp needs sm_80 or newer"
+    return True, f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+
+
+def _check_cuda(x2d: Tensor) -> None:
+    if x2d.device.type != "cuda":
+        raise ValueError(f"the cuda target needs CUDA tensors; x2d is on {x2d.device}")
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _empty_result(R: int, N: int, bias: Optional[Tensor], dtype: torch.dtype, device) -> Tensor:
+    out = torch.zeros((R, N), dtype=torch.float32, device=device)
+    if bias is not None:
+        out += bias.float()
+    return out.to(dtype)
+
+
+def sas_gemm(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, *,
+             out_dtype: Optional[torch.dtype] = None, tile: Optional[str] = None) -> Tensor:
+    """``S(x2d) @ weight.T + bias`` by the fused SAS kernel on CUDA tensors.
+
+    ``x2d`` [R, K] narrow, ``weight`` [N, M*K] wide channel-major, ``bias`` [N] or None,
+    M in (2, 4). float16/bfloat16 use m16n8k32 2:4, float32 tf32 m16n8k16 1:2; fp32
+    accumulation; the result has x's dtype (or ``out_dtype=torch.float32``).
+    """
+    from .launch import launch
+
+    _check_cuda(x2d)
+    prepared = prepare_sas(x2d, weight, bias, M, out_dtype=out_dtype, tile=tile,
+                           sm_count=_sm_count(x2d.device))
+    p = prepared.params
+    if p.R == 0 or p.N == 0 or p.K == 0:
+        return _empty_result(p.R, p.N, bias, prepared.out.dtype, x2d.device)
+    return launch(prepared)
+
+
+def sws_gemm(x2d: Tensor, packed, bias: Optional[Tensor], *,
+             out_dtype: Optional[torch.dtype] = None, tile: Optional[str] = None) -> Tensor:
+    """``x2d @ unpack(packed).T + bias`` by the SWS kernel on CUDA tensors.
+
+    ``packed`` is a ``PackedSparseWeight`` (values [N, Kp/2], meta [N, Kp/16] int16).
+    """
+    from .launch import launch
+
+    _check_cuda(x2d)
+    prepared = prepare_sws(x2d, packed, bias, out_dtype=out_dtype, tile=tile,
+                           sm_count=_sm_count(x2d.device))
+    p = prepared.params
+    if p.R == 0 or p.N == 0 or p.K == 0:
+        return _empty_result(p.R, p.N, bias, prepared.out.dtype, x2d.device)
+    return launch(prepared)

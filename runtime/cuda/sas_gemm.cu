@@ -137,7 +137,7 @@ __device__ __forceinline__ void sas_gemm_body(const GemmParams& p) {
 }
 
 template <typename Tr, int M, typename Cfg>
-constexpr int sas_smem_bytes() {
+__host__ __device__ constexpr int sas_smem_bytes() {
     return 2 * (Cfg::BM * (kStageRowBytes / Tr::kSize / M * Tr::kSize + kSmemPad) +
                 Cfg::BN * (kStageRowBytes + kSmemPad));
 }
