@@ -178,8 +178,13 @@ def find_sas_layers(
     dense_input_layers: bool = True,
     placeholder_values: Optional[Dict[str, torch.Tensor]] = None,
     placeholder_sources: Optional[Dict[str, str]] = None,
+    model: Optional[nn.Module] = None,
 ) -> Plan:
-    """The per-layer plan for ``gm`` (eligibility, reasons, shapes); folds are decided after."""
+    """The per-layer plan for ``gm`` (eligibility, reasons, shapes); folds are decided after.
+
+    ``model`` is the captured module; a torch.export capture needs it to tell module calls
+    (which the rewrite can swap) from functional ones.
+    """
     from sas_compile.layers import SAS_LAYERS
 
     placeholder_values = placeholder_values or {}
@@ -203,7 +208,8 @@ def find_sas_layers(
         layer.output_shape = _shape(node)
         layer.input_is_graph_input = call.x in raw
         layer.extra["weight_kind"] = kind
-        layer.eligible, layer.reason = _eligibility(call, kind, weight, layer, M, filter_fn, dense_input_layers, gm, capture)
+        layer.eligible, layer.reason = _eligibility(call, kind, weight, layer, M, filter_fn, dense_input_layers, gm,
+                                                    capture, model)
         layers.append(layer)
         sites.setdefault(target, []).append(layer)
     _resolve_shared_weights(sites)
@@ -246,7 +252,14 @@ def _describe(call: LayerCall, kind: str, target: str, weight, name: str) -> Lay
                      call.dilation, call.groups, has_bias, target, call.module_path)
 
 
-def _eligibility(call, kind, weight, layer, M, filter_fn, dense_input_layers, gm, capture) -> Tuple[bool, Optional[str]]:
+def _get_submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _eligibility(call, kind, weight, layer, M, filter_fn, dense_input_layers, gm, capture, model) -> Tuple[bool, Optional[str]]:
     if not call.supported:
         return False, call.unsupported_reason
     if kind == "computed" or weight is None:
@@ -265,16 +278,19 @@ def _eligibility(call, kind, weight, layer, M, filter_fn, dense_input_layers, gm
         if not filter_fn(owner, layer.name):
             return False, "excluded by filter_fn"
     if capture == "export" and call.module is None and kind == "attr":
+        # torch.export inlines modules: only a whole nn.Linear/nn.Conv call can be swapped back
         owner_path = layer.weight_target.rsplit(".", 1)[0] if "." in layer.weight_target else ""
         stack = call.node.meta.get("nn_module_stack") or {}
         last = list(stack.values())[-1] if stack else None
-        cls = last[1] if last else None
-        cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", "")
-        is_module_call = last is not None and clean_module_path(last[0]) == owner_path and cls_name in (
-            "Linear", "Conv2d", "Conv1d") and layer.weight_target.endswith(".weight")
+        owner = _get_submodule(model, owner_path) if model is not None else None
+        is_module_call = (last is not None and clean_module_path(last[0]) == owner_path
+                          and isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d))
+                          and layer.weight_target.endswith(".weight"))
         if not is_module_call:
             return False, ("functional call in a model that symbolic tracing cannot capture: only "
                            "nn.Linear/nn.Conv modules are swapped there; torch.compile(model, backend='sas') converts it")
+        if getattr(owner, "padding_mode", "zeros") != "zeros":
+            return False, f"padding_mode={owner.padding_mode!r}: SAS convolutions support only zero padding"
         layer.module_target = owner_path
     return True, None
 

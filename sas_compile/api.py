@@ -105,7 +105,7 @@ def analyze(model: nn.Module, example_inputs=None, *, M: int = 2, filter_fn: Opt
             raise
         return _module_walk_plan(model, M, filter_fn, dense_input_layers, str(err))
     plan = find_sas_layers(captured.gm, M=M, capture=captured.method, filter_fn=filter_fn,
-                           dense_input_layers=dense_input_layers)
+                           dense_input_layers=dense_input_layers, model=model)
     plan.model = model
     if fold_relu and captured.method == "symbolic_trace":
         fold_relu_into_projection(plan, captured.gm)

@@ -215,3 +215,27 @@ def test_channels_last_and_half_precision_layers():
         out = sas(x)
         assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
         assert _rel(out.float(), conv(x).float()) < tol
+
+
+def test_transformers_models_through_export_capture():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                    layer_type="basic", num_labels=5)
+    resnet = transformers.ResNetForImageClassification(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(sas_compile.api.CaptureError, match="example_inputs"):
+        sas_compile.sasify(resnet, M=2)  # symbolic tracing fails; export needs inputs
+    sas = sas_compile.sasify(resnet, M=2, example_inputs=(x,))
+    assert sas._sas_plan.capture == "export" and type(sas) is type(resnet)
+    assert sum(l.eligible for l in sas._sas_plan.layers) == 6
+    with torch.no_grad():
+        assert _rel(sas(x).logits, resnet(x).logits) < 1e-5
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32)
+    bert = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    sas = sas_compile.sasify(bert, M=4, example_inputs=(ids,))
+    assert isinstance(sas.encoder.layer[0].attention.self.query, SASLinear)
+    with torch.no_grad():
+        assert _rel(sas(ids).last_hidden_state, bert(ids).last_hidden_state) < 1e-5
