@@ -79,16 +79,23 @@ def _user_frame(err: BaseException) -> str:
     return where
 
 
+def _propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
+    """Shapes on every node, computed on fake tensors: the user's model (BatchNorm statistics
+    included) is never run for real."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+
+
 def capture(model: nn.Module, example_inputs=None, *, allow_export: bool = True) -> Captured:
     """Capture ``model`` (traced as it is: callers pass a copy if they rewrite it)."""
     example_inputs = normalize_example_inputs(example_inputs)
     try:
         gm = _symbolic_trace(model)
         if example_inputs is not None:
-            from torch.fx.passes.shape_prop import ShapeProp
-
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*example_inputs)
+            _propagate_shapes(gm, example_inputs)
         return Captured(gm, "symbolic_trace", example_inputs)
     except Exception as err:  # noqa: BLE001 - any tracing failure moves on to export
         trace_error = f"{_first_line(err)}" + (f" (at {_user_frame(err)})" if _user_frame(err) else "")

@@ -28,7 +28,6 @@ one input from the first layer that reads it and says so in the reasons when it 
 from __future__ import annotations
 
 import logging
-import math
 import operator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -345,10 +344,10 @@ def _tensor_meta(node: fx.Node):
 def _shape_tree(val):
     if isinstance(val, torch.Tensor):
         return tuple(int(s) for s in val.shape)
-    if hasattr(val, "shape") and hasattr(val, "dtype") and not isinstance(val, (list, tuple)):
+    if hasattr(val, "shape") and hasattr(val, "dtype"):  # FakeTensor, ShapeProp's TensorMetadata
         return tuple(int(s) for s in val.shape)
-    if isinstance(val, (list, tuple)):
-        return tuple(_shape_tree(v) for v in val) if not isinstance(val, torch.Size) else None
+    if isinstance(val, (list, tuple)) and not isinstance(val, torch.Size):
+        return tuple(_shape_tree(v) for v in val)
     return None
 
 
@@ -462,6 +461,8 @@ class _Analysis:
         if node.op == "output":
             self.fix_all([self.env.get(a.name) for a in node.all_input_nodes], "network output")
             return None
+        if node.op == "call_module" and node.target in _NOOP:  # export's guard check
+            return None
         name = _op_name(node, self.gm)
         if name in _NOOP:
             return None
@@ -560,6 +561,27 @@ class _Analysis:
             else:
                 raise _Unsupported("tensor indexing")
         out.extend(dims[pos:])
+        return out
+
+    def op_select(self, node):
+        dims = self.dims(node.args[0])
+        if dims is None:
+            raise _Unsupported("select of an unknown tensor")
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs["dim"]) % len(dims)
+        if not self.uf.is_fixed(dims[dim]):
+            self.uf.fix(dims[dim], f"indexing a single channel (node {node.name})")
+        return dims[:dim] + dims[dim + 1:]
+
+    def op_slice(self, node):
+        dims = self.dims(node.args[0])
+        shape = self.shape(node)
+        if dims is None or not _is_shape(shape):
+            raise _Unsupported("slice of an unknown tensor")
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % len(dims)
+        out = list(dims)
+        if shape[dim] != self.size(dims[dim]):
+            self.uf.fix(dims[dim], f"slicing a width (node {node.name})")
+            out[dim] = self.fresh(shape[dim])
         return out
 
     def op_floordiv(self, node):
@@ -723,11 +745,24 @@ class _Analysis:
                     for d in widths:
                         self.uf.fix(d, f"reshape merges two widths (node {where})")
                     out[ib[0][0]] = self.fresh(ib[0][1])
-            else:
-                for d in block_in:
-                    self.uf.fix(d, f"reshape regroups widths (node {where})")
-                for j, s in ib:
-                    out[j] = self.fresh(s)
+            else:  # regroup, e.g. [batch, E] -> [batch * heads, head size]
+                widths = [d for d in block_in if not self.uf.is_fixed(d)]
+                last = self.uf.resolve(block_in[-1])
+                if len(widths) == 1 and not self.uf.is_fixed(last) and len(last.segs) == 1:
+                    # the innermost width carries over to the innermost output dim
+                    lead_in = 1
+                    for d in block_in[:-1]:
+                        lead_in *= self.size(d)
+                    lead_out = 1
+                    for j, s in ib[:-1]:
+                        out[j] = self.fresh(s, f"heads of a split width stay fixed (node {where})")
+                        lead_out *= s
+                    out[ib[-1][0]] = last.scaled(Fraction(lead_in, lead_out))
+                else:
+                    for d in block_in:
+                        self.uf.fix(d, f"reshape regroups widths (node {where})")
+                    for j, s in ib:
+                        out[j] = self.fresh(s)
         return [d for d in out]
 
     op_flatten = reshape
@@ -1094,13 +1129,19 @@ def _has_shapes(gm) -> bool:
     return False
 
 
+def _has_fake_values(gm) -> bool:
+    """export/dynamo graphs carry every node's shape already (``val``/``example_value``)."""
+    return any("val" in n.meta or "example_value" in n.meta for n in gm.graph.nodes if n.op == "placeholder")
+
+
 def _propagate_shapes(gm, example_inputs) -> None:
     """ShapeProp in eval mode (shapes are the same; BN running stats stay untouched)."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     modes = {m: m.training for m in gm.modules()}
     try:
-        gm.eval()
+        for m in gm.modules():
+            m.training = False
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
     finally:
@@ -1144,7 +1185,7 @@ def tie_channel_widths(gm: fx.GraphModule, M: int, example_inputs=None, *, filte
 
     check_M(M)
     notes: List[str] = []
-    if example_inputs is not None:
+    if example_inputs is not None and not _has_fake_values(gm):
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
         _propagate_shapes(gm, tuple(example_inputs))

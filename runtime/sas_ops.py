@@ -40,7 +40,8 @@ def sas_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: 
     if _on_accelerator(x):
         from .matmul import sas_matmul
 
-        return sas_matmul(x, weight, bias, M=M, rule=rule)
+        # autograd is this op's (register_autograd below): the GEMM targets see plain tensors
+        return sas_matmul(x.detach(), weight.detach(), None if bias is None else bias.detach(), M=M, rule=rule)
     return F.linear(project(x, M, -1, rule), weight, bias)
 
 
@@ -113,7 +114,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, M, rule):
     return out.contiguous(memory_format=_conv_memory_format(x))
 
 
-def _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, rule):
+def _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, rule, target="auto"):
     """Accelerator path: unfold (im2col) so the layer is one ``sas_matmul`` on the GEMM targets.
 
     K is ordered kernel-position-major, channel-minor, so the index rule's channel groups stay
@@ -141,7 +142,8 @@ def _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, 
     rows = rows.reshape(batch * positions, kh * kw * channels)
     wide = weight.view(out_channels, channels, M, kh * kw).permute(0, 3, 1, 2)
     wide = wide.reshape(out_channels, kh * kw * channels * M)
-    out = sas_matmul(rows, wide, bias, M=M, rule=rule)
+    out = sas_matmul(rows.detach(), wide.detach(), None if bias is None else bias.detach(), M=M, rule=rule,
+                     target=target)
     out_h = conv2d_output_size(height, kh, stride[0], padding[0], dilation[0])
     out_w = conv2d_output_size(width, kw, stride[1], padding[1], dilation[1])
     out = out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)

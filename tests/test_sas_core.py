@@ -239,3 +239,15 @@ def test_transformers_models_through_export_capture():
     assert isinstance(sas.encoder.layer[0].attention.self.query, SASLinear)
     with torch.no_grad():
         assert _rel(sas(ids).last_hidden_state, bert(ids).last_hidden_state) < 1e-5
+
+
+def test_analysis_with_example_inputs_never_runs_the_users_model():
+    """Shapes come from fake tensors: a model in train mode keeps its BatchNorm statistics."""
+    model, x = _build("resnet18")
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    plan = sas_compile.inspect(model, (x,), M=2)
+    sas_compile.sasify(model, M=2, example_inputs=(x,))
+    assert plan.layers[1].output_shape is not None
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

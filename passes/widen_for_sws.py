@@ -1,0 +1,259 @@
+"""Rewrite a captured graph into its SWS width: every tied width group widens once.
+
+Why this pass exists: the SWS baseline is a *different network* (sqrt(M) times wider), not
+a transformed copy of the trained one, so everything whose shape changes is rebuilt with
+the layer types' default (kaiming) initialisation. The widths come from
+``tie_channel_widths``; this pass only applies them: new conv/linear/norm/embedding
+modules, resized graph parameters, and the integer size arguments of reshapes that name a
+widened width. Parameters and modules whose shapes stay are left as they are.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import List, Optional
+
+import torch
+from torch import fx, nn
+
+from .tie_channel_widths import ChannelWidths, _get_attr, _op_name, _size_args
+
+log = logging.getLogger("sas_compile.passes")
+
+__all__ = ["widen_for_sws"]
+
+_SIZE_ARG_OPS = {"view", "reshape", "_unsafe_view", "expand"}
+
+
+def widen_for_sws(gm: fx.GraphModule, widths: ChannelWidths) -> fx.GraphModule:
+    """Rebuild ``gm`` (in place) at the widths ``widths`` decided; returns ``gm``."""
+    changed = 0
+    done = set()
+    weight_targets = {}
+    for name, (wt, bt) in widths.layer_params.items():
+        weight_targets[wt] = ("weight", name)
+        if bt is not None:
+            weight_targets[bt] = ("bias", name)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target not in done:
+            done.add(node.target)
+            new = _rebuild_module(gm, node, widths)
+            if new is not None:
+                _set_submodule(gm, node.target, new)
+                changed += 1
+        elif node.op == "get_attr" and node.target not in done:
+            done.add(node.target)
+            if _resize_attr(gm, node.target, widths, weight_targets):
+                changed += 1
+        elif node.op in ("call_function", "call_method"):
+            if _update_size_args(gm, node, widths):
+                changed += 1
+    gm.recompile()
+    log.debug("widen_for_sws: %d modules, parameters or size arguments changed", changed)
+    return gm
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _like(old: nn.Module, new: nn.Module) -> nn.Module:
+    ref = next(iter(old.parameters()), None)
+    if ref is None:
+        ref = next(iter(old.buffers()), None)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    new.train(old.training)
+    return new
+
+
+def _rebuild_module(gm, node, widths: ChannelWidths) -> Optional[nn.Module]:
+    mod = gm.get_submodule(node.target)
+    t = node.target
+    wshape = widths.param_shape(f"{t}.weight")
+    if isinstance(mod, nn.Conv2d):
+        layer = widths.layers[node.name]
+        if (layer.in_channels, layer.out_channels, layer.groups) == (mod.in_channels, mod.out_channels, mod.groups):
+            return None
+        new = nn.Conv2d(layer.in_channels, layer.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                        mod.dilation, layer.groups, mod.bias is not None, mod.padding_mode)
+        return _like(mod, new)
+    if isinstance(mod, nn.Linear):
+        layer = widths.layers[node.name]
+        if (layer.in_channels, layer.out_channels) == (mod.in_features, mod.out_features):
+            return None
+        return _like(mod, nn.Linear(layer.in_channels, layer.out_channels, mod.bias is not None))
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        shape = widths.shape_of(node.name)
+        c = shape[1] if shape is not None else (wshape or (mod.num_features,))[0]
+        if c == mod.num_features:
+            return None
+        return _like(mod, type(mod)(c, mod.eps, mod.momentum, mod.affine, mod.track_running_stats))
+    if isinstance(mod, nn.LayerNorm):
+        shape = widths.shape_of(node.name)
+        k = len(mod.normalized_shape)
+        ns = tuple(shape[-k:]) if shape is not None else tuple(wshape or mod.normalized_shape)
+        if ns == tuple(mod.normalized_shape):
+            return None
+        new = nn.LayerNorm(ns, mod.eps, mod.elementwise_affine, bias=getattr(mod, "bias", None) is not None)
+        return _like(mod, new)
+    if isinstance(mod, nn.GroupNorm):
+        shape = widths.shape_of(node.name)
+        if shape is None or shape[1] == mod.num_channels:
+            return None
+        return _like(mod, nn.GroupNorm(mod.num_groups, shape[1], mod.eps, mod.affine))
+    if isinstance(mod, nn.Embedding):
+        if wshape is None or tuple(wshape) == tuple(mod.weight.shape):
+            return None
+        new = nn.Embedding(wshape[0], wshape[1], mod.padding_idx, mod.max_norm, mod.norm_type,
+                           mod.scale_grad_by_freq, mod.sparse)
+        return _like(mod, new)
+    for pname, p in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+        new_shape = widths.param_shape(f"{t}.{pname}")
+        if new_shape is not None and tuple(new_shape) != tuple(p.shape):  # pragma: no cover - analysis fixes these
+            raise RuntimeError(f"widen_for_sws: cannot resize {type(mod).__name__} '{t}'")
+    return None
+
+
+def _set_submodule(gm, target: str, new: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    owner = gm.get_submodule(parent) if parent else gm
+    setattr(owner, name, new)
+
+
+# --------------------------------------------------------------------------- graph parameters
+
+
+def _stretch(old: torch.Tensor, shape) -> torch.Tensor:
+    """Nearest-neighbour resize along every changed dim (constant fills stay constant)."""
+    out = old.detach()
+    for dim, (o, n) in enumerate(zip(old.shape, shape)):
+        if o != n:
+            idx = (torch.arange(n, device=old.device) * o) // n
+            out = out.index_select(dim, idx)
+    return out.clone()
+
+
+def _resize_attr(gm, target: str, widths: ChannelWidths, weight_targets) -> bool:
+    old = _get_attr(gm, target)
+    new_shape = widths.param_shape(target)
+    if not isinstance(old, torch.Tensor) or new_shape is None or tuple(new_shape) == tuple(old.shape):
+        return False
+    role = weight_targets.get(target)
+    if role is not None:
+        value = torch.empty(new_shape, dtype=old.dtype, device=old.device)
+        fan_in = math.prod(new_shape[1:]) if role[0] == "weight" else None
+        if role[0] == "weight":
+            # what nn.Linear / nn.Conv2d.reset_parameters do
+            nn.init.kaiming_uniform_(value, a=math.sqrt(5))
+        else:
+            w_target = widths.layer_params[role[1]][0]
+            w_shape = widths.param_shape(w_target) or _get_attr(gm, w_target).shape
+            fan_in = math.prod(w_shape[1:])
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(value, -bound, bound)
+    elif target.endswith("running_mean"):
+        value = torch.zeros(new_shape, dtype=old.dtype, device=old.device)
+    elif target.endswith("running_var"):
+        value = torch.ones(new_shape, dtype=old.dtype, device=old.device)
+    else:
+        value = _stretch(old, new_shape)
+    parent, _, name = target.rpartition(".")
+    owner = gm.get_submodule(parent) if parent else gm
+    if isinstance(old, nn.Parameter):
+        if name in owner._parameters:
+            owner._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+        else:
+            setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+    return True
+
+
+# --------------------------------------------------------------------------- size arguments
+
+
+def _update_size_args(gm, node: fx.Node, widths: ChannelWidths) -> bool:
+    name = _op_name(node, gm)
+    new_shape = widths.shape_of(node.name)
+    dims = widths.node_dims.get(node.name)
+    if name in _SIZE_ARG_OPS and new_shape is not None:
+        args = _size_args(node)
+        if args is None or len(args) != len(new_shape):
+            return False
+        old_shape = tuple(widths.base_size_of(d) for d in dims)
+        new_args = list(args)
+        for i, a in enumerate(args):
+            if isinstance(a, int) and a != -1 and new_shape[i] != old_shape[i]:
+                new_args[i] = new_shape[i]
+        if new_args == list(args):
+            return False
+        _write_size_args(node, new_args)
+        return True
+    if name == "unflatten" and new_shape is not None:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+        sizes = node.args[2] if len(node.args) > 2 else node.kwargs["sizes"]
+        if isinstance(dim, int) and isinstance(sizes, (list, tuple)):
+            dim %= len(new_shape) - len(sizes) + 1
+            new = [s if s == -1 else new_shape[dim + i] for i, s in enumerate(sizes)]
+            if new != list(sizes):
+                _set_arg(node, 2, "sizes", type(sizes)(new))
+                return True
+        return False
+    if name == "conv2d" and node.name in widths.layers:
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        new_groups = widths.layers[node.name].groups
+        if groups != new_groups:  # a depthwise conv's groups follow its width
+            args = list(node.args) + [None] * (6 - len(node.args))
+            defaults = (None, None, None, 1, 0, 1)
+            for i in range(len(node.args), 6):
+                args[i] = node.kwargs.get(("input", "weight", "bias", "stride", "padding", "dilation")[i], defaults[i])
+            kwargs = {k: v for k, v in node.kwargs.items() if k not in ("stride", "padding", "dilation", "groups", "bias")}
+            node.args = tuple(args[:6]) + (new_groups,)
+            node.kwargs = kwargs
+            return True
+        return False
+    if name == "layer_norm" and new_shape is not None:
+        shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        if isinstance(shape_arg, (list, tuple)):
+            new = list(new_shape[-len(shape_arg):])
+            if new != list(shape_arg):
+                _set_arg(node, 1, "normalized_shape", type(shape_arg)(new))
+                return True
+        elif isinstance(shape_arg, int) and shape_arg != new_shape[-1]:
+            _set_arg(node, 1, "normalized_shape", new_shape[-1])
+            return True
+    if name == "split" and isinstance(node.args[1] if len(node.args) > 1 else None, int):
+        pieces = widths.node_dims.get(node.name)
+        if isinstance(pieces, tuple) and pieces:
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            size = widths.size_of(pieces[0][dim])
+            if size != node.args[1]:
+                _set_arg(node, 1, "split_size", size)
+                return True
+    return False
+
+
+def _set_arg(node, idx, name, value):
+    if len(node.args) > idx:
+        args = list(node.args)
+        args[idx] = value
+        node.args = tuple(args)
+    else:
+        kwargs = dict(node.kwargs)
+        kwargs[name] = value
+        node.kwargs = kwargs
+
+
+def _write_size_args(node, new_args: List) -> None:
+    args = list(node.args[1:])
+    if not args:
+        key = "shape" if "shape" in node.kwargs else "size"
+        kwargs = dict(node.kwargs)
+        kwargs[key] = type(node.kwargs[key])(new_args)
+        node.kwargs = kwargs
+    elif len(args) == 1 and isinstance(args[0], (list, tuple)):
+        node.args = (node.args[0], type(args[0])(new_args))
+    else:
+        node.args = (node.args[0], *new_args)
