@@ -76,7 +76,8 @@ def _shape_strings(shape, rename: Dict[sympy.Symbol, sympy.Symbol], env) -> Tupl
     out = []
     for s in shape:
         if isinstance(s, torch.SymInt):
-            expr = env.simplify(s.node.expr).xreplace(rename)
+            expr = s.node.expr if env is None else env.simplify(s.node.expr)
+            expr = expr.xreplace(rename)
             out.append(str(expr))
         else:
             out.append(str(int(s)))
@@ -130,8 +131,12 @@ def _run_symbolic(
             results[n.name] = result
             return result
 
+    # run a fake copy: the user's modules (BatchNorm statistics included) are never touched
+    from torch._dynamo.utils import deepcopy_to_fake_tensor
+
+    fake_gm = deepcopy_to_fake_tensor(gm, mode)
     with mode:
-        _Recorder(gm, garbage_collect_values=False).run(*args)
+        _Recorder(fake_gm, garbage_collect_values=False).run(*args)
 
     wanted = {}
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -140,6 +145,65 @@ def _run_symbolic(
         if node is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
             continue
         inp, out = results.get(node.args[0].name), results.get(name)
+        if not isinstance(inp, torch.Tensor) or not isinstance(out, torch.Tensor):
+            continue
+        wanted[name] = (_shape_strings(inp.shape, rename, env), _shape_strings(out.shape, rename, env))
+    return wanted, actual
+
+
+def _bumped(example_inputs: Sequence[Any]) -> Tuple[Any, ...]:
+    """Inputs with a batch of 1 doubled (``cat([x, x])``: same values, valid token ids stay valid)."""
+    out = []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 1:
+            x = torch.cat([x, x], 0)
+        out.append(x)
+    return tuple(out)
+
+
+def _run_export(
+    model: torch.nn.Module, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], nodes: Sequence[str],
+    bump_batch: bool,
+):
+    """Shapes from ``torch.export`` with every input dim dynamic (``Dim.AUTO``).
+
+    A graph captured by a static export has sizes baked into its views and slices, so the
+    fake-tensor run cannot make them symbolic; re-exporting with dynamic dims can. Layer
+    nodes are matched by name and checked to call the same op on the same weight.
+    """
+    from torch.export import Dim
+
+    inputs = _bumped(example_inputs) if bump_batch else tuple(example_inputs)
+    dynamic = tuple({d: Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor) else None for x in inputs)
+    with torch.no_grad():
+        ep = torch.export.export(model, inputs, dynamic_shapes=dynamic, strict=False)
+    dyn = ep.module()
+    rename: Dict[sympy.Symbol, sympy.Symbol] = {}
+    actual: Dict[str, int] = {}
+    env = None
+    placeholders = [n for n in dyn.graph.nodes if n.op == "placeholder"]
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    for index, (node, x) in enumerate(zip(placeholders, tensors)):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        names = input_dim_names(x, index)
+        for d, size in enumerate(val.shape):
+            if isinstance(size, torch.SymInt):
+                env = size.node.shape_env
+                if isinstance(size.node.expr, sympy.Symbol):
+                    rename[size.node.expr] = sympy.Symbol(names[d], integer=True, positive=True)
+                    actual[names[d]] = int(x.shape[d])
+    ours = {n.name: n for n in dyn.graph.nodes}
+    theirs = {n.name: n for n in gm.graph.nodes}
+    wanted = {}
+    for name in nodes:
+        node, other = ours.get(name), theirs.get(name)
+        if node is None or other is None or node.target != other.target or not node.args:
+            continue
+        if [getattr(a, "target", a) for a in node.args[1:2]] != [getattr(a, "target", a) for a in other.args[1:2]]:
+            continue  # not the same weight: the two captures diverged here
+        inp, out = node.args[0].meta.get("val"), node.meta.get("val")
         if not isinstance(inp, torch.Tensor) or not isinstance(out, torch.Tensor):
             continue
         wanted[name] = (_shape_strings(inp.shape, rename, env), _shape_strings(out.shape, rename, env))
@@ -164,24 +228,40 @@ def symbolic_node_shapes(
     example_inputs: Sequence[Any],
     nodes: Sequence[str],
     numeric: Optional[Dict[str, Tuple[Optional[Sequence[int]], Optional[Sequence[int]]]]] = None,
+    *,
+    model: Optional[torch.nn.Module] = None,
 ) -> Tuple[Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]], Dict[str, int]]:
     """Symbolic (input, output) shapes of the named nodes, and the example value of each symbol.
 
     Shapes are tuples of strings (sympy syntax, ``//`` is floor division) in symbols named by
-    :func:`input_dim_names`. ``numeric`` maps node names to their known numeric shapes: if a
-    formula traced with the batch dim at 2 (to keep it symbolic) does not reproduce them, the
-    trace is redone at the real sizes, where size-1 dims stay numbers.
+    :func:`input_dim_names`. With ``model`` (a graph captured by ``torch.export``) the model is
+    re-exported with dynamic dims; otherwise ``gm`` runs on symbolic fake inputs. The batch
+    dim is traced at 2 when it is 1 (to keep it symbolic); ``numeric`` maps node names to
+    their known numeric shapes, and a formula that does not reproduce them is traced again at
+    the real sizes (size-1 dims then stay numbers).
     """
-    wanted, values = _run_symbolic(gm, example_inputs, nodes, bump_batch=True)
-    if numeric:
-        ok = all(
-            _agrees(wanted[n][0], numeric.get(n, (None, None))[0], values)
-            and _agrees(wanted[n][1], numeric.get(n, (None, None))[1], values)
+    def run(bump):
+        if model is not None:
+            return _run_export(model, gm, example_inputs, nodes, bump)
+        return _run_symbolic(gm, example_inputs, nodes, bump)
+
+    def agrees(wanted, values):
+        return all(
+            _agrees(wanted[n][0], (numeric or {}).get(n, (None, None))[0], values)
+            and _agrees(wanted[n][1], (numeric or {}).get(n, (None, None))[1], values)
             for n in wanted
         )
-        if not ok:
-            log.debug("symbolic shapes traced at batch 2 disagree with the example; retrying")
-            wanted, values = _run_symbolic(gm, example_inputs, nodes, bump_batch=False)
+
+    try:
+        wanted, values = run(True)
+        if agrees(wanted, values):
+            return wanted, values
+        log.debug("symbolic shapes traced at batch 2 disagree with the example; retrying at batch 1")
+    except Exception as exc:  # noqa: BLE001 - retried at the real sizes below
+        log.debug("symbolic shapes at batch 2 failed (%s); retrying at batch 1", exc)
+    wanted, values = run(False)
+    if not agrees(wanted, values):
+        raise ValueError("symbolic shapes disagree with the example shapes; formulas left out")
     return wanted, values
 
 
@@ -197,7 +277,9 @@ def propagate_symbolic_shapes(plan, example_inputs: Sequence[Any]) -> Dict[str, 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     numeric = {layer.node: (layer.input_shape, layer.output_shape) for layer in plan.layers}
-    shapes, values = symbolic_node_shapes(plan.gm, example_inputs, [l.node for l in plan.layers], numeric)
+    model = getattr(plan, "model", None) if plan.capture == "export" else None
+    shapes, values = symbolic_node_shapes(plan.gm, example_inputs, [l.node for l in plan.layers], numeric,
+                                          model=model)
     filled = 0
     for layer in plan.layers:
         if layer.node in shapes:

@@ -358,7 +358,8 @@ def layer_costs(
     ``in_channels``, ``out_channels``, ``in_features``, ``out_features``, ``widened``; a
     layer with neither width widened stays dense); without it the standalone rule is used. ``eligible_at`` maps M to the plan's eligibility at that M (a
     layer that stays dense at M counts as base in the SAS column). A layer that is already
-    SAS (``extra['sas_M']``) reports its real wide parameters.
+    SAS (``extra['sas_M']``) reports its real wide parameters; a layer that is already SWS
+    (``extra['sws_M']``, a 1:M masked weight) costs its nonzeros in the base and SWS columns.
     """
     Ms = check_M_values(M)
     weight = layer.weight_numel
@@ -378,6 +379,13 @@ def layer_costs(
     kernel = 1
     for k in layer.kernel_size or ():
         kernel *= k
+    masked = layer.extra.get("sws_M") if layer.extra else None
+    if masked:
+        # already an SWS layer (1:M mask): it costs its nonzeros, at any M, at its own widths
+        real = sws_costs(weight // co, co, layer.has_bias, int(masked), positions,
+                         in_channels=layer.in_channels, out_channels=co)
+        base = {"mults": real["mults"], "params": real["params"]}
+        return _row(layer.name, layer.op, base, sas, {m: dict(real) for m in Ms}, layer.eligible, layer.reason)
     for m in Ms:
         w = (sws_widths or {}).get(m)
         if w is not None:

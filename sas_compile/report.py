@@ -20,7 +20,7 @@ import logging
 import sys
 import types
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import sympy
 import torch
@@ -218,7 +218,21 @@ class Report:
             ratio += [_ratio(t["sas"][m]["mults"], bm), _ratio(t["sas"][m]["params"], bp), _ratio(s["mults"], bm),
                       f"{_ratio(s['params'], bp)} ({_ratio(s['nonzero_params'], bp)})", ""]
         body += [total, ratio]
-        text = [self._title(), tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)]
+        import inspect as _inspect
+
+        import tabulate as tabulate_module
+
+        # the indentation is the nesting: newer tabulate takes a keyword, 0.9 a module global
+        options = {"headers": headers, "tablefmt": tablefmt, "disable_numparse": True}
+        if "preserve_whitespace" in _inspect.signature(tabulate).parameters:
+            options["preserve_whitespace"] = True
+        keep = getattr(tabulate_module, "PRESERVE_WHITESPACE", False)
+        tabulate_module.PRESERVE_WHITESPACE = True
+        try:
+            table = tabulate(body, **options)
+        finally:
+            tabulate_module.PRESERVE_WHITESPACE = keep
+        text = [self._title(), table]
         if reasons:
             text.append("\n".join(f"[{i}] {reason}" for reason, i in reasons.items()))
         if self.symbolic_total:
@@ -282,8 +296,8 @@ def _resolved_layer(layer: LayerPlan) -> Tuple[LayerPlan, Optional[str]]:
     return None, f"{layer.name}: weight shape unknown (computed inside the graph); not counted"
 
 
-def _symbolic_positions(layer: LayerPlan) -> Optional[str]:
-    """Output positions as a product of the traced dim formulas (kept as torch prints them)."""
+def _symbolic_positions(layer: LayerPlan) -> Optional[Tuple[int, str]]:
+    """Output positions as (number, product of the traced dim formulas, kept as torch prints them)."""
     if layer.symbolic_output_shape is None:
         return None
     out = list(layer.symbolic_output_shape)
@@ -297,8 +311,31 @@ def _symbolic_positions(layer: LayerPlan) -> Optional[str]:
         dims = out[1:]
     else:
         dims = out[:1] + out[2:]
-    factors = [d if d.replace("_", "").isalnum() else f"({d})" for d in dims if d != "1"]
-    return "*".join(factors) if factors else "1"
+    coefficient = 1
+    factors = []
+    for d in dims:
+        if d.isdigit():
+            coefficient *= int(d)  # a size the graph pins: fold it into the number
+        else:
+            factors.append(d if d.replace("_", "").isalnum() else f"({d})")
+    return coefficient, "*".join(factors) if factors else "1"
+
+
+def _mark_sws_layers(model: nn.Module, plan: Plan) -> List[str]:
+    """Set ``extra['sws_M']`` on layers whose weight carries the SWS 1:M mask; their names."""
+    names = []
+    for layer in plan.layers:
+        path = layer.module_target or (layer.weight_target or "").rsplit(".", 1)[0]
+        try:
+            mod = model.get_submodule(path) if path else None
+        except AttributeError:
+            continue
+        params = getattr(getattr(mod, "parametrizations", None), "weight", None)
+        for p in params or ():
+            if type(p).__name__ == "OneOfMMask":
+                layer.extra["sws_M"] = int(p.M)
+                names.append(layer.name)
+    return names
 
 
 def _free_names(formula: str) -> set:
@@ -347,6 +384,10 @@ def report(
         if why and why not in notes:
             notes.append(why)
 
+    masked = _mark_sws_layers(model, first)
+    if masked:
+        notes.append(f"{len(masked)} layers carry a 1:M SWS weight mask: their base and SWS columns count "
+                     "nonzero weights (" + ", ".join(masked[:4]) + (", ..." if len(masked) > 4 else "") + ")")
     rows = []
     per_position = example_inputs is None
     # total formula: weights summed per distinct positions formula
@@ -375,15 +416,17 @@ def report(
             row["eligible"] = False
             dense_at = [m for m in Ms if not eligible_at[m]]
             row["reason"] = "; ".join(f"M={m}: {plans[m].by_node()[layer.node].reason}" for m in dense_at)
-        sym_pos = _symbolic_positions(layer) if not per_position else "1"
+        sym_pos = _symbolic_positions(layer) if not per_position else (1, "1")
         if sym_pos is None:
             by_positions = None
             row["symbolic"]["base_mults"] = str(row["base"]["mults"])
         else:
-            row["symbolic"]["base_mults"] = (f"{resolved.weight_numel}*{sym_pos}" if sym_pos != "1"
-                                             else str(resolved.weight_numel))
+            sws_M = resolved.extra.get("sws_M")
+            per_pos = -(-resolved.weight_numel // sws_M) if sws_M else resolved.weight_numel
+            weight = sym_pos[0] * per_pos
+            row["symbolic"]["base_mults"] = f"{weight}*{sym_pos[1]}" if sym_pos[1] != "1" else str(weight)
             if by_positions is not None:
-                by_positions[sym_pos] = by_positions.get(sym_pos, 0) + resolved.weight_numel
+                by_positions[sym_pos[1]] = by_positions.get(sym_pos[1], 0) + weight
         rows.append(row)
 
     input_shapes = None

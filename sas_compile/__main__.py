@@ -1,0 +1,4 @@
+"""``python -m sas_compile``: the ``sas-compile`` command line."""
+from .cli import main
+
+raise SystemExit(main())

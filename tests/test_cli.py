@@ -1,0 +1,146 @@
+"""The sas-compile command line, end to end: formats, exit codes, one-line errors."""
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from sas_compile import models
+from sas_compile.cli import main, parse_shape
+from sas_compile.report import report
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_cnn():
+    """A factory for the package.module:factory form (a ragged 5-channel input)."""
+    return nn.Sequential(nn.Conv2d(5, 6, 3, stride=2), nn.ReLU(), nn.Conv2d(6, 4, (1, 3), padding=(0, 1)),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def tiny_cnn_with_shape():
+    return tiny_cnn(), (2, 5, 11, 9)
+
+
+NOT_A_MODEL = 42
+
+
+def test_default_model_and_default_subcommand(capsys):
+    # no subcommand means report, no MODEL means resnet18 at 1,3,32,32
+    code, out, err = run(capsys, "--M", "2")
+    assert code == 0 and err == ""
+    assert "layer4.1.conv2" in out and "ratio to base" in out and "SWS M=2" in out
+    assert "21 conv/linear layers" in out and "mults for input 1x3x32x32" in out
+
+
+def test_json_matches_the_api(capsys):
+    code, out, _ = run(capsys, "report", "vgg_small", "--input-shape", "2,3,12,10", "--M", "2", "8",
+                       "--format", "json")
+    assert code == 0
+    torch.manual_seed(0)
+    model, _ = models.load_model("vgg_small")
+    expected = report(model, torch.randn(2, 3, 12, 10), M=(2, 8)).to_dict()
+    data = json.loads(out)
+    assert data["totals"]["base"] == expected["totals"]["base"]
+    assert data["totals"]["sws"]["8"] == expected["totals"]["sws"][8]
+    assert [r["name"] for r in data["layers"]] == [r["name"] for r in expected["layers"]]
+
+
+def test_csv_and_markdown(capsys, tmp_path):
+    code, out, _ = run(capsys, "report", "mlp", "--M", "4", "--format", "csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["name"] for r in rows][-1] == "total" and len(rows) == 4
+    assert int(rows[0]["base_mults"]) == 784 * 256  # one image, first linear
+    assert int(rows[1]["sas_M4_params"]) == 4 * 256 * 256 + 256
+    target = tmp_path / "r.md"
+    code, out, _ = run(capsys, "report", "mlp", "--M", "4", "--format", "markdown", "-o", str(target))
+    assert code == 0 and out == ""
+    md = target.read_text()
+    assert "| total" in md and "200,704" in md  # exact counts in markdown
+
+
+def test_factory_spec_and_no_inputs(capsys):
+    spec = f"{__name__}:tiny_cnn"
+    code, out, err = run(capsys, "report", spec, "--M", "2", "--format", "json")
+    assert code == 0, err
+    data = json.loads(out)
+    # no default shape and none given: counts per output position = weight sizes
+    assert [r["base"]["mults"] for r in data["layers"]] == [6 * 5 * 9, 4 * 6 * 3, 3 * 4]
+    code, out, err = run(capsys, "report", f"{__name__}:tiny_cnn_with_shape", "--M", "2", "--format", "json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["layers"][0]["base"]["mults"] == 2 * 5 * 4 * 6 * 5 * 9  # 11x9 -> 5x4 at stride 2
+    code, out, err = run(capsys, "report", "vgg_small", "--no-inputs", "--M", "2", "--format", "csv")
+    assert code == 0 and "height" not in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["report", "no_such_model"], "unknown model 'no_such_model'"),
+    (["report", "no_such_pkg.mod:f"], "cannot import 'no_such_pkg.mod'"),
+    (["report", f"{__name__}:missing"], "has no attribute 'missing'"),
+    (["report", f"{__name__}:NOT_A_MODEL"], "neither an nn.Module"),
+    (["report", "--input-shape", "1,3,x,4"], "bad --input-shape '1,3,x,4'"),
+    (["report", "--input-shape", "1,0,4"], "bad --input-shape"),
+    (["report", "--input-shape", "1,3"], "does not accept input shape 1,3"),
+    (["report", "--M", "3"], "M=3 is not supported"),
+    (["report", "--M", "two"], "invalid int value"),
+    (["report", "--format", "xml"], "invalid choice: 'xml'"),
+    (["report", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["inspect", "--M", "2", "4"], "unknown model '4'"),  # inspect takes one M
+    (["report", "--no-inputs", "--input-shape", "1,3,8,8"], "contradict"),
+])
+def test_bad_arguments_exit_2_with_one_line(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("sas-compile: error: ")
+    assert needle in err
+
+
+def test_help_exits_0(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "report" in out and "inspect" in out
+    code, out, _ = run(capsys, "report", "--help")
+    assert code == 0 and "--input-shape" in out
+
+
+def test_parse_shape():
+    assert parse_shape("1,3,224,224") == (1, 3, 224, 224)
+    assert parse_shape("2x5") == (2, 5)
+    for bad in ("", "1,,3", "a", "1,-2", "3.5"):
+        with pytest.raises(Exception, match="bad --input-shape"):
+            parse_shape(bad)
+
+
+def test_inspect_text_json_and_dot(capsys, tmp_path):
+    dot = tmp_path / "plan.dot"
+    code, out, err = run(capsys, "inspect", "vgg_small", "--input-shape", "1,3,16,16", "--dot", str(dot), "--graph")
+    assert code == 0, err
+    assert "SAS plan (M=2" in out and "# graph after" in out and "[1] input layer" in out
+    text = dot.read_text()
+    assert text.startswith("digraph") and text.count("palegreen") == 7 and "orange" in text
+    code, out, _ = run(capsys, "inspect", "vgg_small", "--M", "4", "--format", "json", "--input-shape", "2,3,8,8")
+    data = json.loads(out)
+    assert data["M"] == 4 and data["converted"] == 7
+    first = data["layers"][0]
+    assert first["eligible"] is False and first["mults_before"] == first["mults_after"] == 2 * 64 * 8 * 8 * 27
+
+
+def test_python_dash_m_subprocess():
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    ok = subprocess.run([sys.executable, "-m", "sas_compile", "report", "mlp", "--M", "2", "--format", "json"],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["totals"]["base"]["mults"] == 784 * 256 + 256 * 256 + 256 * 10
