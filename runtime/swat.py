@@ -1,10 +1,12 @@
 """The ``swat::`` torch ops: Sparse Weight Activation Training (SWAT, NeurIPS 2020).
 
 Why ops and not hand-written autograd Functions: dynamo and AOT autograd see one opaque
-call per layer with a fake implementation and an autograd formula, so a SWAT model trains
-under ``torch.compile`` and DDP with no graph breaks. The top-K thresholds live in tensors
-the caller owns (module buffers); :func:`refresh_thresholds` rewrites them in place every
-``period`` steps, so there are no files and no global state.
+call per layer (forward and backward each an op with a fake implementation), so a SWAT model
+trains under ``torch.compile`` and DDP. The number of kept activations is data-dependent
+(an unbacked size): ``torch.compile(fullgraph=True)`` captures it in one graph, otherwise
+dynamo breaks the graph at each layer. The top-K thresholds live in tensors the caller owns
+(module buffers); :func:`refresh_thresholds` rewrites them in place every ``period`` steps,
+so there are no files and no global state.
 
 What a SWAT layer computes
 --------------------------
@@ -21,7 +23,8 @@ Structures
 (and kernel positions) and kept or removed for every filter at once; an activation channel
 is one sample's feature map ``x[b, c]`` (one value for a linear layer), scored by its mean
 ``|x|``. Keeping activation channels per sample makes the choice independent of how a
-batch is split across data-parallel ranks.
+batch is split across data-parallel ranks. With groups = 1 the forward and the input
+gradient run on the kept input channels only (the work the channel structure saves).
 
 Zeros are never stored: an activation is kept when its score passes the threshold and is
 nonzero, so a layer whose input has fewer nonzeros than K saves fewer values.
@@ -51,6 +54,7 @@ __all__ = [
     "refresh_thresholds",
     "swat_linear",
     "swat_conv2d",
+    "swat_relu",
 ]
 
 STRUCTURES = ("unstructured", "channel")
@@ -118,30 +122,37 @@ def _expand_to(mask: Tensor, shape) -> Tensor:
 
 
 # ---------------------------------------------------------------- compressed storage
-
-def _bit_shifts(device) -> Tensor:
-    # built per call: a module-level constant tensor would leak into traced backward graphs
-    return torch.arange(8, dtype=torch.uint8, device=device)
-
+# Bit packing works on 8 flags at a time as one little-endian int64 (x86, ARM, CUDA); the
+# constants are built per call: module-level tensors would leak into traced backward graphs.
 
 def pack_bits(mask: Tensor) -> Tensor:
     """A boolean tensor as a flat uint8 tensor, 8 flags per byte, little-endian within a byte."""
-    flat = mask.reshape(-1).to(torch.uint8)
+    flat = mask.reshape(-1).contiguous().view(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:
         flat = F.pad(flat, (0, pad))
-    shifts = _bit_shifts(flat.device)
-    return (flat.view(-1, 8) << shifts).sum(-1, dtype=torch.uint8)
+    elif flat.storage_offset() % 8:
+        flat = flat.clone()  # an int64 view needs 8-byte alignment
+    # one multiply gathers the 0/1 bytes of an int64 into its top byte
+    # (the partial products land on distinct bits, so there are no carries)
+    words = flat.view(torch.int64)
+    return ((words * 0x0102040810204080) >> 56).to(torch.uint8)
 
 
 def unpack_bits(bits: Tensor, shape) -> Tensor:
     """Inverse of :func:`pack_bits`: the boolean tensor of ``shape``."""
     n = 1
-    for s in shape:
-        n *= s
-    shifts = _bit_shifts(bits.device)
-    flat = ((bits.unsqueeze(-1) >> shifts) & 1).reshape(-1)[:n]
-    return flat.view(shape).bool()
+    for d in shape:
+        n *= d
+    # copy each byte into all 8 bytes of an int64, keep bit i in byte i: byte i != 0 iff flag i
+    spread = bits.to(torch.int64) * 0x0101010101010101
+    picked = spread & _bit_select(bits.device)
+    return picked.view(torch.uint8)[:n].view(shape).bool()
+
+
+def _bit_select(device) -> Tensor:
+    # 0x8040201008040201 as a signed int64
+    return torch.tensor(0x8040201008040201 - (1 << 64), dtype=torch.int64, device=device)
 
 
 def compress_activation(
@@ -251,6 +262,17 @@ def _(x, weight, weight_threshold, activation_threshold, step, period, weight_de
 # ---------------------------------------------------------------- linear
 
 
+def _kept_channels(weight: Tensor, threshold: Tensor, structure: str) -> Optional[Tensor]:
+    """Indices of the kept input channels when the channel structure lets the GEMM skip the
+    others, else None (unstructured, nothing removed, or nothing kept)."""
+    if structure != "channel":
+        return None
+    idx = torch.nonzero(weight_scores(weight, structure) >= threshold).flatten()
+    if idx.numel() == 0 or idx.numel() == weight.shape[1]:
+        return None
+    return idx
+
+
 def _fake_compressed(x: Tensor, structure: str, channel_dim: int) -> Tuple[Tensor, Tensor]:
     """Fake ``(values, bits)``: the number of kept values is only known at run time."""
     n_values = torch.library.get_ctx().new_dynamic_size()
@@ -272,8 +294,15 @@ def _swat_linear(
     activation_threshold: Tensor,
     structure: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(F.linear(x, W_k, bias), values, bits)``: the output and the compressed ``x_k``."""
-    y = F.linear(x, mask_weight(weight, weight_threshold, structure), bias)
+    """``(F.linear(x, W_k, bias), values, bits)``: the output and the compressed ``x_k``.
+
+    With the channel structure the GEMM reads only the kept input channels.
+    """
+    idx = _kept_channels(weight, weight_threshold, structure)
+    if idx is None:
+        y = F.linear(x, mask_weight(weight, weight_threshold, structure), bias)
+    else:
+        y = F.linear(x.index_select(-1, idx), weight.index_select(1, idx), bias)
     values, bits = compress_activation(x, activation_threshold, structure, -1)
     return y, values, bits
 
@@ -294,19 +323,54 @@ def _linear_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(values, bits)
 
 
-def _linear_backward(ctx, grad, _grad_values, _grad_bits):
-    weight, weight_threshold, values, bits = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    grad_x = grad_w = grad_b = None
+@torch.library.custom_op("swat::linear_backward", mutates_args=())
+def _swat_linear_backward(
+    grad: Tensor,
+    weight: Tensor,
+    weight_threshold: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    x_shape: List[int],
+    structure: str,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_w, grad_b)`` of ``swat::linear``; an unneeded one is an empty tensor.
+
+    An op of its own so that traced backward graphs see no data-dependent shapes.
+    """
+    empty = grad.new_empty(0)
+    grad_x, grad_w, grad_b = empty, empty, empty
     grad2d = grad.reshape(-1, grad.shape[-1])
     if need_x:
-        grad_x = grad.matmul(mask_weight(weight, weight_threshold, ctx.structure))
+        idx = _kept_channels(weight, weight_threshold, structure)
+        if idx is None:
+            grad_x = grad.matmul(mask_weight(weight, weight_threshold, structure))
+        else:
+            grad_x = grad.new_zeros(x_shape).index_copy_(
+                -1, idx, grad.matmul(weight.index_select(1, idx)))
     if need_w:
-        x_k = decompress_activation(values, bits, ctx.x_shape, ctx.structure, -1)
+        x_k = decompress_activation(values, bits, x_shape, structure, -1)
         grad_w = grad2d.t().matmul(x_k.reshape(-1, x_k.shape[-1]))
     if need_b:
         grad_b = grad2d.sum(0)
-    return grad_x, grad_w, grad_b, None, None, None
+    return grad_x, grad_w, grad_b
+
+
+@_swat_linear_backward.register_fake
+def _(grad, weight, weight_threshold, values, bits, x_shape, structure, need_x, need_w, need_b):
+    return (grad.new_empty(x_shape) if need_x else grad.new_empty(0),
+            weight.new_empty(weight.shape) if need_w else grad.new_empty(0),
+            grad.new_empty(grad.shape[-1]) if need_b else grad.new_empty(0))
+
+
+def _linear_backward(ctx, grad, _grad_values, _grad_bits):
+    weight, weight_threshold, values, bits = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    grads = torch.ops.swat.linear_backward(grad, weight, weight_threshold, values, bits,
+                                           list(ctx.x_shape), ctx.structure, *need)
+    return (*(g if n else None for g, n in zip(grads, need)), None, None, None)
 
 
 _swat_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -346,9 +410,17 @@ def _swat_conv2d(
     groups: int,
     structure: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(F.conv2d(x, W_k, bias, ...), values, bits)``: the output and the compressed ``x_k``."""
-    w_k = mask_weight(weight, weight_threshold, structure)
-    y = F.conv2d(x, w_k, bias, stride, padding, dilation, groups)
+    """``(F.conv2d(x, W_k, bias, ...), values, bits)``: the output and the compressed ``x_k``.
+
+    With the channel structure (groups = 1) the convolution reads only the kept input channels.
+    """
+    idx = _kept_channels(weight, weight_threshold, structure) if groups == 1 else None
+    if idx is None:
+        w_k = mask_weight(weight, weight_threshold, structure)
+        y = F.conv2d(x, w_k, bias, stride, padding, dilation, groups)
+    else:
+        y = F.conv2d(x.index_select(1, idx), weight.index_select(1, idx), bias, stride, padding,
+                     dilation)
     values, bits = compress_activation(x, activation_threshold, structure, 1)
     return y, values, bits
 
@@ -374,27 +446,65 @@ def _conv_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(values, bits)
 
 
+@torch.library.custom_op("swat::conv2d_backward", mutates_args=())
+def _swat_conv2d_backward(
+    grad: Tensor,
+    weight: Tensor,
+    weight_threshold: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    x_shape: List[int],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    structure: str,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_w, grad_b)`` of ``swat::conv2d``; an unneeded one is an empty tensor."""
+    empty = grad.new_empty(0)
+    grad = grad.contiguous()
+    x_k = decompress_activation(values, bits, x_shape, structure, 1)
+    bias_sizes = [weight.shape[0]] if need_b else None
+    idx = _kept_channels(weight, weight_threshold, structure) if groups == 1 else None
+    if idx is not None and need_x:
+        # the removed input channels get zero gradient: compute only the kept ones
+        shape = list(x_shape)
+        shape[1] = idx.numel()
+        grad_sub = torch.nn.grad.conv2d_input(shape, weight.index_select(1, idx), grad, stride,
+                                              padding, dilation)
+        grad_x = grad.new_zeros(x_shape).index_copy_(1, idx, grad_sub)
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, x_k, weight, bias_sizes, stride, padding, dilation, False, [0, 0], groups,
+            [False, need_w, need_b])
+    else:
+        # one call: grad_x only reads W_k (and x's shape), grad_w only reads x_k
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, x_k, mask_weight(weight, weight_threshold, structure), bias_sizes, stride,
+            padding, dilation, False, [0, 0], groups, [need_x, need_w, need_b])
+    return (grad_x if need_x else empty, grad_w if need_w else empty,
+            grad_b if need_b else empty)
+
+
+@_swat_conv2d_backward.register_fake
+def _(grad, weight, weight_threshold, values, bits, x_shape, stride, padding, dilation, groups,
+      structure, need_x, need_w, need_b):
+    return (grad.new_empty(x_shape) if need_x else grad.new_empty(0),
+            weight.new_empty(weight.shape) if need_w else grad.new_empty(0),
+            grad.new_empty(weight.shape[0]) if need_b else grad.new_empty(0))
+
+
 def _conv_backward(ctx, grad, _grad_values, _grad_bits):
     weight, weight_threshold, values, bits = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conf
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    need_b = need_b and ctx.bias_sizes is not None
-    x_k = decompress_activation(values, bits, ctx.x_shape, ctx.structure, 1)
-    # one call: grad_x only reads W_k (and x's shape), grad_w only reads x_k
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad.contiguous(),
-        x_k,
-        mask_weight(weight, weight_threshold, ctx.structure),
-        ctx.bias_sizes if need_b else None,
-        stride,
-        padding,
-        dilation,
-        False,
-        [0, 0],
-        groups,
-        [need_x, need_w, need_b],
-    )
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+    need = list(ctx.needs_input_grad[:3])
+    need[2] = need[2] and ctx.bias_sizes is not None
+    grads = torch.ops.swat.conv2d_backward(grad, weight, weight_threshold, values, bits,
+                                           list(ctx.x_shape), stride, padding, dilation, groups,
+                                           ctx.structure, *need)
+    return (*(g if n else None for g, n in zip(grads, need)), *([None] * 7))
 
 
 _swat_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
@@ -417,3 +527,41 @@ def swat_conv2d(
         x, weight, bias, weight_threshold, activation_threshold,
         list(stride), list(padding), list(dilation), groups, structure,
     )[0]
+
+
+# ---------------------------------------------------------------- relu
+
+
+@torch.library.custom_op("swat::relu", mutates_args=())
+def _swat_relu(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(relu(x), bits)``: the output and its nonzero pattern packed 8 per byte."""
+    y = torch.relu(x)
+    return y, pack_bits(y > 0)
+
+
+@_swat_relu.register_fake
+def _(x):
+    return torch.empty_like(x), x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+def _relu_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.x_shape = inputs[0].shape
+    ctx.mark_non_differentiable(output[1])
+
+
+def _relu_backward(ctx, grad, _grad_bits):
+    bits, = ctx.saved_tensors
+    return grad * unpack_bits(bits, ctx.x_shape)
+
+
+_swat_relu.register_autograd(_relu_backward, setup_context=_relu_setup)
+
+
+def swat_relu(x: Tensor) -> Tensor:
+    """``relu(x)`` whose backward keeps 1 bit per value instead of the output itself.
+
+    Why: a layer's input is usually a ReLU output, and ``torch.relu`` saves that output for
+    its backward, which would keep the dense activation alive next to SWAT's compressed copy.
+    """
+    return torch.ops.swat.relu(x)[0]

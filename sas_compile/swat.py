@@ -36,6 +36,7 @@ __all__ = [
     "SWATLinear",
     "SWATConv1d",
     "SWATConv2d",
+    "BitmaskReLU",
     "DISTRIBUTIONS",
     "erk_densities",
     "swat_layers",
@@ -176,6 +177,19 @@ class SWATConv1d(SWATConv2d):
                         self.dilation, self.groups)
 
 
+class BitmaskReLU(nn.Module):
+    """``nn.ReLU`` (exact, out of place) whose backward keeps a 1-bit mask, not the output.
+
+    Why: ``torch.relu`` saves its dense output, which is the next layer's input, so without
+    this swap the dense activation stays alive beside SWAT's compressed copy.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return ops.swat_relu(x)
+        return torch.relu(x)
+
+
 _SWAT_CLASS = {nn.Linear: SWATLinear, nn.Conv1d: SWATConv1d, nn.Conv2d: SWATConv2d}
 
 
@@ -247,7 +261,7 @@ def _discover_layers(
         except ImportError:
             analyze = None
         if analyze is not None:
-            plan = analyze(model, example_inputs)
+            plan = analyze(model, example_inputs, fold_relu=False)
             inputs = [layer.module_target for layer in plan.layers
                       if layer.input_is_graph_input and layer.module_target in names]
             first = inputs[0] if inputs else None
@@ -266,6 +280,7 @@ def swatify(
     period: int = 100,
     example_inputs=None,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    relu_bitmask: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` whose nn.Linear / nn.Conv1d / nn.Conv2d layers train with SWAT.
 
@@ -277,8 +292,14 @@ def swatify(
     ``sparsity`` is the removed fraction; ``distribution`` ``"uniform"`` (first layer on the
     raw input dense) or ``"erk"`` sets the per-layer densities (module docstring);
     ``structure`` ``"unstructured"`` or ``"channel"`` (the same input channels removed for
-    every filter). ``filter_fn(module, fqn) -> bool`` picks the layers. The original model
-    is untouched.
+    every filter). ``filter_fn(module, fqn) -> bool`` picks the layers. With
+    ``relu_bitmask`` every ``nn.ReLU`` module becomes a :class:`BitmaskReLU` (same values and
+    gradients), so the dense layer inputs are not kept alive by the ReLUs' backward. The
+    original model is untouched.
+
+    ``torch.compile``: the number of kept activations is only known at run time, so compile
+    with ``fullgraph=True`` (or set ``torch._dynamo.config.capture_dynamic_output_shape_ops``);
+    otherwise dynamo breaks the graph at every SWAT layer (still correct).
     """
     sparsity = _check_sparsity(sparsity)
     if distribution not in DISTRIBUTIONS:
@@ -305,6 +326,9 @@ def swatify(
         )
         layer.train(source.training)
         _set_submodule(model, name, layer)
+    if relu_bitmask:
+        for name in [n for n, m in model.named_modules() if type(m) is nn.ReLU]:
+            _set_submodule(model, name, BitmaskReLU())
     return model
 
 
