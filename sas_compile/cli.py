@@ -1,6 +1,6 @@
 """The ``sas-compile`` command line: mult/param reports and plan inspection for a model.
 
-    sas-compile report [MODEL] --input-shape 1,3,224,224 --M 2 4 8 [--format table|markdown|csv|json]
+    sas-compile report [MODEL] --input-shape 1,3,224,224 --M 2 4 8 [--swat 0.8 0.9] [--format table|markdown|csv|json]
     sas-compile inspect [MODEL] --input-shape 1,3,32,32 --M 2 [--dot FILE] [--svg FILE] [--graph]
 
 MODEL is a built-in name (``sas_compile.models.BUILTIN_MODELS``) or ``package.module:factory``;
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(rep)
     rep.add_argument("--M", nargs="+", type=int, default=[2, 4, 8], metavar="M",
                      help="slots per value, powers of two >= 2 (default: 2 4 8)")
+    rep.add_argument("--swat", nargs="+", type=float, default=None, metavar="SPARSITY",
+                     help="also count SWAT training mults (forward, input and weight gradients) at these "
+                          "sparsities in [0, 1), e.g. 0.8 0.9")
     rep.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
     rep.add_argument("--max-depth", type=int, default=None, help="nest the table at most this deep")
     rep.add_argument("--exact", action="store_true", help="exact counts in the table (default: 1.81G style)")
@@ -145,8 +148,14 @@ def _run_report(args) -> int:
         Ms = check_M_values(args.M)
     except ValueError as exc:
         raise UsageError(f"--M: {exc}") from exc
+    from .report import _check_swat
+
+    try:
+        sparsities = _check_swat(args.swat)
+    except ValueError as exc:
+        raise UsageError(f"--swat: {exc}") from exc
     model, inputs, _ = _load(args)
-    rep = report(model, inputs, M=Ms, dense_input_layers=not args.convert_input_layers)
+    rep = report(model, inputs, M=Ms, dense_input_layers=not args.convert_input_layers, swat=sparsities or None)
     if args.format == "table":
         text = rep.table(exact=args.exact, max_depth=args.max_depth)
     elif args.format == "markdown":

@@ -4,7 +4,9 @@ Users decide whether SAS is worth it from these numbers before training anything
 report reads the per-layer plan of ``sas_compile.api.analyze`` (it never decides
 eligibility itself), counts with :mod:`sas_compile.accounting` (the one table of formulas)
 and takes SWS widths from the whole-graph SWS analysis, so the three columns agree with
-what ``sasify`` and ``swsify`` build.
+what ``sasify`` and ``swsify`` build. With ``swat=`` it adds SWAT training mults (forward,
+backward input gradient, backward weight gradient) per sparsity, counted only by
+``sas_compile.swat.swat_costs`` for the layers ``swatify`` would convert.
 
 Without example inputs every count is per output position (the paper's "for a single
 pixel"); with them counts are exact for that input, and ``symbolic.base_mults`` gives each
@@ -20,7 +22,7 @@ import logging
 import sys
 import types
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import sympy
 import torch
@@ -51,6 +53,30 @@ def _ratio(a: int, b: int) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
+SWAT_KEYS = ("forward_mults", "backward_input_mults", "backward_weight_mults")
+
+
+def _training(costs: Dict[str, int]) -> int:
+    """Training mults of one step: forward plus both backward products."""
+    return sum(int(costs[k]) for k in SWAT_KEYS)
+
+
+def _sum_swat(rows: Sequence[Dict[str, Any]], sparsities: Sequence[float]) -> Dict[str, Any]:
+    """``{"swat": {s: {...}}, "swat_dense": {...}}`` summed over rows, each with ``training_mults``."""
+
+    def add(dicts):
+        out = {k: sum(int(d[k]) for d in dicts) for k in SWAT_KEYS}
+        out["training_mults"] = _training(out)
+        return out
+
+    return {"swat": {s: add([r["swat"][s] for r in rows]) for s in sparsities},
+            "swat_dense": add([r["swat_dense"] for r in rows])}
+
+
+def _sparsity_label(s: float) -> str:
+    return f"{s:g}"
+
+
 class Report:
     """Per-layer and total mults/params of a model for base, SAS and SWS at several M.
 
@@ -58,6 +84,8 @@ class Report:
     schema (int M keys); :meth:`to_markdown`, :meth:`to_csv` and :meth:`to_json` export it.
     ``plans`` holds the analysis plan used for each M, ``symbols`` the example value of
     each size symbol, ``per_position`` is True when no example inputs were given.
+    ``swat`` holds the SWAT sparsities (float keys of each row's ``"swat"``), empty when
+    the report has no SWAT columns; rows then carry no SWAT keys at all.
     """
 
     def __init__(
@@ -71,6 +99,7 @@ class Report:
         symbolic_total: Optional[str] = None,
         plans: Optional[Dict[int, Plan]] = None,
         notes: Optional[List[str]] = None,
+        swat: Sequence[float] = (),
     ):
         self.layers = layers
         self.M = tuple(M)
@@ -80,11 +109,19 @@ class Report:
         self.symbolic_total = symbolic_total
         self.plans = plans or {}
         self.notes = list(notes or [])
+        self.swat = tuple(float(s) for s in swat)
         self.totals = accounting.sum_costs(layers, self.M)
+        if self.swat:
+            self.totals.update(_sum_swat(layers, self.swat))
 
     # --- machine-readable -------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
-        """``{"layers": [...], "totals": {...}}`` with the schema of issue 6 (M keys are ints)."""
+        """``{"layers": [...], "totals": {...}}`` with the schema of issue 6 (M keys are ints).
+
+        With SWAT columns each row also has ``"swat": {sparsity: {"forward_mults",
+        "backward_input_mults", "backward_weight_mults"}}`` (float keys) and ``"swat_dense"``
+        (the same counts for dense training); totals have both, each with ``training_mults``.
+        """
         return {"layers": copy.deepcopy(self.layers), "totals": copy.deepcopy(self.totals)}
 
     def to_json(self, indent: Optional[int] = 2) -> str:
@@ -97,6 +134,10 @@ class Report:
             cols += [f"sas_M{m}_mults", f"sas_M{m}_params"]
         for m in self.M:
             cols += [f"sws_M{m}_{k}" for k in ("mults", "params", "nonzero_params", "in_features", "out_features")]
+        if self.swat:
+            cols += [f"swat_dense_{k}" for k in SWAT_KEYS]
+            for s in self.swat:
+                cols += [f"swat_{_sparsity_label(s)}_{k}" for k in SWAT_KEYS]
         return cols + ["symbolic_base_mults"]
 
     def to_csv(self) -> str:
@@ -112,6 +153,10 @@ class Report:
             for m in self.M:
                 s = row["sws"][m]
                 line += [s["mults"], s["params"], s["nonzero_params"], s["in_features"], s["out_features"]]
+            if self.swat:
+                line += [row["swat_dense"][k] for k in SWAT_KEYS]
+                for s in self.swat:
+                    line += [row["swat"][s][k] for k in SWAT_KEYS]
             writer.writerow(line + [row["symbolic"]["base_mults"]])
         t = self.totals
         line = ["total", "", "", "", t["base"]["mults"], t["base"]["params"]]
@@ -119,6 +164,10 @@ class Report:
             line += [t["sas"][m]["mults"], t["sas"][m]["params"]]
         for m in self.M:
             line += [t["sws"][m]["mults"], t["sws"][m]["params"], t["sws"][m]["nonzero_params"], "", ""]
+        if self.swat:
+            line += [t["swat_dense"][k] for k in SWAT_KEYS]
+            for s in self.swat:
+                line += [t["swat"][s][k] for k in SWAT_KEYS]
         writer.writerow(line + [self.symbolic_total or ""])
         return buf.getvalue()
 
@@ -179,6 +228,11 @@ class Report:
         for m in self.M:
             headers += [f"SAS M={m}{sep}mults", f"SAS M={m}{sep}params",
                         f"SWS M={m}{sep}mults", f"SWS M={m}{sep}params (nnz)", f"SWS M={m}{sep}in x out"]
+        if self.swat:
+            headers += [f"dense train{sep}mults"]
+            for s in self.swat:
+                label = f"SWAT s={_sparsity_label(s)}"
+                headers += [f"{label}{sep}fwd", f"{label}{sep}bwd-in", f"{label}{sep}bwd-w", f"{label}{sep}train"]
         reasons: "OrderedDict[str, int]" = OrderedDict()
         body = []
         for depth, name, rows, leaf in self._tree_rows(max_depth):
@@ -205,6 +259,8 @@ class Report:
                     width = f"{w['in_features']}x{w['out_features']}"
                 line += [fmt(tot["sas"][m]["mults"]), fmt(tot["sas"][m]["params"]), fmt(s["mults"]),
                          f"{fmt(s['params'])} ({fmt(s['nonzero_params'])})", width]
+            if self.swat:
+                line += self._swat_cells(_sum_swat(rows, self.swat), fmt)
             body.append(line)
         t = self.totals
         n_sas = sum(r["eligible"] for r in self.layers)
@@ -217,6 +273,15 @@ class Report:
                       f"{fmt(s['params'])} ({fmt(s['nonzero_params'])})", ""]
             ratio += [_ratio(t["sas"][m]["mults"], bm), _ratio(t["sas"][m]["params"], bp), _ratio(s["mults"], bm),
                       f"{_ratio(s['params'], bp)} ({_ratio(s['nonzero_params'], bp)})", ""]
+        if self.swat:
+            total += self._swat_cells(t, fmt)
+            # SWAT columns compare with dense training (swat_costs at density 1), column by column
+            dense = t["swat_dense"]
+            ratio += ["1.00x"]
+            for sp in self.swat:
+                c = t["swat"][sp]
+                ratio += [_ratio(c[k], dense[k]) for k in SWAT_KEYS]
+                ratio += [_ratio(c["training_mults"], dense["training_mults"])]
         body += [total, ratio]
         import inspect as _inspect
 
@@ -238,8 +303,18 @@ class Report:
         if self.symbolic_total:
             text.append(f"total base mults = {self.symbolic_total}"
                         + (f"  (at {', '.join(f'{k}={v}' for k, v in self.symbols.items())})" if self.symbols else ""))
+        if self.swat:
+            text.append("SWAT columns: training mults (fwd = forward, bwd-in = input gradient, bwd-w = weight "
+                        "gradient, train = their sum); their ratios are to dense training (dense train mults)")
         text += self.notes
         return ("\n\n" if not multiline else "\n").join(text)
+
+    def _swat_cells(self, totals: Dict[str, Any], fmt) -> List[str]:
+        cells = [fmt(totals["swat_dense"]["training_mults"])]
+        for s in self.swat:
+            c = totals["swat"][s]
+            cells += [fmt(c[k]) for k in SWAT_KEYS] + [fmt(c["training_mults"])]
+        return cells
 
     def _title(self) -> str:
         n_sas = sum(r["eligible"] for r in self.layers)
@@ -248,8 +323,11 @@ class Report:
         else:
             shapes = ", ".join("x".join(str(d) for d in s) for s in (self.input_shapes or []))
             scope = f"mults for input {shapes}" if shapes else "mults for the example inputs"
-        return (f"sas-compile report: {len(self.layers)} conv/linear layers, {n_sas} converted to SAS; "
-                f"{scope}; M = {', '.join(map(str, self.M))}")
+        title = (f"sas-compile report: {len(self.layers)} conv/linear layers, {n_sas} converted to SAS; "
+                 f"{scope}; M = {', '.join(map(str, self.M))}")
+        if self.swat:
+            title += f"; SWAT sparsity = {', '.join(map(_sparsity_label, self.swat))}"
+        return title
 
     def to_markdown(self, *, exact: bool = True) -> str:
         """A GitHub-markdown table (exact counts by default)."""
@@ -338,6 +416,83 @@ def _mark_sws_layers(model: nn.Module, plan: Plan) -> List[str]:
     return names
 
 
+def _check_swat(swat: Any) -> Tuple[float, ...]:
+    """``swat`` as a tuple of distinct sparsities in [0, 1) (clear error otherwise)."""
+    if swat is None:
+        return ()
+    values = (swat,) if isinstance(swat, (int, float)) else swat
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise ValueError(f"swat={swat!r}: expected a sparsity in [0, 1) or a sequence of them, "
+                         "e.g. swat=0.9 or swat=(0.8, 0.9)") from None
+    if not values:
+        raise ValueError("swat is empty: give at least one sparsity, e.g. swat=(0.8, 0.9)")
+    out: List[float] = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"swat={swat!r}: {value!r} is not a sparsity in [0, 1) (the removed "
+                             "fraction of weights and activations, e.g. 0.8 or 0.9)")
+        if float(value) not in out:
+            out.append(float(value))
+    return tuple(out)
+
+
+def _as_dense_layer(layer: nn.Module) -> nn.Module:
+    """The nn.Linear/Conv1d/Conv2d a SWAT layer was made from, sharing its weight and bias."""
+    from .swat import SWATConv1d, SWATLinear
+
+    w = layer.weight
+    if isinstance(layer, SWATLinear):
+        dense = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, device="meta")
+    else:
+        n = 1 if isinstance(layer, SWATConv1d) else 2
+        padding: Any = tuple(layer.padding)
+        mode = "zeros"
+        if layer.pre_pad is not None:
+            # pre_pad is the conv's reversed (left, right) padding per dim; only 'same' is asymmetric
+            pairs = [layer.pre_pad[2 * i: 2 * i + 2] for i in range(n)][::-1]
+            padding = tuple(a for a, _ in pairs) if all(a == b for a, b in pairs) else "same"
+            mode = "zeros" if layer.pad_mode == "constant" else layer.pad_mode
+        cls = nn.Conv1d if n == 1 else nn.Conv2d
+        dense = cls(w.shape[1] * layer.groups, w.shape[0], tuple(w.shape[2:]), stride=layer.stride,
+                    padding=padding, dilation=layer.dilation, groups=layer.groups,
+                    bias=layer.bias is not None, padding_mode=mode, device="meta")
+    dense.weight = layer.weight
+    dense.bias = layer.bias
+    return dense.train(layer.training)
+
+
+def _dense_view(model: nn.Module, swat_modules: Dict[str, nn.Module]) -> nn.Module:
+    """A copy of a swatified model with its SWAT layers (and BitmaskReLUs) as the plain modules.
+
+    Why: the analysis traces through a SWAT layer's masked weight and cannot see its shape;
+    the plain module has the same shapes and mults, so the plan and the base/SAS/SWS columns
+    are those of the model swatify started from.
+    """
+    from .swat import BitmaskReLU
+
+    if "" in swat_modules:
+        return _as_dense_layer(model)
+    view = copy.deepcopy(model)
+    swaps = {name: _as_dense_layer(view.get_submodule(name)) for name in swat_modules}
+    swaps.update({n: nn.ReLU() for n, m in view.named_modules() if isinstance(m, BitmaskReLU)})
+    for name, module in swaps.items():
+        parent, _, child = name.rpartition(".")
+        setattr(view.get_submodule(parent) if parent else view, child, module)
+    return view
+
+
+def _own_sparsity(swat_modules: Dict[str, nn.Module]) -> float:
+    """The ``sparsity`` swatify was given: 1 - the one sparse density (uniform), else 1 - the
+    weight-weighted density (ERK keeps exactly that fraction of all SWAT weights)."""
+    sparse = {m.weight_density for m in swat_modules.values() if m.weight_density < 1.0}
+    if len(sparse) <= 1:
+        return round(1.0 - sparse.pop(), 6) if sparse else 0.0
+    kept = sum(m.weight_density * m.weight.numel() for m in swat_modules.values())
+    return round(1.0 - kept / sum(m.weight.numel() for m in swat_modules.values()), 6)
+
+
 def _free_names(formula: str) -> set:
     return {str(sym) for sym in sympy.sympify(formula).free_symbols}
 
@@ -350,6 +505,7 @@ def report(
     filter_fn: Optional[Callable[[Optional[nn.Module], str], bool]] = None,
     dense_input_layers: bool = True,
     symbolic: bool = True,
+    swat: Union[None, float, Sequence[float]] = None,
 ) -> Report:
     """Count mults and params of every conv/linear layer of ``model``: base, SAS and SWS per M.
 
@@ -357,18 +513,43 @@ def report(
     input and formulas in its sizes; without it counts are per output position.
     ``filter_fn(module, fqn)`` and ``dense_input_layers`` are passed to the analysis, as in
     ``sasify``. ``symbolic=False`` skips the formulas (faster on large graphs).
+
+    ``swat`` (a sparsity in [0, 1) or a sequence, e.g. ``(0.8, 0.9)``) adds SWAT training
+    mults per sparsity: ``sas_compile.swat.swat_costs`` of each layer at the densities
+    ``swatify(model, sparsity=s, example_inputs=..., filter_fn=filter_fn)`` gives it
+    (uniform, unstructured: the layer reading the raw input and layers swatify does not
+    convert count dense), plus ``swat_costs`` at density 1 as the dense-training reference.
+    A model already converted by ``swatify`` reports its SWAT layers at their own densities
+    (at every requested sparsity, or at its own sparsity when ``swat`` is None).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     Ms = accounting.check_M_values(M)
+    sparsities = _check_swat(swat)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     elif isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
+    # a model can only hold SWAT layers once sas_compile.swat is imported
+    swat_module = sys.modules.get("sas_compile.swat")
+    swat_modules = swat_module.swat_layers(model) if swat_module is not None else {}
+    notes: List[str] = []
+    if swat_modules:
+        model = _dense_view(model, swat_modules)
+        if not sparsities:
+            sparsities = (_own_sparsity(swat_modules),)
+        notes.append(f"{len(swat_modules)} layers are SWAT layers: their SWAT columns count their own densities "
+                     f"at every sparsity; other layers count dense")
+    swat_sparse: Dict[str, bool] = {}
+    if sparsities and not swat_modules:
+        from .swat import _discover_layers
+
+        # the layers swatify converts, and the raw-input layer its uniform rule keeps dense
+        names, first = _discover_layers(model, example_inputs, filter_fn)
+        swat_sparse = {n: n != first for n in names}
     # eligibility may depend on M: one analysis per M, layers matched by node name
     plans = {m: _analyze(model, example_inputs, m, filter_fn, dense_input_layers) for m in Ms}
     first = plans[Ms[0]]
-    notes: List[str] = []
     symbols: Dict[str, int] = {}
     if example_inputs is not None and symbolic and first.gm is not None:
         from sas_compile.passes.propagate_symbolic_shapes import propagate_symbolic_shapes
@@ -416,6 +597,8 @@ def report(
             row["eligible"] = False
             dense_at = [m for m in Ms if not eligible_at[m]]
             row["reason"] = "; ".join(f"M={m}: {plans[m].by_node()[layer.node].reason}" for m in dense_at)
+        if sparsities:
+            _add_swat_costs(row, resolved, int(positions), sparsities, swat_modules, swat_sparse)
         sym_pos = _symbolic_positions(layer) if not per_position else (1, "1")
         if sym_pos is None:
             by_positions = None
@@ -440,7 +623,26 @@ def report(
         if not used:
             total_text = None
     return Report(rows, Ms, per_position=per_position, input_shapes=input_shapes, symbols=symbols,
-                  symbolic_total=total_text, plans=plans, notes=notes)
+                  symbolic_total=total_text, plans=plans, notes=notes, swat=sparsities)
+
+
+def _add_swat_costs(row: Dict[str, Any], layer: LayerPlan, positions: int, sparsities: Tuple[float, ...],
+                    swat_modules: Dict[str, nn.Module], swat_sparse: Dict[str, bool]) -> None:
+    """Set ``row["swat"]`` and ``row["swat_dense"]``; every count comes from ``swat_costs``."""
+    from .swat import swat_costs
+
+    own = swat_modules.get(layer.module_target) if layer.module_target is not None else None
+    source = own if own is not None else layer
+    row["swat_dense"] = swat_costs(source, 1.0, 1.0, structure="unstructured", output_positions=positions)
+    row["swat"] = {}
+    for s in sparsities:
+        if own is not None:
+            costs = swat_costs(own, output_positions=positions)
+        else:
+            density = 1.0 - s if swat_sparse.get(layer.module_target, False) else 1.0
+            costs = swat_costs(layer, density, density, structure="unstructured", output_positions=positions)
+        row["swat"][s] = {k: int(costs[k]) for k in SWAT_KEYS}
+    row["swat_dense"] = {k: int(row["swat_dense"][k]) for k in SWAT_KEYS}
 
 
 class _CallableModule(types.ModuleType):
