@@ -78,22 +78,22 @@ class SignPatternRule(IndexRule):
         return int(math.log2(self.M))
 
     def slot(self, x: Tensor, dim: int) -> Tensor:
-        nonpos = x <= 0
+        nonpos = (x <= 0).view(torch.uint8)
         b = self.bits
         if b == 1:
-            return nonpos.to(torch.uint8)
+            return nonpos
         dim = dim % x.dim()
         channels = x.shape[dim]
-        moved = nonpos.movedim(dim, -1)
         pad = (-channels) % b
         if pad:
             # a last partial group uses the bits it has: missing neighbours contribute 0
-            moved = torch.nn.functional.pad(moved, (0, pad), value=False)
-        groups = moved.reshape(*moved.shape[:-1], -1, b).to(torch.uint8)
-        weights = (1 << torch.arange(b, device=x.device, dtype=torch.uint8))
-        pattern = (groups * weights).sum(-1, dtype=torch.uint8)
-        per_channel = pattern.repeat_interleave(b, dim=-1)[..., :channels]
-        return per_channel.movedim(-1, dim)
+            pad_shape = list(x.shape)
+            pad_shape[dim] = pad
+            nonpos = torch.cat([nonpos, nonpos.new_zeros(pad_shape)], dim)
+        grouped = nonpos.unflatten(dim, (-1, b))
+        weights = (1 << torch.arange(b, device=x.device, dtype=torch.uint8)).view(b, *[1] * (x.dim() - dim - 1))
+        pattern = (grouped * weights).sum(dim + 1, keepdim=True, dtype=torch.uint8)
+        return pattern.expand_as(grouped).flatten(dim, dim + 1).narrow(dim, 0, channels)
 
     def encodes_positive(self, channels: int) -> Tensor:
         b = self.bits
@@ -139,18 +139,26 @@ def _is_channels_last(x: Tensor) -> bool:
 def project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -> Tensor:
     """The projected activation ``S(x)``: ``x`` widened M times along ``dim``, channel-major.
 
-    Built by one fused select (``where(slot == m, |x|, 0)``) straight into its final layout:
-    no zero-filled tensor and no scatter. A channels_last 4-D input gives a channels_last
-    output.
+    Each slot plane of the wide tensor is written once, straight into its final layout
+    (``plane_m = |x| * [slot == m]``): no zero-filled tensor and no scatter. A channels_last
+    4-D input gives a channels_last output.
     """
     dim = dim % x.dim()
     if dim == 1 and _is_channels_last(x):
         return project(x.permute(0, 2, 3, 1), M, -1, rule).permute(0, 3, 1, 2)
-    slot = get_rule(rule, M).slot(x, dim).unsqueeze(dim + 1)
-    shape = [1] * (x.dim() + 1)
-    shape[dim + 1] = M
-    slots = torch.arange(M, device=x.device, dtype=slot.dtype).view(shape)
-    wide = torch.where(slot == slots, x.abs().unsqueeze(dim + 1), x.new_zeros(()))
+    index_rule = get_rule(rule, M)
+    shape = list(x.shape)
+    shape.insert(dim + 1, M)
+    wide = x.new_empty(shape)
+    if isinstance(index_rule, SignPatternRule) and M == 2:
+        # the reference convention: slot 0 = max(x, 0), slot 1 = max(-x, 0)
+        torch.clamp_min(x, 0, out=wide.select(dim + 1, 0))
+        torch.neg(x, out=wide.select(dim + 1, 1)).clamp_min_(0)
+    else:
+        slot = index_rule.slot(x, dim)
+        magnitude = x.abs()
+        for m in range(M):
+            torch.mul(magnitude, slot == m, out=wide.select(dim + 1, m))
     return wide.flatten(dim, dim + 1)
 
 

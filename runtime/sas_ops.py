@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .projection import get_rule, project
+from .projection import SignPatternRule, get_rule, project
 
 __all__ = ["sas_linear", "sas_conv2d", "conv2d_output_size"]
 
@@ -25,10 +25,16 @@ def _on_accelerator(x: Tensor) -> bool:
 
 
 def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Tensor:
-    """d/dx of S(x): the wide gradient at each value's slot, times sign(x) (d|x|/dx)."""
-    slot = get_rule(rule, M).slot(x, dim).to(torch.int64).unsqueeze(dim + 1)
+    """d/dx of S(x): the wide gradient at each value's slot, times sign(x) (d|x|/dx, 0 at 0)."""
     per_slot = grad_wide.unflatten(dim, (x.shape[dim], M))
-    return per_slot.gather(dim + 1, slot).squeeze(dim + 1) * torch.sign(x)
+    index_rule = get_rule(rule, M)
+    if isinstance(index_rule, SignPatternRule) and M == 2:
+        return per_slot.select(dim + 1, 0) * (x > 0) - per_slot.select(dim + 1, 1) * (x < 0)
+    slot = index_rule.slot(x, dim)
+    grad = per_slot.select(dim + 1, 0) * (slot == 0)
+    for m in range(1, M):
+        grad.addcmul_(per_slot.select(dim + 1, m), slot == m)
+    return grad * torch.sign(x)
 
 
 # ---------------------------------------------------------------- linear
