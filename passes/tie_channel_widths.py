@@ -58,10 +58,13 @@ class SWSLayerWidths:
 
     ``in_channels``/``out_channels`` are the widened narrow widths (a conv's Cin/Cout, a
     linear's in/out features); ``in_features`` is the per-output fan-in after widening
-    (``in_channels/groups * kh * kw``), ``out_features == out_channels``. ``widened`` is True
-    when either width changed; such a layer's weight is 1:M sparse, so its nonzeros (and
-    mults per output position) are ``ceil(in_features * out_features / M)``. A layer whose
-    widths both stay is dense. ``reason`` says why a width stays (None when both widen).
+    (``in_channels/groups * kernel``), ``out_features == out_channels``. ``widened`` is True
+    when either width changed. ``sparse`` is True when the weight is 1:M sparse, so its
+    nonzeros (and mults per output position) are ``ceil(in_features * out_features / M)``;
+    a widened layer is sparse unless it reads the raw network input and
+    ``dense_input_layers=True`` (sasify's policy: it keeps every one of its weights). A layer
+    whose widths both stay is dense. ``reason`` says why a width stays or the weight stays
+    dense (None when both widths widen and the weight is sparse).
     """
 
     in_channels: int
@@ -74,8 +77,14 @@ class SWSLayerWidths:
     base_in_channels: int = 0
     base_out_channels: int = 0
     kernel_size: Tuple[int, ...] = ()
-    op: str = "linear"  # "linear" | "conv2d"
+    op: str = "linear"  # "linear" | "conv1d" | "conv2d"
     M: int = 2
+    sparse: Optional[bool] = None  # None: the same as ``widened``
+    reads_network_input: bool = False
+
+    def __post_init__(self):
+        if self.sparse is None:
+            self.sparse = self.widened
 
     @property
     def weight_numel(self) -> int:
@@ -84,8 +93,8 @@ class SWSLayerWidths:
 
     @property
     def nonzeros(self) -> int:
-        """Kept weights: ``ceil(in*out/M)`` for a widened (1:M sparse) layer, else all."""
-        if not self.widened:
+        """Kept weights: ``ceil(in*out/M)`` for a 1:M sparse layer, else all."""
+        if not self.sparse:
             return self.weight_numel
         return -(-self.weight_numel // self.M)
 
@@ -281,7 +290,8 @@ _BINARY = {
 }
 _POOL = {
     "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "max_pool1d",
-    "avg_pool1d", "adaptive_avg_pool1d", "max_pool2d_with_indices", "lp_pool2d",
+    "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d", "max_pool1d_with_indices", "lp_pool1d",
+    "max_pool2d_with_indices", "lp_pool2d", "upsample_nearest1d", "upsample_linear1d",
     "_adaptive_avg_pool2d", "upsample_nearest2d", "upsample_bilinear2d", "interpolate", "pad",
     "constant_pad_nd", "pixel_shuffle",
 }
@@ -294,11 +304,13 @@ _CREATE = {"zeros", "ones", "full", "empty", "arange", "rand", "randn", "zeros_l
 _NOOP = {"_guards_fn", "_assert_async", "_assert_scalar", "sym_constrain_range_for_size",
          "_set_grad_enabled", "_enter_autocast", "_exit_autocast"}
 _MODULE_OPS: Dict[type, str] = {
-    nn.Conv2d: "conv2d", nn.Linear: "linear", nn.BatchNorm1d: "batch_norm",
+    nn.Conv2d: "conv2d", nn.Conv1d: "conv1d", nn.Linear: "linear", nn.BatchNorm1d: "batch_norm",
     nn.BatchNorm2d: "batch_norm", nn.LayerNorm: "layer_norm", nn.GroupNorm: "group_norm",
     nn.Embedding: "embedding", nn.Flatten: "flatten", nn.Identity: "identity",
     nn.MaxPool2d: "max_pool2d", nn.AvgPool2d: "avg_pool2d", nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d",
     nn.AdaptiveMaxPool2d: "adaptive_max_pool2d", nn.Dropout: "dropout", nn.Dropout2d: "dropout",
+    nn.MaxPool1d: "max_pool1d", nn.AvgPool1d: "avg_pool1d", nn.AdaptiveAvgPool1d: "adaptive_avg_pool1d",
+    nn.AdaptiveMaxPool1d: "adaptive_max_pool1d", nn.Dropout1d: "dropout",
     nn.ReLU: "relu", nn.ReLU6: "relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid",
     nn.Tanh: "tanh", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",
     nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.Mish: "mish", nn.Softmax: "softmax",
@@ -843,8 +855,11 @@ class _Analysis:
     def _pool_out(self, node, dims, shape):
         if not _is_shape(shape) or len(shape) != len(dims):
             raise _Unsupported("pooling with unknown shapes")
-        out = list(dims[:-2])
-        out.extend(self.fresh(s, "spatial size") for s in shape[-2:])
+        name = _op_name(node, self.gm)
+        # 1-D ops pool the last dim only ([N, C, L]); the rest pool the last two
+        n = 1 if "1d" in name else 2 if "2d" in name else max(1, min(2, len(dims) - 2))
+        out = list(dims[:-n])
+        out.extend(self.fresh(s, "spatial size") for s in shape[-n:])
         return out
 
     def op_mean(self, node):
@@ -919,20 +934,28 @@ class _Analysis:
         return list(x[:-1]) + [w[0]]
 
     def op_conv2d(self, node):
+        return self._conv(node, 2)
+
+    def op_conv1d(self, node):
+        return self._conv(node, 1)
+
+    def _conv(self, node, nk: int):
+        """conv1d (``nk == 1``) or conv2d: the channel dim precedes ``nk`` spatial dims."""
+        op = f"conv{nk}d"
         mod = self._module(node)
         x = self.dims(node.args[0] if node.args else node.kwargs["input"])
         w, wt = self._param_arg(node, 1, "weight", "weight")
         b, bt = self._param_arg(node, 2, "bias", "bias")
         shape = self.shape(node)
         if x is None or w is None or not _is_shape(shape):
-            raise _Unsupported("conv2d with unknown shapes")
+            raise _Unsupported(f"{op} with unknown shapes")
         if mod is not None:
             groups = mod.groups
         else:
             groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
         if not isinstance(groups, int):
-            raise _Unsupported("conv2d with a computed groups argument")
-        cdim = len(x) - 3
+            raise _Unsupported(f"{op} with a computed groups argument")
+        cdim = len(x) - (nk + 1)
         cin = self.size(x[cdim])
         co = self.size(w[0])
         if groups == 1:
@@ -947,8 +970,8 @@ class _Analysis:
         ks = tuple(self.size(d) for d in w[2:])
         for d in w[2:]:
             self.uf.fix(d, "kernel size")
-        self._record_layer(node, "conv2d", x[cdim], w[0], groups, ks, wt, bt)
-        out = list(x[:cdim]) + [w[0]] + [self.fresh(s, "spatial size") for s in shape[-2:]]
+        self._record_layer(node, op, x[cdim], w[0], groups, ks, wt, bt)
+        out = list(x[:cdim]) + [w[0]] + [self.fresh(s, "spatial size") for s in shape[-nk:]]
         return out
 
     op_convolution = None
@@ -961,8 +984,9 @@ class _Analysis:
             self.uf.fix(dout, excluded)
         self.uf.mark_width(din)
         self.uf.mark_width(dout)
+        x = node.args[0] if node.args else node.kwargs.get("input")
         self.layers[node.name] = dict(op=op, din=din, dout=dout, groups=groups, ks=ks,
-                                      base_in=self.size(din), base_out=self.size(dout), fqn=fqn)
+                                      base_in=self.size(din), base_out=self.size(dout), fqn=fqn, x=x)
         self.layer_params[node.name] = (wt, bt)
 
     def _norm_params(self, node, channel: Dim, w_idx, b_idx, extra=()):
@@ -1162,6 +1186,8 @@ def _guess_inputs(gm) -> Optional[tuple]:
             mod = gm.get_submodule(user.target)
             if isinstance(mod, nn.Conv2d):
                 guess = torch.randn(2, mod.in_channels, 32, 32)
+            elif isinstance(mod, nn.Conv1d):
+                guess = torch.randn(2, mod.in_channels, 64)
             elif isinstance(mod, nn.Linear):
                 guess = torch.randn(2, mod.in_features)
             elif isinstance(mod, nn.Embedding):
@@ -1174,12 +1200,16 @@ def _guess_inputs(gm) -> Optional[tuple]:
     return tuple(guesses)
 
 
-def tie_channel_widths(gm: fx.GraphModule, M: int, example_inputs=None, *, filter_fn=None) -> ChannelWidths:
+def tie_channel_widths(gm: fx.GraphModule, M: int, example_inputs=None, *, filter_fn=None,
+                       dense_input_layers: bool = True) -> ChannelWidths:
     """Analyse ``gm``: tie widths across the graph and decide each group's SWS width.
 
     Shapes come from the nodes' metadata (``val`` of export/dynamo graphs, ``tensor_meta`` of
     ShapeProp); with ``example_inputs`` ShapeProp runs first (in eval mode). ``filter_fn(module,
     fqn) -> bool`` keeps a layer out of SWS when it returns False (its widths stay).
+    ``dense_input_layers`` (sasify's policy, the default) keeps the weight of a layer reading
+    the raw network input dense: its output width still widens, but it has no 1:M mask
+    (``sparse=False``). ``False`` masks it like every other widened layer.
     """
     from sas_compile.runtime.projection import check_M
 
@@ -1203,6 +1233,7 @@ def tie_channel_widths(gm: fx.GraphModule, M: int, example_inputs=None, *, filte
         except Exception as err:  # noqa: BLE001 - the guess may not fit the model
             notes.append(f"no example_inputs and no guessable input shape ({err}); pass example_inputs")
     analysis = _Analysis(gm, M, filter_fn).run()
+    raw = _raw_inputs(gm) if dense_input_layers else set()
     uf = analysis.uf
     if not _has_shapes(gm):
         for info in analysis.layers.values():
@@ -1231,15 +1262,35 @@ def tie_channel_widths(gm: fx.GraphModule, M: int, example_inputs=None, *, filte
             why.append("input width stays: " + _dim_reason(uf, info["din"]))
         if cout == info["base_out"]:
             why.append("output width stays: " + _dim_reason(uf, info["dout"]))
+        widened = len(why) < 2
+        reads_input = info["x"] in raw
+        if widened and reads_input:
+            why.append("weight stays dense: the layer reads the raw network input "
+                       "(dense_input_layers=True, as sasify)")
         layers[name] = SWSLayerWidths(
             in_channels=cin, out_channels=cout, in_features=fan_in, out_features=cout,
-            groups=groups, widened=len(why) < 2, reason="; ".join(why) or None,
+            groups=groups, widened=widened, reason="; ".join(why) or None,
             base_in_channels=info["base_in"], base_out_channels=info["base_out"],
-            kernel_size=info["ks"], op=info["op"], M=M,
+            kernel_size=info["ks"], op=info["op"], M=M, sparse=widened and not reads_input,
+            reads_network_input=reads_input,
         )
-    log.debug("tie_channel_widths: %d layers, %d widened", len(layers),
-              sum(1 for l in layers.values() if l.widened))
+    log.debug("tie_channel_widths: %d layers, %d widened, %d sparse", len(layers),
+              sum(1 for l in layers.values() if l.widened), sum(1 for l in layers.values() if l.sparse))
     return result
+
+
+def _raw_inputs(gm: fx.GraphModule) -> set:
+    """Nodes computed from the network inputs alone: sasify's notion (``find_sas_layers``)."""
+    from .find_sas_layers import _raw_input_nodes
+
+    params = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val", node.meta.get("example_value"))
+            # lifted parameters (dynamo graphs) are not network inputs; the analysis reads them as parameters
+            if isinstance(val, nn.Parameter) or "_parameters_" in node.name or "_buffers_" in node.name:
+                params.add(node.name)
+    return _raw_input_nodes(gm, params)
 
 
 def _dim_reason(uf: _UnionFind, dim: Dim) -> str:
@@ -1294,6 +1345,12 @@ def _decide(uf: _UnionFind, analysis: _Analysis, M: int) -> Dict[int, int]:
             return widths
 
 
-def sws_layer_widths(gm: fx.GraphModule, M: int, example_inputs=None, *, filter_fn=None) -> Dict[str, SWSLayerWidths]:
-    """SWS widths of every conv/linear call in ``gm``, keyed by node name (see :class:`SWSLayerWidths`)."""
-    return tie_channel_widths(gm, M, example_inputs, filter_fn=filter_fn).layers
+def sws_layer_widths(gm: fx.GraphModule, M: int, example_inputs=None, *, filter_fn=None,
+                     dense_input_layers: bool = True) -> Dict[str, SWSLayerWidths]:
+    """SWS widths of every conv/linear call in ``gm``, keyed by node name (see :class:`SWSLayerWidths`).
+
+    ``dense_input_layers`` as in :func:`tie_channel_widths` (a layer reading the raw network
+    input keeps a dense weight by default).
+    """
+    return tie_channel_widths(gm, M, example_inputs, filter_fn=filter_fn,
+                              dense_input_layers=dense_input_layers).layers

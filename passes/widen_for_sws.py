@@ -4,7 +4,7 @@ Why this pass exists: the SWS baseline is a *different network* (sqrt(M) times w
 a transformed copy of the trained one, so everything whose shape changes is rebuilt with
 the layer types' default (kaiming) initialisation. The widths come from
 ``tie_channel_widths``; this pass only applies them: new conv/linear/norm/embedding
-modules, resized graph parameters, and the integer size arguments of reshapes that name a
+modules (Conv1d and Conv2d), resized graph parameters, and the integer size arguments of reshapes that name a
 widened width. Parameters and modules whose shapes stay are left as they are.
 """
 from __future__ import annotations
@@ -70,12 +70,13 @@ def _rebuild_module(gm, node, widths: ChannelWidths) -> Optional[nn.Module]:
     mod = gm.get_submodule(node.target)
     t = node.target
     wshape = widths.param_shape(f"{t}.weight")
-    if isinstance(mod, nn.Conv2d):
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
         layer = widths.layers[node.name]
         if (layer.in_channels, layer.out_channels, layer.groups) == (mod.in_channels, mod.out_channels, mod.groups):
             return None
-        new = nn.Conv2d(layer.in_channels, layer.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                        mod.dilation, layer.groups, mod.bias is not None, mod.padding_mode)
+        cls = nn.Conv1d if isinstance(mod, nn.Conv1d) else nn.Conv2d
+        new = cls(layer.in_channels, layer.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                  mod.dilation, layer.groups, mod.bias is not None, mod.padding_mode)
         return _like(mod, new)
     if isinstance(mod, nn.Linear):
         layer = widths.layers[node.name]
@@ -201,7 +202,7 @@ def _update_size_args(gm, node: fx.Node, widths: ChannelWidths) -> bool:
                 _set_arg(node, 2, "sizes", type(sizes)(new))
                 return True
         return False
-    if name == "conv2d" and node.name in widths.layers:
+    if name in ("conv1d", "conv2d") and node.name in widths.layers:
         groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
         new_groups = widths.layers[node.name].groups
         if groups != new_groups:  # a depthwise conv's groups follow its width

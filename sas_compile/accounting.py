@@ -355,8 +355,8 @@ def layer_costs(
     """Costs of one ``LayerPlan`` as a report row; the plan's eligibility is taken as given.
 
     ``sws_widths`` maps M to the whole-graph SWS widths of this layer (an object with
-    ``in_channels``, ``out_channels``, ``in_features``, ``out_features``, ``widened``; a
-    layer with neither width widened stays dense); without it the standalone rule is used. ``eligible_at`` maps M to the plan's eligibility at that M (a
+    ``in_channels``, ``out_channels``, ``in_features``, ``out_features`` and ``sparse``, whether
+    SWS masks its weight 1:M; ``widened`` stands in for it when absent); without it the standalone rule is used. ``eligible_at`` maps M to the plan's eligibility at that M (a
     layer that stays dense at M counts as base in the SAS column). A layer that is already
     SAS (``extra['sas_M']``) reports its real wide parameters; a layer that is already SWS
     (``extra['sws_M']``, a 1:M masked weight) costs its nonzeros in the base and SWS columns.
@@ -391,7 +391,7 @@ def layer_costs(
         if w is not None:
             sws[m] = sws_costs(
                 w.in_features, w.out_features, layer.has_bias, m, positions,
-                in_channels=w.in_channels, out_channels=w.out_channels, sparse=bool(getattr(w, "widened", True)),
+                in_channels=w.in_channels, out_channels=w.out_channels, sparse=bool(getattr(w, "sparse", getattr(w, "widened", True))),
             )
             continue
         widen_in = not layer.input_is_graph_input

@@ -348,8 +348,13 @@ def _analyze(model, example_inputs, M, filter_fn, dense_input_layers) -> Plan:
     return analyze(model, example_inputs, M=M, filter_fn=filter_fn, dense_input_layers=dense_input_layers)
 
 
-def _sws_widths(plan: Plan, M: int, example_inputs) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """Whole-graph SWS widths per node for this M, or (None, why) when they are not available."""
+def _sws_widths(plan: Plan, M: int, example_inputs, filter_fn=None,
+                dense_input_layers: bool = True) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """Whole-graph SWS widths per node for this M, or (None, why) when they are not available.
+
+    ``filter_fn`` and ``dense_input_layers`` are those ``swsify`` takes, so the SWS columns
+    count the model ``swsify(model, M=M, filter_fn=..., dense_input_layers=...)`` builds.
+    """
     if plan.gm is None:
         return None, "SWS widths: the plan has no graph; standalone per-layer rule used"
     try:
@@ -357,10 +362,19 @@ def _sws_widths(plan: Plan, M: int, example_inputs) -> Tuple[Optional[Dict[str, 
     except ImportError:
         return None, "SWS widths: whole-graph analysis not available; standalone per-layer rule used"
     try:
-        return sws_layer_widths(plan.gm, M, example_inputs), None
+        return sws_layer_widths(plan.gm, M, example_inputs, filter_fn=filter_fn,
+                                dense_input_layers=dense_input_layers), None
     except Exception as exc:  # noqa: BLE001 - a report must not die on the baseline column
         log.warning("SWS width analysis failed at M=%d: %s", M, exc)
         return None, f"SWS widths at M={M}: whole-graph analysis failed ({exc}); standalone per-layer rule used"
+
+
+def _built_dense_widths(layer: LayerPlan) -> Any:
+    """SWS widths of an unmasked layer of a model swsify built: its own widths, dense."""
+    co = layer.out_channels
+    return types.SimpleNamespace(in_channels=layer.in_channels, out_channels=co,
+                                 in_features=layer.weight_numel // co if co else 0, out_features=co,
+                                 widened=False, sparse=False)
 
 
 def _resolved_layer(layer: LayerPlan) -> Tuple[LayerPlan, Optional[str]]:
@@ -512,7 +526,9 @@ def report(
     ``example_inputs`` (a tensor or a tuple of positional inputs) gives exact counts for that
     input and formulas in its sizes; without it counts are per output position.
     ``filter_fn(module, fqn)`` and ``dense_input_layers`` are passed to the analysis, as in
-    ``sasify``. ``symbolic=False`` skips the formulas (faster on large graphs).
+    ``sasify``, and to the SWS width analysis, as in ``swsify``: the SWS columns count what
+    ``swsify(model, M=m, filter_fn=..., dense_input_layers=...)`` builds (by default the
+    layer reading the raw network input widens its output but keeps a dense weight). ``symbolic=False`` skips the formulas (faster on large graphs).
 
     ``swat`` (a sparsity in [0, 1) or a sequence, e.g. ``(0.8, 0.9)``) adds SWAT training
     mults per sparsity: ``sas_compile.swat.swat_costs`` of each layer at the densities
@@ -561,11 +577,13 @@ def report(
             notes.append(f"symbolic formulas unavailable: {exc}")
     widths: Dict[int, Optional[Dict[str, Any]]] = {}
     for m in Ms:
-        widths[m], why = _sws_widths(plans[m], m, example_inputs)
+        widths[m], why = _sws_widths(plans[m], m, example_inputs, filter_fn, dense_input_layers)
         if why and why not in notes:
             notes.append(why)
 
     masked = _mark_sws_layers(model, first)
+    # a model swsify built: its unmasked layers (dense input layer, excluded or unwidened) are SWS as they are
+    built_sws = getattr(model, "sws_layers", None) is not None
     if masked:
         notes.append(f"{len(masked)} layers carry a 1:M SWS weight mask: their base and SWS columns count "
                      "nonzero weights (" + ", ".join(masked[:4]) + (", ..." if len(masked) > 4 else "") + ")")
@@ -590,6 +608,8 @@ def report(
             other = plans[m].by_node().get(layer.node)
             eligible_at[m] = other.eligible if other is not None else layer.eligible
         sws = {m: (widths[m] or {}).get(layer.node) for m in Ms}
+        if built_sws and "sws_M" not in resolved.extra:
+            sws = {m: _built_dense_widths(resolved) for m in Ms}
         row = accounting.layer_costs(resolved, Ms, positions=positions,
                                      sws_widths={m: w for m, w in sws.items() if w is not None},
                                      eligible_at=eligible_at)

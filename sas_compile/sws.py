@@ -3,12 +3,18 @@
 ``swsify(model, M=...)`` captures the model, ties its widths across the whole graph
 (``passes/tie_channel_widths.py``), rebuilds it sqrt(M) times wider with fresh default
 initialisation (``passes/widen_for_sws.py``) and puts a 1:M mask on the weight of every
-widened conv/linear. The mult count then stays close to the base model's, which is the
-comparison the paper makes against SAS at the same mult budget.
+widened conv/linear (Linear, Conv1d, Conv2d). The mult count then stays close to the base
+model's, which is the comparison the paper makes against SAS at the same mult budget.
+
+Like ``sasify``, ``dense_input_layers=True`` (the default) keeps the weight of a layer that
+reads the raw network input dense: its output width widens, but it has no mask (a first
+conv with one input channel would otherwise keep one of every M kernel taps), so SAS and
+SWS treat that layer the same way.
 
 The 1:M pattern
 ---------------
-The weight is viewed row-major as ``[out, in/groups * kh * kw]`` and flattened; every chunk
+The weight is viewed row-major as ``[out, in/groups * kernel]`` (``kh * kw`` for conv2d,
+``k`` for conv1d) and flattened; every chunk
 of M consecutive weights keeps exactly one, the largest magnitude, and a last partial
 chunk keeps one. This gives the paper's count ``ceil(in * out / M)`` exactly; when
 ``in_features % M != 0`` a chunk may straddle two rows (such a layer cannot be packed into
@@ -103,6 +109,7 @@ def swsify(
     example_inputs=None,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     freeze_mask: bool = False,
+    dense_input_layers: bool = True,
 ) -> fx.GraphModule:
     """Build the SWS baseline of ``model``: sqrt(M) times wider, 1:M sparse weights.
 
@@ -110,6 +117,9 @@ def swsify(
     lets models that ``symbolic_trace`` cannot trace be captured with ``torch.export``; the
     built model is run on them once as a check. ``filter_fn(module, fqn) -> bool`` keeps a
     conv/linear out of SWS (its widths stay, its weight stays dense) when it returns False.
+    ``dense_input_layers`` (default True, as ``sasify``) keeps the weight of a layer reading
+    the raw network input dense (no mask) while its output width still widens; False masks
+    it 1:M like the others.
     Every module or parameter whose shape changes is freshly initialised (layer defaults);
     the rest are copies of the original's. The result is a GraphModule whose ``sws_widths``
     attribute holds the analysis (widths per layer with the reasons a width stays).
@@ -128,12 +138,13 @@ def swsify(
     gm, method = _capture(work, example_inputs)
     if method == "export":
         gm = _trainable_graph(gm)
-    widths = tie_channel_widths(gm, M, example_inputs, filter_fn=filter_fn)
+    widths = tie_channel_widths(gm, M, example_inputs, filter_fn=filter_fn,
+                                dense_input_layers=bool(dense_input_layers))
     widen_for_sws(gm, widths)
     layers = {}
     for node_name, layer in widths.layers.items():
         weight_target = widths.layer_params[node_name][0]
-        if layer.widened:
+        if layer.sparse:
             owner, attr = _owner_of(gm, weight_target)
             parametrize.register_parametrization(owner, attr, OneOfMMask(M, freeze_mask), unsafe=True)
         layers[node_name] = weight_target
@@ -254,12 +265,12 @@ def sws_costs(model_or_layer: nn.Module, example_inputs=None) -> Dict[str, Dict[
     with ``example_inputs`` also ``positions`` and ``mults``. Counted from the built model,
     not from the analysis, so it checks what ``report`` predicts.
     """
-    if isinstance(model_or_layer, (nn.Conv2d, nn.Linear)):
+    if isinstance(model_or_layer, (nn.Conv1d, nn.Conv2d, nn.Linear)):
         return {"": _layer_costs(model_or_layer, "weight", model_or_layer)}
     layers = getattr(model_or_layer, "sws_layers", None)
     if layers is None:
         raise ValueError(
-            "sws_costs: expected a model built by sas_compile.swsify (or one nn.Conv2d/nn.Linear), "
+            "sws_costs: expected a model built by sas_compile.swsify (or one nn.Conv1d/nn.Conv2d/nn.Linear), "
             f"got {type(model_or_layer).__name__}"
         )
     positions = _positions(model_or_layer, example_inputs) if example_inputs is not None else {}
@@ -292,15 +303,14 @@ def _layer_costs(owner: nn.Module, attr: str, layer) -> Dict[str, Any]:
         mask = next((p.mask(plist.original) for p in plist if isinstance(p, OneOfMMask)), None)
     out_features = weight.shape[0]
     fan_in = weight[0].numel() if weight.shape[0] else 0
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         groups, in_channels = layer.groups, layer.in_channels
     elif isinstance(layer, nn.Linear):
         groups, in_channels = 1, layer.in_features
-    elif isinstance(layer, fx.Node) and weight.dim() == 4:
+    elif isinstance(layer, fx.Node) and weight.dim() in (3, 4):  # F.conv1d / F.conv2d
         groups = layer.args[6] if len(layer.args) > 6 else layer.kwargs.get("groups", 1)
+        # the graph's groups argument is the widened one (a depthwise conv's follows its width)
         in_channels = weight.shape[1] * groups
-        if groups > 1 and weight.shape[1] == 1:
-            groups = in_channels = _conv_input_channels(layer, groups)
     else:
         groups, in_channels = 1, weight.shape[1]
     numel = weight.numel()
@@ -310,12 +320,6 @@ def _layer_costs(owner: nn.Module, attr: str, layer) -> Dict[str, Any]:
         "out_features": int(out_features), "groups": int(groups), "weight_numel": int(numel),
         "nonzeros": nonzeros, "mults_per_position": nonzeros, "sparse": mask is not None,
     }
-
-
-def _conv_input_channels(node, groups):
-    x = node.args[0]
-    tm = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
-    return int(tm.shape[1]) if tm is not None else groups
 
 
 def _positions(gm, example_inputs) -> Dict[str, int]:
@@ -329,9 +333,11 @@ def _positions(gm, example_inputs) -> Dict[str, int]:
         if node.name not in gm.sws_layers:
             continue
         shape = tuple(node.meta["tensor_meta"].shape)
-        is_conv = len(shape) >= 3 and _layer_weight(gm, gm.sws_layers[node.name]).dim() == 4
+        wdim = _layer_weight(gm, gm.sws_layers[node.name]).dim()
+        is_conv = wdim >= 3 and len(shape) >= wdim - 1
         dims = list(shape)
-        del dims[-3 if is_conv else -1]
+        # a conv's channel dim precedes its spatial dims (-3 for conv2d, -2 for conv1d)
+        del dims[-(wdim - 1) if is_conv else -1]
         n = 1
         for d in dims:
             n *= int(d)
@@ -343,7 +349,8 @@ def export_sws_weights(model: nn.Module, *, strict: bool = True) -> Dict[str, An
     """Pack every masked weight of a built SWS model into the runtime's 2:4 format.
 
     Returns ``{layer node name: PackedSparseWeight}`` (``sas_compile.runtime.packing``) of the
-    masked weight viewed as ``[out, in/groups * kh * kw]``: 1:2 is a valid 2:4 pattern and 1:4
+    masked weight viewed as ``[out, in/groups * kernel]`` (conv1d ``[out, in*k]``, conv2d
+    ``[out, in*kh*kw]``); dense layers (no mask) are left out: 1:2 is a valid 2:4 pattern and 1:4
     is stored as 2:4 with explicit zeros. A layer whose 1:M chunks straddle rows
     (``in_features % M != 0``) cannot be packed: ``strict`` raises a ValueError naming it,
     ``strict=False`` leaves it out.

@@ -334,7 +334,8 @@ def test_every_masked_weight_is_exactly_one_of_m(M):
         chunks = F.pad(flat, (0, pad)).view(-1, M)
         assert torch.all((chunks != 0).sum(1) == 1)  # random weights: the kept one is nonzero
         assert torch.equal(masked.detach(), dense.detach() * _reference_mask(dense, M))
-    assert n == 5  # stem, a, b, mix, fc
+    assert n == 4  # a, b, mix, fc; stem reads the raw input: dense by default (dense_input_layers=True)
+    assert not parametrize.is_parametrized(s.get_submodule("stem"), "weight")
 
 
 def test_mask_follows_weight_updates_and_eval_cache():
