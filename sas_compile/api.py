@@ -6,6 +6,7 @@ The order of passes lives here and nowhere else:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -154,6 +155,10 @@ def sasify(model: nn.Module, *, M: int = 2, example_inputs=None, filter_fn: Opti
         dense_input_layers: keep layers reading the raw network input dense (default, as the
             reference code keeps the first convolution dense).
         fold_relu: a SAS layer whose input is a ReLU reads the pre-ReLU tensor instead.
+
+    Returns:
+        the SAS model; its ``sas_plan`` attribute is the :class:`~sas_compile.plan.Plan` that
+        was applied (which layers converted, which stayed dense and why).
     """
     config = SASConfig(M=M, filter_fn=filter_fn, dense_input_layers=dense_input_layers, fold_relu=fold_relu)
     plan = analyze(model, example_inputs, M=config.M, filter_fn=config.filter_fn,
@@ -164,5 +169,6 @@ def sasify(model: nn.Module, *, M: int = 2, example_inputs=None, filter_fn: Opti
     for layer in plan.layers:
         if not layer.eligible:
             log.info("sasify: %s stays dense: %s", layer.name, layer.reason)
-    new._sas_plan = plan
+    # the plan without its references to the original model (it would ride along in pickles)
+    new.sas_plan = dataclasses.replace(plan, gm=None, model=None)
     return new

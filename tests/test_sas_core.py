@@ -39,7 +39,7 @@ def test_sasify_preserves_function(name, M):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     # something was converted, and every converted layer owns an M-times wider weight
-    plan = sas._sas_plan
+    plan = sas.sas_plan
     assert plan.eligible(), [(l.name, l.reason) for l in plan.layers]
     sas_modules = [m for m in sas.modules() if isinstance(m, SAS_LAYERS)]
     for m in sas_modules:
@@ -122,7 +122,7 @@ def test_relu_folded_and_other_consumers_still_see_relu():
     model = Branchy()
     x = torch.randn(5, 6)
     sas = sas_compile.sasify(model, M=2)
-    layer = {l.name: l for l in sas._sas_plan.layers}["b"]
+    layer = {l.name: l for l in sas.sas_plan.layers}["b"]
     assert layer.fold_relu
     assert "relu" in sas.code  # still there for the add
     assert _rel(sas(x), model(x)) < 1e-6
@@ -133,21 +133,21 @@ def test_relu_folded_and_other_consumers_still_see_relu():
 def test_input_layer_policy_and_filter_fn():
     model, x = _build("vgg")
     sas = sas_compile.sasify(model, M=2)
-    first = sas._sas_plan.layers[0]
+    first = sas.sas_plan.layers[0]
     assert not first.eligible and "input layer" in first.reason
     sas_all = sas_compile.sasify(model, M=2, dense_input_layers=False)
-    assert sas_all._sas_plan.layers[0].eligible
+    assert sas_all.sas_plan.layers[0].eligible
     assert _rel(sas_all(x), model(x)) < 1e-5
     only_head = sas_compile.sasify(model, M=2, filter_fn=lambda mod, fqn: fqn == "head")
-    converted = [l.name for l in only_head._sas_plan.eligible()]
+    converted = [l.name for l in only_head.sas_plan.eligible()]
     assert converted == ["head"]
-    assert all(l.reason for l in only_head._sas_plan.layers if not l.eligible)
+    assert all(l.reason for l in only_head.sas_plan.layers if not l.eligible)
 
 
 def test_shared_weight_converts_once():
     model, x = _build("shared_linear")
     sas = sas_compile.sasify(model, M=4)
-    sites = [l for l in sas._sas_plan.layers if l.weight_target == "shared.weight"]
+    sites = [l for l in sas.sas_plan.layers if l.weight_target == "shared.weight"]
     assert len(sites) == 2 and all(l.eligible for l in sites)
     assert not any(l.fold_relu for l in sites)  # one site reads tanh: no fold for the shared weight
     assert isinstance(sas.shared, SASLinear) and sas.shared.weight.shape == (10, 40)
@@ -227,8 +227,8 @@ def test_transformers_models_through_export_capture():
     with pytest.raises(sas_compile.api.CaptureError, match="example_inputs"):
         sas_compile.sasify(resnet, M=2)  # symbolic tracing fails; export needs inputs
     sas = sas_compile.sasify(resnet, M=2, example_inputs=(x,))
-    assert sas._sas_plan.capture == "export" and type(sas) is type(resnet)
-    assert sum(l.eligible for l in sas._sas_plan.layers) == 6
+    assert sas.sas_plan.capture == "export" and type(sas) is type(resnet)
+    assert sum(l.eligible for l in sas.sas_plan.layers) == 6
     with torch.no_grad():
         assert _rel(sas(x).logits, resnet(x).logits) < 1e-5
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
