@@ -236,10 +236,8 @@ def _existing_sas_layer(node: fx.Node, mod) -> LayerPlan:
 
 def _describe(call: LayerCall, kind: str, target: str, weight, name: str) -> LayerPlan:
     has_bias = (call.module.bias is not None) if call.module is not None else call.bias is not None
-    if weight is None or not isinstance(weight, torch.Tensor):
-        shape = None
-    else:
-        shape = tuple(weight.shape)
+    # a computed weight has no tensor, but the capture may know its shape
+    shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else _shape(call.weight)
     if call.op == "linear":
         out_c, in_c = (shape[0], shape[1]) if shape else (-1, -1)
         return LayerPlan(name, call.node.name, "linear", True, None, in_c, out_c, has_bias=has_bias,
