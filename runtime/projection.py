@@ -147,6 +147,14 @@ def project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -> Ten
     if dim == 1 and _is_channels_last(x):
         return project(x.permute(0, 2, 3, 1), M, -1, rule).permute(0, 3, 1, 2)
     index_rule = get_rule(rule, M)
+    if torch.is_grad_enabled() and x.requires_grad:
+        # differentiable form (out= writes are not): the same planes, stacked
+        if isinstance(index_rule, SignPatternRule) and M == 2:
+            planes = [x.clamp_min(0), (-x).clamp_min(0)]
+        else:
+            slot, magnitude = index_rule.slot(x, dim), x.abs()
+            planes = [magnitude * (slot == m) for m in range(M)]
+        return torch.stack(planes, dim + 1).flatten(dim, dim + 1)
     shape = list(x.shape)
     shape.insert(dim + 1, M)
     wide = x.new_empty(shape)

@@ -223,3 +223,11 @@ def test_unfolded_conv_path_used_on_gpus(M, target):
     tol = 1e-5 if target == "cpu" else 2e-3  # fp16 output rounding
     assert out.shape == ref.shape
     assert ((out.double() - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.parametrize("M", [2, 4])
+def test_project_is_differentiable(M):
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: project(t, M), (x,))
+    with torch.no_grad():
+        assert torch.equal(project(x, M), _slow_projection(x.detach(), M))
