@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .kernels import prepare_sas, prepare_sws
+from .kernels import empty_result, prepare_sas, prepare_sws
 from .nvrtc_build import CudaBuildError, compile_all, kernel_names
 
 __all__ = ["available", "compile_all", "kernel_names", "sas_gemm", "sws_gemm", "CudaBuildError"]
@@ -48,13 +48,6 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _empty_result(R: int, N: int, bias: Optional[Tensor], dtype: torch.dtype, device) -> Tensor:
-    out = torch.zeros((R, N), dtype=torch.float32, device=device)
-    if bias is not None:
-        out += bias.float()
-    return out.to(dtype)
-
-
 def sas_gemm(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, *,
              out_dtype: Optional[torch.dtype] = None, tile: Optional[str] = None) -> Tensor:
     """``S(x2d) @ weight.T + bias`` by the fused SAS kernel on CUDA tensors.
@@ -70,7 +63,7 @@ def sas_gemm(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, *,
                            sm_count=_sm_count(x2d.device))
     p = prepared.params
     if p.R == 0 or p.N == 0 or p.K == 0:
-        return _empty_result(p.R, p.N, bias, prepared.out.dtype, x2d.device)
+        return empty_result(p.R, p.N, bias, prepared.out.dtype, x2d.device)
     return launch(prepared)
 
 
@@ -87,5 +80,5 @@ def sws_gemm(x2d: Tensor, packed, bias: Optional[Tensor], *,
                            sm_count=_sm_count(x2d.device))
     p = prepared.params
     if p.R == 0 or p.N == 0 or p.K == 0:
-        return _empty_result(p.R, p.N, bias, prepared.out.dtype, x2d.device)
+        return empty_result(p.R, p.N, bias, prepared.out.dtype, x2d.device)
     return launch(prepared)

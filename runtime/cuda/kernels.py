@@ -24,6 +24,7 @@ __all__ = [
     "Launch",
     "prepare_sas",
     "prepare_sws",
+    "empty_result",
 ]
 
 FLAG_A_ALIGNED = 1
@@ -102,6 +103,14 @@ def _out_dtype(x: Tensor, out_dtype: Optional[torch.dtype]) -> torch.dtype:
     if out_dtype not in (x.dtype, torch.float32):
         raise ValueError(f"out_dtype={out_dtype} is not supported: use None (x's dtype) or torch.float32")
     return out_dtype
+
+
+def empty_result(R: int, N: int, bias: Optional[Tensor], dtype: torch.dtype, device) -> Tensor:
+    """The product of an empty operand (K = 0 or no rows): the bias, or zeros, in ``dtype``."""
+    out = torch.zeros((R, N), dtype=torch.float32, device=device)
+    if bias is not None:
+        out += bias.float()
+    return out.to(dtype)
 
 
 def prepare_sas(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, *,

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..cuda.kernels import GemmParams, Launch, prepare_sas, prepare_sws
+from ..cuda.kernels import GemmParams, Launch, empty_result, prepare_sas, prepare_sws
 from ..cuda.nvrtc_build import KERNEL_DIR, cache_dir
 
 __all__ = ["available", "library_path", "sas_gemm", "sws_gemm", "run", "mma_sp_probe_f16", "EmulatorError"]
@@ -153,13 +153,6 @@ def _check_cpu(x2d: Tensor) -> None:
         raise TypeError(f"x2d has dtype {x2d.dtype}; the emulator supports float16, bfloat16, float32")
 
 
-def _empty_result(R: int, N: int, bias: Optional[Tensor], dtype: torch.dtype, device) -> Tensor:
-    out = torch.zeros((R, N), dtype=torch.float32, device=device)
-    if bias is not None:
-        out += bias.float()
-    return out.to(dtype)
-
-
 def sas_gemm(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, *,
              out_dtype: Optional[torch.dtype] = None, tile: Optional[str] = "64x64") -> Tensor:
     """``S(x2d) @ weight.T + bias`` by the fused SAS kernel, emulated on CPU tensors.
@@ -172,7 +165,7 @@ def sas_gemm(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, *,
     launch = prepare_sas(x2d, weight, bias, M, out_dtype=out_dtype, tile=tile)
     R, N, K = launch.params.R, launch.params.N, launch.params.K
     if R == 0 or N == 0 or K == 0:
-        return _empty_result(R, N, bias, launch.out.dtype, x2d.device)
+        return empty_result(R, N, bias, launch.out.dtype, x2d.device)
     return run(launch)
 
 
@@ -186,5 +179,5 @@ def sws_gemm(x2d: Tensor, packed, bias: Optional[Tensor], *,
     launch = prepare_sws(x2d, packed, bias, out_dtype=out_dtype, tile=tile)
     R, N, K = launch.params.R, launch.params.N, launch.params.K
     if R == 0 or N == 0 or K == 0:
-        return _empty_result(R, N, bias, launch.out.dtype, x2d.device)
+        return empty_result(R, N, bias, launch.out.dtype, x2d.device)
     return run(launch)
