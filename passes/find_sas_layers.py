@@ -19,7 +19,7 @@ from sas_compile.plan import LayerPlan, Plan
 
 from .capture import clean_module_path
 
-__all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "LINEAR_FUNCTIONS", "CONV_FUNCTIONS"]
+__all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "layer_plan_from_module", "LINEAR_FUNCTIONS", "CONV_FUNCTIONS"]
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 CONV_FUNCTIONS = {
@@ -216,18 +216,26 @@ def find_sas_layers(
     return Plan(M=M, layers=layers, capture=capture, gm=gm, graph_before=gm.code)
 
 
-def _existing_sas_layer(node: fx.Node, mod) -> LayerPlan:
-    from sas_compile.layers import SASLinear
+def module_op(mod: nn.Module) -> str:
+    """``linear`` / ``conv1d`` / ``conv2d`` for a layer module (dense or SAS)."""
+    if hasattr(mod, "in_features"):
+        return "linear"
+    return "conv2d" if len(mod.kernel_size) == 2 else "conv1d"
 
-    if isinstance(mod, SASLinear):
-        layer = LayerPlan(node.target, node.name, "linear", False, f"already a SAS layer (M={mod.M})",
-                          mod.in_features, mod.out_features, has_bias=mod.bias is not None,
-                          weight_target=f"{node.target}.weight", module_target=node.target)
-    else:
-        op = "conv2d" if len(mod.kernel_size) == 2 else "conv1d"
-        layer = LayerPlan(node.target, node.name, op, False, f"already a SAS layer (M={mod.M})", mod.in_channels,
-                          mod.out_channels, tuple(mod.kernel_size), tuple(mod.stride), mod.padding, tuple(mod.dilation),
-                          mod.groups, mod.bias is not None, f"{node.target}.weight", node.target)
+
+def layer_plan_from_module(fqn: str, node: str, mod: nn.Module, eligible: bool, reason: Optional[str]) -> LayerPlan:
+    """A LayerPlan read off a Linear/Conv module (dense or SAS: both keep narrow widths)."""
+    op = module_op(mod)
+    if op == "linear":
+        return LayerPlan(fqn, node, op, eligible, reason, mod.in_features, mod.out_features,
+                         has_bias=mod.bias is not None, weight_target=f"{fqn}.weight", module_target=fqn)
+    return LayerPlan(fqn, node, op, eligible, reason, mod.in_channels, mod.out_channels, tuple(mod.kernel_size),
+                     tuple(mod.stride), mod.padding, tuple(mod.dilation), mod.groups, mod.bias is not None,
+                     f"{fqn}.weight", fqn)
+
+
+def _existing_sas_layer(node: fx.Node, mod) -> LayerPlan:
+    layer = layer_plan_from_module(node.target, node.name, mod, False, f"already a SAS layer (M={mod.M})")
     layer.extra["sas_M"] = mod.M
     layer.input_shape = _shape(node.args[0]) if node.args else None
     layer.output_shape = _shape(node)

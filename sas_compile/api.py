@@ -11,14 +11,13 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
 from torch import nn
 
 from .passes.capture import CaptureError, capture
-from .passes.find_sas_layers import find_sas_layers
+from .passes.find_sas_layers import find_sas_layers, layer_plan_from_module
 from .passes.fold_relu_into_projection import fold_relu_into_projection
 from .passes.rewrite_layers_to_sas import _sas_module, _set_submodule, rewrite_layers_to_sas
-from .plan import LayerPlan, Plan
+from .plan import Plan
 from .runtime.projection import check_M
 
 log = logging.getLogger("sas_compile")
@@ -56,11 +55,9 @@ def _module_walk_plan(model: nn.Module, M: int, filter_fn, dense_input_layers: b
     first = True
     for fqn, mod in model.named_modules():
         if isinstance(mod, SAS_LAYERS):
-            op = "linear" if hasattr(mod, "in_features") else ("conv2d" if len(mod.kernel_size) == 2 else "conv1d")
-            layer = _layer_from_module(fqn, op, mod, False, f"already a SAS layer (M={mod.M})")
+            layer = layer_plan_from_module(fqn, fqn, mod, False, f"already a SAS layer (M={mod.M})")
             layer.extra["sas_M"] = mod.M
         elif isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            op = "linear" if isinstance(mod, nn.Linear) else ("conv2d" if isinstance(mod, nn.Conv2d) else "conv1d")
             eligible, reason = True, None
             if getattr(mod, "padding_mode", "zeros") != "zeros":
                 eligible, reason = False, f"padding_mode={mod.padding_mode!r}: SAS convolutions support only zero padding"
@@ -69,7 +66,7 @@ def _module_walk_plan(model: nn.Module, M: int, filter_fn, dense_input_layers: b
                                            "exact analysis), kept dense as in the reference code")
             elif filter_fn is not None and not filter_fn(mod, fqn):
                 eligible, reason = False, "excluded by filter_fn"
-            layer = _layer_from_module(fqn, op, mod, eligible, reason)
+            layer = layer_plan_from_module(fqn, fqn, mod, eligible, reason)
             layer.extra["weight_kind"] = "module"
         else:
             continue
@@ -78,15 +75,6 @@ def _module_walk_plan(model: nn.Module, M: int, filter_fn, dense_input_layers: b
     plan = Plan(M=M, layers=layers, capture="modules", model=model)
     plan.graph_before = f"# no graph: {why}"
     return plan
-
-
-def _layer_from_module(fqn, op, mod, eligible, reason) -> LayerPlan:
-    if op == "linear":
-        return LayerPlan(fqn, fqn, op, eligible, reason, mod.in_features, mod.out_features,
-                         has_bias=mod.bias is not None, weight_target=f"{fqn}.weight", module_target=fqn)
-    return LayerPlan(fqn, fqn, op, eligible, reason, mod.in_channels, mod.out_channels, tuple(mod.kernel_size),
-                     tuple(mod.stride), mod.padding, tuple(mod.dilation), mod.groups, mod.bias is not None,
-                     f"{fqn}.weight", fqn)
 
 
 def analyze(model: nn.Module, example_inputs=None, *, M: int = 2, filter_fn: Optional[FilterFn] = None,
