@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .kernels import empty_result, prepare_sas, prepare_sws
+from .kernel_params import prepare_sas, prepare_sws
 from .nvrtc_build import CudaBuildError, compile_all, kernel_names
 
 __all__ = ["available", "compile_all", "kernel_names", "sas_gemm", "sws_gemm", "CudaBuildError"]
@@ -59,12 +59,8 @@ def sas_gemm(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, *,
     from .launch import launch
 
     _check_cuda(x2d)
-    prepared = prepare_sas(x2d, weight, bias, M, out_dtype=out_dtype, tile=tile,
-                           sm_count=_sm_count(x2d.device))
-    p = prepared.params
-    if p.R == 0 or p.N == 0 or p.K == 0:
-        return empty_result(p.R, p.N, bias, prepared.out.dtype, x2d.device)
-    return launch(prepared)
+    return launch(prepare_sas(x2d, weight, bias, M, out_dtype=out_dtype, tile=tile,
+                              sm_count=_sm_count(x2d.device)))
 
 
 def sws_gemm(x2d: Tensor, packed, bias: Optional[Tensor], *,
@@ -76,9 +72,5 @@ def sws_gemm(x2d: Tensor, packed, bias: Optional[Tensor], *,
     from .launch import launch
 
     _check_cuda(x2d)
-    prepared = prepare_sws(x2d, packed, bias, out_dtype=out_dtype, tile=tile,
-                           sm_count=_sm_count(x2d.device))
-    p = prepared.params
-    if p.R == 0 or p.N == 0 or p.K == 0:
-        return empty_result(p.R, p.N, bias, prepared.out.dtype, x2d.device)
-    return launch(prepared)
+    return launch(prepare_sws(x2d, packed, bias, out_dtype=out_dtype, tile=tile,
+                              sm_count=_sm_count(x2d.device)))

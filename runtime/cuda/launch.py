@@ -1,26 +1,31 @@
-"""Loading the cubins and launching the kernels through ``cuda.bindings.driver``.
+"""Loading kernel modules and launching kernels through a CUDA driver API.
 
 Why this module exists: the kernels run on PyTorch's tensors and PyTorch's current stream
-without any extension build; every driver call's status is checked and a failure raises
-:class:`CudaError` naming the call.
+without any extension build, and the host-side launch (argument marshalling, geometry,
+shared-memory attributes, the stream) is the part a GPU-less CI cannot otherwise see. So
+one :class:`Launcher` does it for every target: on a GPU it talks to
+``cuda.bindings.driver``; in the emulator it talks to an object with the same functions
+(``runtime/emulator/driver.py``) that decodes ``kernelParams`` exactly as the driver does
+and runs the kernels' source on the host. Every driver call's status is checked and a
+failure raises :class:`CudaError` naming the call.
 """
 from __future__ import annotations
 
 import ctypes
 import threading
-from typing import Dict, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
 import torch
 
-from .kernels import Launch
+from .kernel_params import GemmParams, Launch, empty_result
 from .nvrtc_build import build_module
 
-__all__ = ["CudaError", "driver", "device_arch", "launch"]
+__all__ = ["CudaError", "KernelFunction", "Launcher", "driver", "device_arch", "kernel_params",
+           "cuda_launcher", "run", "STATIC_SMEM_LIMIT"]
 
-_STATIC_SMEM_LIMIT = 48 * 1024
-_lock = threading.Lock()
-_functions: Dict[Tuple[int, str], Tuple[object, int, int]] = {}
-_modules: Dict[Tuple[int, str], object] = {}
+# dynamic shared memory above this needs cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)
+STATIC_SMEM_LIMIT = 48 * 1024
 
 
 class CudaError(RuntimeError):
@@ -36,26 +41,16 @@ def driver():
     return drv
 
 
-def check(result, call: str):
+def check(api, result, call: str):
     """Unpack a cuda-python ``(status, *values)`` result, raising CudaError naming ``call``."""
     status, *values = result if isinstance(result, tuple) else (result,)
     if int(status) != 0:
-        drv = driver()
-        name = drv.cuGetErrorName(status)
+        name = api.cuGetErrorName(status)
         detail = name[1].decode() if int(name[0]) == 0 else repr(status)
         raise CudaError(f"{call} failed: {detail} ({int(status)})")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
-
-
-def _make_current(device: int) -> None:
-    drv = driver()
-    check(drv.cuInit(0), "cuInit")
-    dev = check(drv.cuDeviceGet(device), "cuDeviceGet")
-    # PyTorch works in the primary context: retain it and make it current on this thread
-    ctx = check(drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-    check(drv.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
 
 def device_arch(device: int) -> str:
@@ -64,44 +59,130 @@ def device_arch(device: int) -> str:
     return f"sm_{major}{minor}"
 
 
-def _function(device: int, kernel: str) -> Tuple[object, int, int]:
-    key = (device, kernel)
-    with _lock:
-        if key in _functions:
-            return _functions[key]
-        drv = driver()
-        _make_current(device)
-        module_name = kernel.split("_")[0] + "_gemm"
-        mkey = (device, module_name)
-        if mkey not in _modules:
-            cubin = build_module(module_name, device_arch(device)).cubin
-            _modules[mkey] = check(drv.cuModuleLoadData(cubin), f"cuModuleLoadData({module_name})")
-        module = _modules[mkey]
-        func = check(drv.cuModuleGetFunction(module, kernel.encode()), f"cuModuleGetFunction({kernel})")
-        ptr, size = check(drv.cuModuleGetGlobal(module, f"{kernel}_launch".encode()),
-                          f"cuModuleGetGlobal({kernel}_launch)")
-        geometry = (ctypes.c_int * 2)()
-        check(drv.cuMemcpyDtoH(ctypes.addressof(geometry), ptr, ctypes.sizeof(geometry)),
-              f"cuMemcpyDtoH({kernel}_launch)")
-        threads, smem = int(geometry[0]), int(geometry[1])
-        if smem > _STATIC_SMEM_LIMIT:
-            check(drv.cuFuncSetAttribute(
-                func, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
-                f"cuFuncSetAttribute({kernel}, MAX_DYNAMIC_SHARED_SIZE_BYTES={smem})")
-        _functions[key] = (func, threads, smem)
-        return _functions[key]
+def kernel_params(params: GemmParams) -> ctypes.Array:
+    """The ``kernelParams`` array of ``cuLaunchKernel`` for a kernel taking ``GemmParams``.
+
+    The driver reads argument i from the address in entry i: every kernel here takes one
+    argument, the struct by value, so the one entry is the struct's own address (not the
+    address of a pointer to it). The caller keeps ``params`` alive until the launch returns.
+    """
+    return (ctypes.c_void_p * 1)(ctypes.addressof(params))
 
 
-def launch(prepared: Launch) -> torch.Tensor:
-    """Launch a prepared kernel on the tensors' device and PyTorch's current stream."""
-    device = prepared.out.device.index if prepared.out.device.index is not None else torch.cuda.current_device()
-    func, threads, smem = _function(device, prepared.kernel)
-    drv = driver()
-    _make_current(device)
-    stream = drv.CUstream(torch.cuda.current_stream(device).cuda_stream)
-    arg = ctypes.c_void_p(ctypes.addressof(prepared.params))
-    args = (ctypes.c_void_p * 1)(ctypes.addressof(arg))
-    gx, gy = prepared.grid
-    check(drv.cuLaunchKernel(func, gx, gy, 1, threads, 1, 1, smem, stream, ctypes.addressof(args), 0),
-          f"cuLaunchKernel({prepared.kernel}, grid=({gx}, {gy}), block={threads}, smem={smem})")
-    return prepared.out
+@dataclass(frozen=True)
+class KernelFunction:
+    """A loaded kernel: the driver's function handle and its published launch geometry."""
+
+    handle: object
+    threads: int
+    smem: int
+
+
+class Launcher:
+    """Loads modules and launches prepared kernels through one driver API object.
+
+    ``api``: ``cuda.bindings.driver`` or an object with the same functions (the emulator's).
+    ``image(module_name)``: the module image handed to ``cuModuleLoadData`` (a cubin).
+    ``context``: the context made current before driver calls (None: leave it as it is).
+    """
+
+    def __init__(self, api, image: Callable[[str], bytes], context=None):
+        self.api = api
+        self._image = image
+        self._context = context
+        self._lock = threading.Lock()
+        self._modules: Dict[str, object] = {}
+        self._functions: Dict[str, KernelFunction] = {}
+
+    def _make_current(self) -> None:
+        if self._context is not None:
+            check(self.api, self.api.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
+
+    def function(self, kernel: str) -> KernelFunction:
+        """The kernel's handle, threads per block and dynamic shared memory (loaded once)."""
+        with self._lock:
+            if kernel in self._functions:
+                return self._functions[kernel]
+            api = self.api
+            self._make_current()
+            module_name = kernel.split("_")[0] + "_gemm"
+            if module_name not in self._modules:
+                self._modules[module_name] = check(
+                    api, api.cuModuleLoadData(self._image(module_name)), f"cuModuleLoadData({module_name})")
+            module = self._modules[module_name]
+            func = check(api, api.cuModuleGetFunction(module, kernel.encode()), f"cuModuleGetFunction({kernel})")
+            ptr, size = check(api, api.cuModuleGetGlobal(module, f"{kernel}_launch".encode()),
+                              f"cuModuleGetGlobal({kernel}_launch)")
+            geometry = (ctypes.c_int * 2)()
+            if int(size) != ctypes.sizeof(geometry):
+                raise CudaError(f"{kernel}_launch has {int(size)} bytes, expected {ctypes.sizeof(geometry)}")
+            check(api, api.cuMemcpyDtoH(ctypes.addressof(geometry), ptr, ctypes.sizeof(geometry)),
+                  f"cuMemcpyDtoH({kernel}_launch)")
+            threads, smem = int(geometry[0]), int(geometry[1])
+            if smem > STATIC_SMEM_LIMIT:
+                check(api, api.cuFuncSetAttribute(
+                    func, api.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
+                    f"cuFuncSetAttribute({kernel}, MAX_DYNAMIC_SHARED_SIZE_BYTES={smem})")
+            self._functions[kernel] = KernelFunction(func, threads, smem)
+            return self._functions[kernel]
+
+    def launch(self, prepared: Launch, stream: int) -> torch.Tensor:
+        """Launch ``prepared`` on the stream with handle ``stream``; returns its output tensor."""
+        fn = self.function(prepared.kernel)
+        api = self.api
+        self._make_current()
+        params = kernel_params(prepared.params)
+        gx, gy = prepared.grid
+        check(api, api.cuLaunchKernel(fn.handle, gx, gy, 1, fn.threads, 1, 1, fn.smem, api.CUstream(stream),
+                                      ctypes.addressof(params), 0),
+              f"cuLaunchKernel({prepared.kernel}, grid=({gx}, {gy}), block={fn.threads}, smem={fn.smem})")
+        return prepared.out
+
+
+def run(launcher: Launcher, prepared: Launch, stream: int) -> torch.Tensor:
+    """Run a prepared GEMM; an empty operand (no rows, columns or K) needs no kernel."""
+    p = prepared.params
+    if p.R == 0 or p.N == 0 or p.K == 0:
+        return empty_result(p.R, p.N, prepared.bias, prepared.out.dtype, prepared.out.device)
+    return launcher.launch(prepared, stream)
+
+
+_cuda_lock = threading.Lock()
+_cuda_launchers: Dict[int, Launcher] = {}
+
+
+def cuda_launcher(device: int, api=None) -> Launcher:
+    """The launcher of CUDA device ``device``, in PyTorch's primary context.
+
+    ``api`` replaces ``cuda.bindings.driver`` (tests pass a recording fake); the default
+    launcher of a device is built once per process.
+    """
+    if api is None:
+        with _cuda_lock:
+            if device not in _cuda_launchers:
+                _cuda_launchers[device] = _new_cuda_launcher(device, driver())
+            return _cuda_launchers[device]
+    return _new_cuda_launcher(device, api)
+
+
+def _new_cuda_launcher(device: int, api) -> Launcher:
+    check(api, api.cuInit(0), "cuInit")
+    dev = check(api, api.cuDeviceGet(device), "cuDeviceGet")
+    # PyTorch works in the primary context: retain it once, make it current before each call
+    ctx = check(api, api.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+    arch = device_arch(device)
+    return Launcher(api, lambda module: build_module(module, arch).cubin, context=ctx)
+
+
+def current_stream(device: int) -> int:
+    """The handle of PyTorch's current stream on ``device``."""
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+def launch(prepared: Launch, api=None, stream: Optional[int] = None) -> torch.Tensor:
+    """Launch a prepared kernel on its tensors' CUDA device and PyTorch's current stream."""
+    device = prepared.out.device.index
+    if device is None:
+        device = torch.cuda.current_device()
+    launcher = cuda_launcher(device, api)
+    return run(launcher, prepared, current_stream(device) if stream is None else stream)

@@ -5,7 +5,9 @@ Why this exists: the sparse tensor-core kernels must be testable on machines wit
 and ``sas_emulator.hpp``, which emulates threads, shared memory, barriers, warp shuffles,
 ``cp.async`` and ``mma.sp`` (PTX ISA fragment and metadata layouts). The shared library is
 built at first use and cached on disk, keyed by the hash of every source, the compiler and
-its flags.
+its flags. Kernels are launched through the CUDA target's own launcher
+(``runtime/cuda/launch.py``) with :class:`driver.EmulatorDriver` in place of the driver, so
+the host-side launch code runs here exactly as on a GPU.
 """
 from __future__ import annotations
 
@@ -22,10 +24,14 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..cuda.kernels import GemmParams, Launch, empty_result, prepare_sas, prepare_sws
+from ..cuda.kernel_params import GemmParams, Launch, prepare_sas, prepare_sws
+from ..cuda.launch import Launcher
+from ..cuda.launch import run as _run_launch
 from ..cuda.nvrtc_build import KERNEL_DIR, cache_dir
+from .driver import EmulatorDriver
 
-__all__ = ["available", "library_path", "sas_gemm", "sws_gemm", "run", "mma_sp_probe_f16", "EmulatorError"]
+__all__ = ["available", "library_path", "sas_gemm", "sws_gemm", "run", "launcher", "gemm_params_layout",
+           "mma_sp_probe_f16", "EmulatorError"]
 
 EMULATOR_DIR = Path(__file__).resolve().parent
 CXX_FLAGS = ["-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas"]
@@ -96,31 +102,40 @@ def _library() -> ctypes.CDLL:
             if not path.exists():
                 _build(path)
             lib = ctypes.CDLL(str(path))
-            lib.sas_emu_launch.restype = ctypes.c_int
-            lib.sas_emu_launch.argtypes = [
-                ctypes.c_void_p, ctypes.POINTER(GemmParams), ctypes.c_int, ctypes.c_int,
-                ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+            lib.sas_emu_launch_kernel.restype = ctypes.c_int
+            lib.sas_emu_launch_kernel.argtypes = [
+                ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p, ctypes.c_void_p,
+                ctypes.c_char_p, ctypes.c_int,
             ]
             _lib = lib
         return _lib
 
 
+_launcher: Optional[Launcher] = None
+
+
+def launcher(on_launch=None) -> Launcher:
+    """The emulator's :class:`Launcher`: ``launch.py``'s code over :class:`EmulatorDriver`.
+
+    ``on_launch(record)`` sees every ``cuLaunchKernel`` (a new launcher is returned then).
+    """
+    global _launcher
+    if on_launch is not None:
+        return Launcher(EmulatorDriver(_library, on_launch), lambda module: module.encode())
+    with _lock:
+        if _launcher is None:
+            _launcher = Launcher(EmulatorDriver(_library), lambda module: module.encode())
+        return _launcher
+
+
+def gemm_params_layout() -> Tuple[int, ...]:
+    """``(sizeof(GemmParams), offsetof(a), ..., offsetof(flags))`` as the C++ compiler lays it out."""
+    return tuple((ctypes.c_int * 11).in_dll(_library(), "sas_emu_gemm_params_layout"))
+
+
 def run(launch: Launch) -> Tensor:
     """Run a prepared kernel launch in the emulator and return its output tensor."""
-    lib = _library()
-    try:
-        kernel = getattr(lib, launch.kernel)
-        threads, smem = (ctypes.c_int * 2).in_dll(lib, f"{launch.kernel}_launch")
-    except (AttributeError, ValueError):
-        raise EmulatorError(f"the emulator library has no kernel {launch.kernel!r}") from None
-    error = ctypes.create_string_buffer(512)
-    status = lib.sas_emu_launch(
-        ctypes.cast(kernel, ctypes.c_void_p), ctypes.byref(launch.params), launch.grid[0],
-        launch.grid[1], threads, smem, error, len(error),
-    )
-    if status != 0:
-        raise EmulatorError(f"{launch.kernel}: {error.value.decode(errors='replace')}")
-    return launch.out
+    return _run_launch(launcher(), launch, 0)
 
 
 def mma_sp_probe_f16(a: Tensor, meta: Tensor, b: Tensor) -> Tensor:
@@ -162,11 +177,7 @@ def sas_gemm(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, *,
     has x's dtype, or ``out_dtype=torch.float32`` for the unrounded fp32 accumulator.
     """
     _check_cpu(x2d)
-    launch = prepare_sas(x2d, weight, bias, M, out_dtype=out_dtype, tile=tile)
-    R, N, K = launch.params.R, launch.params.N, launch.params.K
-    if R == 0 or N == 0 or K == 0:
-        return empty_result(R, N, bias, launch.out.dtype, x2d.device)
-    return run(launch)
+    return run(prepare_sas(x2d, weight, bias, M, out_dtype=out_dtype, tile=tile))
 
 
 def sws_gemm(x2d: Tensor, packed, bias: Optional[Tensor], *,
@@ -176,8 +187,4 @@ def sws_gemm(x2d: Tensor, packed, bias: Optional[Tensor], *,
     ``packed`` is a ``PackedSparseWeight`` (values [N, Kp/2], meta [N, Kp/16] int16).
     """
     _check_cpu(x2d)
-    launch = prepare_sws(x2d, packed, bias, out_dtype=out_dtype, tile=tile)
-    R, N, K = launch.params.R, launch.params.N, launch.params.K
-    if R == 0 or N == 0 or K == 0:
-        return empty_result(R, N, bias, launch.out.dtype, x2d.device)
-    return run(launch)
+    return run(prepare_sws(x2d, packed, bias, out_dtype=out_dtype, tile=tile))

@@ -1,5 +1,6 @@
-"""What the CUDA target and the host emulator share about the kernels: the ``GemmParams``
-struct (mirrors ``gemm_common.cuh``), kernel names, tile choice, input checks and grids.
+"""The kernels' launch parameters, shared by the CUDA target and the host emulator: the
+``GemmParams`` struct (mirrors ``gemm_common.cuh``), kernel names, tile choice, input checks
+and grids.
 
 Why this module exists: the emulator runs the very kernels the GPU runs, so both targets
 must hand them identical parameters; keeping that in one place keeps them from drifting.
@@ -64,6 +65,7 @@ class Launch:
     params: GemmParams
     out: Tensor
     keep_alive: tuple
+    bias: Optional[Tensor] = None
 
 
 def _aligned(t: Tensor, row_elems: int) -> bool:
@@ -158,7 +160,7 @@ def prepare_sas(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, *,
         out.data_ptr(), R, N, K, 0, flags,
     )
     name = f"sas_gemm_{_DTYPE_TAG[x2d.dtype]}_m{M}_{tile}"
-    return Launch(name, grid, params, out, (x2d, weight, bias, out))
+    return Launch(name, grid, params, out, (x2d, weight, bias, out), bias)
 
 
 def prepare_sws(x2d: Tensor, packed, bias: Optional[Tensor], *,
@@ -215,4 +217,4 @@ def prepare_sws(x2d: Tensor, packed, bias: Optional[Tensor], *,
         bias.data_ptr() if bias is not None else None, out.data_ptr(), R, N, K, Kp, flags,
     )
     name = f"sws_gemm_{_DTYPE_TAG[x2d.dtype]}_{tile}"
-    return Launch(name, grid, params, out, (x2d, values, meta, bias, out))
+    return Launch(name, grid, params, out, (x2d, values, meta, bias, out), bias)
