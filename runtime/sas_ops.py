@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .autocast import register_autocast_like_linear
 from .projection import SignPatternRule, get_rule, project
 
 __all__ = ["sas_linear", "sas_conv2d", "conv2d_output_size"]
@@ -187,6 +188,11 @@ def _conv_backward(ctx, grad):
 
 
 sas_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+# under torch.autocast, x, weight and bias are cast to the region's dtype, as for aten::linear
+_autocast_library = torch.library.Library("sas", "IMPL")
+register_autocast_like_linear(torch.ops.sas.linear, (0, 1, 2), _autocast_library)
+register_autocast_like_linear(torch.ops.sas.conv2d, (0, 1, 2), _autocast_library)
 
 
 def resolve_conv_padding(

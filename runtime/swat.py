@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .autocast import register_autocast_like_linear
+
 __all__ = [
     "STRUCTURES",
     "check_structure",
@@ -508,6 +510,12 @@ def _conv_backward(ctx, grad, _grad_values, _grad_bits):
 
 
 _swat_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+# under torch.autocast the GEMM operands (x, weight, bias) are cast as for aten::linear;
+# the thresholds stay float32
+_autocast_library = torch.library.Library("swat", "IMPL")
+register_autocast_like_linear(torch.ops.swat.linear, (0, 1, 2), _autocast_library)
+register_autocast_like_linear(torch.ops.swat.conv2d, (0, 1, 2), _autocast_library)
 
 
 def swat_conv2d(

@@ -1,0 +1,47 @@
+"""Autocast rules for the ``sas::`` and ``swat::`` ops: cast as ``aten::linear`` does.
+
+Why this module exists: under ``torch.autocast`` PyTorch casts the operands of
+``aten::linear`` / ``aten::conv2d`` to the autocast dtype, but a custom op is left alone,
+so a sparse layer fed a bfloat16 activation met its float32 weight and failed.
+``torch.library.register_autocast`` casts to one dtype fixed at registration; these rules
+read the dtype of the autocast region at call time (float16 or bfloat16, per device), cast
+the named floating-point operands that live on that device (float64 is left alone, as
+autocast does) and run the op below autocast. Gradients flow back through the casts to
+the float32 parameters.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = ["register_autocast_like_linear", "AUTOCAST_DEVICES"]
+
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _cast(value, device_type: str, dtype: torch.dtype):
+    if (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64
+            and value.device.type == device_type and value.dtype != dtype):
+        return value.to(dtype)
+    return value
+
+
+def register_autocast_like_linear(op: torch._ops.OpOverloadPacket, cast_positions: Sequence[int],
+                                  library: torch.library.Library,
+                                  device_types: Iterable[str] = AUTOCAST_DEVICES) -> None:
+    """Register autocast kernels for ``op`` that cast its arguments at ``cast_positions``."""
+    overload = op.default
+    name = overload._schema.name.split("::", 1)[1]
+    positions = frozenset(cast_positions)
+    for device_type in device_types:
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+
+        def kernel(*args, _device_type=device_type, _keyset=keyset):
+            dtype = torch.get_autocast_dtype(_device_type)
+            args = tuple(_cast(a, _device_type, dtype) if i in positions else a for i, a in enumerate(args))
+            with torch._C._ExcludeDispatchKeyGuard(_keyset):
+                return overload(*args)
+
+        library.impl(name, kernel, key_name)

@@ -1,0 +1,125 @@
+"""Mixed precision: sasify, swsify and swatify models train under torch.autocast.
+
+The ``sas::`` and ``swat::`` ops cast their operands as ``aten::linear`` does, so a few SGD
+steps under autocast follow the float32 run within mixed-precision tolerance. The CPU
+(bfloat16) cases run in CI; the CUDA cases (float16 with GradScaler, bfloat16) and the
+float32 CPU-vs-CUDA agreement run in the GPU suite.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sas_compile
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CONVERSIONS = ("dense", "sasify", "swsify", "swatify")
+STEPS = 5
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+    )
+
+
+def convert(kind: str, model: nn.Module, x: torch.Tensor) -> nn.Module:
+    if kind == "sasify":
+        return sas_compile.sasify(model, M=2)
+    if kind == "swsify":
+        return sas_compile.swsify(model, M=4, example_inputs=(x,))
+    if kind == "swatify":
+        return sas_compile.swatify(model, sparsity=0.5)
+    return copy.deepcopy(model)
+
+
+def data(device: str):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, 8, 8, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def train_losses(kind: str, device: str, autocast_dtype=None, steps: int = STEPS):
+    """Losses of ``steps`` SGD steps of the converted small CNN (float32 or under autocast)."""
+    x, y = data("cpu")
+    model = convert(kind, small_cnn(), x).to(device).train()
+    x, y = x.to(device), y.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler(device, enabled=autocast_dtype == torch.float16)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            out = model(x)
+            if autocast_dtype is not None:
+                assert out.dtype == autocast_dtype, f"{kind}: the output is {out.dtype} under autocast"
+            loss = nn.functional.cross_entropy(out.float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "autocast must not change parameter dtypes"
+    return losses
+
+
+def max_rel_dev(a, b) -> float:
+    return max(abs(u - v) / abs(v) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("kind", CONVERSIONS)
+def test_cpu_autocast_bf16_follows_float32(kind):
+    reference = train_losses(kind, "cpu")
+    mixed = train_losses(kind, "cpu", torch.bfloat16)
+    assert reference[-1] < reference[0], "the float32 run must learn for the comparison to mean anything"
+    assert max_rel_dev(mixed, reference) < 5e-2, (mixed, reference)
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_sas_ops_cast_like_aten_under_autocast(op):
+    x = torch.randn(4, 6, 5, 5)
+    if op == "linear":
+        x = x.flatten(1)
+        w = torch.randn(3, 2 * x.shape[1], requires_grad=True)
+        call = lambda: torch.ops.sas.linear(x, w, None, 2, "sign_pattern")  # noqa: E731
+    else:
+        w = torch.randn(3, 12, 3, 3, requires_grad=True)
+        call = lambda: torch.ops.sas.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, 2, "sign_pattern")  # noqa: E731
+    reference = call()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+    out.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32
+    # float64 is left alone, as autocast leaves it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.ops.sas.linear(torch.randn(2, 4, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64),
+                                    None, 2, "sign_pattern").dtype == torch.float64
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("kind", CONVERSIONS)
+def test_cuda_float32_training_matches_cpu(kind):
+    cpu = train_losses(kind, "cpu")
+    with torch.backends.cuda.matmul.flags(allow_tf32=False), torch.backends.cudnn.flags(allow_tf32=False):
+        gpu = train_losses(kind, "cuda")
+    assert max_rel_dev(gpu, cpu) < 1e-3, (gpu, cpu)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", CONVERSIONS)
+def test_cuda_autocast_follows_float32(kind, dtype):
+    with torch.backends.cuda.matmul.flags(allow_tf32=False), torch.backends.cudnn.flags(allow_tf32=False):
+        reference = train_losses(kind, "cuda")
+    mixed = train_losses(kind, "cuda", dtype)
+    assert max_rel_dev(mixed, reference) < 5e-2, (mixed, reference)
