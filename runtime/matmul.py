@@ -14,6 +14,12 @@ knowing where it runs. A target is an implementation of the same product:
 Whenever a kernel target cannot take a call (M not in {2, 4}, a dtype the kernels lack, a
 custom index rule, inputs that need autograd, no CUDA runtime under ``"auto"``), the call runs
 on the PyTorch formulation and the reason is logged on logger ``sas_compile.runtime``.
+
+Precision follows PyTorch's convention for float32: the kernels multiply float32 operands
+as tf32 (10 mantissa bits), so they take float32 only where PyTorch itself would use tf32 for
+a float32 matmul (``torch.backends.cuda.matmul.allow_tf32`` on, or
+``torch.set_float32_matmul_precision("high" | "medium")``); by default a float32 call runs the
+full-precision PyTorch formulation, as a dense float32 model would.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from torch import Tensor
 from .packing import PackedSparseWeight, unpack_sws_weight
 from .projection import check_M, get_rule, project
 
-__all__ = ["sas_matmul", "sws_matmul", "targets", "TargetStatus", "TARGETS"]
+__all__ = ["sas_matmul", "sws_matmul", "targets", "tf32_allowed", "TargetStatus", "TARGETS"]
 
 logger = logging.getLogger("sas_compile.runtime")
 
@@ -181,11 +187,22 @@ def _resolve(op: str, target: str, x: Tensor, blockers: list) -> str:
     return target
 
 
+def tf32_allowed() -> bool:
+    """Whether PyTorch would run a float32 matmul in tf32 now (its switches, not ours)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+
+
 def _common_blockers(x: Tensor, *others: Optional[Tensor]) -> list:
     reasons = []
     if x.dtype not in _KERNEL_DTYPES:
         reasons.append(
             f"dtype {x.dtype} is not supported by the kernels (float16, bfloat16, float32)"
+        )
+    elif x.dtype == torch.float32 and not tf32_allowed():
+        reasons.append(
+            "float32 would be multiplied as tf32, and PyTorch's tf32 switches are off "
+            "(torch.backends.cuda.matmul.allow_tf32 is False, float32 matmul precision 'highest'): "
+            "full precision instead"
         )
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)):
         reasons.append("inputs require grad and the kernels have no backward")

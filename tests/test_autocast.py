@@ -7,6 +7,7 @@ float32 CPU-vs-CUDA agreement run in the GPU suite.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -69,6 +70,20 @@ def train_losses(kind: str, device: str, autocast_dtype=None, steps: int = STEPS
     return losses
 
 
+@contextlib.contextmanager
+def full_float32():
+    """float32 matmuls and convolutions in full precision (no tf32), restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(saved[1])
+        torch.backends.cuda.matmul.allow_tf32 = saved[0]
+
+
 def max_rel_dev(a, b) -> float:
     return max(abs(u - v) / abs(v) for u, v in zip(a, b))
 
@@ -109,7 +124,7 @@ def test_sas_ops_cast_like_aten_under_autocast(op):
 @pytest.mark.parametrize("kind", CONVERSIONS)
 def test_cuda_float32_training_matches_cpu(kind):
     cpu = train_losses(kind, "cpu")
-    with torch.backends.cuda.matmul.flags(allow_tf32=False), torch.backends.cudnn.flags(allow_tf32=False):
+    with full_float32():
         gpu = train_losses(kind, "cuda")
     assert max_rel_dev(gpu, cpu) < 1e-3, (gpu, cpu)
 
@@ -119,7 +134,7 @@ def test_cuda_float32_training_matches_cpu(kind):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", CONVERSIONS)
 def test_cuda_autocast_follows_float32(kind, dtype):
-    with torch.backends.cuda.matmul.flags(allow_tf32=False), torch.backends.cudnn.flags(allow_tf32=False):
+    with full_float32():
         reference = train_losses(kind, "cuda")
     mixed = train_losses(kind, "cuda", dtype)
     assert max_rel_dev(mixed, reference) < 5e-2, (mixed, reference)

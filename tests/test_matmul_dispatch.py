@@ -200,6 +200,7 @@ class RecordingKernels:
 def fake_emulator(monkeypatch):
     kernels = RecordingKernels()
     monkeypatch.setitem(matmul._status_cache, "emulator", matmul.TargetStatus(True, "fake"))
+    monkeypatch.setattr(matmul, "tf32_allowed", lambda: True)  # float32 may take the kernels
     monkeypatch.setattr(matmul, "_kernel_module", lambda target: kernels)
     return kernels
 
@@ -263,8 +264,9 @@ def emulator_or_skip():
 
 @pytest.mark.parametrize("M", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_emulator_target_matches_float64_reference(M, dtype, caplog):
+def test_emulator_target_matches_float64_reference(M, dtype, caplog, monkeypatch):
     emulator_or_skip()
+    monkeypatch.setattr(matmul, "tf32_allowed", lambda: True)  # float32 runs the tf32 kernel
     g = torch.Generator().manual_seed(M)
     x = nonzero_randn(2, 35, 13, generator=g, dtype=dtype)  # 70 rows: more than one row tile
     weight = torch.randn(7, 13 * M, generator=g).to(dtype)
@@ -282,6 +284,39 @@ def test_emulator_target_matches_float64_reference(M, dtype, caplog):
     assert not caplog.records, f"the emulator call fell back: {caplog.text}"
     reference = x.double() @ unpack_sws_weight(packed).double().t() + bias.double()
     assert_close_to(out, reference, TOL[dtype] if dtype != torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("op", ["sas", "sws"])
+def test_float32_takes_full_precision_unless_tf32_is_allowed(op, caplog, monkeypatch):
+    """PyTorch's convention: tf32 only when its switches allow it for float32 matmuls."""
+    emulator_or_skip()
+    g = torch.Generator().manual_seed(11)
+    x = nonzero_randn(40, 24, generator=g)
+    bias = torch.randn(9, generator=g)
+    if op == "sas":
+        weight = torch.randn(9, 48, generator=g)
+        call = lambda: sas_matmul(x, weight, bias, M=2, target="emulator")  # noqa: E731
+        reference = sas_reference(x, weight, bias, 2)
+    else:
+        packed = pack_sws_weight(sparse_weight(9, 24, 2, g, torch.float32), 2)
+        call = lambda: sws_matmul(x, packed, bias, target="emulator")  # noqa: E731
+        reference = x.double() @ unpack_sws_weight(packed).double().t() + bias.double()
+    assert not torch.backends.cuda.matmul.allow_tf32  # PyTorch's defaults
+    torch.set_float32_matmul_precision("highest")
+    with caplog.at_level(logging.INFO, logger="sas_compile.runtime"):
+        full = call()
+    assert "tf32 switches are off" in caplog.text
+    assert_close_to(full, reference, 1e-6)
+    caplog.clear()
+    try:
+        torch.set_float32_matmul_precision("high")
+        with caplog.at_level(logging.INFO, logger="sas_compile.runtime"):
+            tf32 = call()
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert not caplog.records, caplog.text
+    error = ((tf32.double() - reference).norm() / reference.norm()).item()
+    assert 1e-6 < error < 2e-3, f"tf32 rounding expected, got relative error {error}"
 
 
 # ------------------------------------------------------------------------- GPU
