@@ -223,9 +223,12 @@ def test_sas_activation_pack_rejects_what_cutlass_cannot_take(x, M, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_packed_weight_matches_torch_to_sparse_semi_structured(M, dtype):
+def test_packed_weight_matches_torch_cutlass_layout(M, dtype):
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
+    from vendor_sparse import skip_unless_cutlass_24
+
+    skip_unless_cutlass_24()
     g = torch.Generator().manual_seed(M)
     n, k = 128, 256
     weight = (nonzero_randn(n, k, generator=g, dtype=dtype) * one_in_m_mask(n, k, M, g)).cuda()
@@ -240,10 +243,23 @@ def test_packed_weight_matches_torch_to_sparse_semi_structured(M, dtype):
     assert torch.equal(sparse.packed, values)
     assert torch.equal(sparse.meta, meta)
     assert torch.equal(sparse.to_dense(), unpack_sws_weight(packed))
-    # the default backend (cuSPARSELt where present) agrees on the product
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_packed_weight_product_matches_the_default_vendor_backend(M, dtype):
+    """cuSPARSELt on sm_90 (CUTLASS on 8.x without cuSPARSELt) multiplies the same 1:M weight."""
+    from torch.sparse import to_sparse_semi_structured
+
+    g = torch.Generator().manual_seed(M)
+    n, k = 128, 256
+    weight = (nonzero_randn(n, k, generator=g, dtype=dtype) * one_in_m_mask(n, k, M, g)).cuda()
+    packed = pack_sws_weight(weight, M)
     b = torch.randn(k, 64, generator=g).to(dtype).cuda()
     product = torch.mm(to_sparse_semi_structured(weight), b).double()
-    reference = weight.double() @ b.double()
+    reference = unpack_sws_weight(packed).double() @ b.double()
     assert (product - reference).abs().max() <= 2e-2 * reference.abs().max()
 
 
@@ -252,6 +268,9 @@ def test_packed_weight_matches_torch_to_sparse_semi_structured(M, dtype):
 @pytest.mark.parametrize("M", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cutlass_mm_on_the_sas_pack_equals_sas_matmul_cpu(M, dtype):
+    from vendor_sparse import skip_unless_cutlass_24
+
+    skip_unless_cutlass_24()
     g = torch.Generator().manual_seed(20 + M)
     rows, k, n = 128, 96, 80
     x = nonzero_randn(rows, k, generator=g, dtype=dtype).cuda()
@@ -261,6 +280,22 @@ def test_cutlass_mm_on_the_sas_pack_equals_sas_matmul_cpu(M, dtype):
     reference = sas_matmul(x.double(), weight.double(), M=M, target="cpu")
     err = (fused_free.double() - reference).abs().max()
     assert err <= 1e-2 * reference.abs().max(), f"CUTLASS path off by {err}"
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_vendor_24_on_the_projected_activation_equals_sas_matmul_cpu(M, dtype):
+    from vendor_sparse import vendor_sas_product
+
+    g = torch.Generator().manual_seed(40 + M)
+    rows, k, n = 128, 96, 80
+    x = nonzero_randn(rows, k, generator=g, dtype=dtype).cuda()
+    weight = torch.randn(n, M * k, generator=g).to(dtype).cuda()
+    reference = sas_matmul(x.double(), weight.double(), M=M, target="cpu")
+    err = (vendor_sas_product(x, weight, M).double() - reference).abs().max()
+    assert err <= 1e-2 * reference.abs().max(), f"vendor 2:4 path off by {err}"
 
 
 def test_round_trip_holds_for_any_24_compatible_weight():
