@@ -9,7 +9,10 @@ knowing where it runs. A target is an implementation of the same product:
 * ``"cuda"``: the Sparse Tensor Core kernels of ``sas_compile.runtime.cuda``.
 * ``"emulator"``: the same CUDA source compiled for the host (``sas_compile.runtime.emulator``),
   on CPU tensors: slow, for checking the kernels without a GPU.
-* ``"auto"``: ``"cuda"`` for CUDA tensors when available, else ``"cpu"``.
+* ``"auto"``: on CUDA tensors, the fastest correct implementation among the Sparse Tensor
+  Core kernel, the PyTorch formulation (projection + cuBLAS) and projection + PyTorch's vendor
+  2:4 kernels (cuSPARSELt / CUTLASS), measured once per shape bucket and cached on disk
+  (``runtime/autotune.py``; ``SAS_COMPILE_GEMM`` forces one); ``"cpu"`` elsewhere.
 
 Whenever a kernel target cannot take a call (M not in {2, 4}, a dtype the kernels lack, a
 custom index rule, inputs that need autograd, no CUDA runtime under ``"auto"``), the call runs
@@ -31,10 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import autotune
 from .packing import PackedSparseWeight, unpack_sws_weight
 from .projection import check_M, get_rule, project
 
-__all__ = ["sas_matmul", "sws_matmul", "targets", "tf32_allowed", "TargetStatus", "TARGETS"]
+__all__ = ["sas_matmul", "sws_matmul", "targets", "tf32_allowed", "sas_kernel_blockers", "vendor_24_status",
+           "TargetStatus", "TARGETS"]
 
 logger = logging.getLogger("sas_compile.runtime")
 
@@ -249,19 +254,106 @@ def sas_matmul(
     n = weight.shape[0]
     _check_bias(op, bias, x, n)
 
+    chosen = _resolve(op, target, x, sas_kernel_blockers(x, weight, bias, M, rule))
+    if chosen == "cpu":
+        return F.linear(project(x, M, -1, rule), weight, bias)
+    x2d = x.reshape(-1, k).contiguous()
+    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
+    if target == "auto":
+        out = _auto_sas(x2d, weight, bias, M, chosen)
+    else:
+        out = _kernel_module(chosen).sas_gemm(x2d, weight, bias, M)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def sas_kernel_blockers(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: str) -> list:
+    """Why the SAS kernels cannot compute this product (an empty list when they can)."""
     blockers = _common_blockers(x, weight, bias)
     if M not in _KERNEL_M:
         blockers.append(f"M = {M} has no kernel (kernels run M = 2 and 4)")
     if rule != _KERNEL_RULE:
         blockers.append(f"index rule {rule!r} has no kernel (kernels compute {_KERNEL_RULE!r})")
-    chosen = _resolve(op, target, x, blockers)
-    if chosen == "cpu":
-        return F.linear(project(x, M, -1, rule), weight, bias)
-    x2d = x.reshape(-1, k).contiguous()
-    out = _kernel_module(chosen).sas_gemm(
-        x2d, weight.contiguous(), None if bias is None else bias.contiguous(), M
-    )
-    return out.reshape(*x.shape[:-1], n)
+    return blockers
+
+
+def _rows_bucket(rows: int) -> int:
+    """Shape bucket of the row count: the next power of two (at least 16)."""
+    return max(16, 1 << max(0, rows - 1).bit_length())
+
+
+def vendor_24_status(x: Tensor) -> tuple:
+    """(True, backend) when PyTorch's 2:4 kernels can run for x's device and dtype, else (False, why)."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return False, f"PyTorch's 2:4 kernels take float16/bfloat16, not {x.dtype}"
+    if not x.is_cuda:
+        return False, "PyTorch's 2:4 kernels need a CUDA device"
+    major, minor = torch.cuda.get_device_capability(x.device)
+    cusparselt = getattr(torch.backends, "cusparselt", None)
+    if cusparselt is not None and cusparselt.is_available():
+        return True, "cuSPARSELt"
+    if major == 8:
+        return True, "CUTLASS"
+    return False, f"no 2:4 backend for sm_{major}{minor}: cuSPARSELt is unavailable and CUTLASS needs 8.x"
+
+
+def _vendor_sas(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int) -> Tensor:
+    """Projection, compression of S(x) by PyTorch, then its 2:4 GEMM (cuSPARSELt or CUTLASS)."""
+    from torch.sparse import to_sparse_semi_structured
+
+    out = torch.mm(to_sparse_semi_structured(project(x2d, M)), weight.t())
+    return out if bias is None else out + bias
+
+
+def _auto_sas(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, kernel_target: str) -> Tensor:
+    kernels = _kernel_module(kernel_target)
+    candidates = {
+        autotune.REFERENCE: lambda: F.linear(project(x2d, M), weight, bias),
+        "fused": lambda: kernels.sas_gemm(x2d, weight, bias, M),
+    }
+    rejected = {}
+    ok, why = vendor_24_status(x2d)
+    if ok:
+        candidates["sparse24"] = lambda: _vendor_sas(x2d, weight, bias, M)
+    else:
+        rejected["sparse24"] = why
+    fields = {"target": kernel_target, "dtype": str(x2d.dtype).replace("torch.", ""), "M": M,
+              "K": x2d.shape[1], "N": weight.shape[0], "rows": _rows_bucket(x2d.shape[0]),
+              "bias": bias is not None}
+    decision = autotune.choose("sas_linear", fields, candidates, x2d.device, rejected)
+    return candidates[decision.impl]()
+
+
+def _cached_on(packed: PackedSparseWeight, name: str, make):
+    """A tensor derived from ``packed``, kept on it until its values or metadata change."""
+    version = (packed.values._version, packed.meta._version, packed.values.data_ptr())
+    cache = packed.__dict__.setdefault("_derived", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != version:
+        hit = cache[name] = (version, make())
+    return hit[1]
+
+
+def _auto_sws(x2d: Tensor, packed: PackedSparseWeight, bias: Optional[Tensor], kernel_target: str) -> Tensor:
+    kernels = _kernel_module(kernel_target)
+    dense = lambda: _cached_on(packed, "dense", lambda: unpack_sws_weight(packed))  # noqa: E731
+    candidates = {
+        autotune.REFERENCE: lambda: F.linear(x2d, dense(), bias),
+        "kernel": lambda: kernels.sws_gemm(x2d, packed, bias),
+    }
+    rejected = {}
+    ok, why = vendor_24_status(x2d)
+    if ok:
+        from torch.sparse import to_sparse_semi_structured
+
+        vendor = lambda: _cached_on(packed, "sparse24", lambda: to_sparse_semi_structured(dense()))  # noqa: E731
+        candidates["sparse24"] = lambda: F.linear(x2d, vendor(), bias)
+    else:
+        rejected["sparse24"] = why
+    fields = {"target": kernel_target, "dtype": str(x2d.dtype).replace("torch.", ""), "M": packed.M,
+              "K": packed.shape[1], "N": packed.shape[0], "rows": _rows_bucket(x2d.shape[0]),
+              "bias": bias is not None}
+    decision = autotune.choose("sws_linear", fields, candidates, x2d.device, rejected)
+    return candidates[decision.impl]()
 
 
 def sws_matmul(
@@ -307,7 +399,9 @@ def sws_matmul(
     if chosen == "cpu":
         return F.linear(x, unpack_sws_weight(packed_weight), bias)
     x2d = x.reshape(-1, k).contiguous()
-    out = _kernel_module(chosen).sws_gemm(
-        x2d, packed_weight, None if bias is None else bias.contiguous()
-    )
+    bias = None if bias is None else bias.contiguous()
+    if target == "auto":
+        out = _auto_sws(x2d, packed_weight, bias, chosen)
+    else:
+        out = _kernel_module(chosen).sws_gemm(x2d, packed_weight, bias)
     return out.reshape(*x.shape[:-1], n)

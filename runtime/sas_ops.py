@@ -107,9 +107,8 @@ def sas_conv2d(
 ) -> Tensor:
     """``F.conv2d(S(x), weight, bias, ...)`` with ``S`` along channels; ``weight`` is wide."""
     if _on_accelerator(x):
-        return _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, rule)
-    out = F.conv2d(project(x, M, 1, rule), weight, bias, stride, padding, dilation, groups)
-    return out.contiguous(memory_format=_conv_memory_format(x))
+        return _sas_conv2d_accelerated(x, weight, bias, stride, padding, dilation, groups, M, rule)
+    return _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
 
 
 @sas_conv2d.register_fake
@@ -119,6 +118,40 @@ def _(x, weight, bias, stride, padding, dilation, groups, M, rule):
     w = conv2d_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
     out = x.new_empty((x.shape[0], weight.shape[0], h, w))
     return out.contiguous(memory_format=_conv_memory_format(x))
+
+
+def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule):
+    """The PyTorch formulation: one projection pass, then the dense (cuDNN) conv on S(x)."""
+    out = F.conv2d(project(x, M, 1, rule), weight, bias, stride, padding, dilation, groups)
+    return out.contiguous(memory_format=_conv_memory_format(x))
+
+
+def _sas_conv2d_accelerated(x, weight, bias, stride, padding, dilation, groups, M, rule):
+    """A SAS conv on a GPU: projection + cuDNN, unless the unfolded Sparse Tensor Core GEMM
+    measures faster for this shape (``runtime/autotune.py``; never a slower path)."""
+    from . import autotune
+    from .matmul import _resolve, sas_kernel_blockers
+
+    x, weight = x.detach(), weight.detach()
+    bias = None if bias is None else bias.detach()
+    dense = lambda: _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)  # noqa: E731
+    blockers = sas_kernel_blockers(x, weight, bias, M, rule)
+    if groups != 1 or x.shape[1] % (M.bit_length() - 1) != 0:
+        blockers.append(f"groups={groups}, channels={x.shape[1]}: not one unfolded SAS GEMM")
+    if _resolve("sas::conv2d", "auto", x, blockers) == "cpu":
+        return dense()
+    candidates = {
+        autotune.REFERENCE: dense,
+        "fused_im2col": lambda: _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, rule,
+                                                     target="cuda"),
+    }
+    batch = x.shape[0]
+    fields = {"dtype": str(x.dtype).replace("torch.", ""), "M": M, "x": [max(1, 1 << (batch - 1).bit_length()),
+              *x.shape[1:]], "weight": list(weight.shape), "stride": list(stride), "padding": list(padding),
+              "dilation": list(dilation), "channels_last": _conv_memory_format(x) == torch.channels_last,
+              "bias": bias is not None}
+    decision = autotune.choose("sas_conv2d", fields, candidates, x.device)
+    return candidates[decision.impl]()
 
 
 def _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, rule, target="auto"):
