@@ -38,7 +38,8 @@ from . import autotune
 from .packing import PackedSparseWeight, unpack_sws_weight
 from .projection import check_M, get_rule, project
 
-__all__ = ["sas_matmul", "sws_matmul", "targets", "tf32_allowed", "sas_kernel_blockers", "vendor_24_status",
+__all__ = ["sas_matmul", "sws_matmul", "targets", "tf32_allowed", "sas_kernel_blockers", "sas_linear_choice",
+           "vendor_24_status",
            "TargetStatus", "TARGETS"]
 
 logger = logging.getLogger("sas_compile.runtime")
@@ -304,7 +305,13 @@ def _vendor_sas(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int) -> 
     return out if bias is None else out + bias
 
 
-def _auto_sas(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, kernel_target: str) -> Tensor:
+def sas_linear_choice(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, kernel_target: str = "cuda"):
+    """``(decision, candidates)`` of ``target="auto"`` for the SAS product of these operands.
+
+    ``decision.impl`` names the candidate that runs: ``"dense"`` (projection + cuBLAS, the
+    PyTorch formulation), ``"fused"`` (the Sparse Tensor Core kernel) or ``"sparse24"``
+    (projection + PyTorch's 2:4 kernels).
+    """
     kernels = _kernel_module(kernel_target)
     candidates = {
         autotune.REFERENCE: lambda: F.linear(project(x2d, M), weight, bias),
@@ -319,7 +326,11 @@ def _auto_sas(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, kerne
     fields = {"target": kernel_target, "dtype": str(x2d.dtype).replace("torch.", ""), "M": M,
               "K": x2d.shape[1], "N": weight.shape[0], "rows": _rows_bucket(x2d.shape[0]),
               "bias": bias is not None}
-    decision = autotune.choose("sas_linear", fields, candidates, x2d.device, rejected)
+    return autotune.choose("sas_linear", fields, candidates, x2d.device, rejected), candidates
+
+
+def _auto_sas(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, kernel_target: str) -> Tensor:
+    decision, candidates = sas_linear_choice(x2d, weight, bias, M, kernel_target)
     return candidates[decision.impl]()
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "check_M",
     "slot_index",
     "project",
+    "project_aten",
     "reference_project",
     "expand_dense_weight",
 ]
@@ -168,6 +169,22 @@ def project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -> Ten
         for m in range(M):
             torch.mul(magnitude, slot == m, out=wide.select(dim + 1, m))
     return wide.flatten(dim, dim + 1)
+
+
+def project_aten(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -> Tensor:
+    """``S(x)`` as plain out-of-place ops (the slot planes stacked), for graphs a compiler fuses.
+
+    The same values as :func:`project`; a compiler such as inductor fuses it with the
+    elementwise ops around it (BatchNorm, ReLU) into one pass that writes the wide tensor.
+    """
+    dim = dim % x.dim()
+    index_rule = get_rule(rule, M)
+    if isinstance(index_rule, SignPatternRule) and M == 2:
+        planes = [x.clamp_min(0), (-x).clamp_min(0)]
+    else:
+        slot, magnitude = index_rule.slot(x, dim), x.abs()
+        planes = [torch.where(slot == m, magnitude, torch.zeros_like(magnitude)) for m in range(M)]
+    return torch.stack(planes, dim + 1).flatten(dim, dim + 1)
 
 
 def reference_project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -> Tensor:

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autocast import register_autocast_like_linear
-from .projection import SignPatternRule, get_rule, project
+from .projection import SignPatternRule, get_rule, project, project_aten
 
-__all__ = ["sas_linear", "sas_conv2d", "conv2d_output_size"]
+__all__ = ["sas_linear", "sas_conv2d", "conv2d_output_size", "sas_conv2d_choice", "projected_linear",
+           "projected_conv2d", "projected_conv1d"]
 
 
 def _on_accelerator(x: Tensor) -> bool:
@@ -126,9 +127,34 @@ def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rul
     return out.contiguous(memory_format=_conv_memory_format(x))
 
 
+# The PyTorch formulation written as plain aten ops (what a lowering pass puts in a graph so
+# that the compiler fuses the projection with its neighbours); padding as F.conv* take it.
+def projected_linear(x, weight, bias, M: int, rule: str):
+    """``F.linear(S(x), weight, bias)`` with the projection as out-of-place ops."""
+    return F.linear(project_aten(x, M, -1, rule), weight, bias)
+
+
+def projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M: int, rule: str):
+    """``F.conv2d(S(x), weight, ...)`` with the projection as out-of-place ops."""
+    return F.conv2d(project_aten(x, M, 1, rule), weight, bias, stride, padding, dilation, groups)
+
+
+def projected_conv1d(x, weight, bias, stride, padding, dilation, groups, M: int, rule: str):
+    """``F.conv1d(S(x), weight, ...)`` with the projection as out-of-place ops."""
+    return F.conv1d(project_aten(x, M, 1, rule), weight, bias, stride, padding, dilation, groups)
+
+
 def _sas_conv2d_accelerated(x, weight, bias, stride, padding, dilation, groups, M, rule):
     """A SAS conv on a GPU: projection + cuDNN, unless the unfolded Sparse Tensor Core GEMM
     measures faster for this shape (``runtime/autotune.py``; never a slower path)."""
+    return sas_conv2d_choice(x, weight, bias, stride, padding, dilation, groups, M, rule)[1]()
+
+
+def sas_conv2d_choice(x, weight, bias, stride, padding, dilation, groups, M, rule):
+    """``(decision or None, call)`` of a SAS conv on an accelerator: ``call()`` computes it.
+
+    ``None`` when only the PyTorch formulation (projection + dense conv) applies.
+    """
     from . import autotune
     from .matmul import _resolve, sas_kernel_blockers
 
@@ -139,7 +165,7 @@ def _sas_conv2d_accelerated(x, weight, bias, stride, padding, dilation, groups, 
     if groups != 1 or x.shape[1] % (M.bit_length() - 1) != 0:
         blockers.append(f"groups={groups}, channels={x.shape[1]}: not one unfolded SAS GEMM")
     if _resolve("sas::conv2d", "auto", x, blockers) == "cpu":
-        return dense()
+        return None, dense
     candidates = {
         autotune.REFERENCE: dense,
         "fused_im2col": lambda: _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, rule,
@@ -151,7 +177,7 @@ def _sas_conv2d_accelerated(x, weight, bias, stride, padding, dilation, groups, 
               "dilation": list(dilation), "channels_last": _conv_memory_format(x) == torch.channels_last,
               "bias": bias is not None}
     decision = autotune.choose("sas_conv2d", fields, candidates, x.device)
-    return candidates[decision.impl]()
+    return decision, candidates[decision.impl]
 
 
 def _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, rule, target="auto"):

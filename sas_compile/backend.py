@@ -5,6 +5,9 @@ imported ``sas_compile`` finds it. Every captured graph (graph breaks included) 
 the same passes as ``sasify``: find_sas_layers -> fold_relu_into_projection ->
 rewrite_layers_to_sas; the ``sas::`` ops of an already-sasified model are kept as they are.
 The rest of the graph is compiled by inductor (``options={"inner": "eager"}`` skips it).
+On a GPU, SAS layers whose fastest implementation is projection + cuBLAS/cuDNN are written
+out as those aten ops (``lower_sas_to_projection``), so inductor fuses the projection with
+the ops around it.
 
 Options: ``M`` (2), ``filter_fn``, ``dense_input_layers`` (True), ``fold_relu`` (True),
 ``inner`` ("inductor" | "eager" | "aot_eager"), ``explain`` (False: print, per graph,
@@ -21,6 +24,7 @@ from torch import fx
 from .api import SASConfig
 from .passes.find_sas_layers import find_sas_layers
 from .passes.fold_relu_into_projection import fold_relu_into_projection
+from .passes.lower_sas_to_projection import lower_sas_to_projection
 from .passes.rewrite_layers_to_sas import rewrite_layers_to_sas
 
 log = logging.getLogger("sas_compile.backend")
@@ -63,6 +67,14 @@ def _explain(plan, graph_index: int) -> str:
 
 
 _graph_counter = [0]
+
+
+def _graph_device(example_inputs: List[Any]) -> Optional[torch.device]:
+    """The device the graph runs on: the first tensor input's."""
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
 
 
 def _in_resume_frame() -> bool:
@@ -115,6 +127,9 @@ def sas_backend(gm: fx.GraphModule, example_inputs: List[Any], options: Optional
     log.info("%s", _explain(plan, _graph_counter[0]))
     if eligible:
         rewrite_layers_to_sas(gm, plan)
+    device = _graph_device(example_inputs)
+    if device is not None:
+        lower_sas_to_projection(gm, device)
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":

@@ -231,3 +231,35 @@ def test_project_is_differentiable(M):
     assert torch.autograd.gradcheck(lambda t: project(t, M), (x,))
     with torch.no_grad():
         assert torch.equal(project(x, M), _slow_projection(x.detach(), M))
+
+
+def test_lowering_to_projection_keeps_the_function_and_gradients():
+    """lower_sas_to_projection writes each SAS op as projection + dense op (what inductor fuses)."""
+    from torch import nn
+
+    import sas_compile
+    from sas_compile.passes.lower_sas_to_projection import lower_sas_to_projection
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.ReLU(), nn.Conv2d(8, 6, 1),
+                          nn.Flatten(), nn.Linear(6 * 5 * 5, 7)).eval()
+    for M in (2, 4):
+        sas = sas_compile.sasify(dense, M=M, dense_input_layers=False)
+        gm = torch.fx.symbolic_trace(sas)
+        before = sum(1 for n in gm.graph.nodes if str(n.target).startswith("sas."))
+        assert before == 4
+        # the device decides whether to lower at all; measure=False needs no GPU
+        lowered = lower_sas_to_projection(gm, torch.device("cuda"), measure=False)
+        assert lowered == before
+        assert not any(str(n.target).startswith("sas.") for n in gm.graph.nodes)
+        assert lower_sas_to_projection(torch.fx.symbolic_trace(sas), torch.device("cpu")) == 0
+        x = torch.randn(2, 3, 5, 5, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_(True)
+        torch.testing.assert_close(gm(x), sas(x2), rtol=1e-5, atol=1e-5)
+        gm(x).square().sum().backward()
+        sas(x2).square().sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+        for (name, p), (_, q) in zip(gm.named_parameters(), sas.named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+            p.grad = q.grad = None
