@@ -14,8 +14,10 @@ import torch.nn.functional as F
 
 __all__ = [
     "BasicBlock",
+    "Bottleneck",
     "ResNet",
     "resnet18",
+    "resnet50",
     "VisionTransformer",
     "vit_tiny",
     "mlp",
@@ -52,8 +54,38 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
+class Bottleneck(nn.Module):
+    """torchvision-style ResNet bottleneck: 1x1 reduce, 3x3 (strided), 1x1 expand by 4."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: Optional[nn.Module] = None
+        if stride != 1 or in_planes != out_planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
 class ResNet(nn.Module):
-    """BasicBlock ResNet. ``cifar=True`` uses a 3x3 stem without max-pool (32x32 inputs)."""
+    """ResNet of BasicBlock or Bottleneck stages. ``cifar=True`` uses a 3x3 stem without
+    max-pool (32x32 inputs)."""
 
     def __init__(
         self,
@@ -62,6 +94,7 @@ class ResNet(nn.Module):
         cifar: bool = True,
         width: int = 64,
         in_channels: int = 3,
+        block: type = BasicBlock,
     ):
         super().__init__()
         if cifar:
@@ -77,10 +110,10 @@ class ResNet(nn.Module):
         stages = []
         for i, blocks in enumerate(layers):
             stride = 1 if i == 0 else 2
-            stage = [BasicBlock(in_planes, planes, stride)]
-            stage += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
+            stage = [block(in_planes, planes, stride)]
+            stage += [block(planes * block.expansion, planes) for _ in range(blocks - 1)]
             stages.append(nn.Sequential(*stage))
-            in_planes = planes
+            in_planes = planes * block.expansion
             planes *= 2
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -95,6 +128,11 @@ class ResNet(nn.Module):
 def resnet18(num_classes: int = 10, cifar: bool = True, width: int = 64) -> ResNet:
     """ResNet-18 (BasicBlock, [2, 2, 2, 2]); ``cifar=False`` gives the ImageNet stem."""
     return ResNet((2, 2, 2, 2), num_classes=num_classes, cifar=cifar, width=width)
+
+
+def resnet50(num_classes: int = 1000, cifar: bool = False, width: int = 64) -> ResNet:
+    """ResNet-50 (Bottleneck, [3, 4, 6, 3]); the ImageNet stem by default."""
+    return ResNet((3, 4, 6, 3), num_classes=num_classes, cifar=cifar, width=width, block=Bottleneck)
 
 
 class _Attention(nn.Module):
@@ -205,6 +243,7 @@ def _vit_tiny_imagenet() -> VisionTransformer:
 BUILTIN_MODELS: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...]]] = {
     "resnet18": (resnet18, (1, 3, 32, 32)),
     "resnet18-imagenet": (_resnet18_imagenet, (1, 3, 224, 224)),
+    "resnet50": (resnet50, (1, 3, 224, 224)),
     "vit_tiny": (vit_tiny, (1, 3, 32, 32)),
     "vit_tiny-imagenet": (_vit_tiny_imagenet, (1, 3, 224, 224)),
     "mlp": (mlp, (1, 1, 28, 28)),

@@ -200,6 +200,7 @@ def test_gpu_deploy_pipeline_on_cpu():
         assert row["rel_err"] < 1e-5, row
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_deploy_on_cuda():
     result = load("gpu_deploy").main(["--quick"])

@@ -396,9 +396,14 @@ def test_gpu_benchmark_dry_run_fills_every_table_it_can(capsys, tmp_path):
     out_file = tmp_path / "bench.json"
     assert load_benchmark().main(["--dry-run-cpu", "--dtypes", "bf16", "--json", str(out_file)]) == 0
     text = capsys.readouterr().out
-    assert "SAS/SWS (ours)" in text and "SAS/dense narrow" in text
-    rows = json.loads(out_file.read_text())["rows"]
-    assert [r["size"] for r in rows] == [64, 128]
-    for r in rows:
-        assert {"dense", "dense_narrow", "sws_ours", "sas_fused"} <= set(r)
-        assert all(r[key] > 0 for key in ("dense", "dense_narrow", "sws_ours", "sas_fused"))
+    assert "SAS/SWS ours" in text and "auto/proj+dense" in text and "WRONG" not in text
+    result = json.loads(out_file.read_text())
+    assert [r["size"] for r in result["paper"]] == [64, 128]
+    for r in result["paper"]:
+        assert {"dense", "sws_ours", "sas_fused", "sas_projection_dense"} <= set(r)
+        assert all(r[key] > 0 for key in ("dense", "sws_ours", "sas_fused"))
+    assert {(r["case"], r["M"]) for r in result["layers"]} == {(c[0], M) for c in
+                                                               load_benchmark().DRY_LAYER_SHAPES for M in (2, 4)}
+    for r in result["layers"]:
+        assert {"dense_narrow", "dense_wide", "projection_dense", "sas_fused", "sas_auto"} <= set(r)
+        assert max(r["rel_err"].values()) < 3e-2

@@ -443,6 +443,7 @@ def test_export_matches_cutlass_oracle():
     assert torch.equal(pack_sws_weight(weight, 2).values, values)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_export_matches_to_sparse_semi_structured_on_cuda():
     from sas_compile.runtime.packing import unpack_sws_weight
