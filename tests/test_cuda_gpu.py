@@ -81,3 +81,100 @@ def test_runs_on_the_current_stream():
         out = sas_cuda.sas_gemm(x, w, None, 2, out_dtype=torch.float32)
     stream.synchronize()
     assert rel_err(out.cpu(), sas_reference(x.cpu(), w.cpu(), None, 2)) < REL_TOL
+
+
+def test_driver_sees_one_gemm_params_argument_per_kernel():
+    """What the real driver reads from kernelParams: one argument of sizeof(GemmParams) bytes."""
+    import ctypes
+
+    from sas_compile.runtime.cuda import launch, nvrtc_build
+    from sas_compile.runtime.cuda.kernel_params import GemmParams
+
+    launcher = launch.cuda_launcher(torch.cuda.current_device())
+    drv = launch.driver()
+    if not hasattr(drv, "cuFuncGetParamInfo"):
+        pytest.skip("cuda-python too old for cuFuncGetParamInfo (CUDA 12.4+)")
+    for kernel in nvrtc_build.kernel_names():
+        fn = launcher.function(kernel)
+        offset, size = launch.check(drv, drv.cuFuncGetParamInfo(fn.handle, 0), f"cuFuncGetParamInfo({kernel}, 0)")
+        assert (int(offset), int(size)) == (0, ctypes.sizeof(GemmParams)), kernel
+        status = drv.cuFuncGetParamInfo(fn.handle, 1)[0]
+        assert int(status) != 0, f"{kernel} has a second parameter"
+
+
+def test_float32_sas_model_on_cuda_is_full_precision_by_default():
+    """PyTorch's convention: without allow_tf32 a float32 model runs in full precision."""
+    from torch import nn
+
+    import sas_compile
+
+    assert not torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 10)).cuda()
+    sas = sas_compile.sasify(dense, M=2)
+    x = torch.randn(512, 64, device="cuda")
+    with torch.no_grad():
+        ref = dense.double()(x.double())
+        out = sas(x)
+    assert rel_err(out.double().cpu(), ref.cpu()) < 1e-5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("M", [2, 4])
+def test_sas_conv2d_on_cuda_matches_float64(M, dtype, channels_last):
+    from sas_compile.runtime import autotune
+    from sas_compile.runtime.projection import project
+
+    g = torch.Generator().manual_seed(M)
+    for (n, c, h, w), (co, k, stride, pad, dil) in [((4, 16, 15, 13), (24, 3, 1, 1, 1)),
+                                                    ((2, 10, 9, 9), (8, 3, 2, 2, 2)),
+                                                    ((3, 32, 7, 7), (32, 1, 1, 0, 1))]:
+        x = torch.randn(n, c, h, w, generator=g)
+        weight = torch.randn(co, M * c, k, k, generator=g) / (M * c * k * k) ** 0.5
+        bias = torch.randn(co, generator=g)
+        ref = torch.nn.functional.conv2d(project(x.to(dtype).double(), M, 1), weight.to(dtype).double(),
+                                         bias.to(dtype).double(), stride, pad, dil)
+        xc = x.to(dtype).cuda()
+        if channels_last:
+            xc = xc.contiguous(memory_format=torch.channels_last)
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            out = torch.ops.sas.conv2d(xc, weight.to(dtype).cuda(), bias.to(dtype).cuda(), [stride] * 2,
+                                       [pad] * 2, [dil] * 2, 1, M, "sign_pattern")
+        assert out.shape == ref.shape
+        assert rel_err(out.cpu(), ref) < (2e-3 if dtype == torch.float16 else 1e-5)
+    assert any(d.op == "sas_conv2d" for d in autotune.decisions()) or dtype == torch.float32
+
+
+def test_backend_sas_on_cuda_lowers_and_matches_eager():
+    from torch import nn
+
+    import sas_compile
+    import sas_compile.backend as backend_module
+    from sas_compile.backend import sas_backend
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).cuda().eval()
+    sas = sas_compile.sasify(dense, M=2).cuda().eval()
+    x = torch.randn(8, 3, 16, 16, device="cuda")
+    counts = []
+    original = backend_module.lower_sas_to_projection
+
+    def spy(gm, device, measure=True):
+        counts.append(original(gm, device, measure))
+        return counts[-1]
+
+    backend_module.lower_sas_to_projection = spy
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(sas, backend=sas_backend)
+        with torch.no_grad():
+            got, want = compiled(x), sas(x)
+            got_dense = torch.compile(dense, backend=sas_backend)(x)
+    finally:
+        backend_module.lower_sas_to_projection = original
+    assert rel_err(got.double().cpu(), want.double().cpu()) < 1e-4
+    assert rel_err(got_dense.double().cpu(), dense(x).double().cpu()) < 1e-4
+    assert sum(counts) >= 2, counts  # the two SAS convs (and the linear unless a kernel measured faster)
