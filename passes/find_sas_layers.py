@@ -19,7 +19,7 @@ from sas_compile.plan import LayerPlan, Plan
 
 from .capture import clean_module_path
 
-__all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "layer_plan_from_module", "LINEAR_FUNCTIONS", "CONV_FUNCTIONS"]
+__all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layer_plan_from_module", "LINEAR_FUNCTIONS", "CONV_FUNCTIONS"]
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 CONV_FUNCTIONS = {
@@ -133,7 +133,7 @@ def _weight_tensor(call: LayerCall, gm: fx.GraphModule, placeholder_values: Dict
     return "computed", getattr(w, "name", str(w)), None
 
 
-def _raw_input_nodes(gm: fx.GraphModule, param_placeholders: set) -> set:
+def raw_input_nodes(gm: fx.GraphModule, param_placeholders: set) -> set:
     """Nodes computed from the network inputs alone, through no parameter or layer."""
     raw = set()
     for node in gm.graph.nodes:
@@ -189,7 +189,7 @@ def find_sas_layers(
 
     placeholder_values = placeholder_values or {}
     placeholder_sources = placeholder_sources or {}
-    raw = _raw_input_nodes(gm, set(placeholder_values))
+    raw = raw_input_nodes(gm, set(placeholder_values))
     layers: List[LayerPlan] = []
     sites: Dict[str, List[LayerPlan]] = {}
     for node in gm.graph.nodes:

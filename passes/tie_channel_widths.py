@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import fx, nn
 
-from sas_compile.accounting import sws_width
+from .costs import sws_width
 
 log = logging.getLogger("sas_compile.passes")
 
@@ -1281,7 +1281,7 @@ def tie_channel_widths(gm: fx.GraphModule, M: int, example_inputs=None, *, filte
 
 def _raw_inputs(gm: fx.GraphModule) -> set:
     """Nodes computed from the network inputs alone: sasify's notion (``find_sas_layers``)."""
-    from .find_sas_layers import _raw_input_nodes
+    from .find_sas_layers import raw_input_nodes
 
     params = set()
     for node in gm.graph.nodes:
@@ -1290,7 +1290,7 @@ def _raw_inputs(gm: fx.GraphModule) -> set:
             # lifted parameters (dynamo graphs) are not network inputs; the analysis reads them as parameters
             if isinstance(val, nn.Parameter) or "_parameters_" in node.name or "_buffers_" in node.name:
                 params.add(node.name)
-    return _raw_input_nodes(gm, params)
+    return raw_input_nodes(gm, params)
 
 
 def _dim_reason(uf: _UnionFind, dim: Dim) -> str:

@@ -20,6 +20,8 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import sympy
 
+from .passes.costs import round_half_up, sws_width
+
 Size = Union[int, sympy.Expr]
 
 __all__ = [
@@ -38,21 +40,6 @@ __all__ = [
     "layer_costs",
     "sum_costs",
 ]
-
-
-def round_half_up(x: float) -> int:
-    """Round to the nearest int, halves up.
-
-    Python's ``round`` is banker's rounding (``round(2.5) == 2``); the paper's widths use
-    ordinary rounding, so we use ``floor(x + 0.5)``.
-    """
-    return int(math.floor(x + 0.5))
-
-
-def sws_width(channels: int, M: int) -> int:
-    """SWS width of a hidden tensor with ``channels`` channels: ``round(sqrt(M) * channels)``."""
-    _check_positive_int(channels, "channels")
-    return round_half_up(math.sqrt(M) * channels)
 
 
 def check_M_values(M: Union[int, Iterable[int]]) -> Tuple[int, ...]:

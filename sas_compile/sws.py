@@ -35,6 +35,7 @@ from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
 from sas_compile.runtime.projection import check_M
+from sas_compile.runtime.sws_mask import OneOfMMask, one_of_m_mask
 
 __all__ = [
     "swsify",
@@ -43,63 +44,6 @@ __all__ = [
     "sws_costs",
     "export_sws_weights",
 ]
-
-
-def one_of_m_mask(weight: Tensor, M: int) -> Tensor:
-    """Bool mask keeping the largest-magnitude weight of every M consecutive (row-major) weights."""
-    flat = weight.detach().reshape(-1).abs()
-    n = flat.numel()
-    pad = (-n) % M
-    if pad:
-        # a last partial chunk keeps one of the weights it has: padding can never win
-        flat = torch.cat([flat, flat.new_full((pad,), -1.0)])
-    keep = flat.view(-1, M).argmax(dim=1)
-    mask = torch.zeros(flat.numel() // M, M, dtype=torch.bool, device=weight.device)
-    mask.scatter_(1, keep.unsqueeze(1), True)
-    return mask.view(-1)[:n].view(weight.shape)
-
-
-class OneOfMMask(nn.Module):
-    """Parametrization: the 1:M masked weight (see the module docstring for the pattern).
-
-    ``state_dict`` keeps the plain dense weight (``parametrizations.weight.original``).
-    """
-
-    def __init__(self, M: int, freeze_mask: bool = False):
-        super().__init__()
-        self.M = check_M(M)
-        self.freeze_mask = freeze_mask
-        self.register_buffer("frozen", None, persistent=False)
-        self._cache: Optional[Tensor] = None
-        self._cache_key = None
-
-    def train(self, mode: bool = True):
-        self._cache = None
-        return super().train(mode)
-
-    def mask(self, weight: Tensor) -> Tensor:
-        """The current bool mask of ``weight`` (the frozen one when ``freeze_mask``)."""
-        if self.freeze_mask:
-            if self.frozen is None or self.frozen.shape != weight.shape:
-                self.frozen = one_of_m_mask(weight, self.M)
-            return self.frozen
-        return one_of_m_mask(weight, self.M)
-
-    def forward(self, weight: Tensor) -> Tensor:
-        if not self.training and not torch.is_grad_enabled():
-            key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype)
-            if self._cache is None or self._cache_key != key:
-                self._cache = weight.detach() * self.mask(weight)
-                self._cache_key = key
-            return self._cache
-        mask = self.mask(weight)
-        if self.freeze_mask:
-            return weight * mask
-        # straight-through: forward uses the masked weight, backward reaches every weight
-        return weight + (weight * mask - weight).detach()
-
-    def extra_repr(self) -> str:
-        return f"M={self.M}, freeze_mask={self.freeze_mask}"
 
 
 def swsify(
