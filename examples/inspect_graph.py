@@ -2,7 +2,7 @@
 
 The models are built from small configs with random weights (no download): a ResNet
 (convolutions, residual adds, a linear classifier) and a ViT (a patch-embedding convolution,
-attention and MLP linears). ``sas_compile.inspect`` captures each one (``torch.export``,
+attention and MLP linears). ``sas_compile.inspect_model`` captures each one (``torch.export``,
 since ``symbolic_trace`` cannot trace these models), decides per conv/linear layer, and
 returns the plan; this example prints it, writes the plan's Graphviz DOT picture (and an
 SVG when the Graphviz ``dot`` program is installed) to ``--out``, and checks that
@@ -88,7 +88,7 @@ def inspect_one(arch: str, args) -> Dict[str, Any]:
     model = build(arch, args.size)
     x = torch.randn(2, 3, args.size, args.size)
     filter_fn = keep_classifier_dense if args.keep_classifier_dense else None
-    plan = sas_compile.inspect(model, (x,), M=args.M, filter_fn=filter_fn)
+    plan = sas_compile.inspect_model(model, (x,), M=args.M, filter_fn=filter_fn)
     print(f"\n== {arch}: {type(model).__name__}, input {tuple(x.shape)}")
     print(plan)
     converted = [layer.name for layer in plan.layers if layer.eligible]

@@ -37,7 +37,7 @@ class SASTracer(fx.Tracer):
     """Symbolic tracer that also keeps sas-compile's own layers as leaf modules."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from sas_compile.layers import SAS_LAYERS
+        from sas_compile.runtime.layers import SAS_LAYERS
 
         return isinstance(m, SAS_LAYERS) or getattr(m, "_sas_compile_leaf", False) or super().is_leaf_module(m, qualname)
 

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from sas_compile.plan import LayerPlan, Plan
+from sas_compile.runtime.layers import SAS_LAYERS
 
 from .capture import clean_module_path
+from .plan import LayerPlan, Plan
 
-__all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layer_plan_from_module", "LINEAR_FUNCTIONS", "CONV_FUNCTIONS"]
+__all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layers_from_modules", "layer_plan_from_module", "LINEAR_FUNCTIONS", "CONV_FUNCTIONS"]
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 CONV_FUNCTIONS = {
@@ -115,7 +116,7 @@ def _shape(node) -> Optional[Tuple[int, ...]]:
     return None
 
 
-def _weight_tensor(call: LayerCall, gm: fx.GraphModule, placeholder_values: Dict[str, torch.Tensor]):
+def _weight_tensor(call: LayerCall, gm: fx.GraphModule, parameters: Dict[str, torch.Tensor]):
     """(kind, target, tensor): kind is module | attr | placeholder | computed."""
     if call.module is not None:
         return "module", f"{call.module_path}.weight", call.module.weight
@@ -128,8 +129,8 @@ def _weight_tensor(call: LayerCall, gm: fx.GraphModule, placeholder_values: Dict
                 return "attr", w.target, gm.get_buffer(w.target)
             except AttributeError:
                 return "computed", w.target, None
-    if isinstance(w, fx.Node) and w.op == "placeholder" and w.name in placeholder_values:
-        return "placeholder", w.name, placeholder_values[w.name]
+    if isinstance(w, fx.Node) and w.op == "placeholder" and w.name in parameters:
+        return "placeholder", w.name, parameters[w.name]
     return "computed", getattr(w, "name", str(w)), None
 
 
@@ -169,27 +170,19 @@ def _layer_name(call: LayerCall, kind: str, target: str, gm: fx.GraphModule) -> 
     return target
 
 
-def find_sas_layers(
-    gm: fx.GraphModule,
-    *,
-    M: int,
-    capture: str,
-    filter_fn: Optional[Callable[[Optional[nn.Module], str], bool]] = None,
-    dense_input_layers: bool = True,
-    placeholder_values: Optional[Dict[str, torch.Tensor]] = None,
-    placeholder_sources: Optional[Dict[str, str]] = None,
-    model: Optional[nn.Module] = None,
-) -> Plan:
-    """The per-layer plan for ``gm`` (eligibility, reasons, shapes); folds are decided after.
+def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
+    """Fill ``plan.layers`` with every conv/linear call of ``gm``: eligibility, reasons, shapes.
 
-    ``model`` is the captured module; a torch.export capture needs it to tell module calls
-    (which the rewrite can swap) from functional ones.
+    Reads ``config.filter_fn`` and ``config.dense_input_layers``; ``plan.capture`` says how
+    ``gm`` was captured, ``plan.parameters`` / ``plan.sources`` map a dynamo graph's lifted
+    parameters to their tensors and user paths, and ``plan.model`` (an export capture) tells
+    module calls, which the rewrite can swap, from functional ones. ReLU folds are decided by
+    the next pass.
     """
-    from sas_compile.layers import SAS_LAYERS
-
-    placeholder_values = placeholder_values or {}
-    placeholder_sources = placeholder_sources or {}
-    raw = raw_input_nodes(gm, set(placeholder_values))
+    filter_fn = getattr(config, "filter_fn", None)
+    dense_input_layers = getattr(config, "dense_input_layers", True)
+    parameters, sources = plan.parameters, plan.sources
+    raw = raw_input_nodes(gm, set(parameters))
     layers: List[LayerPlan] = []
     sites: Dict[str, List[LayerPlan]] = {}
     for node in gm.graph.nodes:
@@ -200,20 +193,23 @@ def find_sas_layers(
         call = match_layer_call(node, gm)
         if call is None:
             continue
-        kind, target, weight = _weight_tensor(call, gm, placeholder_values)
-        name = placeholder_sources.get(target, None) if kind == "placeholder" else None
+        kind, target, weight = _weight_tensor(call, gm, parameters)
+        name = sources.get(target, None) if kind == "placeholder" else None
         name = _layer_name(call, kind, target, gm) if name is None else (name[:-7] if name.endswith(".weight") else name)
         layer = _describe(call, kind, target, weight, name)
         layer.input_shape = _shape(call.x)
         layer.output_shape = _shape(node)
         layer.input_is_graph_input = call.x in raw
-        layer.extra["weight_kind"] = kind
-        layer.eligible, layer.reason = _eligibility(call, kind, weight, layer, M, filter_fn, dense_input_layers, gm,
-                                                    capture, model)
+        layer.weight_kind = kind
+        layer.call = call
+        layer.eligible, layer.reason = _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm,
+                                                    plan.capture, plan.model)
         layers.append(layer)
         sites.setdefault(target, []).append(layer)
     _resolve_shared_weights(sites)
-    return Plan(M=M, layers=layers, capture=capture, gm=gm, graph_before=gm.code)
+    plan.layers = layers
+    plan.graph_before = gm.code
+    return plan
 
 
 def module_op(mod: nn.Module) -> str:
@@ -234,9 +230,37 @@ def layer_plan_from_module(fqn: str, node: str, mod: nn.Module, eligible: bool, 
                      f"{fqn}.weight", fqn)
 
 
+def layers_from_modules(model: nn.Module, config) -> List[LayerPlan]:
+    """Without a graph (a model no capture could trace): its layer modules, in registration order.
+
+    The input-layer rule can only guess (the first layer module), and says so.
+    """
+    filter_fn = getattr(config, "filter_fn", None)
+    layers, first = [], True
+    for fqn, mod in model.named_modules():
+        if isinstance(mod, SAS_LAYERS):
+            layer = layer_plan_from_module(fqn, fqn, mod, False, f"already a SAS layer (M={mod.M})")
+            layer.sas_M = mod.M
+        elif isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            eligible, reason = True, None
+            if getattr(mod, "padding_mode", "zeros") != "zeros":
+                eligible, reason = False, f"padding_mode={mod.padding_mode!r}: SAS convolutions support only zero padding"
+            elif first and getattr(config, "dense_input_layers", True):
+                eligible, reason = False, ("input layer (assumed: the first layer module; pass example_inputs for an "
+                                           "exact analysis), kept dense as in the reference code")
+            elif filter_fn is not None and not filter_fn(mod, fqn):
+                eligible, reason = False, "excluded by filter_fn"
+            layer = layer_plan_from_module(fqn, fqn, mod, eligible, reason)
+        else:
+            continue
+        first = False
+        layers.append(layer)
+    return layers
+
+
 def _existing_sas_layer(node: fx.Node, mod) -> LayerPlan:
     layer = layer_plan_from_module(node.target, node.name, mod, False, f"already a SAS layer (M={mod.M})")
-    layer.extra["sas_M"] = mod.M
+    layer.sas_M = mod.M
     layer.input_shape = _shape(node.args[0]) if node.args else None
     layer.output_shape = _shape(node)
     return layer
@@ -265,7 +289,7 @@ def _get_submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
         return None
 
 
-def _eligibility(call, kind, weight, layer, M, filter_fn, dense_input_layers, gm, capture, model) -> Tuple[bool, Optional[str]]:
+def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, capture, model) -> Tuple[bool, Optional[str]]:
     if not call.supported:
         return False, call.unsupported_reason
     if kind == "computed" or weight is None:

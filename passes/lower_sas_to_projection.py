@@ -21,9 +21,11 @@ from torch import fx
 from sas_compile.runtime import sas_ops
 from sas_compile.runtime.projection import expand_dense_weight
 
+from .plan import Plan
+
 log = logging.getLogger("sas_compile.passes")
 
-__all__ = ["lower_sas_to_projection"]
+__all__ = ["lower_sas_to_projection", "graph_device"]
 
 # op -> (kind, the same call as plain aten ops); every replacement takes the op's arguments
 _LOWERINGS = {
@@ -83,13 +85,25 @@ def _kernel_is_faster(node: fx.Node, kind: str, device: torch.device) -> bool:
         return decision is not None and decision.impl != "dense"
 
 
-def lower_sas_to_projection(gm: fx.GraphModule, device: torch.device, measure: bool = True) -> int:
-    """Replace SAS op calls by projection + dense op on a ``device`` graph; returns how many.
+def graph_device(example_inputs) -> Optional[torch.device]:
+    """The device a captured graph runs on: its first tensor input's."""
+    for value in example_inputs or ():
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
 
-    ``measure=False`` lowers every layer without consulting the autotuner.
+
+def lower_sas_to_projection(gm: fx.GraphModule, plan: Plan, config) -> Plan:
+    """Replace SAS op calls by projection + dense op on a GPU graph (``plan.lowered`` counts them).
+
+    The device is ``config.device`` when set, else that of ``plan.example_inputs``;
+    ``config.measure_kernels=False`` lowers every layer without consulting the autotuner.
     """
-    if device.type == "cpu":
-        return 0
+    device = getattr(config, "device", None) or graph_device(plan.example_inputs)
+    if device is None or torch.device(device).type == "cpu":
+        return plan
+    device = torch.device(device)
+    measure = getattr(config, "measure_kernels", True)
     lowered = kept = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _LOWERINGS or node.kwargs:
@@ -103,6 +117,8 @@ def lower_sas_to_projection(gm: fx.GraphModule, device: torch.device, measure: b
     if lowered:
         gm.graph.lint()
         gm.recompile()
+        plan.graph_after = gm.code
+    plan.lowered = lowered
     log.debug("lower_sas_to_projection: %d layers lowered to projection + dense, %d kept on the kernels",
               lowered, kept)
-    return lowered
+    return plan

@@ -15,34 +15,33 @@ from typing import Dict, List
 import torch
 from torch import fx, nn
 
-from sas_compile.layers import SASConv1d, SASConv2d, SASLinear
-from sas_compile.plan import LayerPlan, Plan
 from sas_compile.runtime import sas_ops
+from sas_compile.runtime.layers import SASConv1d, SASConv2d, SASLinear
 from sas_compile.runtime.projection import expand_dense_weight
 
+from .find_foldable_relus import relu_input
 from .find_sas_layers import match_layer_call
-from .fold_relu_into_projection import relu_input
+from .plan import LayerPlan, Plan
 
 log = logging.getLogger("sas_compile.passes")
 
-__all__ = ["rewrite_layers_to_sas", "RULE"]
-
-RULE = "sign_pattern"
+__all__ = ["rewrite_layers_to_sas", "swap_sas_modules", "sas_module", "set_submodule"]
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, module)
 
 
-def _sas_module(dense: nn.Module, M: int, fold: bool) -> nn.Module:
+def sas_module(dense: nn.Module, M: int, fold: bool, rule: str) -> nn.Module:
+    """The SAS layer computing the same function as ``dense`` (``dense(relu(x))`` if folded)."""
     if isinstance(dense, nn.Linear):
-        return SASLinear.from_dense(dense, M, fold_relu=fold, rule=RULE)
+        return SASLinear.from_dense(dense, M, fold_relu=fold, rule=rule)
     if isinstance(dense, nn.Conv2d):
-        return SASConv2d.from_dense(dense, M, fold_relu=fold, rule=RULE)
+        return SASConv2d.from_dense(dense, M, fold_relu=fold, rule=rule)
     if isinstance(dense, nn.Conv1d):
-        return SASConv1d.from_dense(dense, M, fold_relu=fold, rule=RULE)
+        return SASConv1d.from_dense(dense, M, fold_relu=fold, rule=rule)
     raise TypeError(f"no SAS layer for {type(dense).__name__}")
 
 
@@ -51,38 +50,39 @@ def _functional_target(op: str):
             "conv1d": sas_ops.sas_conv1d_call}[op]
 
 
-def rewrite_layers_to_sas(gm: fx.GraphModule, plan: Plan) -> int:
-    """Rewrite ``gm`` in place following ``plan``; returns how many call sites changed."""
-    M = plan.M
+def rewrite_layers_to_sas(gm: fx.GraphModule, plan: Plan, config) -> Plan:
+    """Rewrite ``gm`` in place: every eligible layer of ``plan`` becomes SAS at ``config.M``.
+
+    ``plan.graph_after`` is set to the rewritten code. ``config.rule`` names the index rule.
+    """
+    M, rule = config.M, getattr(config, "rule", "sign_pattern")
     nodes: Dict[str, fx.Node] = {n.name: n for n in gm.graph.nodes}
     groups: Dict[str, List[LayerPlan]] = {}
     for layer in plan.eligible():
         groups.setdefault(layer.weight_target, []).append(layer)
-    # match every site before any module is swapped (a swapped module no longer matches)
+    # match on this graph (a copy of the analysed one), every site before any module is swapped
     calls = {layer.node: match_layer_call(nodes[layer.node], gm) for layer in plan.eligible()}
     changed = 0
     for target, group in groups.items():
         fold = group[0].fold_relu
-        kind = group[0].extra.get("weight_kind")
+        kind = group[0].weight_kind
         wide_node = None
         if kind == "attr":
             owner_path, _, pname = target.rpartition(".")
             owner = gm.get_submodule(owner_path) if owner_path else gm
             dense_weight = getattr(owner, pname)
             with torch.no_grad():
-                wide = expand_dense_weight(dense_weight.detach(), M, fold_relu=fold, rule=RULE, groups=group[0].groups)
+                wide = expand_dense_weight(dense_weight.detach(), M, fold_relu=fold, rule=rule, groups=group[0].groups)
             owner.register_parameter(pname, nn.Parameter(wide, requires_grad=dense_weight.requires_grad))
         swapped = set()
         for layer in group:
-            node = nodes[layer.node]
             call = calls[layer.node]
-            if call.module is None:  # re-read: earlier rewrites may have replaced its inputs
-                call = match_layer_call(node, gm)
+            node = nodes[layer.node]
             current_x = node.args[0] if node.args else node.kwargs["input"]
             x = relu_input(current_x, gm)[0] if layer.fold_relu else current_x
             if call.module is not None:
                 if call.module_path not in swapped:
-                    _set_submodule(gm, call.module_path, _sas_module(call.module, M, fold))
+                    set_submodule(gm, call.module_path, sas_module(call.module, M, fold, rule))
                     swapped.add(call.module_path)
                 node.args = (x, *node.args[1:])
             else:
@@ -91,12 +91,12 @@ def rewrite_layers_to_sas(gm: fx.GraphModule, plan: Plan) -> int:
                     if wide_node is None:
                         with gm.graph.inserting_after(weight):
                             wide_node = gm.graph.call_function(
-                                expand_dense_weight, (weight, M), {"fold_relu": fold, "rule": RULE, "groups": layer.groups})
+                                expand_dense_weight, (weight, M), {"fold_relu": fold, "rule": rule, "groups": layer.groups})
                     weight = wide_node
                 if layer.op == "linear":
-                    args = (x, weight, call.bias, M, RULE)
+                    args = (x, weight, call.bias, M, rule)
                 else:
-                    args = (x, weight, call.bias, call.stride, call.padding, call.dilation, call.groups, M, RULE)
+                    args = (x, weight, call.bias, call.stride, call.padding, call.dilation, call.groups, M, rule)
                 with gm.graph.inserting_before(node):
                     new = gm.graph.call_function(_functional_target(layer.op), args)
                 new.meta.update(node.meta)
@@ -121,5 +121,23 @@ def rewrite_layers_to_sas(gm: fx.GraphModule, plan: Plan) -> int:
             nodes[layer.relu_node] = out_of_place
     gm.graph.lint()
     gm.recompile()
+    plan.graph_after = gm.code
     log.debug("rewrite_layers_to_sas: %d call sites converted (M=%d)", changed, M)
-    return changed
+    return plan
+
+
+def swap_sas_modules(model: nn.Module, plan: Plan, config) -> List[str]:
+    """Swap the eligible layer modules of ``model`` (a copy) for SAS layers; returns their paths.
+
+    The rewrite of a torch.export capture: the graph cannot be turned back into the user's
+    code, but its nn.Linear / nn.Conv modules can be replaced, so the model keeps its class.
+    """
+    swapped: List[str] = []
+    for layer in plan.eligible():
+        path = layer.module_target
+        if path is None or path in swapped:
+            continue
+        set_submodule(model, path, sas_module(model.get_submodule(path), config.M, layer.fold_relu,
+                                              getattr(config, "rule", "sign_pattern")))
+        swapped.append(path)
+    return swapped

@@ -1,26 +1,35 @@
-"""Per-op mult and parameter formulas for base, SAS and SWS layers.
+"""Mult and parameter counts of single layers for base, SAS and SWS: the user's accounting.
 
-One table of formulas, used by every consumer (``report``, ``inspect``, the CLI, the
-benchmarks): nothing else in the project counts multiplications. The paper's "mult count"
-is multiply-accumulates of conv/linear layers (not 2x FLOPs); params are stored weights and
-biases. Every size argument may be an int or a sympy expression, so the same code gives
-exact numbers for one input and formulas in the input sizes.
+Every number comes from the cost registry of ``passes/costs.py`` (the one table of
+formulas, shared with ``report`` and ``inspect_model``); this module shapes them into report
+rows: ``{"name", "op", "eligible", "reason", "base", "sas": {M: ...}, "sws": {M: ...},
+"symbolic"}``. :func:`layer_costs` is the one row builder (``report`` counts every layer of
+a model with it); :func:`linear_costs` and :func:`conv2d_costs` count a layer described by
+its sizes, as in the paper's worked example::
 
-- Base: ``Co * Cbar`` mults per output position, ``Cbar = Cin/groups * kh * kw``.
-- SAS at M: mults equal base (one of every M projected activations is nonzero); params
-  ``M * weight + bias``.
-- SWS at M: widths ``round(sqrt(M) * C)`` (round half up), weights 1:M sparse; mults per
-  output position ``ceil(in * out / M)`` (the paper counts a last partial chunk as one
-  nonzero); params reported both as stored dense and as nonzeros.
+    linear_costs(288, 64, 8)   # base 18432 mults; SAS 18432 mults, 147456 weights;
+                               # SWS 815 x 181, 18440 mults
+
+The paper's "mult count" is multiply-accumulates of conv/linear layers (not 2x FLOPs); params
+are stored weights and biases. SWS widths are ``round(sqrt(M) * C)`` (round half up) and its
+weights 1:M sparse: ``ceil(fan_in * out / M)`` mults per output position.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import sympy
 
-from .passes.costs import round_half_up, sws_width
+from .passes import costs
+from .passes.costs import (
+    check_M_values,
+    conv_output_shape,
+    conv_output_size,
+    output_positions,
+    round_half_up,
+    sws_width,
+)
+from .passes.plan import LayerPlan
 
 Size = Union[int, sympy.Expr]
 
@@ -42,21 +51,6 @@ __all__ = [
 ]
 
 
-def check_M_values(M: Union[int, Iterable[int]]) -> Tuple[int, ...]:
-    """Return ``M`` as a tuple of distinct ints, each a power of two >= 2 (clear error otherwise)."""
-    from sas_compile.runtime.projection import check_M
-
-    values = (M,) if isinstance(M, int) else tuple(M)
-    if not values:
-        raise ValueError("M is empty: give at least one value, e.g. M=(2, 4, 8)")
-    out = []
-    for value in values:
-        value = check_M(value)
-        if value not in out:
-            out.append(value)
-    return tuple(out)
-
-
 def _check_positive_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{what}={value!r} must be a positive int")
@@ -73,53 +67,15 @@ def _pair(value: Any, what: str) -> Tuple[Any, Any]:
     return value, value
 
 
-def _floordiv(a: Size, b: int) -> Size:
-    if isinstance(a, sympy.Basic):
-        return sympy.floor(a / b)
-    return a // b
-
-
-def conv_output_size(
-    size: Size, kernel: int, stride: int = 1, padding: Any = 0, dilation: int = 1
-) -> Size:
-    """Output length of one conv dimension (PyTorch's formula), on ints or sympy expressions.
-
-    ``floor((size + 2*padding - dilation*(kernel - 1) - 1) / stride) + 1``; ``padding`` may be
-    an int, ``"valid"`` (0) or ``"same"`` (output = input, stride 1 only, as in PyTorch).
-    """
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = 0
-        elif padding == "same":
-            if stride != 1:
-                raise ValueError("padding='same' needs stride=1 (PyTorch rejects it otherwise)")
-            return size
-        else:
-            raise ValueError(f"padding={padding!r}: use an int, a pair, 'same' or 'valid'")
-    out = _floordiv(size + 2 * padding - dilation * (kernel - 1) - 1, stride) + 1
-    if not isinstance(out, sympy.Basic) and out < 1:
-        raise ValueError(
-            f"conv input size {size} is too small for kernel {kernel}, stride {stride}, "
-            f"padding {padding}, dilation {dilation} (output size {out})"
-        )
-    return out
-
-
-def conv2d_output_hw(
-    height: Size, width: Size, kernel_size: Any, stride: Any = 1, padding: Any = 0, dilation: Any = 1
-) -> Tuple[Size, Size]:
+def conv2d_output_hw(height: Size, width: Size, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+                     dilation: Any = 1) -> Tuple[Size, Size]:
     """(H_out, W_out) of a conv2d; every argument may be an int or an (h, w) pair."""
-    kh, kw = _pair(kernel_size, "kernel_size")
-    sh, sw = _pair(stride, "stride")
-    dh, dw = _pair(dilation, "dilation")
-    if isinstance(padding, str):
-        ph = pw = padding
-    else:
-        ph, pw = _pair(padding, "padding")
-    return (
-        conv_output_size(height, kh, sh, ph, dh),
-        conv_output_size(width, kw, sw, pw, dw),
-    )
+    for value, what in ((kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation")):
+        _pair(value, what)
+    if not isinstance(padding, str):
+        _pair(padding, "padding")
+    h, w = conv_output_shape((height, width), kernel_size, stride, padding, dilation)
+    return h, w
 
 
 def linear_positions(input_shape: Sequence[Size]) -> Size:
@@ -130,137 +86,117 @@ def linear_positions(input_shape: Sequence[Size]) -> Size:
     return n
 
 
-def output_positions(
-    op: str, output_shape: Optional[Sequence[Size]], input_shape: Optional[Sequence[Size]] = None,
-    spatial_dims: Optional[int] = None,
-) -> Optional[Size]:
-    """Output positions of a layer (ints or sympy): every dim but the channel one.
-
-    Linear: all leading dims. Convolution: batch and spatial dims of the output (an unbatched
-    input has one dim fewer than ``spatial_dims + 2``). A transposed convolution multiplies
-    per *input* position, so its positions come from ``input_shape``. None if unknown.
-    """
-    transposed = "transpose" in op
-    shape = input_shape if transposed else output_shape
-    if shape is None:
-        return None
-    dims = list(shape)
-    if op == "linear":
-        dims = dims[:-1]
-    elif spatial_dims is not None and len(dims) == spatial_dims + 1:
-        dims = dims[1:]  # unbatched: channels first
-    else:
-        dims = dims[:1] + dims[2:]
-    n: Size = 1
-    for d in dims:
-        n = n * d
-    return n
+def _linear(fan_in: int, out_features: int, bias: bool) -> costs.Geometry:
+    return costs.Geometry("linear", int(fan_in), int(out_features), (), 1, bool(bias))
 
 
 def base_costs(weight_numel: int, out_channels: int, bias: bool, positions: Size = 1) -> Dict[str, Size]:
     """Dense layer: ``weight_numel`` mults per output position; weight plus bias params."""
-    return {"mults": positions * weight_numel, "params": weight_numel + (out_channels if bias else 0)}
+    return costs.layer_cost(_linear(weight_numel // max(out_channels, 1), out_channels, bias), "base",
+                            positions=positions)
 
 
 def sas_costs(weight_numel: int, out_channels: int, bias: bool, M: int, positions: Size = 1) -> Dict[str, Size]:
     """SAS layer at M: mults equal base, the weight is M times wider."""
-    return {"mults": positions * weight_numel, "params": M * weight_numel + (out_channels if bias else 0)}
+    return costs.layer_cost(_linear(weight_numel // max(out_channels, 1), out_channels, bias), "sas",
+                            positions=positions, M=M)
 
 
-def sws_costs(
-    in_features: int,
-    out_features: int,
-    bias: bool,
-    M: int,
-    positions: Size = 1,
-    *,
-    in_channels: Optional[int] = None,
-    out_channels: Optional[int] = None,
-    sparse: bool = True,
-) -> Dict[str, Size]:
-    """SWS layer at M with a 1:M sparse ``out_features x in_features`` weight.
+def sws_costs(in_features: int, out_features: int, bias: bool, M: int, positions: Size = 1, *,
+              in_channels: Optional[int] = None, out_channels: Optional[int] = None,
+              sparse: bool = True) -> Dict[str, Size]:
+    """SWS layer at M with a 1:M sparse ``out_features x in_features`` weight (``in_features``: fan-in).
 
     Mults per output position are ``ceil(in*out/M)`` (a last partial chunk counts as one
     nonzero); ``params`` is the dense stored weight (+ bias), ``nonzero_params`` the kept
     weights (+ bias). ``in_features``/``out_features`` in the result are the layer's widened
     channel widths (``in_channels``/``out_channels`` when given, else the fan-in/fan-out).
-    ``sparse=False`` is a layer SWS leaves dense (neither width widened): all weights count.
+    ``sparse=False`` is a layer SWS leaves dense: all weights count.
     """
-    nnz = -(-(in_features * out_features) // M) if sparse else in_features * out_features
-    b = out_features if bias else 0
-    return {
-        "mults": positions * nnz,
-        "params": in_features * out_features + b,
-        "nonzero_params": nnz + b,
-        "in_features": in_features if in_channels is None else in_channels,
-        "out_features": out_features if out_channels is None else out_channels,
-    }
+    c = costs.layer_cost(_linear(in_features, out_features, bias), "sws", positions=positions, M=M,
+                         in_channels=in_features, out_channels=out_features, sparse=sparse)
+    return {"mults": c["mults"], "params": c["params"], "nonzero_params": c["nonzero_params"],
+            "in_features": in_features if in_channels is None else in_channels,
+            "out_features": out_features if out_channels is None else out_channels}
 
 
-def _sws_conv_widths(
-    in_channels: int, out_channels: int, groups: int, M: int, widen_in: bool, widen_out: bool
-) -> Tuple[int, int, int]:
-    """Standalone SWS widths of one conv: (in_channels, out_channels, groups).
-
-    A depthwise conv (groups == in == out) keeps being depthwise at the new width; other
-    grouped convs widen each group (``groups * round(sqrt(M) * C / groups)``) so the widths
-    stay divisible. The whole-graph SWS analysis (``sws_layer_widths``) overrides this.
-    """
-    if groups > 1 and groups == in_channels == out_channels:
-        width = sws_width(in_channels, M) if (widen_in and widen_out) else in_channels
-        return width, width, width
-    cin = groups * sws_width(in_channels // groups, M) if widen_in else in_channels
-    cout = groups * sws_width(out_channels // groups, M) if widen_out else out_channels
-    return cin, cout, groups
-
-
-def _row(
-    name: str,
-    op: str,
-    base: Dict[str, Size],
-    sas: Dict[int, Dict[str, Size]],
-    sws: Dict[int, Dict[str, Size]],
-    eligible: bool = True,
-    reason: Optional[str] = None,
-) -> Dict[str, Any]:
-    """A report row with exact ints; ``symbolic.base_mults`` keeps the (maybe sympy) formula."""
-    symbolic = str(sympy.sympify(base["mults"]))
-    return {
-        "name": name,
-        "op": op,
-        "eligible": bool(eligible),
-        "reason": reason,
-        "base": _as_ints(base),
-        "sas": {m: _as_ints(c) for m, c in sas.items()},
-        "sws": {m: _as_ints(c) for m, c in sws.items()},
-        "symbolic": {"base_mults": symbolic},
-    }
-
-
-def _as_ints(costs: Dict[str, Size]) -> Dict[str, Any]:
+def _ints(counts: Dict[str, Any]) -> Dict[str, Any]:
     out = {}
-    for key, value in costs.items():
-        if isinstance(value, sympy.Basic):
-            if not value.is_number:
-                # a symbolic count stays a formula; numbers come from substituting sizes
-                out[key] = value
-                continue
-            value = int(value)
-        out[key] = int(value)
+    for key, value in counts.items():
+        if isinstance(value, sympy.Basic) and not value.is_number:
+            out[key] = value  # a symbolic count stays a formula; numbers come from substituting sizes
+        else:
+            out[key] = int(value)
     return out
 
 
-def linear_costs(
-    in_features: int,
-    out_features: int,
-    M: Union[int, Iterable[int]] = (2, 4, 8),
+def layer_costs(
+    layer: Any,
+    M: Union[int, Iterable[int]],
     *,
-    bias: bool = False,
     positions: Size = 1,
-    widen_in: bool = True,
+    sws_widths: Optional[Dict[int, Any]] = None,
+    eligible_at: Optional[Dict[int, bool]] = None,
+    sws_dense: bool = False,
     widen_out: bool = True,
-    name: str = "linear",
 ) -> Dict[str, Any]:
+    """The report row of one layer (a ``LayerPlan``) at every M, counted by ``passes/costs.py``.
+
+    ``sws_widths`` maps M to the layer's whole-graph SWS widths (an object with
+    ``in_channels``, ``out_channels``, ``groups`` and ``sparse``, whether SWS masks the weight
+    1:M; ``widened`` stands in for ``sparse`` when absent); without them the one-layer rule is
+    used (the input width stays when the layer reads the raw network input; ``widen_out=False``
+    keeps the output width). ``eligible_at`` maps M to the eligibility at that M (a layer dense
+    at M counts as base in the SAS column); the plan's eligibility otherwise. A layer that is
+    already SAS (``sas_M``) reports its real wide parameters; a layer carrying a 1:M SWS mask
+    (``sws_M``) costs its nonzeros in the base and SWS columns; ``sws_dense`` counts a layer SWS
+    keeps as it is (an unmasked layer of a model swsify built).
+    """
+    Ms = check_M_values(M)
+    base = costs.layer_cost(layer, "base", positions=positions)
+    sas, sws = {}, {}
+    for m in Ms:
+        ok = layer.eligible if eligible_at is None else eligible_at.get(m, layer.eligible)
+        if layer.sas_M:
+            sas[m] = costs.layer_cost(layer, "sas", positions=positions, M=int(layer.sas_M))
+        elif ok:
+            sas[m] = costs.layer_cost(layer, "sas", positions=positions, M=m)
+        else:
+            sas[m] = dict(base)
+    own = dict(in_channels=layer.in_channels, out_channels=layer.out_channels, groups=layer.groups)
+    if layer.sws_M:
+        real = costs.layer_cost(layer, "sws", positions=positions, M=int(layer.sws_M), **own)
+        base = {"mults": real["mults"], "params": real["params"]}
+        sws = {m: real for m in Ms}
+    else:
+        for m in Ms:
+            w = (sws_widths or {}).get(m)
+            if sws_dense:
+                sws[m] = costs.layer_cost(layer, "sws", positions=positions, M=m, sparse=False, **own)
+            elif w is not None:
+                sparse = bool(getattr(w, "sparse", getattr(w, "widened", True)))
+                sws[m] = costs.layer_cost(layer, "sws", positions=positions, M=m, in_channels=w.in_channels,
+                                          out_channels=w.out_channels, groups=w.groups, sparse=sparse)
+            else:
+                sws[m] = costs.layer_cost(layer, "sws", positions=positions, M=m,
+                                          widen_in=not layer.input_is_graph_input, widen_out=widen_out)
+    return {
+        "name": layer.name,
+        "op": layer.op,
+        "eligible": bool(layer.eligible),
+        "reason": layer.reason,
+        "base": _ints(base),
+        "sas": {m: _ints({"mults": c["mults"], "params": c["params"]}) for m, c in sas.items()},
+        "sws": {m: _ints({"mults": c["mults"], "params": c["params"], "nonzero_params": c["nonzero_params"],
+                          "in_features": c["in_channels"], "out_features": c["out_channels"]})
+                for m, c in sws.items()},
+        "symbolic": {"base_mults": str(sympy.sympify(base["mults"]))},
+    }
+
+
+def linear_costs(in_features: int, out_features: int, M: Union[int, Iterable[int]] = (2, 4, 8), *,
+                 bias: bool = False, positions: Size = 1, widen_in: bool = True, widen_out: bool = True,
+                 name: str = "linear") -> Dict[str, Any]:
     """Base/SAS/SWS costs of one linear layer, as a report row (same dict as ``Report.to_dict()``).
 
     ``positions`` is the number of output positions (product of the input's leading dims;
@@ -272,15 +208,9 @@ def linear_costs(
     _check_positive_int(in_features, "in_features")
     _check_positive_int(out_features, "out_features")
     Ms = check_M_values(M)
-    weight = in_features * out_features
-    base = base_costs(weight, out_features, bias, positions)
-    sas = {m: sas_costs(weight, out_features, bias, m, positions) for m in Ms}
-    sws = {}
-    for m in Ms:
-        fin = sws_width(in_features, m) if widen_in else in_features
-        fout = sws_width(out_features, m) if widen_out else out_features
-        sws[m] = sws_costs(fin, fout, bias, m, positions)
-    return _row(name, "linear", base, sas, sws)
+    layer = LayerPlan(name, name, "linear", True, None, in_features, out_features, has_bias=bias,
+                      input_is_graph_input=not widen_in)
+    return layer_costs(layer, Ms, positions=positions, widen_out=widen_out)
 
 
 def conv2d_costs(
@@ -320,75 +250,9 @@ def conv2d_costs(
     if input_hw is not None:
         ho, wo = conv2d_output_hw(input_hw[0], input_hw[1], (kh, kw), stride, padding, dilation)
         positions = batch * ho * wo
-    cbar = in_channels // groups * kh * kw
-    weight = out_channels * cbar
-    base = base_costs(weight, out_channels, bias, positions)
-    sas = {m: sas_costs(weight, out_channels, bias, m, positions) for m in Ms}
-    sws = {}
-    for m in Ms:
-        cin, cout, g = _sws_conv_widths(in_channels, out_channels, groups, m, widen_in, widen_out)
-        sws[m] = sws_costs(cin // g * kh * kw, cout, bias, m, positions, in_channels=cin, out_channels=cout)
-    return _row(name, "conv2d", base, sas, sws)
-
-
-def layer_costs(
-    layer: Any,
-    M: Union[int, Iterable[int]],
-    *,
-    positions: Size = 1,
-    sws_widths: Optional[Dict[int, Any]] = None,
-    eligible_at: Optional[Dict[int, bool]] = None,
-) -> Dict[str, Any]:
-    """Costs of one ``LayerPlan`` as a report row; the plan's eligibility is taken as given.
-
-    ``sws_widths`` maps M to the whole-graph SWS widths of this layer (an object with
-    ``in_channels``, ``out_channels``, ``in_features``, ``out_features`` and ``sparse``, whether
-    SWS masks its weight 1:M; ``widened`` stands in for it when absent); without it the standalone rule is used. ``eligible_at`` maps M to the plan's eligibility at that M (a
-    layer that stays dense at M counts as base in the SAS column). A layer that is already
-    SAS (``extra['sas_M']``) reports its real wide parameters; a layer that is already SWS
-    (``extra['sws_M']``, a 1:M masked weight) costs its nonzeros in the base and SWS columns.
-    """
-    Ms = check_M_values(M)
-    weight = layer.weight_numel
-    co = layer.out_channels
-    base = base_costs(weight, co, layer.has_bias, positions)
-    already = layer.extra.get("sas_M") if layer.extra else None
-    sas = {}
-    for m in Ms:
-        ok = layer.eligible if eligible_at is None else eligible_at.get(m, layer.eligible)
-        if already:
-            sas[m] = sas_costs(weight, co, layer.has_bias, int(already), positions)
-        elif ok:
-            sas[m] = sas_costs(weight, co, layer.has_bias, m, positions)
-        else:
-            sas[m] = dict(base)
-    sws = {}
-    kernel = 1
-    for k in layer.kernel_size or ():
-        kernel *= k
-    masked = layer.extra.get("sws_M") if layer.extra else None
-    if masked:
-        # already an SWS layer (1:M mask): it costs its nonzeros, at any M, at its own widths
-        real = sws_costs(weight // co, co, layer.has_bias, int(masked), positions,
-                         in_channels=layer.in_channels, out_channels=co)
-        base = {"mults": real["mults"], "params": real["params"]}
-        return _row(layer.name, layer.op, base, sas, {m: dict(real) for m in Ms}, layer.eligible, layer.reason)
-    for m in Ms:
-        w = (sws_widths or {}).get(m)
-        if w is not None:
-            sws[m] = sws_costs(
-                w.in_features, w.out_features, layer.has_bias, m, positions,
-                in_channels=w.in_channels, out_channels=w.out_channels, sparse=bool(getattr(w, "sparse", getattr(w, "widened", True))),
-            )
-            continue
-        widen_in = not layer.input_is_graph_input
-        if layer.op == "conv2d":
-            cin, cout, g = _sws_conv_widths(layer.in_channels, co, layer.groups, m, widen_in, True)
-            sws[m] = sws_costs(cin // g * kernel, cout, layer.has_bias, m, positions, in_channels=cin, out_channels=cout)
-        else:
-            fin = sws_width(layer.in_channels, m) if widen_in else layer.in_channels
-            sws[m] = sws_costs(fin, sws_width(co, m), layer.has_bias, m, positions)
-    return _row(layer.name, layer.op, base, sas, sws, layer.eligible, layer.reason)
+    layer = LayerPlan(name, name, "conv2d", True, None, in_channels, out_channels, (kh, kw), groups=groups,
+                      has_bias=bias, input_is_graph_input=not widen_in)
+    return layer_costs(layer, Ms, positions=positions, widen_out=widen_out)
 
 
 def sum_costs(rows: Sequence[Dict[str, Any]], M: Sequence[int]) -> Dict[str, Any]:

@@ -1,162 +1,97 @@
-"""``sasify`` and the analysis entry points: capture -> plan -> rewrite.
+"""The user's verb: ``sas_compile.sparsify(model, config)``, one config per technique.
 
-The order of passes lives here and nowhere else:
-``capture`` -> ``find_sas_layers`` -> ``fold_relu_into_projection`` -> ``rewrite_layers_to_sas``.
+In torchao's shape: a technique is a small config dataclass plus a handler registered for
+that config type (``SASConfig`` in ``sas_compile/sas.py``, ``SWSConfig`` in
+``sas_compile/sws.py``, ``SWATConfig`` in ``sas_compile/swat.py``); adding one touches no
+dispatcher. ``filter_fn(module, fqn) -> bool`` picks the layers, as in torchao. Every result
+carries what was done the same way: ``model.sparsify_config`` (the config) and
+``model.sparsify_plan`` (the per-layer plan: converted or why not).
+
+``analyze(model, example_inputs)`` is the analysis alone (capture + analysis passes), the
+plan ``report`` and ``inspect`` read.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import logging
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Optional, Type
 
 from torch import nn
 
-from .passes.capture import CaptureError, capture
-from .passes.find_sas_layers import find_sas_layers, layer_plan_from_module
-from .passes.fold_relu_into_projection import fold_relu_into_projection
-from .passes.rewrite_layers_to_sas import _sas_module, _set_submodule, rewrite_layers_to_sas
-from .plan import Plan
-from .runtime.projection import check_M
+from .passes.capture import CaptureError
+from .passes.pipeline import analyze_model
+from .passes.plan import Plan
 
-log = logging.getLogger("sas_compile")
-
-__all__ = ["SASConfig", "analyze", "rewrite_plan", "sasify", "CaptureError"]
+__all__ = ["sparsify", "register_handler", "analyze", "attach_result", "CaptureError", "FilterFn",
+           "AnalysisOptions"]
 
 FilterFn = Callable[[Optional[nn.Module], str], bool]
+Handler = Callable[[nn.Module, Any, Any], nn.Module]
+_HANDLERS: Dict[Type, Handler] = {}
 
 
-@dataclass(frozen=True)
-class SASConfig:
-    """Options of the SAS conversion (also accepted as ``torch.compile`` backend options).
+def register_handler(config_type: Type) -> Callable[[Handler], Handler]:
+    """Register ``handler(model, config, example_inputs) -> new model`` for ``config_type``."""
 
-    M: slots per value, a power of two >= 2.
-    filter_fn: ``filter_fn(module, fqn) -> bool``; False keeps that layer dense.
-    dense_input_layers: keep layers that read the raw network input dense (the reference
-        code's policy for the first convolution).
-    fold_relu: let a SAS layer read the pre-ReLU tensor when its input is a ReLU.
+    def register(handler: Handler) -> Handler:
+        _HANDLERS[config_type] = handler
+        return handler
+
+    return register
+
+
+def check_filter_fn(filter_fn, what: str = "filter_fn") -> None:
+    """A clear error for a ``filter_fn`` that is not a callable ``(module, fqn) -> bool``."""
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"{what}={filter_fn!r}: expected None or a callable (module, fqn) -> bool "
+                        "that returns False for the layers to keep dense")
+
+
+def sparsify(model: nn.Module, config, *, filter_fn: Optional[FilterFn] = None, example_inputs=None) -> nn.Module:
+    """Return a converted copy of ``model`` as ``config`` says; ``model`` is not modified.
+
+    ``config``: ``SASConfig`` (function-preserving SAS layers), ``SWSConfig`` (the sqrt(M)-wide
+    1:M-sparse baseline) or ``SWATConfig`` (sparse-weight-and-activation training).
+    ``filter_fn(module, fqn) -> bool`` keeps the layers for which it returns False as they
+    are (it replaces ``config.filter_fn`` when given). ``example_inputs`` (a tensor or tuple)
+    gives exact shapes and lets models that symbolic tracing cannot capture be captured with
+    torch.export.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        known = ", ".join(sorted(t.__name__ for t in _HANDLERS)) or "none registered"
+        raise TypeError(f"config must be one of the sparsify configs ({known}), got {type(config).__name__}")
+    check_filter_fn(filter_fn)
+    if filter_fn is not None:
+        config = dataclasses.replace(config, filter_fn=filter_fn)
+    return handler(model, config, example_inputs)
 
-    M: int = 2
+
+def attach_result(model: nn.Module, config, plan: Plan) -> nn.Module:
+    """Record on a converted model what was done: ``sparsify_config`` and ``sparsify_plan``."""
+    model.sparsify_config = config
+    model.sparsify_plan = plan
+    return model
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisOptions:
+    """What the analysis reads: the layer filter and the input-layer and ReLU-fold policies."""
+
     filter_fn: Optional[FilterFn] = None
     dense_input_layers: bool = True
     fold_relu: bool = True
 
-    def __post_init__(self):
-        check_M(self.M)
 
-
-def _module_walk_plan(model: nn.Module, M: int, filter_fn, dense_input_layers: bool, why: str) -> Plan:
-    """Without a graph (no example inputs, untraceable model): the layer modules, in order."""
-    from .layers import SAS_LAYERS
-
-    layers = []
-    first = True
-    for fqn, mod in model.named_modules():
-        if isinstance(mod, SAS_LAYERS):
-            layer = layer_plan_from_module(fqn, fqn, mod, False, f"already a SAS layer (M={mod.M})")
-            layer.extra["sas_M"] = mod.M
-        elif isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            eligible, reason = True, None
-            if getattr(mod, "padding_mode", "zeros") != "zeros":
-                eligible, reason = False, f"padding_mode={mod.padding_mode!r}: SAS convolutions support only zero padding"
-            elif first and dense_input_layers:
-                eligible, reason = False, ("input layer (assumed: the first layer module; pass example_inputs for an "
-                                           "exact analysis), kept dense as in the reference code")
-            elif filter_fn is not None and not filter_fn(mod, fqn):
-                eligible, reason = False, "excluded by filter_fn"
-            layer = layer_plan_from_module(fqn, fqn, mod, eligible, reason)
-            layer.extra["weight_kind"] = "module"
-        else:
-            continue
-        first = False
-        layers.append(layer)
-    plan = Plan(M=M, layers=layers, capture="modules", model=model)
-    plan.graph_before = f"# no graph: {why}"
-    return plan
-
-
-def analyze(model: nn.Module, example_inputs=None, *, M: int = 2, filter_fn: Optional[FilterFn] = None,
+def analyze(model: nn.Module, example_inputs=None, *, filter_fn: Optional[FilterFn] = None,
             dense_input_layers: bool = True, fold_relu: bool = True) -> Plan:
-    """Capture ``model`` and decide, per conv/linear call, whether it becomes SAS and why.
+    """Capture ``model`` and decide, per conv/linear call, whether it can become SAS and why not.
 
-    Without ``example_inputs`` the plan has no shapes (costs per output position); a model
-    that symbolic tracing cannot capture is then analysed from its layer modules alone.
+    The plan does not depend on M. Raises :class:`CaptureError` when the model cannot be
+    captured (without ``example_inputs`` only symbolic tracing is tried).
     """
-    check_M(M)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    try:
-        captured = capture(model, example_inputs)
-    except CaptureError as err:
-        if example_inputs is not None:
-            raise
-        return _module_walk_plan(model, M, filter_fn, dense_input_layers, str(err))
-    plan = find_sas_layers(captured.gm, M=M, capture=captured.method, filter_fn=filter_fn,
-                           dense_input_layers=dense_input_layers, model=model)
-    plan.model = model
-    if fold_relu and captured.method == "symbolic_trace":
-        fold_relu_into_projection(plan, captured.gm)
-    elif captured.method != "symbolic_trace":
-        for layer in plan.eligible():
-            layer.extra["fold_relu_reason"] = "module swap (torch.export capture) keeps the model's ReLUs"
-    return plan
-
-
-def rewrite_plan(plan: Plan) -> nn.Module:
-    """Build the SAS model the plan describes (the analysed model is left untouched)."""
-    if plan.capture == "symbolic_trace":
-        gm = copy.deepcopy(plan.gm)
-        rewrite_layers_to_sas(gm, plan)
-        plan.graph_after = gm.code
-        if plan.model is not None:
-            gm.train(plan.model.training)
-        return gm
-    model = copy.deepcopy(plan.model)
-    swapped = set()
-    for layer in plan.eligible():
-        path = layer.module_target
-        if path is None or path in swapped:
-            continue
-        _set_submodule(model, path, _sas_module(model.get_submodule(path), plan.M, False))
-        swapped.add(path)
-    plan.graph_after = f"# {plan.capture} capture: modules swapped in place, no graph rewrite\n" + "\n".join(
-        f"# {p} -> {type(model.get_submodule(p)).__name__}" for p in sorted(swapped))
-    return model
-
-
-def sasify(model: nn.Module, *, M: int = 2, example_inputs=None, filter_fn: Optional[FilterFn] = None,
-           dense_input_layers: bool = True, fold_relu: bool = True) -> nn.Module:
-    """Return a new model whose eligible conv/linear layers are SAS layers computing the same function.
-
-    The wide weights are ordinary trainable parameters initialised from the trained dense
-    ones (``Wt[:, c*M+m] = s_c(m) W[:, c]``), so the result equals the original model on any
-    input until it is trained. ``model`` itself is not modified.
-
-    Args:
-        model: any ``nn.Module``.
-        M: slots per value; a power of two >= 2 (2, 4, 8, ...).
-        example_inputs: a tensor or tuple; needed only for models that ``torch.fx.symbolic_trace``
-            cannot trace (they are then captured with ``torch.export``).
-        filter_fn: ``filter_fn(module, fqn) -> bool``; False keeps that layer dense.
-        dense_input_layers: keep layers reading the raw network input dense (default, as the
-            reference code keeps the first convolution dense).
-        fold_relu: a SAS layer whose input is a ReLU reads the pre-ReLU tensor instead.
-
-    Returns:
-        the SAS model; its ``sas_plan`` attribute is the :class:`~sas_compile.plan.Plan` that
-        was applied (which layers converted, which stayed dense and why).
-    """
-    config = SASConfig(M=M, filter_fn=filter_fn, dense_input_layers=dense_input_layers, fold_relu=fold_relu)
-    plan = analyze(model, example_inputs, M=config.M, filter_fn=config.filter_fn,
-                   dense_input_layers=config.dense_input_layers, fold_relu=config.fold_relu)
-    if plan.capture == "modules":
-        raise CaptureError(plan.graph_before.removeprefix("# no graph: "))
-    new = rewrite_plan(plan)
-    for layer in plan.layers:
-        if not layer.eligible:
-            log.info("sasify: %s stays dense: %s", layer.name, layer.reason)
-    # the plan without its references to the original model (it would ride along in pickles)
-    new.sas_plan = dataclasses.replace(plan, gm=None, model=None)
-    return new
+    check_filter_fn(filter_fn)
+    return analyze_model(model, example_inputs, AnalysisOptions(filter_fn, bool(dense_input_layers), bool(fold_relu)))

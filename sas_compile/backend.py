@@ -1,37 +1,35 @@
 """The ``"sas"`` dynamo backend: ``torch.compile(model, backend="sas", options={...})``.
 
 Registered through the ``torch_dynamo_backends`` entry point, so a fresh process that never
-imported ``sas_compile`` finds it. Every captured graph (graph breaks included) goes through
-the same passes as ``sasify``: find_sas_layers -> fold_relu_into_projection ->
-rewrite_layers_to_sas; the ``sas::`` ops of an already-sasified model are kept as they are.
-The rest of the graph is compiled by inductor (``options={"inner": "eager"}`` skips it).
-On a GPU, SAS layers whose fastest implementation is projection + cuBLAS/cuDNN are written
-out as those aten ops (``lower_sas_to_projection``), so inductor fuses the projection with
-the ops around it.
+imported ``sas_compile`` finds it. Every captured graph (graph breaks included) runs the
+passes of ``passes/pipeline.py``: the analysis, the SAS rewrite and, on a GPU, the lowering
+of layers whose fastest implementation is projection + cuBLAS/cuDNN to those aten ops (so
+inductor fuses the projection with the ops around it). The ``sas::`` ops of an
+already-sasified model are kept. The rest of the graph goes to the inner compiler.
 
-Options: ``M`` (2), ``filter_fn``, ``dense_input_layers`` (True), ``fold_relu`` (True),
-``inner`` ("inductor" | "eager" | "aot_eager"), ``explain`` (False: print, per graph,
-which layers converted and which stayed dense and why).
+Options are the fields of :class:`sas_compile.SASConfig` (``M``, ``rule``, ``filter_fn``,
+``dense_input_layers``, ``fold_relu``, ``inner``, ``mode``, ``explain``); torch.compile's own
+``mode=`` reaches inductor.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import fx
 
-from .api import SASConfig
-from .passes.find_sas_layers import find_sas_layers
-from .passes.fold_relu_into_projection import fold_relu_into_projection
-from .passes.lower_sas_to_projection import lower_sas_to_projection
-from .passes.rewrite_layers_to_sas import rewrite_layers_to_sas
+from .passes.capture import clean_module_path
+from .passes.pipeline import ANALYSIS, GPU_LOWERING, SAS_REWRITE, run_passes
+from .passes.plan import Plan
+from .sas import SASConfig
 
 log = logging.getLogger("sas_compile.backend")
 
 __all__ = ["sas_backend", "SASTrainingError", "OPTIONS"]
 
-OPTIONS = ("M", "filter_fn", "dense_input_layers", "fold_relu", "inner", "explain")
+OPTIONS = tuple(f.name for f in dataclasses.fields(SASConfig))
 
 
 class SASTrainingError(RuntimeError):
@@ -40,8 +38,6 @@ class SASTrainingError(RuntimeError):
 
 def _placeholder_sources(gm: fx.GraphModule) -> Dict[str, str]:
     """Placeholder name -> the parameter's path in the user's model, from dynamo's metadata."""
-    from .passes.capture import clean_module_path
-
     sources = {}
     for node in gm.graph.nodes:
         if node.op != "placeholder":
@@ -55,26 +51,20 @@ def _placeholder_sources(gm: fx.GraphModule) -> Dict[str, str]:
     return sources
 
 
-def _explain(plan, graph_index: int) -> str:
-    lines = [f"[sas] graph {graph_index}: M={plan.M}, {len(plan.eligible())} of {len(plan.layers)} conv/linear layers converted"]
+def _explain(plan: Plan, M: int, graph_index: int) -> str:
+    lines = [f"[sas] graph {graph_index}: M={M}, {len(plan.eligible())} of {len(plan.layers)} conv/linear layers converted"]
     for layer in plan.layers:
         if layer.eligible:
             fold = " (ReLU folded into the projection)" if layer.fold_relu else ""
             lines.append(f"[sas]   converted  {layer.name} ({layer.op}){fold}")
         else:
             lines.append(f"[sas]   dense      {layer.name} ({layer.op}): {layer.reason}")
+    if plan.lowered:
+        lines.append(f"[sas]   {plan.lowered} SAS layers written as projection + dense ops for the GPU")
     return "\n".join(lines)
 
 
 _graph_counter = [0]
-
-
-def _graph_device(example_inputs: List[Any]) -> Optional[torch.device]:
-    """The device the graph runs on: the first tensor input's."""
-    for value in example_inputs:
-        if isinstance(value, torch.Tensor):
-            return value.device
-    return None
 
 
 def _in_resume_frame() -> bool:
@@ -86,33 +76,47 @@ def _in_resume_frame() -> bool:
         return False
 
 
+def _config(options: Dict[str, Any]) -> SASConfig:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown sas backend option(s) {unknown}; known options: {list(OPTIONS)}")
+    return SASConfig(**options)
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: List[Any], config: SASConfig):
+    if config.inner == "eager":
+        return gm.forward
+    if config.inner == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    if config.mode in (None, "default"):
+        return compile_fx(gm, example_inputs)
+    from torch._inductor import list_mode_options
+
+    return compile_fx(gm, example_inputs, config_patches=list_mode_options(config.mode))
+
+
 def sas_backend(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Dict[str, Any]] = None, **kwargs):
     """Dynamo backend: rewrite the eligible layers of one captured graph into SAS ops, then compile."""
     options = dict(options or {})
     options.update(kwargs)
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown sas backend option(s) {unknown}; known options: {list(OPTIONS)}")
-    config = SASConfig(M=options.get("M", 2), filter_fn=options.get("filter_fn"),
-                       dense_input_layers=options.get("dense_input_layers", True),
-                       fold_relu=options.get("fold_relu", True))
-    inner = options.get("inner", "inductor")
-    if inner not in ("inductor", "eager", "aot_eager"):
-        raise ValueError(f"option inner={inner!r}: expected 'inductor', 'eager' or 'aot_eager'")
-
+    config = _config(options)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    values = {node.name: value for node, value in zip(placeholders, example_inputs)
-              if isinstance(value, torch.nn.Parameter)}
+    parameters = {node.name: value for node, value in zip(placeholders, example_inputs)
+                  if isinstance(value, torch.nn.Parameter)}
     # after a graph break the graph's inputs are activations, not the network's input
-    dense_inputs = config.dense_input_layers and not _in_resume_frame()
-    plan = find_sas_layers(gm, M=config.M, capture="dynamo", filter_fn=config.filter_fn,
-                           dense_input_layers=dense_inputs, placeholder_values=values,
-                           placeholder_sources=_placeholder_sources(gm))
-    if config.fold_relu:
-        fold_relu_into_projection(plan, gm)
+    analysis_config = config
+    if config.dense_input_layers and _in_resume_frame():
+        analysis_config = dataclasses.replace(config, dense_input_layers=False)
+    plan = Plan(layers=[], capture="dynamo", gm=gm, example_inputs=tuple(example_inputs), parameters=parameters,
+                sources=_placeholder_sources(gm))
+    plan = run_passes(ANALYSIS, gm, plan, analysis_config)
     eligible = plan.eligible()
     if eligible and torch.is_grad_enabled():
-        trained = [layer.name for layer in eligible if values[layer.weight_target].requires_grad]
+        trained = [layer.name for layer in eligible if parameters[layer.weight_target].requires_grad]
         if trained:
             raise SASTrainingError(
                 f"torch.compile(backend='sas') would train dense layers {trained[:4]}"
@@ -121,21 +125,12 @@ def sas_backend(gm: fx.GraphModule, example_inputs: List[Any], options: Optional
                 "(compiling it with backend='sas' keeps its SAS layers), or run inference under "
                 "torch.no_grad() / torch.inference_mode()."
             )
-    _graph_counter[0] += 1
-    if options.get("explain", False):
-        print(_explain(plan, _graph_counter[0]))
-    log.info("%s", _explain(plan, _graph_counter[0]))
     if eligible:
-        rewrite_layers_to_sas(gm, plan)
-    device = _graph_device(example_inputs)
-    if device is not None:
-        lower_sas_to_projection(gm, device)
-    if inner == "eager":
-        return gm.forward
-    if inner == "aot_eager":
-        from torch._dynamo.backends.debugging import aot_eager
-
-        return aot_eager(gm, example_inputs)
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, example_inputs)
+        plan = run_passes(SAS_REWRITE, gm, plan, config)
+    plan = run_passes(GPU_LOWERING, gm, plan, config)
+    _graph_counter[0] += 1
+    text = _explain(plan, config.M, _graph_counter[0])
+    if config.explain:
+        print(text)
+    log.info("%s", text)
+    return _inner_compile(gm, example_inputs, config)

@@ -142,16 +142,16 @@ def _emit(text: str, path: Optional[str]) -> None:
 
 def _run_report(args) -> int:
     from .accounting import check_M_values
-    from .report import report
+    from .reporting import report
 
     try:
         Ms = check_M_values(args.M)
     except ValueError as exc:
         raise UsageError(f"--M: {exc}") from exc
-    from .report import _check_swat
+    from .reporting import check_sparsities
 
     try:
-        sparsities = _check_swat(args.swat)
+        sparsities = check_sparsities(args.swat)
     except ValueError as exc:
         raise UsageError(f"--swat: {exc}") from exc
     model, inputs, _ = _load(args)
@@ -172,14 +172,14 @@ def _run_inspect(args) -> int:
     import json
 
     from .accounting import check_M_values
-    from .inspection import inspect, render_svg
+    from .inspection import inspect_model, render_svg
 
     try:
         (M,) = check_M_values(args.M)
     except ValueError as exc:
         raise UsageError(f"--M: {exc}") from exc
     model, inputs, _ = _load(args)
-    plan = inspect(model, inputs, M=M, dense_input_layers=not args.convert_input_layers)
+    plan = inspect_model(model, inputs, M=M, dense_input_layers=not args.convert_input_layers)
     if args.format == "json":
         text = json.dumps(plan.to_dict(), indent=2)
     else:

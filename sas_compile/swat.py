@@ -22,16 +22,23 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sas_compile.runtime import swat as ops
+from .api import FilterFn, analyze, attach_result, check_filter_fn, register_handler, sparsify
+from .passes import costs
+from .passes.find_sas_layers import layer_plan_from_module
+from .passes.plan import Plan
+from .runtime import swat as ops
 
 __all__ = [
     "swatify",
+    "SWATConfig",
+    "discover_layers",
     "SWATLayer",
     "SWATLinear",
     "SWATConv1d",
@@ -245,7 +252,7 @@ def erk_densities(shapes: Dict[str, Sequence[int]], density: float) -> Dict[str,
 # ---------------------------------------------------------------- layer discovery
 
 
-def _discover_layers(
+def discover_layers(
     model: nn.Module, example_inputs, filter_fn
 ) -> Tuple[List[str], Optional[str]]:
     """Names of the conv/linear modules to convert, and the one reading the raw input (if known).
@@ -256,19 +263,64 @@ def _discover_layers(
     names = [n for n, m in model.named_modules() if type(m) in _SWAT_CLASS]
     first: Optional[str] = names[0] if names else None
     if example_inputs is not None:
-        try:
-            from sas_compile.api import analyze
-        except ImportError:
-            analyze = None
-        if analyze is not None:
-            plan = analyze(model, example_inputs, fold_relu=False)
-            inputs = [layer.module_target for layer in plan.layers
-                      if layer.input_is_graph_input and layer.module_target in names]
-            first = inputs[0] if inputs else None
+        plan = analyze(model, example_inputs, fold_relu=False)
+        inputs = [layer.module_target for layer in plan.layers
+                  if layer.input_is_graph_input and layer.module_target in names]
+        first = inputs[0] if inputs else None
     if filter_fn is not None:
         modules = dict(model.named_modules())
         names = [n for n in names if filter_fn(modules[n], n)]
     return names, first
+
+
+@dataclass(frozen=True)
+class SWATConfig:
+    """Options of SWAT training (``swatify``); see :func:`swatify` for each field."""
+
+    sparsity: float = 0.9
+    distribution: str = "uniform"
+    structure: str = "unstructured"
+    period: int = 100
+    relu_bitmask: bool = True
+    filter_fn: Optional[FilterFn] = None
+
+    def __post_init__(self):
+        _check_sparsity(self.sparsity)
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution={self.distribution!r} is not supported: use one of {DISTRIBUTIONS}")
+        ops.check_structure(self.structure)
+        _check_period(self.period)
+        check_filter_fn(self.filter_fn)
+
+
+@register_handler(SWATConfig)
+def _convert(model: nn.Module, config: SWATConfig, example_inputs) -> nn.Module:
+    model = copy.deepcopy(model)
+    names, first = discover_layers(model, example_inputs, config.filter_fn)
+    modules = dict(model.named_modules())
+    density = 1.0 - config.sparsity
+    if config.distribution == "erk":
+        densities = erk_densities({n: tuple(modules[n].weight.shape) for n in names}, density)
+    else:
+        densities = {n: (1.0 if n == first else density) for n in names}
+    for name in names:
+        source = modules[name]
+        layer = _SWAT_CLASS[type(source)](
+            source, weight_density=densities[name], activation_density=densities[name],
+            structure=config.structure, period=config.period,
+        )
+        layer.train(source.training)
+        _set_submodule(model, name, layer)
+    if config.relu_bitmask:
+        for name in [n for n, m in model.named_modules() if type(m) is nn.ReLU]:
+            _set_submodule(model, name, BitmaskReLU())
+    layers = []
+    for fqn, mod in modules.items():
+        if type(mod) in _SWAT_CLASS:
+            converted = fqn in densities
+            layer = layer_plan_from_module(fqn, fqn, mod, converted, None if converted else "excluded by filter_fn")
+            layers.append(layer)
+    return attach_result(model, config, Plan(layers=layers, capture="modules"))
 
 
 def swatify(
@@ -284,6 +336,7 @@ def swatify(
 ) -> nn.Module:
     """A copy of ``model`` whose nn.Linear / nn.Conv1d / nn.Conv2d layers train with SWAT.
 
+    ``sparsify(model, SWATConfig(sparsity=..., ...), filter_fn=..., example_inputs=...)``.
     Forward: weights reduced to their top-K magnitudes per layer, activations dense.
     Backward: input gradient from the sparse weights, weight gradient from the top-K
     activations (saved compressed) and the dense output gradient. The thresholds are
@@ -295,41 +348,19 @@ def swatify(
     every filter). ``filter_fn(module, fqn) -> bool`` picks the layers. With
     ``relu_bitmask`` every ``nn.ReLU`` module becomes a :class:`BitmaskReLU` (same values and
     gradients), so the dense layer inputs are not kept alive by the ReLUs' backward. The
-    original model is untouched.
+    original model is untouched; the result's ``sparsify_plan`` lists the converted layers.
 
     ``torch.compile``: the number of kept activations is only known at run time, so compile
     with ``fullgraph=True`` (or set ``torch._dynamo.config.capture_dynamic_output_shape_ops``);
     otherwise dynamo breaks the graph at every SWAT layer (still correct).
     """
-    sparsity = _check_sparsity(sparsity)
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution={distribution!r} is not supported: use one of {DISTRIBUTIONS}")
-    ops.check_structure(structure)
-    _check_period(period)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn={filter_fn!r}: expected a callable (module, fqn) -> bool")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    model = copy.deepcopy(model)
-    names, first = _discover_layers(model, example_inputs, filter_fn)
-    modules = dict(model.named_modules())
-    density = 1.0 - sparsity
-    if distribution == "erk":
-        densities = erk_densities({n: tuple(modules[n].weight.shape) for n in names}, density)
-    else:
-        densities = {n: (1.0 if n == first else density) for n in names}
-    for name in names:
-        source = modules[name]
-        layer = _SWAT_CLASS[type(source)](
-            source, weight_density=densities[name], activation_density=densities[name],
-            structure=structure, period=period,
-        )
-        layer.train(source.training)
-        _set_submodule(model, name, layer)
-    if relu_bitmask:
-        for name in [n for n, m in model.named_modules() if type(m) is nn.ReLU]:
-            _set_submodule(model, name, BitmaskReLU())
-    return model
+    config = SWATConfig(sparsity=sparsity, distribution=distribution, structure=structure, period=period,
+                        relu_bitmask=relu_bitmask)
+    return sparsify(model, config, filter_fn=filter_fn, example_inputs=example_inputs)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -366,16 +397,15 @@ def swat_costs(
     (the kept activation fraction of the dense ``Co * Cbar`` per position). Densities of 1
     give the dense counts.
     """
-    groups = 1
     if hasattr(layer, "cbar") and hasattr(layer, "out_channels") and hasattr(layer, "op"):
-        out_channels, cbar = int(layer.out_channels), int(layer.cbar)
-        groups = max(int(layer.groups), 1)
-        channels = int(layer.in_channels) // groups
+        geometry = layer
         if output_positions is None and layer.output_positions is not None:
             output_positions = int(layer.output_positions)
     elif isinstance(layer, (*_SOURCE_TYPES, SWATLayer)):
-        out_channels, cbar = layer.weight.shape[0], layer.weight[0].numel()
-        channels = layer.weight.shape[1]
+        w = layer.weight
+        groups = int(getattr(layer, "groups", 1))
+        geometry = costs.Geometry("linear" if w.dim() == 2 else f"conv{w.dim() - 2}d", w.shape[1] * groups,
+                                  w.shape[0], tuple(w.shape[2:]), groups, layer.bias is not None)
     else:
         raise TypeError(f"layer: expected a LayerPlan, nn.Linear/Conv1d/Conv2d or SWAT layer, "
                         f"got {type(layer).__name__}")
@@ -386,19 +416,8 @@ def swat_costs(
     if weight_density is None or activation_density is None:
         raise ValueError("weight_density / activation_density: give both for a layer that is "
                          "not a SWAT layer (e.g. 0.1 for 90% sparsity)")
-    weight_density = _check_density(weight_density, "weight_density")
-    activation_density = _check_density(activation_density, "activation_density")
-    structure = ops.check_structure(structure or "unstructured")
-    positions = 1 if output_positions is None else int(output_positions)
-    weight_numel = out_channels * cbar
-    if structure == "channel":
-        kept = ops.topk_count(weight_density, channels)
-        weight_nonzeros = weight_numel * kept // channels
-    else:
-        weight_nonzeros = ops.topk_count(weight_density, weight_numel)
-    dense = weight_numel * positions
-    return {
-        "forward_mults": weight_nonzeros * positions,
-        "backward_input_mults": weight_nonzeros * positions,
-        "backward_weight_mults": int(round(activation_density * dense)),
-    }
+    counts = costs.layer_cost(geometry, "swat", positions=1 if output_positions is None else int(output_positions),
+                              weight_density=_check_density(weight_density, "weight_density"),
+                              activation_density=_check_density(activation_density, "activation_density"),
+                              structure=ops.check_structure(structure or "unstructured"))
+    return {k: int(v) for k, v in counts.items()}

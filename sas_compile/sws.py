@@ -28,17 +28,22 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
-from sas_compile.runtime.projection import check_M
+from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
+from .passes.plan import LayerPlan, Plan
+from .runtime.projection import check_M
 from sas_compile.runtime.sws_mask import OneOfMMask, one_of_m_mask
 
 __all__ = [
     "swsify",
+    "SWSConfig",
+    "build_sws",
     "OneOfMMask",
     "one_of_m_mask",
     "sws_costs",
@@ -46,7 +51,7 @@ __all__ = [
 ]
 
 
-def swsify(
+def build_sws(
     model: nn.Module,
     *,
     M: int = 2,
@@ -323,3 +328,60 @@ def export_sws_weights(model: nn.Module, *, strict: bool = True) -> Dict[str, An
             continue
         out[node_name] = pack_sws_weight(flat.contiguous(), M)
     return out
+
+
+@dataclass(frozen=True)
+class SWSConfig:
+    """Options of the SWS baseline (``swsify``): M, the input-layer policy, frozen masks, the filter."""
+
+    M: int = 2
+    dense_input_layers: bool = True
+    freeze_mask: bool = False
+    filter_fn: Optional[FilterFn] = None
+
+    def __post_init__(self):
+        check_M(self.M)
+        check_filter_fn(self.filter_fn, "swsify: filter_fn")
+
+
+@register_handler(SWSConfig)
+def _convert(model: nn.Module, config: SWSConfig, example_inputs) -> nn.Module:
+    built = build_sws(model, M=config.M, example_inputs=example_inputs, filter_fn=config.filter_fn,
+                      freeze_mask=config.freeze_mask, dense_input_layers=config.dense_input_layers)
+    layers = []
+    for node_name, w in built.sws_widths.layers.items():
+        name = built.sws_layers[node_name]
+        name = name[: -len(".weight")] if name.endswith(".weight") else name
+        layers.append(LayerPlan(name, node_name, w.op, bool(w.sparse), w.reason, w.in_channels, w.out_channels,
+                                tuple(w.kernel_size), groups=w.groups, weight_target=built.sws_layers[node_name],
+                                sws_M=config.M if w.sparse else None))
+    return attach_result(built, config, Plan(layers=layers, capture="symbolic_trace"))
+
+
+def swsify(
+    model: nn.Module,
+    *,
+    M: int = 2,
+    example_inputs=None,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    freeze_mask: bool = False,
+    dense_input_layers: bool = True,
+) -> fx.GraphModule:
+    """Build the SWS baseline of ``model``: sqrt(M) times wider, 1:M sparse weights.
+
+    ``sparsify(model, SWSConfig(M=M, ...), filter_fn=..., example_inputs=...)``; ``model`` is
+    not modified. ``example_inputs`` (a tensor or tuple) gives exact shapes and lets models
+    that ``symbolic_trace`` cannot trace be captured with ``torch.export``; the built model is
+    run on them once as a check. ``filter_fn(module, fqn) -> bool`` keeps a conv/linear out of
+    SWS (its widths stay, its weight stays dense) when it returns False. ``dense_input_layers``
+    (default True, as ``sasify``) keeps the weight of a layer reading the raw network input
+    dense (no mask) while its output width still widens; False masks it 1:M like the others.
+    Every module or parameter whose shape changes is freshly initialised (layer defaults);
+    the rest are copies of the original's. The result is a GraphModule whose ``sws_widths``
+    attribute holds the width analysis and whose ``sparsify_plan`` lists the layers (sparse
+    or why not).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"swsify: model must be an nn.Module, got {type(model).__name__}")
+    config = SWSConfig(M=M, freeze_mask=freeze_mask, dense_input_layers=bool(dense_input_layers))
+    return sparsify(model, config, filter_fn=filter_fn, example_inputs=example_inputs)

@@ -216,7 +216,7 @@ def test_layer_costs_dense_layer_counts_as_base_in_sas_column():
 
 
 def test_layer_costs_already_sas_layer_reports_its_wide_weight():
-    layer = _conv_layer(eligible=False, reason="already a SAS layer (M=4)", extra={"sas_M": 4})
+    layer = _conv_layer(eligible=False, reason="already a SAS layer (M=4)", sas_M=4)
     row = layer_costs(layer, (2, 8))
     assert row["sas"][2]["params"] == row["sas"][8]["params"] == 4 * 72 + 12
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from sas_compile import models
 from sas_compile.cli import main, parse_shape
-from sas_compile.report import report
+from sas_compile import report
 
 
 def run(capsys, *argv):

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import sas_compile
 from sas_compile import models
-from sas_compile.report import Report, report
+from sas_compile import Report, report
 
 LAYER_OPS = ("convolution", "addmm", "mm")  # conv/linear at the aten level; bmm/sdpa are attention
 
@@ -283,11 +283,11 @@ def test_table_nesting_and_depth(resnet_report):
     assert "layer1.0.conv1" not in shallow and "layer1.0 " in shallow
 
 
-def test_sas_compile_report_is_callable_as_module_and_function():
-    import sas_compile.report as module
+def test_sas_compile_report_is_the_function_and_no_module_shadows_it():
+    import sas_compile.reporting as module
 
     rep = sas_compile.report(models.mlp(in_features=6, hidden=(5,), num_classes=3), M=2)
-    assert isinstance(rep, Report) and module.report is report
+    assert isinstance(rep, Report) and module.report is report is sas_compile.report
 
 
 def test_bad_arguments():
@@ -306,7 +306,7 @@ def test_inspect_plan_text_dict_dot():
     torch.manual_seed(0)
     model = OddConvs().eval()
     x = torch.randn(2, 3, 21, 30)
-    plan = sas_compile.inspect(model, x, M=4)
+    plan = sas_compile.inspect_model(model, x, M=4)
     assert [l.name for l in plan.layers] == ["a", "b", "c", "fc"]
     text = str(plan)
     assert "SAS plan (M=4" in text and "d=2x2, g=2" in text and "k=2x5, s=1x2" in text
@@ -338,7 +338,7 @@ def test_inspect_plan_text_dict_dot():
 def test_inspect_without_inputs_and_on_a_plan_without_graph():
     from sas_compile.plan import LayerPlan, Plan
 
-    plan = sas_compile.inspect(models.mlp(in_features=6, hidden=(5,), num_classes=3))
+    plan = sas_compile.inspect_model(models.mlp(in_features=6, hidden=(5,), num_classes=3))
     assert "per position" in str(plan)
     hand = Plan(M=2, capture="modules", layers=[
         LayerPlan("x.l1", "x.l1", "linear", True, None, 4, 3, has_bias=True),

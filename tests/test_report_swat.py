@@ -9,7 +9,7 @@ from torch import nn
 
 from sas_compile import models
 from sas_compile.cli import main
-from sas_compile.report import report
+from sas_compile import report
 from sas_compile.swat import swat_costs, swat_layers, swatify
 
 KEYS = ("forward_mults", "backward_input_mults", "backward_weight_mults")

@@ -246,7 +246,7 @@ def test_analysis_with_example_inputs_never_runs_the_users_model():
     model, x = _build("resnet18")
     model.train()
     before = copy.deepcopy(model.state_dict())
-    plan = sas_compile.inspect(model, (x,), M=2)
+    plan = sas_compile.inspect_model(model, (x,), M=2)
     sas_compile.sasify(model, M=2, example_inputs=(x,))
     assert plan.layers[1].output_shape is not None
     for k, v in model.state_dict().items():

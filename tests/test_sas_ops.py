@@ -237,8 +237,11 @@ def test_lowering_to_projection_keeps_the_function_and_gradients():
     """lower_sas_to_projection writes each SAS op as projection + dense op (what inductor fuses)."""
     from torch import nn
 
+    from types import SimpleNamespace
+
     import sas_compile
     from sas_compile.passes.lower_sas_to_projection import lower_sas_to_projection
+    from sas_compile.passes.plan import Plan
 
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -249,11 +252,13 @@ def test_lowering_to_projection_keeps_the_function_and_gradients():
         gm = torch.fx.symbolic_trace(sas)
         before = sum(1 for n in gm.graph.nodes if str(n.target).startswith("sas."))
         assert before == 4
-        # the device decides whether to lower at all; measure=False needs no GPU
-        lowered = lower_sas_to_projection(gm, torch.device("cuda"), measure=False)
-        assert lowered == before
+        # the device decides whether to lower at all; measure_kernels=False needs no GPU
+        gpu = SimpleNamespace(device=torch.device("cuda"), measure_kernels=False)
+        plan = lower_sas_to_projection(gm, Plan(layers=[], capture="symbolic_trace"), gpu)
+        assert plan.lowered == before
         assert not any(str(n.target).startswith("sas.") for n in gm.graph.nodes)
-        assert lower_sas_to_projection(torch.fx.symbolic_trace(sas), torch.device("cpu")) == 0
+        cpu = SimpleNamespace(device=torch.device("cpu"))
+        assert lower_sas_to_projection(torch.fx.symbolic_trace(sas), Plan(layers=[], capture="dynamo"), cpu).lowered == 0
         x = torch.randn(2, 3, 5, 5, requires_grad=True)
         x2 = x.detach().clone().requires_grad_(True)
         torch.testing.assert_close(gm(x), sas(x2), rtol=1e-5, atol=1e-5)

@@ -298,7 +298,7 @@ def test_raw_input_through_parameter_free_ops_is_sasify_s_notion():
     w = _by_target(s)
     assert w["a.weight"].reads_network_input and not w["a.weight"].sparse
     assert w["b.weight"].sparse and not w["b.weight"].reads_network_input
-    plan = analyze(ScaledInput(), (x,), M=2)
+    plan = analyze(ScaledInput(), (x,))
     assert [layer.input_is_graph_input for layer in plan.layers] == [True, False]
 
 
@@ -338,7 +338,7 @@ def test_report_agrees_with_swsify_on_the_zoo(name, dense_input_layers):
     model, x = factory(), make_x()
     M = 4
     _, s, built = _assert_report_agrees(model, x, M, dense_input_layers)
-    plan = analyze(model, (x,), M=M)
+    plan = analyze(model, (x,))
     reads = [layer.input_is_graph_input for layer in plan.layers]
     assert [w.reads_network_input for w in s.sws_widths.layers.values()] == \
         [r and dense_input_layers for r in reads]  # sasify's notion of the raw-input layer

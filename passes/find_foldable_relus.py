@@ -1,10 +1,15 @@
-"""Analysis: fold a ReLU that feeds a SAS layer into the layer's projection.
+"""Analysis: which SAS layers read a ReLU that can fold into their projection.
 
 Why: ``W relu(z) == Wt S(z)`` when the wide weight is zero on the slots that encode
 ``z <= 0`` (BRIEF section 1), so the SAS layer can read the pre-ReLU tensor ``z`` and the
 negative slots start at zero and become trainable capacity. The reference code does this by
 replacing every ReLU with Identity; here only the SAS layer reads ``z`` and every other
-consumer of the ReLU keeps seeing its output.
+consumer of the ReLU keeps seeing its output. This pass only decides (``fold_relu`` and the
+reason on each layer); ``rewrite_layers_to_sas`` performs the fold.
+
+One rule for every capture: a ReLU folds when the rewrite changes the graph (symbolic-trace
+and dynamo captures). A torch.export capture is rewritten by swapping modules in the user's
+model, whose own code applies the ReLU, so there nothing folds.
 """
 from __future__ import annotations
 
@@ -14,11 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from sas_compile.plan import Plan
+from .plan import Plan
 
-from .find_sas_layers import match_layer_call
-
-__all__ = ["relu_input", "fold_relu_into_projection"]
+__all__ = ["relu_input", "find_foldable_relus"]
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
 _INPLACE_FUNCTIONS = {torch.relu_, torch.ops.aten.relu_.default}
@@ -41,19 +44,24 @@ def relu_input(node, gm: fx.GraphModule):
     return None, False
 
 
-def fold_relu_into_projection(plan: Plan, gm: fx.GraphModule) -> Plan:
-    """Mark ``fold_relu`` on every eligible layer whose input is a foldable ReLU.
+def find_foldable_relus(gm: fx.GraphModule, plan: Plan, config) -> Plan:
+    """Set ``fold_relu`` (and ``fold_relu_reason`` when not) on every eligible layer.
 
     All call sites of one weight share one wide weight, so they fold together or not at all.
     An in-place ReLU is folded only if nothing else reads its input (else ``z`` is mutated).
+    ``config.fold_relu=False`` folds nothing.
     """
-    nodes: Dict[str, fx.Node] = {n.name: n for n in gm.graph.nodes}
     groups: Dict[str, List] = {}
-    for layer in plan.layers:
-        if not layer.eligible:
+    for layer in plan.eligible():
+        layer.fold_relu, layer.relu_node = False, None
+        if not getattr(config, "fold_relu", True):
+            layer.fold_relu_reason = "fold_relu=False"
             continue
-        call = match_layer_call(nodes[layer.node], gm)
-        z, inplace = relu_input(call.x, gm)
+        if plan.capture == "export":
+            layer.fold_relu_reason = "module swap (torch.export capture) keeps the model's ReLUs"
+            continue
+        x = layer.call.node.args[0] if layer.call.node.args else layer.call.node.kwargs.get("input")
+        z, inplace = relu_input(x, gm)
         reason: Optional[str] = None
         if z is None:
             reason = "input is not a ReLU"
@@ -61,13 +69,13 @@ def fold_relu_into_projection(plan: Plan, gm: fx.GraphModule) -> Plan:
             reason = "ReLU input is not a tensor of the graph"
         elif inplace and len(z.users) > 1:
             reason = "in-place ReLU whose input is read elsewhere"
-        layer.extra["fold_relu_reason"] = reason
-        layer.relu_node = call.x.name if z is not None else None
+        layer.fold_relu_reason = reason
+        layer.relu_node = x.name if z is not None else None
         groups.setdefault(layer.weight_target, []).append(layer)
     for group in groups.values():
-        fold = all(layer.extra["fold_relu_reason"] is None for layer in group)
+        fold = all(layer.fold_relu_reason is None for layer in group)
         for layer in group:
             layer.fold_relu = fold
-            if not fold and layer.extra["fold_relu_reason"] is None:
-                layer.extra["fold_relu_reason"] = "weight shared with a call site whose input is not a ReLU"
+            if not fold and layer.fold_relu_reason is None:
+                layer.fold_relu_reason = "weight shared with a call site whose input is not a ReLU"
     return plan

@@ -1,0 +1,73 @@
+"""The order of the passes, in one place: ``sasify``, the ``sas`` backend, ``report`` and
+``inspect`` all run these lists and nothing else decides what runs when.
+
+Every pass has one signature, ``pass_(graph_module, plan, config) -> plan``: it reads the
+graph and the plan, writes its findings into the plan (an analysis) or changes the graph
+(a rewrite), and reads its options from ``config`` (any object with the fields it uses;
+``sas_compile.SASConfig`` has them all).
+
+capture (``capture.py``) -> ANALYSIS -> SAS_REWRITE -> GPU_LOWERING
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+from torch import fx, nn
+
+from .capture import CaptureError, capture
+from .find_foldable_relus import find_foldable_relus
+from .find_sas_layers import find_sas_layers, layers_from_modules
+from .lower_sas_to_projection import lower_sas_to_projection
+from .plan import Plan
+from .rewrite_layers_to_sas import rewrite_layers_to_sas
+
+log = logging.getLogger("sas_compile.passes")
+
+__all__ = ["Pass", "ANALYSIS", "SAS_REWRITE", "GPU_LOWERING", "run_passes", "analyze_graph", "analyze_model",
+           "module_plan"]
+
+Pass = Callable[[fx.GraphModule, Plan, Any], Plan]
+
+# which conv/linear layers convert and why not; where a ReLU folds into a projection
+ANALYSIS: Sequence[Pass] = (find_sas_layers, find_foldable_relus)
+# the graph change: SAS layers, the wide weights, the folded ReLUs
+SAS_REWRITE: Sequence[Pass] = (rewrite_layers_to_sas,)
+# on a GPU graph: layers fastest as projection + cuBLAS/cuDNN written out for the inner compiler
+GPU_LOWERING: Sequence[Pass] = (lower_sas_to_projection,)
+
+
+def run_passes(passes: Sequence[Pass], gm: fx.GraphModule, plan: Plan, config) -> Plan:
+    """Run ``passes`` in order on ``gm``; each returns the plan the next one reads."""
+    for pass_ in passes:
+        plan = pass_(gm, plan, config)
+        log.debug("pass %s: %d layers, %d eligible", pass_.__name__, len(plan.layers), len(plan.eligible()))
+    return plan
+
+
+def analyze_graph(gm: fx.GraphModule, capture_method: str, config, *, model: Optional[nn.Module] = None,
+                  example_inputs=None, parameters: Optional[Dict[str, torch.Tensor]] = None,
+                  sources: Optional[Dict[str, str]] = None) -> Plan:
+    """The plan of an already captured graph (``capture_method``: symbolic_trace, export, dynamo)."""
+    plan = Plan(layers=[], capture=capture_method, gm=gm, model=model,
+                example_inputs=tuple(example_inputs) if example_inputs is not None else None,
+                parameters=dict(parameters or {}), sources=dict(sources or {}))
+    return run_passes(ANALYSIS, gm, plan, config)
+
+
+def analyze_model(model: nn.Module, example_inputs, config) -> Plan:
+    """Capture ``model`` (symbolic_trace, else torch.export) and run the analysis.
+
+    Raises :class:`CaptureError` when neither capture works; :func:`module_plan` is the
+    graph-less fallback a caller may choose instead.
+    """
+    captured = capture(model, example_inputs)
+    return analyze_graph(captured.gm, captured.method, config, model=model, example_inputs=captured.example_inputs)
+
+
+def module_plan(model: nn.Module, config, error: CaptureError) -> Plan:
+    """A plan without a graph: the layer modules in registration order (``capture="modules"``)."""
+    plan = Plan(layers=layers_from_modules(model, config), capture="modules", model=model, capture_error=error)
+    plan.graph_before = f"# no graph: {error}"
+    return plan

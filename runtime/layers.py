@@ -1,0 +1,137 @@
+"""SAS layers: modules that own a wide weight and call the ``sas::`` ops.
+
+A SAS layer reads the narrow activation ``x`` (``in_features`` / ``in_channels`` wide), projects
+it to ``M`` slots per value inside the op, and multiplies by its ``M`` times wider weight.
+Mults per output position equal the narrow layer's; parameters grow ``M`` times.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import sas_ops  # noqa: F401  (registers torch.ops.sas.*)
+from .projection import check_M, expand_dense_weight, get_rule
+from .sas_ops import sas_conv1d_call, sas_conv2d_call
+
+__all__ = ["SASLinear", "SASConv2d", "SASConv1d", "SAS_LAYERS"]
+
+
+def _init_like_narrow(weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in: int) -> None:
+    # one slot in M is nonzero, so the effective fan-in is the narrow one (nn.Linear's bound)
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    nn.init.uniform_(weight, -bound, bound)
+    if bias is not None:
+        nn.init.uniform_(bias, -bound, bound)
+
+
+class _SASBase(nn.Module):
+    M: int
+    rule: str
+
+    def _check(self, M: int, rule: str) -> None:
+        check_M(M)
+        get_rule(rule, M)
+        self.M, self.rule = M, rule
+
+
+class SASLinear(_SASBase):
+    """``y = Wt S(x) + b`` with ``x`` of width ``in_features`` and ``Wt`` of ``out x M*in``."""
+
+    def __init__(self, in_features: int, out_features: int, M: int = 2, bias: bool = True,
+                 rule: str = "sign_pattern", device=None, dtype=None):
+        super().__init__()
+        self._check(M, rule)
+        self.in_features, self.out_features = in_features, out_features
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, M * in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        _init_like_narrow(self.weight, self.bias, in_features)
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear, M: int = 2, *, fold_relu: bool = False,
+                   rule: str = "sign_pattern") -> "SASLinear":
+        """Function-preserving conversion: ``SASLinear(x) == layer(x)`` (``layer(relu(x))`` if folded)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new._check(M, rule)
+        new.in_features, new.out_features = layer.in_features, layer.out_features
+        with torch.no_grad():
+            new.weight = nn.Parameter(expand_dense_weight(layer.weight.detach(), M, fold_relu=fold_relu, rule=rule))
+            new.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.sas.linear(x, self.weight, self.bias, self.M, self.rule)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, M={self.M}, "
+                f"bias={self.bias is not None}")
+
+
+class _SASConvNd(_SASBase):
+    _dims = 2
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, M: int = 2, stride=1,
+                 padding=0, dilation=1, groups: int = 1, bias: bool = True,
+                 rule: str = "sign_pattern", device=None, dtype=None):
+        super().__init__()
+        self._check(M, rule)
+        tup = lambda v: (v,) * self._dims if isinstance(v, int) else tuple(v)  # noqa: E731
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = tup(kernel_size), tup(stride), tup(dilation)
+        self.padding = padding if isinstance(padding, str) else tup(padding)
+        kw = {"device": device, "dtype": dtype}
+        shape = (out_channels, in_channels // groups * M, *self.kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape, **kw))
+        self.bias = nn.Parameter(torch.empty(out_channels, **kw)) if bias else None
+        _init_like_narrow(self.weight, self.bias, in_channels // groups * math.prod(self.kernel_size))
+
+    @classmethod
+    def from_dense(cls, layer, M: int = 2, *, fold_relu: bool = False, rule: str = "sign_pattern"):
+        """Function-preserving conversion of an ``nn.Conv{1,2}d`` with zero padding mode."""
+        if getattr(layer, "padding_mode", "zeros") != "zeros":
+            raise ValueError(f"padding_mode={layer.padding_mode!r} is not supported by SAS convolutions (only 'zeros')")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new._check(M, rule)
+        new.in_channels, new.out_channels, new.groups = layer.in_channels, layer.out_channels, layer.groups
+        new.kernel_size, new.stride, new.dilation = tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.dilation)
+        new.padding = layer.padding
+        with torch.no_grad():
+            wide = expand_dense_weight(layer.weight.detach(), M, fold_relu=fold_relu, rule=rule, groups=layer.groups)
+            new.weight = nn.Parameter(wide)
+            new.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        return new
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, M={self.M}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias is not None}")
+
+
+class SASConv2d(_SASConvNd):
+    """A 2-D convolution on the projected input: ``conv2d(S(x), Wt)``, ``Wt`` has ``M*Cin`` channels."""
+
+    _dims = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sas_conv2d_call(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                               self.groups, self.M, self.rule)
+
+
+class SASConv1d(_SASConvNd):
+    """A 1-D convolution on the projected input (run as a 2-D one of height 1)."""
+
+    _dims = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sas_conv1d_call(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                               self.groups, self.M, self.rule)
+
+
+SAS_LAYERS = (SASLinear, SASConv2d, SASConv1d)

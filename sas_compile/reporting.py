@@ -1,0 +1,333 @@
+"""``sas_compile.report(model)``: exact mult and parameter counts for base, SAS and SWS.
+
+Users decide whether SAS is worth it from these numbers before training anything. The
+report runs the analysis once (``sas_compile.api.analyze``: the plan does not depend on M),
+counts every layer with the cost registry of ``passes/costs.py`` (the one table of
+formulas) at each M, and takes SWS widths from the whole-graph SWS analysis, so the three
+columns agree with what ``sasify`` and ``swsify`` build. With ``swat=`` it adds SWAT training
+mults (forward, backward input gradient, backward weight gradient) per sparsity for the
+layers ``swatify`` would convert. :class:`~sas_compile.report_table.Report` formats the rows.
+
+Without example inputs every count is per output position (the paper's "for a single
+pixel"); with them counts are exact for that input, and ``symbolic.base_mults`` gives each
+layer's mults as a formula in the input sizes (``batch``, ``height``, ``width``, ``seq``...).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import types
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import sympy
+import torch
+from torch import nn
+
+from .accounting import layer_costs
+from .api import analyze, check_filter_fn
+from .passes import costs
+from .passes.costs import check_M_values
+from .passes.capture import CaptureError, normalize_example_inputs
+from .passes.pipeline import module_plan
+from .passes.tie_channel_widths import sws_layer_widths
+from .runtime.sws_mask import OneOfMMask
+from .passes.plan import LayerPlan, Plan
+from . import swat as swat_module
+from .report_table import SWAT_KEYS, Report
+from .swat import BitmaskReLU, SWATConv1d, SWATLinear
+
+log = logging.getLogger("sas_compile.report")
+
+__all__ = ["report", "check_sparsities"]
+
+
+def _sws_widths(plan: Plan, M: int, example_inputs, filter_fn=None,
+                dense_input_layers: bool = True) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """Whole-graph SWS widths per node for this M, or (None, why) when they are not available.
+
+    ``filter_fn`` and ``dense_input_layers`` are those ``swsify`` takes, so the SWS columns
+    count the model ``swsify(model, M=M, filter_fn=..., dense_input_layers=...)`` builds.
+    """
+    if plan.gm is None:
+        return None, "SWS widths: the plan has no graph; standalone per-layer rule used"
+    try:
+        return sws_layer_widths(plan.gm, M, example_inputs, filter_fn=filter_fn,
+                                dense_input_layers=dense_input_layers), None
+    except Exception as exc:  # noqa: BLE001 - a report must not die on the baseline column
+        log.warning("SWS width analysis failed at M=%d: %s", M, exc)
+        return None, f"SWS widths at M={M}: whole-graph analysis failed ({exc}); standalone per-layer rule used"
+
+
+def _resolved_layer(layer: LayerPlan) -> Tuple[LayerPlan, Optional[str]]:
+    """A layer with known channel widths; functional calls with computed weights use shapes."""
+    if layer.in_channels > 0 and layer.out_channels > 0:
+        return layer, None
+    fixed = copy.copy(layer)
+    if layer.op == "linear" and layer.input_shape and layer.output_shape:
+        fixed.in_channels, fixed.out_channels = int(layer.input_shape[-1]), int(layer.output_shape[-1])
+        return fixed, None
+    return None, f"{layer.name}: weight shape unknown (computed inside the graph); not counted"
+
+
+def _symbolic_positions(layer: LayerPlan) -> Optional[Tuple[int, str]]:
+    """Output positions as (number, product of the traced dim formulas, kept as torch prints them)."""
+    if layer.symbolic_output_shape is None:
+        return None
+    out = list(layer.symbolic_output_shape)
+    inp = list(layer.symbolic_input_shape or ())
+    nk = len(layer.kernel_size) or None
+    if "transpose" in layer.op:
+        out = inp
+    if layer.op == "linear":
+        dims = out[:-1]
+    elif nk is not None and len(out) == nk + 1:
+        dims = out[1:]
+    else:
+        dims = out[:1] + out[2:]
+    coefficient = 1
+    factors = []
+    for d in dims:
+        if d.isdigit():
+            coefficient *= int(d)  # a size the graph pins: fold it into the number
+        else:
+            factors.append(d if d.replace("_", "").isalnum() else f"({d})")
+    return coefficient, "*".join(factors) if factors else "1"
+
+
+def _mark_sws_layers(model: nn.Module, plan: Plan) -> List[str]:
+    """Set ``sws_M`` on layers whose weight carries the SWS 1:M mask; their names."""
+    names = []
+    for layer in plan.layers:
+        path = layer.module_target or (layer.weight_target or "").rsplit(".", 1)[0]
+        try:
+            mod = model.get_submodule(path) if path else None
+        except AttributeError:
+            continue
+        params = getattr(getattr(mod, "parametrizations", None), "weight", None)
+        for p in params or ():
+            if isinstance(p, OneOfMMask):
+                layer.sws_M = int(p.M)
+                names.append(layer.name)
+    return names
+
+
+def check_sparsities(swat: Any) -> Tuple[float, ...]:
+    """``swat`` as a tuple of distinct sparsities in [0, 1) (clear error otherwise)."""
+    if swat is None:
+        return ()
+    values = (swat,) if isinstance(swat, (int, float)) else swat
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise ValueError(f"swat={swat!r}: expected a sparsity in [0, 1) or a sequence of them, "
+                         "e.g. swat=0.9 or swat=(0.8, 0.9)") from None
+    if not values:
+        raise ValueError("swat is empty: give at least one sparsity, e.g. swat=(0.8, 0.9)")
+    out: List[float] = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"swat={swat!r}: {value!r} is not a sparsity in [0, 1) (the removed "
+                             "fraction of weights and activations, e.g. 0.8 or 0.9)")
+        if float(value) not in out:
+            out.append(float(value))
+    return tuple(out)
+
+
+def _as_dense_layer(layer: nn.Module) -> nn.Module:
+    """The nn.Linear/Conv1d/Conv2d a SWAT layer was made from, sharing its weight and bias."""
+    w = layer.weight
+    if isinstance(layer, SWATLinear):
+        dense = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, device="meta")
+    else:
+        n = 1 if isinstance(layer, SWATConv1d) else 2
+        padding: Any = tuple(layer.padding)
+        mode = "zeros"
+        if layer.pre_pad is not None:
+            # pre_pad is the conv's reversed (left, right) padding per dim; only 'same' is asymmetric
+            pairs = [layer.pre_pad[2 * i: 2 * i + 2] for i in range(n)][::-1]
+            padding = tuple(a for a, _ in pairs) if all(a == b for a, b in pairs) else "same"
+            mode = "zeros" if layer.pad_mode == "constant" else layer.pad_mode
+        cls = nn.Conv1d if n == 1 else nn.Conv2d
+        dense = cls(w.shape[1] * layer.groups, w.shape[0], tuple(w.shape[2:]), stride=layer.stride,
+                    padding=padding, dilation=layer.dilation, groups=layer.groups,
+                    bias=layer.bias is not None, padding_mode=mode, device="meta")
+    dense.weight = layer.weight
+    dense.bias = layer.bias
+    return dense.train(layer.training)
+
+
+def _dense_view(model: nn.Module, swat_modules: Dict[str, nn.Module]) -> nn.Module:
+    """A copy of a swatified model with its SWAT layers (and BitmaskReLUs) as the plain modules.
+
+    Why: the analysis traces through a SWAT layer's masked weight and cannot see its shape;
+    the plain module has the same shapes and mults, so the plan and the base/SAS/SWS columns
+    are those of the model swatify started from.
+    """
+    if "" in swat_modules:
+        return _as_dense_layer(model)
+    view = copy.deepcopy(model)
+    swaps = {name: _as_dense_layer(view.get_submodule(name)) for name in swat_modules}
+    swaps.update({n: nn.ReLU() for n, m in view.named_modules() if isinstance(m, BitmaskReLU)})
+    for name, module in swaps.items():
+        parent, _, child = name.rpartition(".")
+        setattr(view.get_submodule(parent) if parent else view, child, module)
+    return view
+
+
+def _own_sparsity(swat_modules: Dict[str, nn.Module]) -> float:
+    """The ``sparsity`` swatify was given: 1 - the one sparse density (uniform), else 1 - the
+    weight-weighted density (ERK keeps exactly that fraction of all SWAT weights)."""
+    sparse = {m.weight_density for m in swat_modules.values() if m.weight_density < 1.0}
+    if len(sparse) <= 1:
+        return round(1.0 - sparse.pop(), 6) if sparse else 0.0
+    kept = sum(m.weight_density * m.weight.numel() for m in swat_modules.values())
+    return round(1.0 - kept / sum(m.weight.numel() for m in swat_modules.values()), 6)
+
+
+def _free_names(formula: str) -> set:
+    return {str(sym) for sym in sympy.sympify(formula).free_symbols}
+
+
+def report(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    M: Union[int, Iterable[int]] = (2, 4, 8),
+    filter_fn: Optional[Callable[[Optional[nn.Module], str], bool]] = None,
+    dense_input_layers: bool = True,
+    symbolic: bool = True,
+    swat: Union[None, float, Sequence[float]] = None,
+) -> Report:
+    """Count mults and params of every conv/linear layer of ``model``: base, SAS and SWS per M.
+
+    ``example_inputs`` (a tensor or a tuple of positional inputs) gives exact counts for that
+    input and formulas in its sizes; without it counts are per output position.
+    ``filter_fn(module, fqn)`` and ``dense_input_layers`` are passed to the analysis, as in
+    ``sasify``, and to the SWS width analysis, as in ``swsify``: the SWS columns count what
+    ``swsify(model, M=m, filter_fn=..., dense_input_layers=...)`` builds (by default the
+    layer reading the raw network input widens its output but keeps a dense weight).
+    ``symbolic=False`` skips the formulas (faster on large graphs).
+
+    ``swat`` (a sparsity in [0, 1) or a sequence, e.g. ``(0.8, 0.9)``) adds SWAT training
+    mults per sparsity at the densities ``swatify(model, sparsity=s, example_inputs=...,
+    filter_fn=filter_fn)`` gives each layer (uniform, unstructured: the layer reading the raw
+    input and layers swatify does not convert count dense), plus dense training as the
+    reference. A model already converted by ``swatify`` reports its SWAT layers at their own
+    densities (at every requested sparsity, or at its own sparsity when ``swat`` is None).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    Ms = check_M_values(M)
+    sparsities = check_sparsities(swat)
+    check_filter_fn(filter_fn)
+    example_inputs = normalize_example_inputs(example_inputs)
+    swat_modules = swat_module.swat_layers(model)
+    notes: List[str] = []
+    if swat_modules:
+        model = _dense_view(model, swat_modules)
+        if not sparsities:
+            sparsities = (_own_sparsity(swat_modules),)
+        notes.append(f"{len(swat_modules)} layers are SWAT layers: their SWAT columns count their own densities "
+                     f"at every sparsity; other layers count dense")
+    swat_sparse: Dict[str, bool] = {}
+    if sparsities and not swat_modules:
+        # the layers swatify converts, and the raw-input layer its uniform rule keeps dense
+        names, first = swat_module.discover_layers(model, example_inputs, filter_fn)
+        swat_sparse = {n: n != first for n in names}
+    # one analysis for every M: eligibility does not depend on M
+    try:
+        plan = analyze(model, example_inputs, filter_fn=filter_fn, dense_input_layers=dense_input_layers)
+    except CaptureError as error:
+        if example_inputs is not None:
+            raise
+        plan = module_plan(model, _Options(filter_fn, dense_input_layers), error)
+    symbols: Dict[str, int] = {}
+    if example_inputs is not None and symbolic and plan.gm is not None:
+        from .passes.propagate_symbolic_shapes import propagate_symbolic_shapes
+
+        try:
+            symbols = propagate_symbolic_shapes(plan, example_inputs)
+        except Exception as exc:  # noqa: BLE001 - numbers still come from the example shapes
+            log.warning("symbolic shapes unavailable: %s", exc)
+            notes.append(f"symbolic formulas unavailable: {exc}")
+    widths: Dict[int, Optional[Dict[str, Any]]] = {}
+    for m in Ms:
+        widths[m], why = _sws_widths(plan, m, example_inputs, filter_fn, dense_input_layers)
+        if why and why not in notes:
+            notes.append(why)
+
+    masked = _mark_sws_layers(model, plan)
+    # a model swsify built: its unmasked layers (dense input layer, excluded or unwidened) are SWS as they are
+    built_sws = getattr(model, "sws_layers", None) is not None
+    if masked:
+        notes.append(f"{len(masked)} layers carry a 1:M SWS weight mask: their base and SWS columns count "
+                     "nonzero weights (" + ", ".join(masked[:4]) + (", ..." if len(masked) > 4 else "") + ")")
+    rows = []
+    per_position = example_inputs is None
+    # total formula: weights summed per distinct positions formula
+    by_positions: Optional[Dict[str, int]] = {}
+    for layer in plan.layers:
+        resolved, why = _resolved_layer(layer)
+        if resolved is None:
+            notes.append(why)
+            continue
+        positions: Any = 1
+        if not per_position:
+            positions = resolved.output_positions
+            if positions is None:
+                positions = 1
+                notes.append(f"{layer.name}: output shape unknown, counted per output position")
+        sws = {m: (widths[m] or {}).get(layer.node) for m in Ms}
+        row = layer_costs(resolved, Ms, positions=positions, sws_widths={m: w for m, w in sws.items() if w is not None},
+                          sws_dense=built_sws and not resolved.sws_M)
+        if sparsities:
+            _add_swat_costs(row, resolved, int(positions), sparsities, swat_modules, swat_sparse)
+        sym_pos = _symbolic_positions(layer) if not per_position else (1, "1")
+        if sym_pos is None:
+            by_positions = None
+            row["symbolic"]["base_mults"] = str(row["base"]["mults"])
+        else:
+            per_pos = -(-resolved.weight_numel // resolved.sws_M) if resolved.sws_M else resolved.weight_numel
+            weight = sym_pos[0] * per_pos
+            row["symbolic"]["base_mults"] = f"{weight}*{sym_pos[1]}" if sym_pos[1] != "1" else str(weight)
+            if by_positions is not None:
+                by_positions[sym_pos[1]] = by_positions.get(sym_pos[1], 0) + weight
+        rows.append(row)
+
+    input_shapes = None
+    if example_inputs is not None:
+        input_shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
+    total_text = None
+    if by_positions and not per_position:
+        total_text = " + ".join(f"{w}*{p}" if p != "1" else str(w) for p, w in by_positions.items())
+        used = set().union(*(_free_names(r["symbolic"]["base_mults"]) for r in rows)) if rows else set()
+        symbols = {k: v for k, v in symbols.items() if k in used}
+        if not used:
+            total_text = None
+    return Report(rows, Ms, per_position=per_position, input_shapes=input_shapes, symbols=symbols,
+                  symbolic_total=total_text, plan=plan, notes=notes, swat=sparsities)
+
+
+class _Options(types.SimpleNamespace):
+    def __init__(self, filter_fn, dense_input_layers):
+        super().__init__(filter_fn=filter_fn, dense_input_layers=dense_input_layers, fold_relu=False)
+
+
+def _add_swat_costs(row: Dict[str, Any], layer: LayerPlan, positions: int, sparsities: Tuple[float, ...],
+                    swat_modules: Dict[str, nn.Module], swat_sparse: Dict[str, bool]) -> None:
+    """Set ``row["swat"]`` and ``row["swat_dense"]``, every count from the cost registry."""
+    own = swat_modules.get(layer.module_target) if layer.module_target is not None else None
+
+    def counts(weight_density, activation_density, structure):
+        c = costs.layer_cost(layer, "swat", positions=positions, weight_density=weight_density,
+                             activation_density=activation_density, structure=structure)
+        return {k: int(c[k]) for k in SWAT_KEYS}
+
+    row["swat_dense"] = counts(1.0, 1.0, "unstructured")
+    row["swat"] = {}
+    for s in sparsities:
+        if own is not None:
+            row["swat"][s] = counts(own.weight_density, own.activation_density, own.structure)
+        else:
+            density = 1.0 - s if swat_sparse.get(layer.module_target, False) else 1.0
+            row["swat"][s] = counts(density, density, "unstructured")

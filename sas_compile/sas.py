@@ -1,0 +1,120 @@
+"""SAS as a ``sparsify`` technique: ``SASConfig`` and ``sasify``.
+
+``sasify`` captures the model, runs the analysis passes and the SAS rewrite of
+``passes/pipeline.py``, and returns a model computing the same function with M-times wider,
+trainable weights. The ``sas`` dynamo backend reads the same ``SASConfig``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
+from .passes.pipeline import SAS_REWRITE, analyze_model, run_passes
+from .passes.plan import Plan
+from .passes.rewrite_layers_to_sas import swap_sas_modules
+from .runtime.projection import check_M, get_rule
+
+log = logging.getLogger("sas_compile")
+
+__all__ = ["SASConfig", "sasify", "apply_sas_plan", "INNER_COMPILERS"]
+
+INNER_COMPILERS = ("inductor", "eager", "aot_eager")
+
+
+@dataclass(frozen=True)
+class SASConfig:
+    """Options of the SAS conversion; also the options of ``torch.compile(backend="sas")``.
+
+    M: slots per value, a power of two >= 2.
+    rule: the index rule of the projection (``runtime.projection.register_rule`` adds one).
+    dense_input_layers: keep layers that read the raw network input dense (the reference
+        code's policy for the first convolution).
+    fold_relu: let a SAS layer read the pre-ReLU tensor when its input is a ReLU.
+    filter_fn: ``filter_fn(module, fqn) -> bool``; False keeps that layer dense.
+    inner: the backend's compiler for the rewritten graph ("inductor", "eager", "aot_eager").
+    mode: torch.compile's ``mode`` passed to inductor ("default", "reduce-overhead", "max-autotune", ...).
+    explain: the backend prints, per captured graph, which layers converted and why the rest did not.
+    """
+
+    M: int = 2
+    rule: str = "sign_pattern"
+    dense_input_layers: bool = True
+    fold_relu: bool = True
+    filter_fn: Optional[FilterFn] = None
+    inner: str = "inductor"
+    mode: Optional[str] = None
+    explain: bool = False
+
+    def __post_init__(self):
+        check_M(self.M)
+        get_rule(self.rule, self.M)  # unknown rule -> ValueError listing the registered ones
+        check_filter_fn(self.filter_fn)
+        if self.inner not in INNER_COMPILERS:
+            raise ValueError(f"inner={self.inner!r}: expected one of {INNER_COMPILERS}")
+
+
+def apply_sas_plan(plan: Plan, config: SASConfig) -> nn.Module:
+    """Build the SAS model ``plan`` describes at ``config.M`` (the analysed model is untouched)."""
+    if plan.capture == "symbolic_trace":
+        gm = copy.deepcopy(plan.gm)
+        run_passes(SAS_REWRITE, gm, plan, config)
+        if plan.model is not None:
+            gm.train(plan.model.training)
+        return gm
+    model = copy.deepcopy(plan.model)
+    swapped = swap_sas_modules(model, plan, config)
+    plan.graph_after = f"# {plan.capture} capture: modules swapped in place, no graph rewrite\n" + "\n".join(
+        f"# {p} -> {type(model.get_submodule(p)).__name__}" for p in sorted(swapped))
+    return model
+
+
+@register_handler(SASConfig)
+def _convert(model: nn.Module, config: SASConfig, example_inputs) -> nn.Module:
+    plan = analyze_model(model, example_inputs, config)
+    new = apply_sas_plan(plan, config)
+    for layer in plan.layers:
+        if not layer.eligible:
+            log.info("sasify: %s stays dense: %s", layer.name, layer.reason)
+    # the plan without its references to the original model (it would ride along in pickles)
+    applied = dataclasses.replace(plan, M=config.M, gm=None, model=None, example_inputs=None, parameters={})
+    for layer in applied.layers:
+        layer.call = None
+    new.sas_plan = applied
+    return attach_result(new, config, applied)
+
+
+def sasify(model: nn.Module, *, M: int = 2, example_inputs=None, filter_fn: Optional[FilterFn] = None,
+           dense_input_layers: bool = True, fold_relu: bool = True, rule: str = "sign_pattern") -> nn.Module:
+    """Return a new model whose eligible conv/linear layers are SAS layers computing the same function.
+
+    ``sparsify(model, SASConfig(M=M, ...), filter_fn=..., example_inputs=...)``. The wide
+    weights are ordinary trainable parameters initialised from the trained dense ones
+    (``Wt[:, c*M+m] = s_c(m) W[:, c]``), so the result equals the original model on any
+    input until it is trained. ``model`` itself is not modified.
+
+    Args:
+        model: any ``nn.Module``.
+        M: slots per value; a power of two >= 2 (2, 4, 8, ...).
+        example_inputs: a tensor or tuple; needed only for models that ``torch.fx.symbolic_trace``
+            cannot trace (they are then captured with ``torch.export``).
+        filter_fn: ``filter_fn(module, fqn) -> bool``; False keeps that layer dense.
+        dense_input_layers: keep layers reading the raw network input dense (default, as the
+            reference code keeps the first convolution dense).
+        fold_relu: a SAS layer whose input is a ReLU reads the pre-ReLU tensor instead.
+        rule: the projection's index rule (``sign_pattern``, or one added with ``register_rule``).
+
+    Returns:
+        the SAS model: a ``torch.fx.GraphModule`` when the model was captured by symbolic
+        tracing (the graph itself changes where a ReLU folds into a projection), the user's
+        own class when it was captured by ``torch.export`` (modules swapped). Its ``sas_plan``
+        (also ``sparsify_plan``) is the :class:`~sas_compile.plan.Plan` that was applied:
+        which layers converted, which stayed dense and why.
+    """
+    config = SASConfig(M=M, rule=rule, dense_input_layers=dense_input_layers, fold_relu=fold_relu)
+    return sparsify(model, config, filter_fn=filter_fn, example_inputs=example_inputs)
