@@ -171,7 +171,8 @@ def section_sweep(dry: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from sas_compile.runtime import autotune, matmul, sas_matmul, sas_ops, sws_matmul  # noqa: F401 (ops)
+    from sas_compile.runtime import autotune, sas_matmul, sas_ops, sws_matmul  # noqa: F401 (ops)
+    from sas_compile.runtime import execution_targets  # its tf32 switch: the kernels' float32 path
     from sas_compile.runtime.packing import pack_sws_weight, unpack_sws_weight
     from sas_compile.runtime.projection import project
 
@@ -199,7 +200,7 @@ def section_sweep(dry: bool) -> dict:
             return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32).view(torch.float32).double()
         return t.double()
 
-    saved_tf32 = matmul.tf32_allowed
+    saved_tf32 = execution_targets.tf32_allowed
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for M in (2, 4):
             for R, K, N in shapes:
@@ -209,12 +210,12 @@ def section_sweep(dry: bool) -> dict:
                 xd, wd, bd = x.to(device), w.to(device), b.to(device)
                 exact = F.linear(project(x.double(), M), w.double(), b.double())
                 tf32_ref = F.linear(project(rounded(x), M), rounded(w), b.double())
-                matmul.tf32_allowed = lambda: True  # the kernel itself, float32 as tf32
+                execution_targets.tf32_allowed = lambda: True  # the kernel itself, float32 as tf32
                 try:
                     _poison_allocator(torch)
                     out = sas_matmul(xd, wd, bd, M=M, target=kernel_target)
                 finally:
-                    matmul.tf32_allowed = saved_tf32
+                    execution_targets.tf32_allowed = saved_tf32
                 record("sas", dtype, M, (R, K, N), "kernel", out, tf32_ref if dtype == torch.float32 else exact,
                        tolerance[dtype])
                 _poison_allocator(torch)
@@ -229,12 +230,12 @@ def section_sweep(dry: bool) -> dict:
                 packed = pack_sws_weight(dense_w).to(device)
                 ref = x.double() @ unpack_sws_weight(pack_sws_weight(dense_w)).double().t() + b.double()
                 ref32 = rounded(x) @ rounded(dense_w).t() + b.double()
-                matmul.tf32_allowed = lambda: True
+                execution_targets.tf32_allowed = lambda: True
                 try:
                     _poison_allocator(torch)
                     out = sws_matmul(xd, packed, bd, target=kernel_target)
                 finally:
-                    matmul.tf32_allowed = saved_tf32
+                    execution_targets.tf32_allowed = saved_tf32
                 record("sws", dtype, M, (R, K, N), "kernel", out, ref32 if dtype == torch.float32 else ref,
                        tolerance[dtype])
                 out = sws_matmul(xd, packed, bd, target="auto")

@@ -1,22 +1,19 @@
-"""The GEMM entry points of the runtime: one op interface, three targets.
+"""The GEMM entry points of the runtime: ``sas_matmul`` and ``sws_matmul``.
 
-Why this module exists: the rewritten model calls ``sas_matmul`` / ``sws_matmul`` without
-knowing where it runs. A target is an implementation of the same product:
+Why this module exists: the rewritten model calls these without knowing where they run. They
+check the user's arguments once, pick a target (``runtime/execution_targets.py``: ``"torch"``, the
+PyTorch formulation on any device; ``"cuda"``, the Sparse Tensor Core kernels; ``"emulator"``,
+the kernels' source on the host) and run it:
 
-* ``"cpu"``: the PyTorch formulation (``F.linear(project(x, M), weight, bias)`` for SAS, a
-  dense matmul with the unpacked weight for SWS). It runs on whatever device the tensors are
-  on, so it is also the fallback on CUDA tensors.
-* ``"cuda"``: the Sparse Tensor Core kernels of ``sas_compile.runtime.cuda``.
-* ``"emulator"``: the same CUDA source compiled for the host (``sas_compile.runtime.emulator``),
-  on CPU tensors: slow, for checking the kernels without a GPU.
-* ``"auto"``: on CUDA tensors, the fastest correct implementation among the Sparse Tensor
-  Core kernel, the PyTorch formulation (projection + cuBLAS) and projection + PyTorch's vendor
-  2:4 kernels (cuSPARSELt / CUTLASS), measured once per shape bucket and cached on disk
-  (``runtime/autotune.py``; ``SAS_COMPILE_GEMM`` forces one); ``"cpu"`` elsewhere.
+* ``target="auto"``: on CUDA tensors, the fastest correct implementation among the kernel,
+  the PyTorch formulation (projection + cuBLAS) and projection + PyTorch's vendor 2:4 kernels
+  (cuSPARSELt / CUTLASS), measured once per shape bucket and cached on disk
+  (``runtime/autotune.py``; ``SAS_COMPILE_GEMM`` forces one); the PyTorch formulation elsewhere.
+* an explicit target runs there, or raises when it is not available on this machine.
 
 Whenever a kernel target cannot take a call (M not in {2, 4}, a dtype the kernels lack, a
-custom index rule, inputs that need autograd, no CUDA runtime under ``"auto"``), the call runs
-on the PyTorch formulation and the reason is logged on logger ``sas_compile.runtime``.
+custom index rule, inputs that need autograd, an empty input), the call runs on the PyTorch
+formulation and the reason is logged on logger ``sas_compile.runtime``.
 
 Precision follows PyTorch's convention for float32: the kernels multiply float32 operands
 as tf32 (10 mantissa bits), so they take float32 only where PyTorch itself would use tf32 for
@@ -26,9 +23,8 @@ full-precision PyTorch formulation, as a dense float32 model would.
 """
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import Dict, NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,80 +33,14 @@ from torch import Tensor
 from . import autotune
 from .packing import PackedSparseWeight, unpack_sws_weight
 from .projection import check_M, get_rule, project
+from .execution_targets import TargetStatus, get_target, targets, tf32_allowed
 
-__all__ = ["sas_matmul", "sws_matmul", "targets", "tf32_allowed", "sas_kernel_blockers", "sas_linear_choice",
-           "vendor_24_status",
-           "TargetStatus", "TARGETS"]
+__all__ = ["sas_matmul", "sws_matmul", "targets", "tf32_allowed", "select_target", "sas_linear_choice",
+           "vendor_24_status", "TargetStatus", "TARGETS"]
 
 logger = logging.getLogger("sas_compile.runtime")
 
-TARGETS = ("auto", "cpu", "cuda", "emulator")
-_KERNEL_TARGETS = {"cuda": "sas_compile.runtime.cuda", "emulator": "sas_compile.runtime.emulator"}
-# what the kernels implement: mma.sp 2:4 for 16-bit types, tf32 1:2 for float32
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_KERNEL_M = (2, 4)
-_KERNEL_RULE = "sign_pattern"
-
-
-class TargetStatus(NamedTuple):
-    """Whether a target can run on this machine, and why (or why not)."""
-
-    available: bool
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{'yes' if self.available else 'no'}: {self.reason}"
-
-
-_status_cache: Dict[str, TargetStatus] = {}
-
-
-def _kernel_module(target: str):
-    """The kernel module of ``target``, or raise ImportError."""
-    return importlib.import_module(_KERNEL_TARGETS[target])
-
-
-def _probe(target: str) -> TargetStatus:
-    if target == "cpu":
-        return TargetStatus(True, f"PyTorch formulation (torch {torch.__version__}), any device")
-    name = _KERNEL_TARGETS[target]
-    try:
-        module = _kernel_module(target)
-    except ImportError as error:
-        return TargetStatus(False, f"{name} could not be imported: {error}")
-    available = getattr(module, "available", None)
-    if available is None:
-        return TargetStatus(False, f"{name} provides no kernels (no available() function)")
-    ok, reason = available()
-    if ok and target == "cuda" and not torch.cuda.is_available():
-        # the driver may work while this torch build has no CUDA tensors to hand it
-        return TargetStatus(
-            False,
-            f"torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False)",
-        )
-    return TargetStatus(bool(ok), str(reason))
-
-
-def targets(refresh: bool = False) -> Dict[str, TargetStatus]:
-    """What this machine can run: ``{name: TargetStatus(available, reason)}``.
-
-    Names are "cpu", "cuda" and "emulator"; the reason says what runs, or what is missing
-    (no CUDA driver or device, no NVRTC, no host compiler).
-
-    The probe result is cached per process; ``refresh=True`` probes again.
-    """
-    if refresh:
-        _status_cache.clear()
-    for target in ("cpu", "cuda", "emulator"):
-        if target not in _status_cache:
-            _status_cache[target] = _probe(target)
-    return dict(_status_cache)
-
-
-def _target_status(target: str) -> TargetStatus:
-    if target not in _status_cache:
-        _status_cache[target] = _probe(target)
-    return _status_cache[target]
+TARGETS = ("auto", "torch", "cuda", "emulator", "cpu")
 
 
 def _check_target(op: str, target) -> str:
@@ -149,72 +79,36 @@ def _check_bias(op: str, bias: Optional[Tensor], x: Tensor, n: int) -> None:
     _check_like(op, "bias", bias, x)
 
 
-def _resolve(op: str, target: str, x: Tensor, blockers: list) -> str:
-    """Pick the implementation: "cpu", "cuda" or "emulator"; log why a kernel is not used."""
-    if target == "cpu":
-        return "cpu"
+def select_target(op: str, target: str, x: Tensor, *others: Optional[Tensor], M: Optional[int] = None,
+                  rule: Optional[str] = None):
+    """The target that computes this call: ``target`` itself, or the PyTorch formulation when a
+    kernel target cannot take the call (reason logged). An explicit target that is not
+    available here, or is given tensors of the wrong device, raises."""
+    if target in ("torch", "cpu"):
+        return get_target("torch")
     if target == "auto":
         if not x.is_cuda:
-            return "cpu"
-        status = _target_status("cuda")
+            return get_target("torch")
+        chosen = get_target("cuda")
+        status = chosen.status()
         if not status.available:
-            logger.info(
-                "%s: running the PyTorch formulation on CUDA tensors: cuda target unavailable (%s)",
-                op,
-                status.reason,
-            )
-            return "cpu"
-        target = "cuda"
+            logger.info("%s: running the PyTorch formulation on CUDA tensors: cuda target unavailable (%s)",
+                        op, status.reason)
+            return get_target("torch")
     else:
-        if target == "cuda" and not x.is_cuda:
-            raise ValueError(
-                f"{op}: target='cuda' needs CUDA tensors, x is on {x.device}; "
-                "use target='auto' or 'cpu'"
-            )
-        if target == "emulator" and x.device.type != "cpu":
-            raise ValueError(
-                f"{op}: target='emulator' runs on CPU tensors, x is on {x.device}; "
-                "move x to the CPU"
-            )
-        status = _target_status(target)
+        chosen = get_target(target)
+        if chosen.device_type == "cuda" and not x.is_cuda:
+            raise ValueError(f"{op}: target='cuda' needs CUDA tensors, x is on {x.device}; use target='auto' or 'torch'")
+        if chosen.device_type == "cpu" and x.device.type != "cpu":
+            raise ValueError(f"{op}: target={target!r} runs on CPU tensors, x is on {x.device}; move x to the CPU")
+        status = chosen.status()
         if not status.available:
-            raise RuntimeError(
-                f"{op}: target={target!r} is not available on this machine: {status.reason}"
-            )
-    reasons = [reason for reason in blockers if reason]
+            raise RuntimeError(f"{op}: target={target!r} is not available on this machine: {status.reason}")
+    reasons = chosen.check("sas_linear" if op.startswith("sas") else "sws_linear", x, *others, M=M, rule=rule)
     if reasons:
-        logger.info(
-            "%s: target %r falls back to the PyTorch formulation: %s",
-            op,
-            target,
-            "; ".join(reasons),
-        )
-        return "cpu"
-    return target
-
-
-def tf32_allowed() -> bool:
-    """Whether PyTorch would run a float32 matmul in tf32 now (its switches, not ours)."""
-    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
-
-
-def _common_blockers(x: Tensor, *others: Optional[Tensor]) -> list:
-    reasons = []
-    if x.dtype not in _KERNEL_DTYPES:
-        reasons.append(
-            f"dtype {x.dtype} is not supported by the kernels (float16, bfloat16, float32)"
-        )
-    elif x.dtype == torch.float32 and not tf32_allowed():
-        reasons.append(
-            "float32 would be multiplied as tf32, and PyTorch's tf32 switches are off "
-            "(torch.backends.cuda.matmul.allow_tf32 is False, float32 matmul precision 'highest'): "
-            "full precision instead"
-        )
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)):
-        reasons.append("inputs require grad and the kernels have no backward")
-    if x.numel() == 0:
-        reasons.append("empty input")
-    return reasons
+        logger.info("%s: target %r falls back to the PyTorch formulation: %s", op, chosen.name, "; ".join(reasons))
+        return get_target("torch")
+    return chosen
 
 
 def sas_matmul(
@@ -230,7 +124,7 @@ def sas_matmul(
 
     ``x``: (..., K) narrow activation; ``weight``: (N, M*K) wide weight in the channel-major
     layout (slot m of channel c is column c*M + m); ``bias``: (N,) or None. Returns (..., N)
-    in x's dtype. ``target``: "auto" | "cpu" | "cuda" | "emulator" (see the module docstring);
+    in x's dtype. ``target``: "auto" | "torch" | "cuda" | "emulator" (see the module docstring);
     the kernels run M = 2 and 4 with the ``sign_pattern`` rule, other cases fall back to the
     PyTorch formulation with a logged reason.
     """
@@ -255,26 +149,14 @@ def sas_matmul(
     n = weight.shape[0]
     _check_bias(op, bias, x, n)
 
-    chosen = _resolve(op, target, x, sas_kernel_blockers(x, weight, bias, M, rule))
-    if chosen == "cpu":
-        return F.linear(project(x, M, -1, rule), weight, bias)
-    x2d = x.reshape(-1, k).contiguous()
-    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
+    chosen = select_target(op, target, x, weight, bias, M=M, rule=rule)
+    if chosen.name == "torch":
+        return chosen.sas_linear(x, weight, bias, M, rule)
     if target == "auto":
-        out = _auto_sas(x2d, weight, bias, M, chosen)
-    else:
-        out = _kernel_module(chosen).sas_gemm(x2d, weight, bias, M)
-    return out.reshape(*x.shape[:-1], n)
-
-
-def sas_kernel_blockers(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: str) -> list:
-    """Why the SAS kernels cannot compute this product (an empty list when they can)."""
-    blockers = _common_blockers(x, weight, bias)
-    if M not in _KERNEL_M:
-        blockers.append(f"M = {M} has no kernel (kernels run M = 2 and 4)")
-    if rule != _KERNEL_RULE:
-        blockers.append(f"index rule {rule!r} has no kernel (kernels compute {_KERNEL_RULE!r})")
-    return blockers
+        x2d = x.reshape(-1, k).contiguous()
+        out = _auto_sas(x2d, weight.contiguous(), None if bias is None else bias.contiguous(), M, chosen.name)
+        return out.reshape(*x.shape[:-1], n)
+    return chosen.sas_linear(x, weight, bias, M, rule)
 
 
 def _rows_bucket(rows: int) -> int:
@@ -312,7 +194,7 @@ def sas_linear_choice(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: in
     PyTorch formulation), ``"fused"`` (the Sparse Tensor Core kernel) or ``"sparse24"``
     (projection + PyTorch's 2:4 kernels).
     """
-    kernels = _kernel_module(kernel_target)
+    kernels = get_target(kernel_target).module()
     candidates = {
         autotune.REFERENCE: lambda: F.linear(project(x2d, M), weight, bias),
         "fused": lambda: kernels.sas_gemm(x2d, weight, bias, M),
@@ -345,7 +227,7 @@ def _cached_on(packed: PackedSparseWeight, name: str, make):
 
 
 def _auto_sws(x2d: Tensor, packed: PackedSparseWeight, bias: Optional[Tensor], kernel_target: str) -> Tensor:
-    kernels = _kernel_module(kernel_target)
+    kernels = get_target(kernel_target).module()
     dense = lambda: _cached_on(packed, "dense", lambda: unpack_sws_weight(packed))  # noqa: E731
     candidates = {
         autotune.REFERENCE: lambda: F.linear(x2d, dense(), bias),
@@ -405,14 +287,9 @@ def sws_matmul(
         )
     _check_bias(op, bias, x, n)
 
-    blockers = _common_blockers(x, packed_weight.values, bias)
-    chosen = _resolve(op, target, x, blockers)
-    if chosen == "cpu":
-        return F.linear(x, unpack_sws_weight(packed_weight), bias)
+    chosen = select_target(op, target, x, packed_weight.values, bias)
+    if chosen.name == "torch" or target != "auto":
+        return chosen.sws_linear(x, packed_weight, bias)
     x2d = x.reshape(-1, k).contiguous()
-    bias = None if bias is None else bias.contiguous()
-    if target == "auto":
-        out = _auto_sws(x2d, packed_weight, bias, chosen)
-    else:
-        out = _kernel_module(chosen).sws_gemm(x2d, packed_weight, bias)
+    out = _auto_sws(x2d, packed_weight, None if bias is None else bias.contiguous(), chosen.name)
     return out.reshape(*x.shape[:-1], n)

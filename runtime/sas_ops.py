@@ -15,15 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import autotune
 from .autocast import register_autocast_like_linear
+from .matmul import sas_matmul, select_target
 from .projection import SignPatternRule, get_rule, project, project_aten
 
 __all__ = ["sas_linear", "sas_conv2d", "conv2d_output_size", "sas_conv2d_choice", "projected_linear",
            "projected_conv2d", "projected_conv1d"]
-
-
-def _on_accelerator(x: Tensor) -> bool:
-    return x.device.type not in ("cpu", "meta")
 
 
 def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Tensor:
@@ -45,12 +43,13 @@ def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Ten
 @torch.library.custom_op("sas::linear", mutates_args=())
 def sas_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: str) -> Tensor:
     """``F.linear(S(x), weight, bias)``; ``x`` is narrow ``(..., K)``, ``weight`` is ``(N, M*K)``."""
-    if _on_accelerator(x):
-        from .matmul import sas_matmul
-
-        # autograd is this op's (register_autograd below): the GEMM targets see plain tensors
-        return sas_matmul(x.detach(), weight.detach(), None if bias is None else bias.detach(), M=M, rule=rule)
     return F.linear(project(x, M, -1, rule), weight, bias)
+
+
+@sas_linear.register_kernel("cuda")
+def _(x, weight, bias, M, rule):
+    # autograd is this op's (register_autograd below): the GEMM targets see plain tensors
+    return sas_matmul(x.detach(), weight.detach(), None if bias is None else bias.detach(), M=M, rule=rule)
 
 
 @sas_linear.register_fake
@@ -107,9 +106,12 @@ def sas_conv2d(
     rule: str,
 ) -> Tensor:
     """``F.conv2d(S(x), weight, bias, ...)`` with ``S`` along channels; ``weight`` is wide."""
-    if _on_accelerator(x):
-        return _sas_conv2d_accelerated(x, weight, bias, stride, padding, dilation, groups, M, rule)
     return _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
+
+
+@sas_conv2d.register_kernel("cuda")
+def _(x, weight, bias, stride, padding, dilation, groups, M, rule):
+    return _sas_conv2d_accelerated(x, weight, bias, stride, padding, dilation, groups, M, rule)
 
 
 @sas_conv2d.register_fake
@@ -155,16 +157,12 @@ def sas_conv2d_choice(x, weight, bias, stride, padding, dilation, groups, M, rul
 
     ``None`` when only the PyTorch formulation (projection + dense conv) applies.
     """
-    from . import autotune
-    from .matmul import _resolve, sas_kernel_blockers
-
     x, weight = x.detach(), weight.detach()
     bias = None if bias is None else bias.detach()
     dense = lambda: _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)  # noqa: E731
-    blockers = sas_kernel_blockers(x, weight, bias, M, rule)
     if groups != 1 or x.shape[1] % (M.bit_length() - 1) != 0:
-        blockers.append(f"groups={groups}, channels={x.shape[1]}: not one unfolded SAS GEMM")
-    if _resolve("sas::conv2d", "auto", x, blockers) == "cpu":
+        return None, dense  # not one unfolded SAS GEMM
+    if select_target("sas::conv2d", "auto", x, weight, bias, M=M, rule=rule).name == "torch":
         return None, dense
     candidates = {
         autotune.REFERENCE: dense,
@@ -188,8 +186,6 @@ def _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, 
     (grouped convs, channel groups straddling kernel positions) use the projected dense conv.
     """
     import logging
-
-    from .matmul import sas_matmul
 
     channels = x.shape[1]
     bits = M.bit_length() - 1

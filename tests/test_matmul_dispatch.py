@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import sas_compile.runtime.matmul as matmul
+import sas_compile.runtime.execution_targets as targets_module
 from sas_compile.runtime import sas_matmul, sws_matmul, targets
 from sas_compile.runtime.packing import pack_sws_weight, unpack_sws_weight
 
@@ -73,7 +74,7 @@ def test_sas_matmul_cpu_matches_float64_reference(M, lead, k, n, with_bias):
     x = nonzero_randn(*lead, k, generator=g)
     weight = torch.randn(n, M * k, generator=g)
     bias = torch.randn(n, generator=g) if with_bias else None
-    out = sas_matmul(x, weight, bias, M=M, target="cpu")
+    out = sas_matmul(x, weight, bias, M=M, target="torch")
     assert out.shape == (*lead, n) and out.dtype == x.dtype
     assert_close_to(out, sas_reference(x, weight, bias, M), TOL[torch.float32])
 
@@ -100,7 +101,7 @@ def test_sws_matmul_cpu_matches_float64_reference(M, k, with_bias):
     weight = sparse_weight(n, k, M, g, torch.float32)
     x = nonzero_randn(2, 3, k, generator=g)
     bias = torch.randn(n, generator=g) if with_bias else None
-    out = sws_matmul(x, pack_sws_weight(weight), bias, target="cpu")
+    out = sws_matmul(x, pack_sws_weight(weight), bias, target="torch")
     reference = x.double() @ weight.double().t()
     if bias is not None:
         reference = reference + bias.double()
@@ -160,11 +161,11 @@ def test_sws_matmul_errors_name_the_argument():
 
 def test_targets_reports_every_target_with_a_reason():
     status = targets(refresh=True)
-    assert set(status) == {"cpu", "cuda", "emulator"}
+    assert set(status) == {"torch", "cuda", "emulator"}
     for name, (available, reason) in status.items():
         assert isinstance(available, bool) and reason, name
         assert reason in str(status[name])
-    assert status["cpu"].available
+    assert status["torch"].available
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
@@ -174,7 +175,7 @@ def test_targets_says_why_cuda_is_missing_here():
     assert len(reason) > 10
     with pytest.raises(RuntimeError, match="target='cuda' is not available"):
         # a CPU tensor is caught first, so only an unavailable target can explain this one
-        matmul._resolve("sas_matmul", "cuda", SimpleNamespace(is_cuda=True), [])
+        matmul.select_target("sas_matmul", "cuda", SimpleNamespace(is_cuda=True))
 
 
 # ------------------------------------------------------------------------- dispatch logic
@@ -199,9 +200,10 @@ class RecordingKernels:
 @pytest.fixture
 def fake_emulator(monkeypatch):
     kernels = RecordingKernels()
-    monkeypatch.setitem(matmul._status_cache, "emulator", matmul.TargetStatus(True, "fake"))
-    monkeypatch.setattr(matmul, "tf32_allowed", lambda: True)  # float32 may take the kernels
-    monkeypatch.setattr(matmul, "_kernel_module", lambda target: kernels)
+    emulator = targets_module.get_target("emulator")
+    monkeypatch.setattr(emulator, "status", lambda refresh=False: targets_module.TargetStatus(True, "fake"))
+    monkeypatch.setattr(targets_module, "tf32_allowed", lambda: True)  # float32 may take the kernels
+    monkeypatch.setattr(emulator, "module", lambda: kernels)
     return kernels
 
 
@@ -244,7 +246,9 @@ def test_kernel_targets_fall_back_with_a_logged_reason(fake_emulator, caplog, mo
 
 
 def test_unavailable_explicit_target_raises_with_the_reason(monkeypatch):
-    monkeypatch.setitem(matmul._status_cache, "emulator", matmul.TargetStatus(False, "no host compiler (g++)"))
+    emulator = targets_module.get_target("emulator")
+    monkeypatch.setattr(emulator, "status",
+                        lambda refresh=False: targets_module.TargetStatus(False, "no host compiler (g++)"))
     with pytest.raises(RuntimeError, match=r"target='emulator' is not available on this machine: no host compiler"):
         sas_matmul(torch.randn(2, 4), torch.randn(3, 8), target="emulator")
 
@@ -266,7 +270,7 @@ def emulator_or_skip():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_emulator_target_matches_float64_reference(M, dtype, caplog, monkeypatch):
     emulator_or_skip()
-    monkeypatch.setattr(matmul, "tf32_allowed", lambda: True)  # float32 runs the tf32 kernel
+    monkeypatch.setattr(targets_module, "tf32_allowed", lambda: True)  # float32 runs the tf32 kernel
     g = torch.Generator().manual_seed(M)
     x = nonzero_randn(2, 35, 13, generator=g, dtype=dtype)  # 70 rows: more than one row tile
     weight = torch.randn(7, 13 * M, generator=g).to(dtype)
@@ -331,7 +335,7 @@ def test_cuda_target_matches_cpu_formulation_and_vendor_path(M, dtype, monkeypat
 
     from sas_compile.runtime.packing import pack_sas_activation_cutlass
 
-    monkeypatch.setattr(matmul, "tf32_allowed", lambda: True)  # float32 takes the tf32 kernel
+    monkeypatch.setattr(targets_module, "tf32_allowed", lambda: True)  # float32 takes the tf32 kernel
     g = torch.Generator().manual_seed(30 + M)
     tol = TOL[dtype] if dtype != torch.float32 else 2e-3
     for rows, k, n in [(37, 29, 19), (128, 96, 64), (3, 200, 130)]:
@@ -339,7 +343,7 @@ def test_cuda_target_matches_cpu_formulation_and_vendor_path(M, dtype, monkeypat
         weight = torch.randn(n, M * k, generator=g).to(dtype).cuda()
         bias = torch.randn(n, generator=g).to(dtype).cuda()
         out = sas_matmul(x, weight, bias, M=M, target="cuda")
-        reference = sas_matmul(x.double(), weight.double(), bias.double(), M=M, target="cpu")
+        reference = sas_matmul(x.double(), weight.double(), bias.double(), M=M, target="torch")
         assert_close_to(out, reference, tol)
         if dtype != torch.float32 and rows % 32 == 0 and (M * k) % 64 == 0:
             # the vendor 2:4 path of this GPU: CUTLASS on 8.x, cuSPARSELt elsewhere

@@ -207,20 +207,20 @@ def test_property_random_stacks_preserve_function(case):
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * (ref.abs().max().item() + 1e-3))
 
 
-@pytest.mark.parametrize("target", ["cpu", "emulator"])
+@pytest.mark.parametrize("target", ["torch", "emulator"])
 @pytest.mark.parametrize("M", [2, 4])
 def test_unfolded_conv_path_used_on_gpus(M, target):
     """The accelerator conv path (im2col into one sas_matmul), run on the CPU and in the kernel emulator."""
     from sas_compile.runtime.sas_ops import _sas_conv2d_unfolded
 
     torch.manual_seed(M)
-    dtype = torch.float32 if target == "cpu" else torch.float16
+    dtype = torch.float32 if target == "torch" else torch.float16
     x = torch.randn(2, 6, 7, 5).to(dtype)
     w = (torch.randn(5, 6 * M, 3, 2) * 0.3).to(dtype)
     b = torch.randn(5).to(dtype)
     out = _sas_conv2d_unfolded(x, w, b, [2, 1], [1, 1], [1, 2], 1, M, RULE, target=target)
     ref = F.conv2d(project(x.double(), M, 1), w.double(), b.double(), [2, 1], [1, 1], [1, 2])
-    tol = 1e-5 if target == "cpu" else 2e-3  # fp16 output rounding
+    tol = 1e-5 if target == "torch" else 2e-3  # fp16 output rounding
     assert out.shape == ref.shape
     assert ((out.double() - ref).norm() / ref.norm()).item() < tol
 
