@@ -1354,3 +1354,10 @@ def sws_layer_widths(gm: fx.GraphModule, M: int, example_inputs=None, *, filter_
     """
     return tie_channel_widths(gm, M, example_inputs, filter_fn=filter_fn,
                               dense_input_layers=dense_input_layers).layers
+
+
+# the helpers the SWS rewrite shares with this analysis
+op_name = _op_name
+size_args = _size_args
+get_attr = _get_attr
+propagate_shapes = _propagate_shapes

@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch
 from torch import fx, nn
 
-from .tie_channel_widths import ChannelWidths, _get_attr, _op_name, _size_args
+from .tie_channel_widths import ChannelWidths, get_attr, op_name, size_args
 
 log = logging.getLogger("sas_compile.passes")
 
@@ -135,7 +135,7 @@ def _stretch(old: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _resize_attr(gm, target: str, widths: ChannelWidths, weight_targets) -> bool:
-    old = _get_attr(gm, target)
+    old = get_attr(gm, target)
     new_shape = widths.param_shape(target)
     if not isinstance(old, torch.Tensor) or new_shape is None or tuple(new_shape) == tuple(old.shape):
         return False
@@ -148,7 +148,7 @@ def _resize_attr(gm, target: str, widths: ChannelWidths, weight_targets) -> bool
             nn.init.kaiming_uniform_(value, a=math.sqrt(5))
         else:
             w_target = widths.layer_params[role[1]][0]
-            w_shape = widths.param_shape(w_target) or _get_attr(gm, w_target).shape
+            w_shape = widths.param_shape(w_target) or get_attr(gm, w_target).shape
             fan_in = math.prod(w_shape[1:])
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(value, -bound, bound)
@@ -176,11 +176,11 @@ def _resize_attr(gm, target: str, widths: ChannelWidths, weight_targets) -> bool
 
 
 def _update_size_args(gm, node: fx.Node, widths: ChannelWidths) -> bool:
-    name = _op_name(node, gm)
+    name = op_name(node, gm)
     new_shape = widths.shape_of(node.name)
     dims = widths.node_dims.get(node.name)
     if name in _SIZE_ARG_OPS and new_shape is not None:
-        args = _size_args(node)
+        args = size_args(node)
         if args is None or len(args) != len(new_shape):
             return False
         old_shape = tuple(widths.base_size_of(d) for d in dims)

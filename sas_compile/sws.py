@@ -113,7 +113,7 @@ def _capture(work: nn.Module, example_inputs):
     ``nn.MultiheadAttention``) would stay unwidened; export shows its linears and reshapes.
     """
     from sas_compile.passes.capture import capture
-    from sas_compile.passes.tie_channel_widths import _op_name
+    from sas_compile.passes.tie_channel_widths import op_name
 
     captured = capture(work, example_inputs)
     if captured.method != "symbolic_trace" or example_inputs is None:
@@ -121,7 +121,7 @@ def _capture(work: nn.Module, example_inputs):
     gm = captured.gm
     opaque = [
         n.target for n in gm.graph.nodes
-        if n.op == "call_module" and _op_name(n, gm).startswith("module:")
+        if n.op == "call_module" and op_name(n, gm).startswith("module:")
         and any(True for _ in gm.get_submodule(n.target).parameters())
     ]
     if opaque:
@@ -274,9 +274,9 @@ def _layer_costs(owner: nn.Module, attr: str, layer) -> Dict[str, Any]:
 def _positions(gm, example_inputs) -> Dict[str, int]:
     """Output positions (all dims but the channel one) of every layer, from one shape pass."""
     from sas_compile.passes.capture import normalize_example_inputs
-    from sas_compile.passes.tie_channel_widths import _propagate_shapes
+    from sas_compile.passes.tie_channel_widths import propagate_shapes
 
-    _propagate_shapes(gm, normalize_example_inputs(example_inputs))
+    propagate_shapes(gm, normalize_example_inputs(example_inputs))
     out = {}
     for node in gm.graph.nodes:
         if node.name not in gm.sws_layers:

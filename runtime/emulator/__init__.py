@@ -28,7 +28,7 @@ from ..cuda.kernel_params import GemmParams, Launch, prepare_sas, prepare_sws
 from ..cuda.launch import Launcher
 from ..cuda.launch import run as _run_launch
 from ..cuda.nvrtc_build import KERNEL_DIR, cache_dir
-from .driver import EmulatorDriver
+from .driver import EmulatorDriver, EmulatorError
 
 __all__ = ["available", "library_path", "sas_gemm", "sws_gemm", "run", "launcher", "gemm_params_layout",
            "mma_sp_probe_f16", "EmulatorError"]
@@ -39,10 +39,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
-
-
-class EmulatorError(RuntimeError):
-    """The emulator could not be built, or a kernel reported an error while running."""
 
 
 def _compiler() -> Optional[str]:

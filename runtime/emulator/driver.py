@@ -15,7 +15,7 @@ import ctypes
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-__all__ = ["EmulatorDriver", "EmulatedFunction", "CUDA_SUCCESS", "CUDA_ERROR_INVALID_VALUE",
+__all__ = ["EmulatorDriver", "EmulatedFunction", "EmulatorError", "CUDA_SUCCESS", "CUDA_ERROR_INVALID_VALUE",
            "CUDA_ERROR_NOT_FOUND"]
 
 CUDA_SUCCESS = 0
@@ -30,6 +30,10 @@ _ERROR_NAMES = {
 }
 _DEFAULT_MAX_DYNAMIC_SMEM = 48 * 1024
 _OPTIN_MAX_DYNAMIC_SMEM = 227 * 1024  # sm_90's opt-in limit per block
+
+
+class EmulatorError(RuntimeError):
+    """The emulator could not be built, or a kernel reported an error while running."""
 
 
 class CUstream(int):
@@ -144,8 +148,6 @@ class EmulatorDriver:
     # ---- the launch
     def cuLaunchKernel(self, f, grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_bytes,
                        stream, kernel_params, extra):
-        from . import EmulatorError
-
         if not isinstance(f, EmulatedFunction):
             return (CUDA_ERROR_INVALID_HANDLE,)
         if not isinstance(stream, CUstream):
