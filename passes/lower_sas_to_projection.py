@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from sas_compile.runtime import sas_ops
+from sas_compile.runtime.matmul import sas_linear_choice
 from sas_compile.runtime.projection import expand_dense_weight
 
 from .plan import Plan
@@ -27,14 +28,16 @@ log = logging.getLogger("sas_compile.passes")
 
 __all__ = ["lower_sas_to_projection", "graph_device"]
 
-# op -> (kind, the same call as plain aten ops); every replacement takes the op's arguments
+# op -> (kind, the same call as plain aten ops); every replacement takes the op's arguments.
+# A layer computed from a dense weight is the dense layer's function exactly (Wt S(x) = W x,
+# W relu(z) when folded): its plain form is the dense op itself.
 _LOWERINGS = {
     torch.ops.sas.linear: ("linear", sas_ops.projected_linear),
     torch.ops.sas.linear.default: ("linear", sas_ops.projected_linear),
     torch.ops.sas.conv2d: ("conv2d", sas_ops.projected_conv2d),
     torch.ops.sas.conv2d.default: ("conv2d", sas_ops.projected_conv2d),
-    sas_ops.sas_conv2d_call: ("conv2d", sas_ops.projected_conv2d),
-    sas_ops.sas_conv1d_call: ("conv1d", sas_ops.projected_conv1d),
+    torch.ops.sas.linear_from_dense.default: ("linear_from_dense", sas_ops.dense_linear_through),
+    torch.ops.sas.conv2d_from_dense.default: ("conv2d_from_dense", sas_ops.dense_conv2d_through),
 }
 
 
@@ -45,13 +48,6 @@ def _example(arg) -> Optional[torch.Tensor]:
     value = arg.meta.get("example_value", arg.meta.get("val"))
     if isinstance(value, torch.Tensor):
         return value if all(isinstance(s, int) for s in value.shape) else None
-    if arg.op == "call_function" and arg.target is expand_dense_weight:
-        dense = _example(arg.args[0])
-        if dense is None:
-            return None
-        shape = list(dense.shape)
-        shape[1] *= arg.args[1]
-        return dense.new_empty(shape)
     return None
 
 
@@ -64,20 +60,23 @@ def _random_like(value: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _kernel_is_faster(node: fx.Node, kind: str, device: torch.device) -> bool:
     """Whether the autotuner picks a Sparse Tensor Core path for this layer's shape."""
-    from sas_compile.runtime.matmul import sas_linear_choice
-
     x, weight = _example(node.args[0]), _example(node.args[1])
     bias = _example(node.args[2]) if node.args[2] is not None else None
-    if x is None or weight is None or (node.args[2] is not None and bias is None) or kind == "conv1d":
+    if x is None or weight is None or (node.args[2] is not None and bias is None):
         return False
     with torch.no_grad():
         xr, wr = _random_like(x, device), _random_like(weight, device)
         br = None if bias is None else _random_like(bias, device)
-        if kind == "linear":
-            M, rule = node.args[3], node.args[4]
+        if kind == "linear" or kind == "linear_from_dense":
+            M, rule = node.args[3], node.args[-1] if kind == "linear" else node.args[5]
+            if kind == "linear_from_dense":
+                wr = expand_dense_weight(wr, M, rule=rule)
             decision, _ = sas_linear_choice(xr.reshape(-1, xr.shape[-1]), wr, br, M)
             return decision.impl != "dense"
-        stride, padding, dilation, groups, M, rule = node.args[3:9]
+        stride, padding, dilation, groups, M = node.args[3:8]
+        rule = node.args[9] if kind == "conv2d_from_dense" else node.args[8]
+        if kind == "conv2d_from_dense":
+            wr = expand_dense_weight(wr, M, rule=rule, groups=groups)
         if not all(isinstance(v, (list, tuple)) for v in (stride, padding, dilation)):
             return False  # the op's own spelling (ints, 'same') is resolved at run time
         decision, _ = sas_ops.sas_conv2d_choice(xr, wr, br, list(stride), list(padding), list(dilation), groups,

@@ -3,9 +3,11 @@
 Why: this is the one place a graph changes. Module calls get their module swapped for a
 ``SASLinear``/``SASConv{1,2}d`` built by ``from_dense``; functional calls on a parameter get
 the parameter replaced by its wide version and the call replaced by the ``sas::`` op; on a
-dynamo graph (weights are graph inputs) the wide weight is computed in the graph from the
-live parameter, so the compiled model never serves a stale copy. A folded ReLU is bypassed
-for the SAS layer only; it is erased when nothing else reads it.
+dynamo graph (weights are graph inputs) the call becomes ``sas::linear_from_dense`` /
+``sas::conv2d_from_dense``, which expand the live dense parameter once per version (cached,
+so the compiled model never serves a stale copy and never re-expands per call). The graph
+holds ops only. A folded ReLU is bypassed for the SAS layer only; it is erased when nothing
+else reads it.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import logging
 from typing import Dict, List
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from sas_compile.runtime import sas_ops
@@ -45,9 +48,33 @@ def sas_module(dense: nn.Module, M: int, fold: bool, rule: str) -> nn.Module:
     raise TypeError(f"no SAS layer for {type(dense).__name__}")
 
 
-def _functional_target(op: str):
-    return {"linear": torch.ops.sas.linear.default, "conv2d": sas_ops.sas_conv2d_call,
-            "conv1d": sas_ops.sas_conv1d_call}[op]
+def _emit_sas_call(graph: fx.Graph, layer: LayerPlan, call, x, weight, M: int, rule: str, from_dense: bool,
+                   fold: bool, train_dense: bool) -> fx.Node:
+    """The ``sas::`` op calls of one layer, written as graph nodes (ops only, no Python helpers).
+
+    A convolution's padding is resolved here: ``'same'`` with an odd total padding becomes an
+    explicit ``F.pad``; a conv1d runs as a conv2d of height 1 (``unsqueeze`` / ``squeeze``).
+    ``from_dense``: the weight is the dense parameter (a dynamo graph input), expanded inside the op.
+    """
+    extra = (fold, rule, train_dense) if from_dense else (rule,)
+    if layer.op == "linear":
+        op = torch.ops.sas.linear_from_dense.default if from_dense else torch.ops.sas.linear.default
+        return graph.call_function(op, (x, weight, call.bias, M, *extra))
+    op = torch.ops.sas.conv2d_from_dense.default if from_dense else torch.ops.sas.conv2d.default
+    kernel = list(layer.kernel_size)
+    if layer.op == "conv1d":
+        stride, dilation = [1, call.stride[0]], [1, call.dilation[0]]
+        padding = call.padding if isinstance(call.padding, str) else (0, call.padding[0])
+        kernel = [1, *kernel]
+        x = graph.call_method("unsqueeze", (x, 2))
+        weight = graph.call_method("unsqueeze", (weight, 2))
+    else:
+        stride, dilation, padding = list(call.stride), list(call.dilation), call.padding
+    padding, pad = sas_ops.resolve_conv_padding(padding, kernel, dilation, stride)
+    if pad is not None:
+        x = graph.call_function(F.pad, (x, pad))
+    out = graph.call_function(op, (x, weight, call.bias, stride, list(padding), dilation, call.groups, M, *extra))
+    return graph.call_method("squeeze", (out, 2)) if layer.op == "conv1d" else out
 
 
 def rewrite_layers_to_sas(gm: fx.GraphModule, plan: Plan, config) -> Plan:
@@ -66,7 +93,6 @@ def rewrite_layers_to_sas(gm: fx.GraphModule, plan: Plan, config) -> Plan:
     for target, group in groups.items():
         fold = group[0].fold_relu
         kind = group[0].weight_kind
-        wide_node = None
         if kind == "attr":
             owner_path, _, pname = target.rpartition(".")
             owner = gm.get_submodule(owner_path) if owner_path else gm
@@ -86,19 +112,9 @@ def rewrite_layers_to_sas(gm: fx.GraphModule, plan: Plan, config) -> Plan:
                     swapped.add(call.module_path)
                 node.args = (x, *node.args[1:])
             else:
-                weight = call.weight
-                if kind == "placeholder":
-                    if wide_node is None:
-                        with gm.graph.inserting_after(weight):
-                            wide_node = gm.graph.call_function(
-                                expand_dense_weight, (weight, M), {"fold_relu": fold, "rule": rule, "groups": layer.groups})
-                    weight = wide_node
-                if layer.op == "linear":
-                    args = (x, weight, call.bias, M, rule)
-                else:
-                    args = (x, weight, call.bias, call.stride, call.padding, call.dilation, call.groups, M, rule)
                 with gm.graph.inserting_before(node):
-                    new = gm.graph.call_function(_functional_target(layer.op), args)
+                    new = _emit_sas_call(gm.graph, layer, call, x, call.weight, M, rule, kind == "placeholder", fold,
+                                         bool(getattr(config, "train_dense", False)))
                 new.meta.update(node.meta)
                 node.replace_all_uses_with(new)
                 gm.graph.erase_node(node)

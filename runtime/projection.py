@@ -34,6 +34,8 @@ __all__ = [
     "project_aten",
     "reference_project",
     "expand_dense_weight",
+    "fold_wide_grad",
+    "slot_signs",
 ]
 
 
@@ -201,6 +203,21 @@ def reference_project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_patter
     return wide.flatten(dim, dim + 1)
 
 
+def slot_signs(channels: int, M: int, *, fold_relu: bool = False, rule: str = "sign_pattern",
+               dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """``[channels, M]``: ``s_c(m)``, +1 where slot m of channel c encodes ``x_c > 0``, else -1
+    (0 with ``fold_relu``: the slot encodes a value the ReLU would have zeroed)."""
+    positive = get_rule(rule, M).encodes_positive(channels).to(device=device)
+    return positive.to(dtype) if fold_relu else positive.to(dtype) * 2 - 1
+
+
+def _grouped_signs(weight: Tensor, M: int, fold_relu: bool, rule: str, groups: int) -> Tensor:
+    per_group = weight.shape[1]
+    signs = slot_signs(per_group * groups, M, fold_relu=fold_relu, rule=rule, dtype=weight.dtype, device=weight.device)
+    # [groups, 1 (outputs of the group), per_group, M, 1 per kernel dim]
+    return signs.view(groups, 1, per_group, M, *([1] * (weight.dim() - 2)))
+
+
 def expand_dense_weight(
     weight: Tensor, M: int, *, fold_relu: bool = False, rule: str = "sign_pattern", groups: int = 1
 ) -> Tensor:
@@ -209,13 +226,25 @@ def expand_dense_weight(
     ``weight`` is a linear ``[out, in]`` or conv ``[out, in/groups, kh, kw]`` weight.
     ``s = +1`` where slot m encodes ``x_c > 0`` and ``-1`` otherwise, so ``Wt S(x) = W x``.
     With ``fold_relu`` the layer's input is the pre-ReLU tensor ``z`` and ``s = +1 / 0``, so
-    ``Wt S(z) = W relu(z)``. For a grouped conv the rule sees the global channel index.
+    ``Wt S(z) = W relu(z)``. For a grouped conv the rule sees the global channel index. One
+    broadcast multiply writes the wide weight (the signs are a ``[channels, M]`` table).
     """
     out_channels, per_group = weight.shape[0], weight.shape[1]
-    positive = get_rule(rule, M).encodes_positive(per_group * groups).to(weight.device)
-    # [groups, per_group, M] -> one row per output channel
-    positive = positive.view(groups, per_group, M).repeat_interleave(out_channels // groups, dim=0)
-    sign = positive.to(weight.dtype) if fold_relu else positive.to(weight.dtype) * 2 - 1
-    sign = sign.view(out_channels, per_group, M, *([1] * (weight.dim() - 2)))
-    wide = weight.unsqueeze(2) * sign
-    return wide.flatten(1, 2).contiguous()
+    kernel = weight.shape[2:]
+    grouped = weight.reshape(groups, out_channels // groups, per_group, 1, *kernel)
+    wide = grouped * _grouped_signs(weight, M, fold_relu, rule, groups)
+    return wide.reshape(out_channels, per_group * M, *kernel)
+
+
+def fold_wide_grad(
+    grad_wide: Tensor, M: int, *, fold_relu: bool = False, rule: str = "sign_pattern", groups: int = 1
+) -> Tensor:
+    """The adjoint of :func:`expand_dense_weight`: the gradient of the dense weight from the
+    wide weight's, ``dW[:, c] = sum_m s_c(m) dWt[:, c*M + m]``."""
+    out_channels, wide_in = grad_wide.shape[0], grad_wide.shape[1]
+    per_group = wide_in // M
+    kernel = grad_wide.shape[2:]
+    grouped = grad_wide.reshape(groups, out_channels // groups, per_group, M, *kernel)
+    signs = slot_signs(per_group * groups, M, fold_relu=fold_relu, rule=rule, dtype=grad_wide.dtype,
+                       device=grad_wide.device).view(groups, 1, per_group, M, *([1] * len(kernel)))
+    return (grouped * signs).sum(3).reshape(out_channels, per_group, *kernel)

@@ -9,7 +9,9 @@ saved narrow input, so autograd holds only the narrow activation.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import threading
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +20,11 @@ from torch import Tensor
 from . import autotune
 from .autocast import register_autocast_like_linear
 from .matmul import sas_matmul, select_target
-from .projection import SignPatternRule, get_rule, project, project_aten
+from .projection import SignPatternRule, expand_dense_weight, fold_wide_grad, get_rule, project, project_aten
 
-__all__ = ["sas_linear", "sas_conv2d", "conv2d_output_size", "sas_conv2d_choice", "projected_linear",
-           "projected_conv2d", "projected_conv1d"]
+__all__ = ["sas_linear", "sas_conv2d", "sas_linear_from_dense", "sas_conv2d_from_dense", "conv2d_output_size",
+           "sas_conv2d_choice", "projected_linear", "projected_conv2d", "projected_conv1d", "dense_linear_through",
+           "dense_conv2d_through", "wide_weight", "clear_wide_weight_cache", "SASTrainingError"]
 
 
 def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Tensor:
@@ -244,10 +247,183 @@ def _conv_backward(ctx, grad):
 
 sas_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
 
-# under torch.autocast, x, weight and bias are cast to the region's dtype, as for aten::linear
-_autocast_library = torch.library.Library("sas", "IMPL")
-register_autocast_like_linear(torch.ops.sas.linear, (0, 1, 2), _autocast_library)
-register_autocast_like_linear(torch.ops.sas.conv2d, (0, 1, 2), _autocast_library)
+
+# ---------------------------------------------------------------- from a dense weight
+#
+# Under ``torch.compile(backend="sas")`` on a dense model the weights are the model's dense
+# parameters. These ops take the dense weight and expand it to the wide one once per
+# parameter version (an optimizer step or load_state_dict is seen through the version
+# counter), never per call; the wide tensor never leaves the op, so no caller can alias it.
+
+
+class SASTrainingError(RuntimeError):
+    """A backward would train dense weights through their SAS expansion without being asked to."""
+
+
+_wide_cache_lock = threading.RLock()  # a dying weight's callback may run while it is held
+# id(weight) -> (a weak reference to it, {options: (version, wide)}); identity, never tensor ==
+_wide_cache: Dict[int, Tuple[weakref.ref, Dict[tuple, Tuple[tuple, Tensor]]]] = {}
+
+
+def _forget(key: int):
+    def callback(_ref):
+        with _wide_cache_lock:
+            _wide_cache.pop(key, None)
+    return callback
+
+
+def wide_weight(weight: Tensor, M: int, fold_relu: bool, rule: str, groups: int = 1) -> Tensor:
+    """The expanded weight of ``weight`` (``expand_dense_weight``), cached per parameter and version.
+
+    Every in-place write bumps a tensor's version counter (optimizer steps, ``load_state_dict``,
+    in-place initialisation under ``no_grad``), so the cache follows them; writes through
+    ``.data`` bypass the counter, as they bypass autograd's checks: call
+    :func:`clear_wide_weight_cache` after such writes.
+    """
+    options = (M, bool(fold_relu), rule, groups)
+    version = (weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
+    with _wide_cache_lock:
+        entry = _wide_cache.get(id(weight))
+        if entry is None or entry[0]() is not weight:
+            try:
+                entry = (weakref.ref(weight, _forget(id(weight))), {})
+            except TypeError:  # a tensor that cannot be weakly referenced: no cache
+                entry = (lambda: None, {})
+            else:
+                _wide_cache[id(weight)] = entry
+        hit = entry[1].get(options)
+        if hit is None or hit[0] != version:
+            with torch.no_grad():
+                wide = expand_dense_weight(weight.detach(), M, fold_relu=fold_relu, rule=rule, groups=groups)
+            hit = entry[1][options] = (version, wide)
+        return hit[1]
+
+
+def clear_wide_weight_cache() -> None:
+    """Forget every cached expansion (after writing weights through ``.data``)."""
+    with _wide_cache_lock:
+        _wide_cache.clear()
+
+
+def _training_refusal() -> SASTrainingError:
+    return SASTrainingError(
+        "a backward reached a dense layer that torch.compile(backend='sas') computes through the SAS expansion "
+        "of its dense weight: training it trains the dense weights (the dense model's training, without SAS's "
+        "extra capacity). To train a SAS model, call model = sas_compile.sasify(model, M=...) first and train "
+        "that (compiling it with backend='sas' keeps its SAS layers); to train the dense weights through the "
+        "expansion, pass options={'train_dense': True}; for inference only, run under torch.no_grad()."
+    )
+
+
+@torch.library.custom_op("sas::linear_from_dense", mutates_args=())
+def sas_linear_from_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, fold_relu: bool, rule: str,
+                          train_dense: bool) -> Tensor:
+    """``sas::linear`` with the wide weight expanded (and cached) from the dense ``weight``."""
+    return F.linear(project(x, M, -1, rule), wide_weight(weight, M, fold_relu, rule), bias)
+
+
+@sas_linear_from_dense.register_kernel("cuda")
+def _(x, weight, bias, M, fold_relu, rule, train_dense):
+    wide = wide_weight(weight, M, fold_relu, rule)
+    return sas_matmul(x.detach(), wide, None if bias is None else bias.detach(), M=M, rule=rule)
+
+
+@sas_linear_from_dense.register_fake
+def _(x, weight, bias, M, fold_relu, rule, train_dense):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _from_dense_linear_setup(ctx, inputs, output):
+    x, weight, bias, M, fold_relu, rule, train_dense = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.conf = (M, fold_relu, rule, train_dense)
+
+
+def _from_dense_linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    M, fold_relu, rule, train_dense = ctx.conf
+    if ctx.needs_input_grad[1] and not train_dense:
+        raise _training_refusal()
+    # plain ops (no cache): AOT autograd traces the backward
+    wide = expand_dense_weight(weight, M, fold_relu=fold_relu, rule=rule)
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _slot_grad(grad.matmul(wide), x, M, rule, x.dim() - 1)
+    if ctx.needs_input_grad[1]:
+        projected = project(x, M, -1, rule)
+        grad_wide = grad.reshape(-1, grad.shape[-1]).t().matmul(projected.reshape(-1, projected.shape[-1]))
+        grad_w = fold_wide_grad(grad_wide, M, fold_relu=fold_relu, rule=rule)
+    if ctx.needs_input_grad[2]:
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, grad_w, grad_b, None, None, None, None
+
+
+sas_linear_from_dense.register_autograd(_from_dense_linear_backward, setup_context=_from_dense_linear_setup)
+
+
+@torch.library.custom_op("sas::conv2d_from_dense", mutates_args=())
+def sas_conv2d_from_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
+                          dilation: List[int], groups: int, M: int, fold_relu: bool, rule: str,
+                          train_dense: bool) -> Tensor:
+    """``sas::conv2d`` with the wide weight expanded (and cached) from the dense ``weight``."""
+    wide = wide_weight(weight, M, fold_relu, rule, groups)
+    return _projected_conv2d(x, wide, bias, stride, padding, dilation, groups, M, rule)
+
+
+@sas_conv2d_from_dense.register_kernel("cuda")
+def _(x, weight, bias, stride, padding, dilation, groups, M, fold_relu, rule, train_dense):
+    wide = wide_weight(weight, M, fold_relu, rule, groups)
+    return _sas_conv2d_accelerated(x, wide, bias, stride, padding, dilation, groups, M, rule)
+
+
+@sas_conv2d_from_dense.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, M, fold_relu, rule, train_dense):
+    kh, kw = weight.shape[-2:]
+    h = conv2d_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    w = conv2d_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    out = x.new_empty((x.shape[0], weight.shape[0], h, w))
+    return out.contiguous(memory_format=_conv_memory_format(x))
+
+
+def _from_dense_conv_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, M, fold_relu, rule, train_dense = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.conf = (list(stride), list(padding), list(dilation), groups)
+    ctx.sas = (M, fold_relu, rule, train_dense)
+    ctx.bias_sizes = None if bias is None else list(bias.shape)
+
+
+def _from_dense_conv_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conf
+    M, fold_relu, rule, train_dense = ctx.sas
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if need_w and not train_dense:
+        raise _training_refusal()
+    wide = expand_dense_weight(weight, M, fold_relu=fold_relu, rule=rule, groups=groups)
+    projected = project(x, M, 1, rule)
+    grad_wide_x, grad_wide_w, grad_b = torch.ops.aten.convolution_backward(
+        grad.contiguous(memory_format=_conv_memory_format(projected)), projected, wide,
+        ctx.bias_sizes if need_b else None, stride, padding, dilation, False, [0, 0], groups,
+        [need_x, need_w, need_b and ctx.bias_sizes is not None],
+    )
+    grad_x = _slot_grad(grad_wide_x, x, M, rule, 1) if need_x else None
+    grad_w = fold_wide_grad(grad_wide_w, M, fold_relu=fold_relu, rule=rule, groups=groups) if need_w else None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+
+
+sas_conv2d_from_dense.register_autograd(_from_dense_conv_backward, setup_context=_from_dense_conv_setup)
+
+
+def dense_linear_through(x, weight, bias, M: int, fold_relu: bool, rule: str, train_dense: bool):
+    """What ``sas::linear_from_dense`` computes, as the dense layer: ``W relu(z)`` or ``W x``."""
+    return F.linear(torch.relu(x) if fold_relu else x, weight, bias)
+
+
+def dense_conv2d_through(x, weight, bias, stride, padding, dilation, groups, M: int, fold_relu: bool, rule: str,
+                         train_dense: bool):
+    """What ``sas::conv2d_from_dense`` computes, as the dense convolution."""
+    return F.conv2d(torch.relu(x) if fold_relu else x, weight, bias, stride, padding, dilation, groups)
 
 
 def resolve_conv_padding(
@@ -297,3 +473,10 @@ def sas_conv1d_call(x, weight, bias, stride, padding, dilation, groups, M: int, 
         groups, M, rule,
     )
     return out.squeeze(2)
+
+# under torch.autocast, x, weight and bias are cast to the region's dtype, as for aten::linear
+_autocast_library = torch.library.Library("sas", "IMPL")
+register_autocast_like_linear(torch.ops.sas.linear, (0, 1, 2), _autocast_library)
+register_autocast_like_linear(torch.ops.sas.conv2d, (0, 1, 2), _autocast_library)
+register_autocast_like_linear(torch.ops.sas.linear_from_dense, (0, 1, 2), _autocast_library)
+register_autocast_like_linear(torch.ops.sas.conv2d_from_dense, (0, 1, 2), _autocast_library)

@@ -8,8 +8,10 @@ inductor fuses the projection with the ops around it). The ``sas::`` ops of an
 already-sasified model are kept. The rest of the graph goes to the inner compiler.
 
 Options are the fields of :class:`sas_compile.SASConfig` (``M``, ``rule``, ``filter_fn``,
-``dense_input_layers``, ``fold_relu``, ``inner``, ``mode``, ``explain``); torch.compile's own
-``mode=`` reaches inductor.
+``dense_input_layers``, ``fold_relu``, ``inner``, ``mode``, ``explain``, ``train_dense``);
+torch.compile's own ``mode=`` reaches inductor. A dense model's layers compute from its dense
+weights (expanded once per weight version); inference needs no ``no_grad``, and a backward
+through them raises :class:`SASTrainingError` (saying how to proceed) unless ``train_dense``.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from torch import fx
 from .passes.capture import clean_module_path
 from .passes.pipeline import ANALYSIS, GPU_LOWERING, SAS_REWRITE, run_passes
 from .passes.plan import Plan
+from .runtime.sas_ops import SASTrainingError
 from .sas import SASConfig
 
 log = logging.getLogger("sas_compile.backend")
@@ -30,10 +33,6 @@ log = logging.getLogger("sas_compile.backend")
 __all__ = ["sas_backend", "SASTrainingError", "OPTIONS"]
 
 OPTIONS = tuple(f.name for f in dataclasses.fields(SASConfig))
-
-
-class SASTrainingError(RuntimeError):
-    """The compiled model is being trained but its dense weights cannot become SAS parameters."""
 
 
 def _placeholder_sources(gm: fx.GraphModule) -> Dict[str, str]:
@@ -115,16 +114,6 @@ def sas_backend(gm: fx.GraphModule, example_inputs: List[Any], options: Optional
                 sources=_placeholder_sources(gm))
     plan = run_passes(ANALYSIS, gm, plan, analysis_config)
     eligible = plan.eligible()
-    if eligible and torch.is_grad_enabled():
-        trained = [layer.name for layer in eligible if parameters[layer.weight_target].requires_grad]
-        if trained:
-            raise SASTrainingError(
-                f"torch.compile(backend='sas') would train dense layers {trained[:4]}"
-                f"{' ...' if len(trained) > 4 else ''} through wide SAS weights that are not parameters of "
-                "your model. Call model = sas_compile.sasify(model, M=...) first and train that model "
-                "(compiling it with backend='sas' keeps its SAS layers), or run inference under "
-                "torch.no_grad() / torch.inference_mode()."
-            )
     if eligible:
         plan = run_passes(SAS_REWRITE, gm, plan, config)
     plan = run_passes(GPU_LOWERING, gm, plan, config)

@@ -40,6 +40,8 @@ class SASConfig:
     inner: the backend's compiler for the rewritten graph ("inductor", "eager", "aot_eager").
     mode: torch.compile's ``mode`` passed to inductor ("default", "reduce-overhead", "max-autotune", ...).
     explain: the backend prints, per captured graph, which layers converted and why the rest did not.
+    train_dense: under the backend, let a backward train a dense model's weights through their
+        SAS expansion (off: such a backward raises, saying to call ``sasify`` first).
     """
 
     M: int = 2
@@ -50,6 +52,7 @@ class SASConfig:
     inner: str = "inductor"
     mode: Optional[str] = None
     explain: bool = False
+    train_dense: bool = False
 
     def __post_init__(self):
         check_M(self.M)

@@ -86,11 +86,24 @@ def test_compile_with_inductor_matches():
 
 
 def test_compile_refuses_training_a_dense_model():
+    """Inference without no_grad runs; only a backward into the dense weights is refused."""
+    from sas_compile.backend import SASTrainingError
+
     model, x = _build("mlp")
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="sas", options={"inner": "eager"})
-    with pytest.raises(Exception, match="sasify"):
-        compiled(x)
+    out = compiled(x)
+    assert _rel(out.detach(), model(x).detach()) < 1e-5
+    with pytest.raises(SASTrainingError, match="sasify"):
+        out.square().mean().backward()
+    torch._dynamo.reset()
+    trained = torch.compile(model, backend="sas", options={"inner": "eager", "train_dense": True})
+    trained(x).square().mean().backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().mean().backward()
+    for got, want in zip(reference, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_compile_keeps_sas_layers_of_sasified_model_and_trains():
