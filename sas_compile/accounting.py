@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import sympy
 
-from .passes.costs import round_half_up, sws_width
+from .passes.costs import round_half_up, sws_layer_shape, sws_width
 
 Size = Union[int, sympy.Expr]
 
@@ -197,23 +197,6 @@ def sws_costs(
     }
 
 
-def _sws_conv_widths(
-    in_channels: int, out_channels: int, groups: int, M: int, widen_in: bool, widen_out: bool
-) -> Tuple[int, int, int]:
-    """Standalone SWS widths of one conv: (in_channels, out_channels, groups).
-
-    A depthwise conv (groups == in == out) keeps being depthwise at the new width; other
-    grouped convs widen each group (``groups * round(sqrt(M) * C / groups)``) so the widths
-    stay divisible. The whole-graph SWS analysis (``sws_layer_widths``) overrides this.
-    """
-    if groups > 1 and groups == in_channels == out_channels:
-        width = sws_width(in_channels, M) if (widen_in and widen_out) else in_channels
-        return width, width, width
-    cin = groups * sws_width(in_channels // groups, M) if widen_in else in_channels
-    cout = groups * sws_width(out_channels // groups, M) if widen_out else out_channels
-    return cin, cout, groups
-
-
 def _row(
     name: str,
     op: str,
@@ -326,8 +309,10 @@ def conv2d_costs(
     sas = {m: sas_costs(weight, out_channels, bias, m, positions) for m in Ms}
     sws = {}
     for m in Ms:
-        cin, cout, g = _sws_conv_widths(in_channels, out_channels, groups, m, widen_in, widen_out)
-        sws[m] = sws_costs(cin // g * kh * kw, cout, bias, m, positions, in_channels=cin, out_channels=cout)
+        shape = sws_layer_shape(in_channels, out_channels, m, groups=groups, kernel=kh * kw, widen_in=widen_in,
+                                widen_out=widen_out)
+        sws[m] = sws_costs(shape.fan_in, shape.out_channels, bias, m, positions, in_channels=shape.in_channels,
+                           out_channels=shape.out_channels)
     return _row(name, "conv2d", base, sas, sws)
 
 
@@ -383,8 +368,9 @@ def layer_costs(
             continue
         widen_in = not layer.input_is_graph_input
         if layer.op == "conv2d":
-            cin, cout, g = _sws_conv_widths(layer.in_channels, co, layer.groups, m, widen_in, True)
-            sws[m] = sws_costs(cin // g * kernel, cout, layer.has_bias, m, positions, in_channels=cin, out_channels=cout)
+            shape = sws_layer_shape(layer.in_channels, co, m, groups=layer.groups, kernel=kernel, widen_in=widen_in)
+            sws[m] = sws_costs(shape.fan_in, shape.out_channels, layer.has_bias, m, positions,
+                               in_channels=shape.in_channels, out_channels=shape.out_channels)
         else:
             fin = sws_width(layer.in_channels, m) if widen_in else layer.in_channels
             sws[m] = sws_costs(fin, sws_width(co, m), layer.has_bias, m, positions)
