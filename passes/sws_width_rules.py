@@ -119,7 +119,6 @@ class WidthWalk:
         self.env: Dict[str, Any] = {}
         self.params: Dict[str, List[Dim]] = {}
         self.layers: Dict[str, LayerSite] = {}
-        self.notes: List[str] = []
 
     # ---- dims
     def fresh(self, size, reason="not a channel width") -> Dim:
@@ -658,6 +657,8 @@ def _pool(walk: WidthWalk, node: fx.Node, spatial: Optional[int]):
     def out_dims(s):
         if not is_shape(s) or len(s) != len(dims):
             raise UnsupportedOp("pooling with unknown shapes")
+        if any(walk.size(d) != size for d, size in zip(dims[:-n], s[:-n])):  # pixel_shuffle, padding channels
+            raise UnsupportedOp(f"{op_name(node)} changes the channel dim")
         return list(dims[:-n]) + [walk.fresh(size, "spatial size") for size in s[-n:]]
 
     if isinstance(shape, tuple) and shape and isinstance(shape[0], tuple):  # (values, indices)

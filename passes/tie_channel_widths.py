@@ -63,7 +63,7 @@ class ChannelWidthAnalysis:
     def __init__(self, walk: WidthWalk, raw_inputs: set, notes: List[str]):
         self.walk = walk
         self.raw_inputs = raw_inputs
-        self.notes = notes + walk.notes
+        self.notes = notes
         self._dims = self._integral_dims()
         self._at: Dict[int, ChannelWidths] = {}
 

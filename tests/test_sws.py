@@ -358,6 +358,22 @@ def test_mask_follows_weight_updates_and_eval_cache():
     assert layer.parametrizations.weight[0]._cache is None
 
 
+def test_sws_mask_of_finds_the_mask_and_nothing_else():
+    from sas_compile.runtime.sws_mask import sws_mask_of
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    layer = nn.Linear(8, 4)
+    assert sws_mask_of(layer) is None
+    mask = OneOfMMask(4)
+    parametrize.register_parametrization(layer, "weight", mask, unsafe=True)
+    parametrize.register_parametrization(layer, "bias", Scale())
+    assert sws_mask_of(layer) is mask and sws_mask_of(layer, "weight") is mask
+    assert sws_mask_of(layer, "bias") is None  # parametrized, but not by the SWS mask
+
+
 def test_straight_through_gradient_matches_reference():
     layer = nn.Linear(6, 3, bias=False)
     parametrize.register_parametrization(layer, "weight", OneOfMMask(2), unsafe=True)

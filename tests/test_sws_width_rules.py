@@ -288,6 +288,21 @@ def test_a_grouped_conv_whose_widened_width_does_not_split_stays():
     assert layer_widths(cw, "grouped") == (8, 8) and "does not split into 2" in cw.layers["grouped"].reason
 
 
+def test_an_op_that_moves_channels_into_space_fixes_them():
+    class Shuffle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(2, 4, 1)
+
+        def forward(self, img):
+            return self.out(F.pixel_shuffle(self.up(img), 2))  # [b, 8, h, w] -> [b, 2, 2h, 2w]
+
+    gm = fx.symbolic_trace(Shuffle())
+    cw = analyze_channel_widths(gm, (torch.randn(1, 3, 4, 4),)).at(4)
+    assert layer_widths(cw, "up") == (3, 8) and "pixel_shuffle changes the channel dim" in cw.layers["up"].reason
+    assert cw.shape_of("pixel_shuffle") == (1, 2, 8, 8)
+
+
 # --------------------------------------------------------------------------- every rule keeps sizes consistent
 
 
