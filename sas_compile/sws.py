@@ -99,8 +99,8 @@ def swsify(
 def lower_sws(model: fx.GraphModule, *, target: str = "auto", inplace: bool = False) -> fx.GraphModule:
     """An ``swsify``-built model whose masked linears run ``sws_matmul`` on their packed 1:M weight.
 
-    For inference: the masks are read now (call ``model.eval()`` first; ``freeze_mask=True``
-    fixes them during training) and the packed weights are buffers that do not train.
+    For inference: each mask is read once, now (the mask of the current weights, or the frozen
+    one with ``freeze_mask=True``), and the packed weights are buffers that do not train.
     ``target`` ("auto" | "cpu" | "cuda" | "emulator", see ``runtime.matmul``) is kept on each
     packed layer (``layer.target``, changeable later). Convolutions, layers whose rows do not
     fit 2:4 (``fan_in % M != 0``) and dense layers stay as they are; ``result.sws_lowering``

@@ -200,3 +200,24 @@ def test_float16_through_the_emulated_kernel(M, monkeypatch):
     with torch.no_grad():
         low(x.half())
     assert len(kernel_calls) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("M", [2, 4])
+def test_float16_on_the_cuda_kernel(M, monkeypatch):
+    from sas_compile.runtime import cuda as cuda_kernels
+
+    torch.manual_seed(M)
+    x = torch.randn(64, 8, device="cuda")
+    s = sas_compile.swsify(mlp(), M=M, example_inputs=x.cpu(), freeze_mask=True).eval()
+    reference = copy.deepcopy(s).half().float().cuda()  # float16-rounded weights, float32 arithmetic
+    low = lower_sws(s, target="cuda").half().cuda()
+    kernel_calls = []
+    original = cuda_kernels.sws_gemm
+    monkeypatch.setattr(cuda_kernels, "sws_gemm", lambda *a, **k: kernel_calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        got = low(x.half())
+        want = reference(x.half().float())
+    assert got.is_cuda and got.dtype == torch.float16 and len(kernel_calls) == 2
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
