@@ -5,20 +5,28 @@ modules and re-wire a ReLU's consumers) but stops at data-dependent Python; ``to
 (non-strict, fake tensors) captures most real architectures (``transformers`` models) given
 example inputs. A model neither can capture gets an error naming the code that broke
 tracing and pointing to ``torch.compile(model, backend="sas")``, which handles graph breaks.
+
+A rewrite that must see inside every layer (SWS widens the linears inside
+``nn.MultiheadAttention``) asks for export also when tracing leaves opaque leaf modules
+(:func:`capture_seeing_into_leaves`); an exported graph that must train and evaluate is
+made to follow ``.train()`` / ``.eval()`` again by :func:`trainable_export_graph`. Shapes on
+every node come from one place, :func:`propagate_shapes`, read back by :func:`shape_tree`.
 """
 from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import fx, nn
 
 log = logging.getLogger("sas_compile.passes")
 
-__all__ = ["Captured", "CaptureError", "capture", "normalize_example_inputs", "SASTracer"]
+__all__ = ["Captured", "CaptureError", "capture", "capture_seeing_into_leaves", "trainable_export_graph",
+           "normalize_example_inputs", "propagate_shapes", "shape_tree", "SASTracer"]
 
 
 class CaptureError(RuntimeError):
@@ -79,14 +87,30 @@ def _user_frame(err: BaseException) -> str:
     return where
 
 
-def _propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
-    """Shapes on every node, computed on fake tensors: the user's model (BatchNorm statistics
-    included) is never run for real."""
+def propagate_shapes(gm: fx.GraphModule, example_inputs, *, run_for_real: bool = False) -> None:
+    """Shapes on every node (``meta["tensor_meta"]``), computed on fake tensors: the user's model
+    (BatchNorm statistics included) is never run for real.
+
+    ``run_for_real=True`` runs ``gm`` itself, in eval mode and without autograd (its state stays
+    as it is), for modules torch cannot copy to fake tensors, e.g. a GraphModule whose own
+    parameters carry a parametrization (a built SWS model).
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.shape_prop import ShapeProp
 
-    with torch.no_grad():
-        ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+    if not run_for_real:
+        with torch.no_grad():
+            ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+        return
+    modes = {m: m.training for m in gm.modules()}
+    try:
+        for m in gm.modules():
+            m.training = False
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    finally:
+        for m, t in modes.items():
+            m.training = t
 
 
 def capture(model: nn.Module, example_inputs=None, *, allow_export: bool = True) -> Captured:
@@ -95,7 +119,7 @@ def capture(model: nn.Module, example_inputs=None, *, allow_export: bool = True)
     try:
         gm = _symbolic_trace(model)
         if example_inputs is not None:
-            _propagate_shapes(gm, example_inputs)
+            propagate_shapes(gm, example_inputs)
         return Captured(gm, "symbolic_trace", example_inputs)
     except Exception as err:  # noqa: BLE001 - any tracing failure moves on to export
         trace_error = f"{_first_line(err)}" + (f" (at {_user_frame(err)})" if _user_frame(err) else "")
@@ -129,3 +153,86 @@ def clean_module_path(path: str) -> str:
     path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
     parts = [p for p in path.split(".") if p and p not in ("_modules", "_parameters", "_buffers")]
     return ".".join(parts)
+
+
+def shape_tree(node: fx.Node):
+    """A node's shape from its metadata: a tuple of ints, nested tuples for a multi-output node, or None.
+
+    Export and dynamo graphs carry ``val`` / ``example_value`` (fake tensors);
+    :func:`propagate_shapes` leaves ``tensor_meta``.
+    """
+    val = node.meta.get("val", node.meta.get("example_value"))
+    if val is None:
+        val = node.meta.get("tensor_meta")
+    return _shape_of(val) if val is not None else None
+
+
+def _shape_of(val):
+    if hasattr(val, "shape") and hasattr(val, "dtype"):  # a (fake) tensor, ShapeProp's TensorMetadata
+        return tuple(int(s) for s in val.shape)
+    if isinstance(val, (list, tuple)) and not isinstance(val, torch.Size):
+        return tuple(_shape_of(v) for v in val)
+    return None
+
+
+def capture_seeing_into_leaves(model: nn.Module, example_inputs, *,
+                               sees_into: Callable[[nn.Module], bool]) -> Captured:
+    """:func:`capture`, or torch.export when symbolic tracing leaves opaque leaf modules with weights.
+
+    A leaf module the caller cannot see into (``sees_into(module)`` is False: e.g.
+    ``nn.TransformerEncoderLayer``, ``nn.MultiheadAttention`` for the SWS width analysis) hides
+    the layers inside it; export (with ``example_inputs``) shows its linears and reshapes. When
+    export fails the traced graph is kept, and the caller's analysis says what stays.
+    """
+    captured = capture(model, example_inputs)
+    if captured.method != "symbolic_trace" or captured.example_inputs is None:
+        return captured
+    gm = captured.gm
+    opaque = [
+        n.target for n in gm.graph.nodes
+        if n.op == "call_module" and not sees_into(gm.get_submodule(n.target))
+        and any(True for _ in gm.get_submodule(n.target).parameters())
+    ]
+    if not opaque:
+        return captured
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(model, captured.example_inputs, strict=False).module()
+    except Exception as err:  # noqa: BLE001 - keep the traced graph; the analysis says what stays
+        log.debug("export of %s for opaque leaves %s failed: %s", type(model).__name__, opaque, _first_line(err))
+        return captured
+    return Captured(exported, "export", captured.example_inputs)
+
+
+_TRAINING_ARG = {"batch_norm": 5, "dropout": 2, "feature_dropout": 2, "alpha_dropout": 2}
+
+
+def trainable_export_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A plain GraphModule of an exported graph whose batch norms and dropouts follow ``.train()``.
+
+    ``torch.export`` bakes the training flag into the graph and its module refuses
+    ``.eval()``; a model that is trained after the rewrite (SWS trains from scratch) and then
+    evaluated needs the flag read from the module's ``training`` attribute instead.
+    """
+    graph = gm.graph
+    flag = None
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            graph.erase_node(node)
+            continue
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        idx = _TRAINING_ARG.get(target.overloadpacket.__name__)
+        if idx is None or len(node.args) <= idx or not isinstance(node.args[idx], bool):
+            continue
+        if flag is None:
+            with graph.inserting_before(next(iter(graph.nodes))), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # `training` is an attribute of every module
+                flag = graph.get_attr("training")
+        args = list(node.args)
+        args[idx] = flag
+        node.args = tuple(args)
+    new = fx.GraphModule(gm, graph, type(gm).__name__)
+    new.meta = getattr(gm, "meta", {})
+    return new

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import sympy
 
@@ -42,7 +42,8 @@ __all__ = [
     "layer_cost",
     "round_half_up",
     "sws_width",
-    "sws_layer_widths_alone",
+    "SWSLayerShape",
+    "sws_layer_shape",
     "conv_output_size",
     "conv_output_shape",
     "output_positions",
@@ -99,21 +100,54 @@ def sws_width(channels: int, M: int) -> int:
     return round_half_up(math.sqrt(M) * channels)
 
 
-def sws_layer_widths_alone(in_channels: int, out_channels: int, groups: int, M: int, widen_in: bool = True,
-                           widen_out: bool = True) -> Tuple[int, int, int]:
-    """SWS widths of one layer on its own: ``(in_channels, out_channels, groups)``.
+class SWSLayerShape(NamedTuple):
+    """Widths of one SWS conv/linear: channels in and out, groups, and weights per output."""
 
-    A depthwise conv (groups == in == out) stays depthwise at the new width; other grouped
-    convs widen each group (``groups * round(sqrt(M) * C / groups)``) so the widths stay
-    divisible. The whole-graph SWS analysis (``tie_channel_widths``) decides tied widths for a
-    whole model; this is the rule for a layer counted alone.
+    in_channels: int
+    out_channels: int
+    groups: int
+    fan_in: int  # in_channels / groups * kernel: the row length of the 1:M weight
+
+
+def sws_layer_shape(
+    in_channels: int,
+    out_channels: int,
+    M: int,
+    *,
+    groups: int = 1,
+    kernel: int = 1,
+    widen_in: bool = True,
+    widen_out: bool = True,
+    in_width: Optional[int] = None,
+    out_width: Optional[int] = None,
+) -> SWSLayerShape:
+    """The one SWS rule for a single conv/linear (``kernel`` = product of its kernel sizes).
+
+    Standalone (no ``in_width``/``out_width``), each width widens to ``sws_width(C, M)`` per
+    group, ``groups * sws_width(C / groups, M)``, so a grouped conv keeps its group count;
+    ``widen_in=False`` / ``widen_out=False`` keep a network input / final output at its size. A
+    depthwise conv (``groups == in == out``) stays depthwise: one width ``sws_width(C, M)`` when
+    both sides widen, else it stays whole.
+
+    In a whole graph a width is shared by every layer that touches it, so the analysis
+    decides it once (``sws_width`` of the tied width group, or the size when it must stay) and
+    passes it as ``in_width``/``out_width``; the rule then gives the layer's groups and fan-in:
+    a conv with one input channel per group (``groups == in_channels``) keeps that, its groups
+    follow the new width. ``fan_in = in / groups * kernel`` either way.
     """
-    if groups > 1 and groups == in_channels == out_channels:
-        width = sws_width(in_channels, M) if (widen_in and widen_out) else in_channels
-        return width, width, width
-    cin = groups * sws_width(in_channels // groups, M) if widen_in else in_channels
-    cout = groups * sws_width(out_channels // groups, M) if widen_out else out_channels
-    return cin, cout, groups
+    if (in_width is None) != (out_width is None):
+        raise ValueError("sws_layer_shape: give both in_width and out_width, or neither")
+    if in_width is not None:
+        cin, cout = in_width, out_width
+        depthwise = groups > 1 and groups == in_channels
+        g = cin if depthwise else groups
+    elif groups > 1 and groups == in_channels == out_channels:
+        cin = cout = g = sws_width(in_channels, M) if (widen_in and widen_out) else in_channels
+    else:
+        cin = groups * sws_width(in_channels // groups, M) if widen_in else in_channels
+        cout = groups * sws_width(out_channels // groups, M) if widen_out else out_channels
+        g = groups
+    return SWSLayerShape(cin, cout, g, cin // g * kernel)
 
 
 def check_M_values(M, what: str = "M") -> Tuple[int, ...]:
@@ -271,8 +305,8 @@ def _sws(layer, *, positions: Size = 1, M: int, in_channels: Optional[int] = Non
     ``fan_in`` the widened per-output fan-in.
     """
     if in_channels is None or out_channels is None:
-        in_channels, out_channels, groups = sws_layer_widths_alone(
-            layer.in_channels, layer.out_channels, int(layer.groups), M, widen_in, widen_out)
+        in_channels, out_channels, groups, _ = sws_layer_shape(
+            layer.in_channels, layer.out_channels, M, groups=int(layer.groups), widen_in=widen_in, widen_out=widen_out)
     groups = int(layer.groups) if groups is None else int(groups)
     wide = Geometry(layer.op, int(in_channels), int(out_channels), tuple(layer.kernel_size or ()), groups,
                     layer.has_bias)

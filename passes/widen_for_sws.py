@@ -1,11 +1,13 @@
-"""Rewrite a captured graph into its SWS width: every tied width group widens once.
+"""Rewrite a captured graph into its SWS network: every tied width group widens once, sparse weights get a 1:M mask.
 
 Why this pass exists: the SWS baseline is a *different network* (sqrt(M) times wider), not
 a transformed copy of the trained one, so everything whose shape changes is rebuilt with
 the layer types' default (kaiming) initialisation. The widths come from
 ``tie_channel_widths``; this pass only applies them: new conv/linear/norm/embedding
-modules (Conv1d and Conv2d), resized graph parameters, and the integer size arguments of reshapes that name a
-widened width. Parameters and modules whose shapes stay are left as they are.
+modules (Conv1d and Conv2d), resized graph parameters, and the integer size arguments of
+reshapes that name a widened width. Parameters and modules whose shapes stay are left as
+they are. Then every layer the analysis calls sparse gets the 1:M magnitude mask
+(``runtime.sws_mask.OneOfMMask``) as a parametrization of its weight.
 """
 from __future__ import annotations
 
@@ -15,8 +17,12 @@ from typing import List, Optional
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
-from .tie_channel_widths import ChannelWidths, get_attr, op_name, size_args
+from sas_compile.runtime.sws_mask import OneOfMMask
+
+from .sws_width_model import ChannelWidths
+from .sws_width_rules import graph_attr, op_name, size_args
 
 log = logging.getLogger("sas_compile.passes")
 
@@ -25,8 +31,31 @@ __all__ = ["widen_for_sws"]
 _SIZE_ARG_OPS = {"view", "reshape", "_unsafe_view", "expand"}
 
 
-def widen_for_sws(gm: fx.GraphModule, widths: ChannelWidths) -> fx.GraphModule:
-    """Rebuild ``gm`` (in place) at the widths ``widths`` decided; returns ``gm``."""
+def widen_for_sws(gm: fx.GraphModule, widths: ChannelWidths, *, freeze_mask: bool = False) -> fx.GraphModule:
+    """Rebuild ``gm`` (in place) at the widths ``widths`` decided and mask its sparse weights; returns ``gm``.
+
+    ``freeze_mask`` as in ``OneOfMMask``. Records on ``gm``: ``sws_widths`` (the analysis at
+    this M), ``sws_M`` and ``sws_layers`` (layer node name -> weight target, every conv/linear).
+    """
+    _widen(gm, widths)
+    layers = {}
+    masked = 0
+    for node_name, layer in widths.layers.items():
+        weight_target = widths.layer_params[node_name][0]
+        if layer.sparse:
+            parent, _, attr = weight_target.rpartition(".")
+            owner = gm.get_submodule(parent) if parent else gm
+            parametrize.register_parametrization(owner, attr, OneOfMMask(widths.M, freeze_mask), unsafe=True)
+            masked += 1
+        layers[node_name] = weight_target
+    gm.sws_widths = widths
+    gm.sws_M = widths.M
+    gm.sws_layers = layers
+    log.debug("widen_for_sws: %d of %d layers masked 1:%d", masked, len(layers), widths.M)
+    return gm
+
+
+def _widen(gm: fx.GraphModule, widths: ChannelWidths) -> None:
     changed = 0
     done = set()
     weight_targets = {}
@@ -50,7 +79,6 @@ def widen_for_sws(gm: fx.GraphModule, widths: ChannelWidths) -> fx.GraphModule:
                 changed += 1
     gm.recompile()
     log.debug("widen_for_sws: %d modules, parameters or size arguments changed", changed)
-    return gm
 
 
 # --------------------------------------------------------------------------- modules
@@ -135,7 +163,7 @@ def _stretch(old: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _resize_attr(gm, target: str, widths: ChannelWidths, weight_targets) -> bool:
-    old = get_attr(gm, target)
+    old = graph_attr(gm, target)
     new_shape = widths.param_shape(target)
     if not isinstance(old, torch.Tensor) or new_shape is None or tuple(new_shape) == tuple(old.shape):
         return False
@@ -148,7 +176,7 @@ def _resize_attr(gm, target: str, widths: ChannelWidths, weight_targets) -> bool
             nn.init.kaiming_uniform_(value, a=math.sqrt(5))
         else:
             w_target = widths.layer_params[role[1]][0]
-            w_shape = widths.param_shape(w_target) or get_attr(gm, w_target).shape
+            w_shape = widths.param_shape(w_target) or graph_attr(gm, w_target).shape
             fan_in = math.prod(w_shape[1:])
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(value, -bound, bound)
@@ -176,7 +204,7 @@ def _resize_attr(gm, target: str, widths: ChannelWidths, weight_targets) -> bool
 
 
 def _update_size_args(gm, node: fx.Node, widths: ChannelWidths) -> bool:
-    name = op_name(node, gm)
+    name = op_name(node)
     new_shape = widths.shape_of(node.name)
     dims = widths.node_dims.get(node.name)
     if name in _SIZE_ARG_OPS and new_shape is not None:

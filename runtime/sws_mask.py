@@ -16,10 +16,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .projection import check_M
 
-__all__ = ["OneOfMMask", "one_of_m_mask"]
+__all__ = ["OneOfMMask", "one_of_m_mask", "sws_mask_of"]
 
 
 def one_of_m_mask(weight: Tensor, M: int) -> Tensor:
@@ -77,3 +78,10 @@ class OneOfMMask(nn.Module):
 
     def extra_repr(self) -> str:
         return f"M={self.M}, freeze_mask={self.freeze_mask}"
+
+
+def sws_mask_of(module: nn.Module, name: str = "weight") -> Optional[OneOfMMask]:
+    """The :class:`OneOfMMask` parametrizing ``module.<name>``, or None when it has none."""
+    if module is None or not parametrize.is_parametrized(module, name):
+        return None
+    return next((p for p in getattr(module.parametrizations, name) if isinstance(p, OneOfMMask)), None)

@@ -29,8 +29,8 @@ from .passes import costs
 from .passes.costs import check_M_values
 from .passes.capture import CaptureError, normalize_example_inputs
 from .passes.pipeline import module_plan
-from .passes.tie_channel_widths import sws_layer_widths
-from .runtime.sws_mask import OneOfMMask
+from .passes.tie_channel_widths import analyze_channel_widths
+from .runtime.sws_mask import sws_mask_of
 from .passes.plan import LayerPlan, Plan
 from . import swat as swat_module
 from .report_table import SWAT_KEYS, Report
@@ -41,21 +41,30 @@ log = logging.getLogger("sas_compile.report")
 __all__ = ["report", "check_sparsities"]
 
 
-def _sws_widths(plan: Plan, M: int, example_inputs, filter_fn=None,
-                dense_input_layers: bool = True) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """Whole-graph SWS widths per node for this M, or (None, why) when they are not available.
+def _sws_widths(plan: Plan, Ms, example_inputs, filter_fn=None,
+                dense_input_layers: bool = True) -> Tuple[Dict[int, Optional[Dict[str, Any]]], List[str]]:
+    """Whole-graph SWS widths per node at every M (one analysis, decided per M), and notes on what failed.
 
     ``filter_fn`` and ``dense_input_layers`` are those ``swsify`` takes, so the SWS columns
     count the model ``swsify(model, M=M, filter_fn=..., dense_input_layers=...)`` builds.
     """
     if plan.gm is None:
-        return None, "SWS widths: the plan has no graph; standalone per-layer rule used"
+        return {m: None for m in Ms}, ["SWS widths: the plan has no graph; standalone per-layer rule used"]
     try:
-        return sws_layer_widths(plan.gm, M, example_inputs, filter_fn=filter_fn,
-                                dense_input_layers=dense_input_layers), None
+        analysis = analyze_channel_widths(plan.gm, example_inputs, filter_fn=filter_fn,
+                                          dense_input_layers=dense_input_layers)
     except Exception as exc:  # noqa: BLE001 - a report must not die on the baseline column
-        log.warning("SWS width analysis failed at M=%d: %s", M, exc)
-        return None, f"SWS widths at M={M}: whole-graph analysis failed ({exc}); standalone per-layer rule used"
+        log.warning("SWS width analysis failed: %s", exc)
+        return {m: None for m in Ms}, [f"SWS widths: whole-graph analysis failed ({exc}); standalone per-layer rule used"]
+    widths, notes = {}, []
+    for m in Ms:
+        try:
+            widths[m] = analysis.at(m).layers
+        except Exception as exc:  # noqa: BLE001
+            log.warning("SWS width decision failed at M=%d: %s", m, exc)
+            widths[m] = None
+            notes.append(f"SWS widths at M={m}: whole-graph decision failed ({exc}); standalone per-layer rule used")
+    return widths, notes
 
 
 def _resolved_layer(layer: LayerPlan) -> Tuple[LayerPlan, Optional[str]]:
@@ -103,11 +112,10 @@ def _mark_sws_layers(model: nn.Module, plan: Plan) -> List[str]:
             mod = model.get_submodule(path) if path else None
         except AttributeError:
             continue
-        params = getattr(getattr(mod, "parametrizations", None), "weight", None)
-        for p in params or ():
-            if isinstance(p, OneOfMMask):
-                layer.sws_M = int(p.M)
-                names.append(layer.name)
+        mask = sws_mask_of(mod, "weight") if mod is not None else None
+        if mask is not None:
+            layer.sws_M = int(mask.M)
+            names.append(layer.name)
     return names
 
 
@@ -250,11 +258,9 @@ def report(
         except Exception as exc:  # noqa: BLE001 - numbers still come from the example shapes
             log.warning("symbolic shapes unavailable: %s", exc)
             notes.append(f"symbolic formulas unavailable: {exc}")
-    widths: Dict[int, Optional[Dict[str, Any]]] = {}
-    for m in Ms:
-        widths[m], why = _sws_widths(plan, m, example_inputs, filter_fn, dense_input_layers)
-        if why and why not in notes:
-            notes.append(why)
+    # one SWS width analysis of the graph, decided per M
+    widths, why = _sws_widths(plan, Ms, example_inputs, filter_fn, dense_input_layers)
+    notes.extend(w for w in why if w not in notes)
 
     masked = _mark_sws_layers(model, plan)
     # a model swsify built: its unmasked layers (dense input layer, excluded or unwidened) are SWS as they are

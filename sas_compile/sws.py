@@ -1,10 +1,14 @@
-"""SWS: the paper's baseline, a sqrt(M)-wide network with 1:M sparse weights.
+"""SWS: the paper's baseline, a sqrt(M)-wide network with 1:M sparse weights (the user functions).
 
-``swsify(model, M=...)`` captures the model, ties its widths across the whole graph
+``swsify(model, M=...)`` captures the model so that every layer is visible
+(``passes/capture.py``), ties its widths across the whole graph
 (``passes/tie_channel_widths.py``), rebuilds it sqrt(M) times wider with fresh default
-initialisation (``passes/widen_for_sws.py``) and puts a 1:M mask on the weight of every
-widened conv/linear (Linear, Conv1d, Conv2d). The mult count then stays close to the base
+initialisation and puts a 1:M mask on the weight of every widened conv/linear (Linear,
+Conv1d, Conv2d; ``passes/widen_for_sws.py``). The mult count then stays close to the base
 model's, which is the comparison the paper makes against SAS at the same mult budget.
+``lower_sws(model)`` puts its masked linears on the packed weight and the SWS kernel
+(``passes/lower_sws_to_packed.py``); ``measure_sws_model`` counts what a built model costs and
+``export_sws_weights`` packs its masked weights. This file holds only those user functions.
 
 Like ``sasify``, ``dense_input_layers=True`` (the default) keeps the weight of a layer that
 reads the raw network input dense: its output width widens, but it has no mask (a first
@@ -17,7 +21,7 @@ The weight is viewed row-major as ``[out, in/groups * kernel]`` (``kh * kw`` for
 ``k`` for conv1d) and flattened; every chunk
 of M consecutive weights keeps exactly one, the largest magnitude, and a last partial
 chunk keeps one. This gives the paper's count ``ceil(in * out / M)`` exactly; when
-``in_features % M != 0`` a chunk may straddle two rows (such a layer cannot be packed into
+``fan_in % M != 0`` a chunk may straddle two rows (such a layer cannot be packed into
 2:4 rows; ``export_sws_weights`` says so). The mask is recomputed every forward in training
 with a straight-through gradient (the dense weight gets the gradient of the masked one),
 so masks follow weight updates; ``freeze_mask=True`` computes it once and trains only the
@@ -27,26 +31,31 @@ changes or the model goes back to training.
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import torch
-from torch import Tensor, fx, nn
-from torch.nn.utils import parametrize
+from torch import fx, nn
 
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
+from .passes.capture import capture_seeing_into_leaves, normalize_example_inputs, propagate_shapes, trainable_export_graph
+from .passes.lower_sws_to_packed import PackedSWSLinear, lower_sws_to_packed
+from .passes.sws_width_rules import has_width_rule
+from .passes.tie_channel_widths import tie_channel_widths
+from .passes.widen_for_sws import widen_for_sws
+from .runtime.packing import pack_sws_weight
 from .passes.plan import LayerPlan, Plan
 from .runtime.projection import check_M
-from sas_compile.runtime.sws_mask import OneOfMMask, one_of_m_mask
+from .runtime.sws_mask import OneOfMMask, one_of_m_mask, sws_mask_of
 
 __all__ = [
     "swsify",
     "SWSConfig",
     "build_sws",
+    "lower_sws",
     "OneOfMMask",
     "one_of_m_mask",
-    "sws_costs",
+    "measure_sws_model",
     "export_sws_weights",
 ]
 
@@ -71,105 +80,57 @@ def build_sws(
     it 1:M like the others.
     Every module or parameter whose shape changes is freshly initialised (layer defaults);
     the rest are copies of the original's. The result is a GraphModule whose ``sws_widths``
-    attribute holds the analysis (widths per layer with the reasons a width stays).
+    attribute holds the analysis (widths per layer with the reasons a width stays). For
+    inference on the sparse kernels, :func:`lower_sws` it.
     """
-    from sas_compile.passes.capture import normalize_example_inputs
-    from sas_compile.passes.tie_channel_widths import tie_channel_widths
-    from sas_compile.passes.widen_for_sws import widen_for_sws
-
     M = check_M(M)
     if not isinstance(model, nn.Module):
         raise TypeError(f"swsify: model must be an nn.Module, got {type(model).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("swsify: filter_fn must be a callable (module, fqn) -> bool")
     example_inputs = normalize_example_inputs(example_inputs)
-    work = copy.deepcopy(model)
-    gm, method = _capture(work, example_inputs)
-    if method == "export":
-        gm = _trainable_graph(gm)
+    # the width analysis must see inside every layer: export when tracing leaves opaque ones
+    captured = capture_seeing_into_leaves(copy.deepcopy(model), example_inputs, sees_into=has_width_rule)
+    gm = trainable_export_graph(captured.gm) if captured.method == "export" else captured.gm
     widths = tie_channel_widths(gm, M, example_inputs, filter_fn=filter_fn,
                                 dense_input_layers=bool(dense_input_layers))
-    widen_for_sws(gm, widths)
-    layers = {}
-    for node_name, layer in widths.layers.items():
-        weight_target = widths.layer_params[node_name][0]
-        if layer.sparse:
-            owner, attr = _owner_of(gm, weight_target)
-            parametrize.register_parametrization(owner, attr, OneOfMMask(M, freeze_mask), unsafe=True)
-        layers[node_name] = weight_target
-    gm.sws_widths = widths
-    gm.sws_M = M
-    gm.sws_layers = layers
+    widen_for_sws(gm, widths, freeze_mask=freeze_mask)
     gm.train(model.training)
     if example_inputs is not None:
         _check_runs(gm, example_inputs, model)
     return gm
 
 
-def _capture(work: nn.Module, example_inputs):
-    """symbolic_trace, or torch.export when tracing fails or leaves opaque layers with weights.
+def lower_sws(model: fx.GraphModule, *, target: str = "auto", inplace: bool = False) -> fx.GraphModule:
+    """An ``swsify``-built model whose masked linears run ``sws_matmul`` on their packed 1:M weight.
 
-    A leaf module the width analysis cannot see into (``nn.TransformerEncoderLayer``,
-    ``nn.MultiheadAttention``) would stay unwidened; export shows its linears and reshapes.
+    For inference: each mask is read once, now (the mask of the current weights, or the frozen
+    one with ``freeze_mask=True``), and the packed weights are buffers that do not train.
+    ``target`` ("auto" | "cpu" | "cuda" | "emulator", see ``runtime.matmul``) is kept on each
+    packed layer (``layer.target``, changeable later). Convolutions, layers whose rows do not
+    fit 2:4 (``fan_in % M != 0``) and dense layers stay as they are; ``result.sws_lowering``
+    lists every layer with what happened to it (``passes/lower_sws_to_packed.py``). ``model``
+    is copied unless ``inplace``.
     """
-    from sas_compile.passes.capture import capture
-    from sas_compile.passes.tie_channel_widths import op_name
-
-    captured = capture(work, example_inputs)
-    if captured.method != "symbolic_trace" or example_inputs is None:
-        return captured.gm, captured.method
-    gm = captured.gm
-    opaque = [
-        n.target for n in gm.graph.nodes
-        if n.op == "call_module" and op_name(n, gm).startswith("module:")
-        and any(True for _ in gm.get_submodule(n.target).parameters())
-    ]
-    if opaque:
-        try:
-            with torch.no_grad():
-                return torch.export.export(work, example_inputs, strict=False).module(), "export"
-        except Exception:  # noqa: BLE001 - keep the traced graph; the analysis says what stays
-            pass
-    return gm, captured.method
+    if getattr(model, "sws_layers", None) is None:
+        raise ValueError(f"lower_sws: expected a model built by sas_compile.swsify, got {type(model).__name__}")
+    out = model if inplace else _copy(model)
+    lower_sws_to_packed(out, target=target)
+    return out
 
 
-_TRAINING_ARG = {"batch_norm": 5, "dropout": 2, "feature_dropout": 2, "alpha_dropout": 2}
-
-
-def _trainable_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A plain GraphModule of an exported graph whose batch norms and dropouts follow ``.train()``.
-
-    ``torch.export`` bakes the training flag into the graph and its module refuses
-    ``.eval()``; the SWS model is trained from scratch and evaluated, so the flag is read
-    from the module's ``training`` attribute instead.
-    """
-    graph = gm.graph
-    flag = None
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
-            graph.erase_node(node)
-            continue
-        target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-            continue
-        idx = _TRAINING_ARG.get(target.overloadpacket.__name__)
-        if idx is None or len(node.args) <= idx or not isinstance(node.args[idx], bool):
-            continue
-        if flag is None:
-            with graph.inserting_before(next(iter(graph.nodes))), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # `training` is an attribute of every module
-                flag = graph.get_attr("training")
-        args = list(node.args)
-        args[idx] = flag
-        node.args = tuple(args)
-    new = fx.GraphModule(gm, graph, type(gm).__name__)
-    new.meta = getattr(gm, "meta", {})
-    return new
-
-
-def _owner_of(gm: nn.Module, target: str):
-    parent, _, attr = target.rpartition(".")
-    return (gm.get_submodule(parent) if parent else gm), attr
+def _copy(model: fx.GraphModule) -> fx.GraphModule:
+    try:
+        out = copy.deepcopy(model)
+    except AttributeError as err:  # torch's GraphModule deepcopy misses parametrized attributes of the root
+        raise ValueError(
+            f"lower_sws: cannot copy this SWS model ({err}): torch cannot deepcopy a GraphModule whose own "
+            "parameters carry a parametrization (a masked weight used functionally by the top-level module). "
+            "Pass inplace=True to lower it in place."
+        ) from err
+    # GraphModule's deepcopy keeps only its own attributes: carry what swsify recorded
+    out.sws_widths, out.sws_M, out.sws_layers = model.sws_widths, model.sws_M, dict(model.sws_layers)
+    return out
 
 
 def _check_runs(gm, example_inputs, model) -> None:
@@ -188,38 +149,29 @@ def _check_runs(gm, example_inputs, model) -> None:
             m.train(t) if isinstance(m, OneOfMMask) else setattr(m, "training", t)
 
 
-def _layer_weight(model: nn.Module, target: str) -> Tensor:
-    owner, attr = _owner_of(model, target)
-    return getattr(owner, attr)
+def _owner_of(gm: nn.Module, target: str):
+    parent, _, attr = target.rpartition(".")
+    return (gm.get_submodule(parent) if parent else gm), attr
 
 
-def _mask_of(model: nn.Module, target: str) -> Optional[Tensor]:
-    owner, attr = _owner_of(model, target)
-    if not parametrize.is_parametrized(owner, attr):
-        return None
-    plist = getattr(owner.parametrizations, attr)
-    for p in plist:
-        if isinstance(p, OneOfMMask):
-            return p.mask(plist.original)
-    return None
-
-
-def sws_costs(model_or_layer: nn.Module, example_inputs=None) -> Dict[str, Dict[str, Any]]:
-    """Widths, nonzeros and mults of the conv/linear layers of a built SWS model.
+def measure_sws_model(model_or_layer: nn.Module, example_inputs=None) -> Dict[str, Dict[str, Any]]:
+    """Widths, nonzeros and mults of the conv/linear layers of a built SWS model, counted from the model.
 
     Keys are the layers' node names in the swsify'd graph (or ``""`` for a single layer).
-    Per layer: ``name`` (the module path), ``in_channels``, ``out_channels``, ``in_features`` (fan-in per output),
-    ``out_features``, ``groups``, ``weight_numel``, ``nonzeros`` (counted from the live mask;
-    all weights when the layer is dense), ``mults_per_position`` (== nonzeros), ``sparse``;
-    with ``example_inputs`` also ``positions`` and ``mults``. Counted from the built model,
-    not from the analysis, so it checks what ``report`` predicts.
+    Per layer: ``name`` (the module path), ``in_channels``, ``out_channels``, ``fan_in``
+    (weights per output; also under its older key ``in_features``), ``out_features``,
+    ``groups``, ``weight_numel``, ``nonzeros`` (counted from the live mask, or the mask a
+    lowered layer was packed with; all weights when the layer is dense),
+    ``mults_per_position`` (== nonzeros), ``sparse``; with ``example_inputs`` also
+    ``positions`` and ``mults``. Counted from the built model, not from the analysis, so it
+    checks what ``report`` predicts (``accounting.sws_costs`` is the formula).
     """
     if isinstance(model_or_layer, (nn.Conv1d, nn.Conv2d, nn.Linear)):
         return {"": _layer_costs(model_or_layer, "weight", model_or_layer)}
     layers = getattr(model_or_layer, "sws_layers", None)
     if layers is None:
         raise ValueError(
-            "sws_costs: expected a model built by sas_compile.swsify (or one nn.Conv1d/nn.Conv2d/nn.Linear), "
+            "measure_sws_model: expected a model built by sas_compile.swsify (or one nn.Conv1d/nn.Conv2d/nn.Linear), "
             f"got {type(model_or_layer).__name__}"
         )
     positions = _positions(model_or_layer, example_inputs) if example_inputs is not None else {}
@@ -227,7 +179,8 @@ def sws_costs(model_or_layer: nn.Module, example_inputs=None) -> Dict[str, Dict[
     for node_name, target in layers.items():
         owner, attr = _owner_of(model_or_layer, target)
         costs = _layer_costs(owner, attr, _graph_layer(model_or_layer, node_name))
-        costs["name"] = target[: -len(".weight")] if target.endswith(".weight") else target
+        source = owner.source if isinstance(owner, PackedSWSLinear) else target  # lowered: the weight it packs
+        costs["name"] = source[: -len(".weight")] if source.endswith(".weight") else source
         if node_name in positions:
             costs["positions"] = positions[node_name]
             costs["mults"] = positions[node_name] * costs["nonzeros"]
@@ -246,10 +199,7 @@ def _graph_layer(gm, node_name):
 
 def _layer_costs(owner: nn.Module, attr: str, layer) -> Dict[str, Any]:
     weight = getattr(owner, attr)
-    mask = None
-    if parametrize.is_parametrized(owner, attr):
-        plist = getattr(owner.parametrizations, attr)
-        mask = next((p.mask(plist.original) for p in plist if isinstance(p, OneOfMMask)), None)
+    mask = sws_mask_of(owner, attr)
     out_features = weight.shape[0]
     fan_in = weight[0].numel() if weight.shape[0] else 0
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
@@ -263,26 +213,27 @@ def _layer_costs(owner: nn.Module, attr: str, layer) -> Dict[str, Any]:
     else:
         groups, in_channels = 1, weight.shape[1]
     numel = weight.numel()
-    nonzeros = int(mask.sum()) if mask is not None else numel
+    if isinstance(owner, PackedSWSLinear):  # lowered: the mask it was packed with
+        nonzeros, sparse = owner.kept, True
+    else:
+        nonzeros = int(mask.mask(getattr(owner.parametrizations, attr).original).sum()) if mask is not None else numel
+        sparse = mask is not None
     return {
-        "in_channels": int(in_channels), "out_channels": int(out_features), "in_features": int(fan_in),
-        "out_features": int(out_features), "groups": int(groups), "weight_numel": int(numel),
-        "nonzeros": nonzeros, "mults_per_position": nonzeros, "sparse": mask is not None,
+        "in_channels": int(in_channels), "out_channels": int(out_features), "fan_in": int(fan_in),
+        "in_features": int(fan_in), "out_features": int(out_features), "groups": int(groups),
+        "weight_numel": int(numel), "nonzeros": nonzeros, "mults_per_position": nonzeros, "sparse": sparse,
     }
 
 
 def _positions(gm, example_inputs) -> Dict[str, int]:
     """Output positions (all dims but the channel one) of every layer, from one shape pass."""
-    from sas_compile.passes.capture import normalize_example_inputs
-    from sas_compile.passes.tie_channel_widths import propagate_shapes
-
-    propagate_shapes(gm, normalize_example_inputs(example_inputs))
+    propagate_shapes(gm, normalize_example_inputs(example_inputs), run_for_real=True)
     out = {}
     for node in gm.graph.nodes:
         if node.name not in gm.sws_layers:
             continue
         shape = tuple(node.meta["tensor_meta"].shape)
-        wdim = _layer_weight(gm, gm.sws_layers[node.name]).dim()
+        wdim = getattr(*_owner_of(gm, gm.sws_layers[node.name])).dim()
         is_conv = wdim >= 3 and len(shape) >= wdim - 1
         dims = list(shape)
         # a conv's channel dim precedes its spatial dims (-3 for conv2d, -2 for conv1d)
@@ -301,11 +252,9 @@ def export_sws_weights(model: nn.Module, *, strict: bool = True) -> Dict[str, An
     masked weight viewed as ``[out, in/groups * kernel]`` (conv1d ``[out, in*k]``, conv2d
     ``[out, in*kh*kw]``); dense layers (no mask) are left out: 1:2 is a valid 2:4 pattern and 1:4
     is stored as 2:4 with explicit zeros. A layer whose 1:M chunks straddle rows
-    (``in_features % M != 0``) cannot be packed: ``strict`` raises a ValueError naming it,
-    ``strict=False`` leaves it out.
+    (``fan_in % M != 0``) cannot be packed: ``strict`` raises a ValueError naming it,
+    ``strict=False`` leaves it out. A layer :func:`lower_sws` packed gives its packed weight.
     """
-    from sas_compile.runtime.packing import pack_sws_weight
-
     layers = getattr(model, "sws_layers", None)
     if layers is None:
         raise ValueError("export_sws_weights: expected a model built by sas_compile.swsify")
@@ -313,7 +262,10 @@ def export_sws_weights(model: nn.Module, *, strict: bool = True) -> Dict[str, An
     out = {}
     for node_name, target in layers.items():
         owner, attr = _owner_of(model, target)
-        if not parametrize.is_parametrized(owner, attr):
+        if isinstance(owner, PackedSWSLinear):
+            out[node_name] = owner.packed_weight()
+            continue
+        if sws_mask_of(owner, attr) is None:
             continue
         with torch.no_grad():
             weight = getattr(owner, attr).detach()

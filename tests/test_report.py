@@ -350,7 +350,7 @@ def test_inspect_without_inputs_and_on_a_plan_without_graph():
 
 
 def test_report_on_an_sws_model_counts_its_nonzeros():
-    from sas_compile.sws import sws_costs
+    from sas_compile.sws import measure_sws_model
 
     torch.manual_seed(0)
     model = models.vgg_small(widths=(8, 16))
@@ -358,7 +358,7 @@ def test_report_on_an_sws_model_counts_its_nonzeros():
     dense = report(model, x, M=(4,))
     sws_model = sas_compile.swsify(model, M=4, example_inputs=x)
     rep = report(sws_model, x, M=(4,))
-    built = sum(c["mults"] for c in sws_costs(sws_model, (x,)).values())
+    built = sum(c["mults"] for c in measure_sws_model(sws_model, (x,)).values())
     assert rep.totals["base"]["mults"] == built == dense.totals["sws"][4]["mults"]
     assert rep.totals["sws"][4] == dense.totals["sws"][4]
     assert rep.totals["base"]["params"] == sum(  # stored dense (masked) weights and biases

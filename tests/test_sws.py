@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 import sas_compile
 from sas_compile.accounting import sws_width
 from sas_compile.passes.tie_channel_widths import sws_layer_widths
-from sas_compile.sws import OneOfMMask, export_sws_weights, one_of_m_mask, sws_costs
+from sas_compile.sws import OneOfMMask, export_sws_weights, measure_sws_model, one_of_m_mask
 
 from zoo import models as zoo_models
 
@@ -137,7 +137,7 @@ def test_paper_example_layer_widths_and_mults():
     w = _layers_by_target(s)["2.weight"]
     assert (w.in_features, w.out_features) == (815, 181)
     assert w.nonzeros == 18440
-    costs = {c["name"]: c for c in sws_costs(s).values()}
+    costs = {c["name"]: c for c in measure_sws_model(s).values()}
     assert costs["2"]["in_features"] == 815 and costs["2"]["out_features"] == 181
     assert costs["2"]["nonzeros"] == 18440 == math.ceil(815 * 181 / 8)
     assert s.get_submodule("2").weight.shape == (181, 815)
@@ -358,6 +358,22 @@ def test_mask_follows_weight_updates_and_eval_cache():
     assert layer.parametrizations.weight[0]._cache is None
 
 
+def test_sws_mask_of_finds_the_mask_and_nothing_else():
+    from sas_compile.runtime.sws_mask import sws_mask_of
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    layer = nn.Linear(8, 4)
+    assert sws_mask_of(layer) is None
+    mask = OneOfMMask(4)
+    parametrize.register_parametrization(layer, "weight", mask, unsafe=True)
+    parametrize.register_parametrization(layer, "bias", Scale())
+    assert sws_mask_of(layer) is mask and sws_mask_of(layer, "weight") is mask
+    assert sws_mask_of(layer, "bias") is None  # parametrized, but not by the SWS mask
+
+
 def test_straight_through_gradient_matches_reference():
     layer = nn.Linear(6, 3, bias=False)
     parametrize.register_parametrization(layer, "weight", OneOfMMask(2), unsafe=True)
@@ -474,7 +490,7 @@ def test_sws_costs_agree_with_report(name):
     model, x = factory(), make_x()
     M = 8 if name == "paper" else 2
     rep = sas_compile.report(model, (x,), M=(M,))
-    built = list(sws_costs(sas_compile.swsify(model, M=M, example_inputs=x), (x,)).values())
+    built = list(measure_sws_model(sas_compile.swsify(model, M=M, example_inputs=x), (x,)).values())
     assert len(rep.layers) == len(built)
     for row, got in zip(rep.layers, built):  # both in graph order; a shared layer appears per call
         want = row["sws"][M]
