@@ -136,6 +136,7 @@ def test_inspect_text_json_and_dot(capsys, tmp_path):
     assert first["eligible"] is False and first["mults_before"] == first["mults_after"] == 2 * 64 * 8 * 8 * 27
 
 
+@pytest.mark.slow
 def test_python_dash_m_subprocess():
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

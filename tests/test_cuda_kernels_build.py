@@ -85,6 +85,7 @@ def test_no_register_spills(built):
         assert all(s == ("0", "0") for s in spills), f"{module} ({arch}) spills:\n{result.log}"
 
 
+@pytest.mark.slow
 def test_cache_is_keyed_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("SAS_COMPILE_CACHE", str(tmp_path))
     first = nvrtc_build.build_module("sws_gemm", "sm_80")

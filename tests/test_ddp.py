@@ -1,4 +1,5 @@
 """A sasified model trains under DistributedDataParallel (gloo, 2 ranks, launched as torchrun does)."""
+import pytest
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_match_one_process(tmp_path):
     worker = os.path.join(HERE, "ddp_worker.py")
     single, multi = tmp_path / "single.pt", tmp_path / "ddp.pt"

@@ -44,6 +44,7 @@ def test_quickstart_outputs_match_and_mults_stay(capsys):
 
 
 # ------------------------------------------------------------------------------ mnist1d
+@pytest.mark.slow
 def test_mnist1d_table_has_every_configuration(tmp_path, capsys):
     ex = load("mnist1d")
     result = ex.main(["--seeds", "2", "--steps", "40", "--finetune-steps", "10", "--samples", "1000",
@@ -85,6 +86,7 @@ def test_mnist1d_sws_model_is_the_one_the_report_counts(conv):
     assert ex.count_params(sws) > ex.count_params(model)
 
 
+@pytest.mark.slow
 def test_mnist1d_runs_as_a_script(tmp_path):
     """Run as a file, examples/ leads sys.path and examples/mnist1d.py must not shadow the package."""
     proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "mnist1d.py"), "--seeds", "1", "--steps", "2",
@@ -190,6 +192,7 @@ def test_gpu_deploy_without_cuda_says_so_and_exits_0():
     assert "no CUDA device" in proc.stdout
 
 
+@pytest.mark.slow
 def test_gpu_deploy_pipeline_on_cpu():
     result = load("gpu_deploy").main(["--device", "cpu", "--dtype", "float32", "--inner", "eager", "--batch", "2",
                                       "--width", "8", "--tokens", "32", "--features", "48", "--iters", "1"])

@@ -25,6 +25,7 @@ def test_wheel_installs_everything_under_one_namespace(tmp_path):
     assert "[torch_dynamo_backends]" in text and "sas = sas_compile.backend:sas_backend" in text
 
 
+@pytest.mark.slow
 def test_backend_found_in_a_fresh_process_without_importing_sas_compile(tmp_path):
     code = (
         "import sys, torch\n"

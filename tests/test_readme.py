@@ -2,6 +2,8 @@
 import os
 import re
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -10,6 +12,7 @@ def _readme():
         return f.read()
 
 
+@pytest.mark.slow
 def test_readme_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", _readme(), re.S)
     assert blocks, "README.md has no python example"

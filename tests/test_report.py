@@ -138,6 +138,7 @@ def _hf_models():
     ]
 
 
+@pytest.mark.slow
 def test_transformers_models_base_mults_equal_flop_counter():
     for name, model, inputs in _hf_models():
         rep = report(model, inputs, M=(2, 4))

@@ -200,6 +200,7 @@ def test_train_eval_switch_batchnorm():
     assert not torch.allclose(y1, y2)  # batch statistics in train, running statistics in eval
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_wide_weight_and_sgd_lowers_loss():
     model, x = _build("resnet18")
     sas = sas_compile.sasify(model, M=4).train()

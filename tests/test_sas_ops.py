@@ -96,6 +96,7 @@ def test_conv_op_forward_backward_float64(M, conf):
     assert torch.autograd.gradcheck(lambda x, w, b: torch.ops.sas.conv2d(x, w, b, *args), small, fast_mode=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("M", [2, 4])
 def test_opcheck(M):
     torch.manual_seed(0)
@@ -270,6 +271,7 @@ def test_lowering_to_projection_keeps_the_function_and_gradients():
             p.grad = q.grad = None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("M", [2, 4])
 def test_ops_from_a_dense_weight_equal_the_dense_layer_and_pass_opcheck(M, fold):

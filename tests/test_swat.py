@@ -301,6 +301,7 @@ def test_eval_uses_sparse_weights():
     assert isinstance(model[0], SWATLinear) and model[0].is_dense
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_training_lowers_the_loss(structure):
     torch.manual_seed(7)

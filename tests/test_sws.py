@@ -399,6 +399,7 @@ def test_freeze_mask_keeps_the_first_mask():
     assert torch.equal(original.grad != 0, first)  # only kept weights train
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))

@@ -104,6 +104,7 @@ def _agreement_models():
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dense_input_layers", [True, False])
 @pytest.mark.parametrize("name", sorted(_agreement_models()))
 def test_report_agrees_with_swsify_on_the_zoo(name, dense_input_layers):
