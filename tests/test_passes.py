@@ -1,0 +1,131 @@
+"""Each SAS pass on its own: a small graph in, a plan or a graph out.
+
+The passes all have the signature ``pass_(graph_module, plan, config) -> plan`` and run in
+the order of ``passes/pipeline.py``; here each is run alone on a hand-made graph.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from sas_compile.passes import pipeline
+from sas_compile.passes.find_foldable_relus import find_foldable_relus
+from sas_compile.passes.find_sas_layers import find_sas_layers
+from sas_compile.passes.plan import Plan
+from sas_compile.passes.rewrite_layers_to_sas import rewrite_layers_to_sas
+from sas_compile.runtime.layers import SASConv2d, SASLinear
+
+CONFIG = SimpleNamespace(M=2, rule="sign_pattern", filter_fn=None, dense_input_layers=True, fold_relu=True)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.head_w = nn.Parameter(torch.randn(5, 6))
+
+    def forward(self, x):
+        z = self.stem(x)
+        y = self.conv(F.relu(z))
+        pooled = y.mean((2, 3))
+        return F.linear(pooled, self.head_w) + z.mean()
+
+
+def traced():
+    torch.manual_seed(0)
+    model = Net().eval()
+    return model, fx.symbolic_trace(model)
+
+
+def analysed(config=CONFIG):
+    model, gm = traced()
+    plan = find_sas_layers(gm, Plan(layers=[], capture="symbolic_trace", model=model), config)
+    return model, gm, plan
+
+
+def test_find_sas_layers_lists_every_call_with_its_reason():
+    _, _, plan = analysed()
+    layers = {layer.name: layer for layer in plan.layers}
+    assert list(layers) == ["stem", "conv", "head_w"]
+    assert not layers["stem"].eligible and "input layer" in layers["stem"].reason
+    assert layers["conv"].eligible and layers["conv"].weight_kind == "module"
+    assert layers["head_w"].eligible and layers["head_w"].weight_kind == "attr" and layers["head_w"].op == "linear"
+    assert layers["conv"].call.module is not None  # the matched call is kept by the plan
+    assert plan.graph_before and plan.M is None  # the analysis knows no M
+
+
+def test_find_sas_layers_reads_filter_fn_and_the_input_policy_from_config():
+    config = SimpleNamespace(**{**vars(CONFIG), "dense_input_layers": False,
+                                "filter_fn": lambda module, fqn: fqn != "conv"})
+    _, _, plan = analysed(config)
+    layers = {layer.name: layer for layer in plan.layers}
+    assert layers["stem"].eligible
+    assert not layers["conv"].eligible and layers["conv"].reason == "excluded by filter_fn"
+
+
+def test_find_foldable_relus_marks_the_fold_and_the_reasons():
+    _, gm, plan = analysed()
+    plan = find_foldable_relus(gm, plan, CONFIG)
+    layers = {layer.name: layer for layer in plan.layers}
+    assert layers["conv"].fold_relu and layers["conv"].relu_node is not None
+    assert not layers["head_w"].fold_relu and layers["head_w"].fold_relu_reason == "input is not a ReLU"
+    no_fold = find_foldable_relus(gm, plan, SimpleNamespace(**{**vars(CONFIG), "fold_relu": False}))
+    assert all(not layer.fold_relu for layer in no_fold.layers)
+    export = find_foldable_relus(gm, Plan(layers=plan.layers, capture="export"), CONFIG)
+    assert "module swap" in {layer.name: layer for layer in export.layers}["conv"].fold_relu_reason
+
+
+def test_rewrite_layers_to_sas_changes_the_graph_and_keeps_the_function():
+    model, gm, plan = analysed()
+    plan = find_foldable_relus(gm, plan, CONFIG)
+    x = torch.randn(2, 3, 6, 6)
+    want = model(x)
+    plan = rewrite_layers_to_sas(gm, plan, CONFIG)
+    assert isinstance(gm.conv, SASConv2d) and gm.conv.M == 2
+    assert gm.head_w.shape == (5, 12)  # the functional weight became its wide version
+    assert any(n.target is torch.ops.sas.linear.default for n in gm.graph.nodes)
+    assert "sas.linear" in plan.graph_after
+    # the folded ReLU is gone from the SAS layer's input, the stem's other consumer still reads z
+    assert not any(n.op == "call_function" and n.target is F.relu for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_runs_the_passes_in_its_order():
+    model, _ = traced()
+    plan = pipeline.analyze_model(model, None, CONFIG)
+    assert [p.__name__ for p in pipeline.ANALYSIS] == ["find_sas_layers", "find_foldable_relus"]
+    assert [p.__name__ for p in pipeline.SAS_REWRITE] == ["rewrite_layers_to_sas"]
+    assert [p.__name__ for p in pipeline.GPU_LOWERING] == ["lower_sas_to_projection"]
+    assert {layer.name: layer.fold_relu for layer in plan.layers}["conv"]
+
+
+def test_module_plan_without_a_graph_keeps_the_capture_error():
+    from sas_compile.passes.capture import CaptureError
+
+    error = CaptureError("cannot trace")
+    plan = pipeline.module_plan(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), CONFIG, error)
+    assert plan.capture == "modules" and plan.capture_error is error
+    assert [layer.eligible for layer in plan.layers] == [False, True]
+
+
+def test_every_pass_has_the_pipeline_signature():
+    import inspect
+
+    for pass_ in (*pipeline.ANALYSIS, *pipeline.SAS_REWRITE, *pipeline.GPU_LOWERING):
+        assert list(inspect.signature(pass_).parameters) == ["gm", "plan", "config"], pass_.__name__
+
+
+@pytest.mark.parametrize("M", [2, 4])
+def test_sasified_linear_module_swap_equals_dense(M):
+    from sas_compile.passes.rewrite_layers_to_sas import sas_module
+
+    dense = nn.Linear(6, 3)
+    x = torch.randn(4, 6)
+    layer = sas_module(dense, M, False, "sign_pattern")
+    assert isinstance(layer, SASLinear)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
