@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .packing import PackedSparseWeight, unpack_sws_weight
-from .projection import project
+from .projection import dead_slots_to_mask, project
 
 __all__ = ["TargetStatus", "Capability", "KERNEL_CAPABILITIES", "TARGET_NAMES", "get_target", "targets",
            "tf32_allowed", "TorchTarget", "KernelTarget"]
@@ -76,7 +76,7 @@ class TorchTarget:
         return []
 
     def sas_linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: str) -> Tensor:
-        return F.linear(project(x, M, -1, rule), weight, bias)
+        return F.linear(project(x, M, -1, rule, dead_slots_to_mask(x, weight)), weight, bias)
 
     def sws_linear(self, x: Tensor, packed: PackedSparseWeight, bias: Optional[Tensor]) -> Tensor:
         return F.linear(x, unpack_sws_weight(packed), bias)
@@ -131,6 +131,10 @@ class KernelTarget:
             reasons.append(f"M = {M} has no kernel (kernels run M = {' and '.join(map(str, cap.M))})")
         if cap.rules is not None and rule is not None and rule not in cap.rules:
             reasons.append(f"index rule {rule!r} has no kernel (kernels compute {cap.rules[0]!r})")
+        if op == "sas_linear" and others and others[0] is not None and not reasons:
+            if dead_slots_to_mask(x, others[0]) is not None:
+                reasons.append("infinite inputs meet all-zero weight columns: the tensor cores would form "
+                               "0 * inf = NaN where the dense layer gives 0")
         return reasons
 
     def sas_linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: str) -> Tensor:

@@ -17,8 +17,10 @@ Rules
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,6 +34,9 @@ __all__ = [
     "slot_index",
     "project",
     "project_aten",
+    "dead_slots",
+    "dead_slots_to_mask",
+    "PerWeightCache",
     "reference_project",
     "expand_dense_weight",
     "fold_wide_grad",
@@ -139,16 +144,20 @@ def _is_channels_last(x: Tensor) -> bool:
     )
 
 
-def project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -> Tensor:
+def project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern", dead: Optional[Tensor] = None) -> Tensor:
     """The projected activation ``S(x)``: ``x`` widened M times along ``dim``, channel-major.
 
-    Each slot plane of the wide tensor is written once, straight into its final layout
-    (``plane_m = |x| * [slot == m]``): no zero-filled tensor and no scatter. A channels_last
-    4-D input gives a channels_last output.
+    Each slot plane of the wide tensor is written once, straight into its final layout: no
+    zero-filled tensor and no scatter, and never ``0 * inf`` (an infinite value stays in its
+    slot, every other slot is exactly 0). ``dead`` (bool, one entry per wide index along
+    ``dim``, from :func:`dead_slots`) zeroes the slots whose weight column is all zero: their
+    product is 0 for finite values, and the same 0 instead of ``0 * inf = NaN`` for infinite
+    ones, which is what the dense layer gives (``W relu(-inf) = 0``). A channels_last 4-D input
+    gives a channels_last output.
     """
     dim = dim % x.dim()
     if dim == 1 and _is_channels_last(x):
-        return project(x.permute(0, 2, 3, 1), M, -1, rule).permute(0, 3, 1, 2)
+        return project(x.permute(0, 2, 3, 1), M, -1, rule, dead).permute(0, 3, 1, 2)
     index_rule = get_rule(rule, M)
     if torch.is_grad_enabled() and x.requires_grad:
         # differentiable form (out= writes are not): the same planes, stacked
@@ -156,21 +165,102 @@ def project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -> Ten
             planes = [x.clamp_min(0), (-x).clamp_min(0)]
         else:
             slot, magnitude = index_rule.slot(x, dim), x.abs()
-            planes = [magnitude * (slot == m) for m in range(M)]
-        return torch.stack(planes, dim + 1).flatten(dim, dim + 1)
+            planes = [torch.where(slot == m, magnitude, torch.zeros((), dtype=x.dtype, device=x.device))
+                      for m in range(M)]
+        wide = torch.stack(planes, dim + 1)
+        if dead is not None:
+            wide = wide.masked_fill(_dead_view(dead, wide, dim), 0)
+        return wide.flatten(dim, dim + 1)
     shape = list(x.shape)
     shape.insert(dim + 1, M)
     wide = x.new_empty(shape)
     if isinstance(index_rule, SignPatternRule) and M == 2:
-        # the reference convention: slot 0 = max(x, 0), slot 1 = max(-x, 0)
+        # the reference convention: slot 0 = max(x, 0), slot 1 = max(-x, 0), one pass each
         torch.clamp_min(x, 0, out=wide.select(dim + 1, 0))
-        torch.neg(x, out=wide.select(dim + 1, 1)).clamp_min_(0)
+        torch.clamp_min(torch.neg(x), 0, out=wide.select(dim + 1, 1))
     else:
         slot = index_rule.slot(x, dim)
         magnitude = x.abs()
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
         for m in range(M):
-            torch.mul(magnitude, slot == m, out=wide.select(dim + 1, m))
+            torch.where(slot == m, magnitude, zero, out=wide.select(dim + 1, m))
+    if dead is not None:
+        wide.masked_fill_(_dead_view(dead, wide, dim), 0)
     return wide.flatten(dim, dim + 1)
+
+
+def _dead_view(dead: Tensor, wide: Tensor, dim: int) -> Tensor:
+    """``dead`` ([channels * M] along ``dim``) shaped to broadcast over the ``[..., C, M, ...]`` tensor."""
+    channels, M = wide.shape[dim], wide.shape[dim + 1]
+    shape = [1] * wide.dim()
+    shape[dim], shape[dim + 1] = channels, M
+    return dead.to(wide.device).reshape(shape)
+
+
+class PerWeightCache:
+    """Values derived from a weight, kept until the weight's version counter moves.
+
+    Keyed by the tensor's identity (a weak reference: an entry dies with its weight) and
+    recomputed after any in-place write (optimizer step, ``load_state_dict``). Writes through
+    ``.data`` bypass the version counter: :meth:`clear` after such writes.
+    """
+
+    def __init__(self):
+        self._lock = threading.RLock()  # a dying weight's callback may run while it is held
+        self._entries: Dict[int, Tuple[weakref.ref, Dict[Any, Tuple[tuple, Any]]]] = {}
+
+    def _forget(self, key: int):
+        def callback(_ref):
+            with self._lock:
+                self._entries.pop(key, None)
+        return callback
+
+    def get(self, weight: Tensor, key, make: Callable[[], Any]):
+        version = (weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
+        with self._lock:
+            entry = self._entries.get(id(weight))
+            if entry is None or entry[0]() is not weight:
+                try:
+                    entry = (weakref.ref(weight, self._forget(id(weight))), {})
+                except TypeError:  # a tensor that cannot be weakly referenced: no cache
+                    entry = (lambda: None, {})
+                else:
+                    self._entries[id(weight)] = entry
+            hit = entry[1].get(key)
+            if hit is None or hit[0] != version:
+                with torch.no_grad():
+                    hit = entry[1][key] = (version, make())
+            return hit[1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_dead_cache = PerWeightCache()
+
+
+def dead_slots(weight: Tensor) -> Optional[Tensor]:
+    """Bool ``[wide inputs]``: the input columns of a wide weight that are all zero, or None if none.
+
+    A function-preserving conversion with a folded ReLU starts with such columns (the slots of
+    negative values), and so does any weight a user zeroed. Cached per weight version.
+    """
+    def make():
+        columns = weight.detach().transpose(0, 1).reshape(weight.shape[1], -1)
+        dead = (columns == 0).all(dim=1)
+        return dead if bool(dead.any()) else None
+
+    return _dead_cache.get(weight, "dead_slots", make)
+
+
+def dead_slots_to_mask(x: Tensor, weight: Tensor) -> Optional[Tensor]:
+    """The ``dead`` argument of :func:`project` when it matters: the weight has all-zero columns
+    and ``x`` holds infinite values (for finite ones the zero columns already give 0)."""
+    dead = dead_slots(weight)
+    if dead is None or bool(torch.isfinite(x).all()):
+        return None
+    return dead
 
 
 def project_aten(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -> Tensor:

@@ -20,7 +20,15 @@ from torch import Tensor
 from . import autotune
 from .autocast import register_autocast_like_linear
 from .matmul import sas_matmul, select_target
-from .projection import SignPatternRule, expand_dense_weight, fold_wide_grad, get_rule, project, project_aten
+from .projection import (
+    SignPatternRule,
+    dead_slots_to_mask,
+    expand_dense_weight,
+    fold_wide_grad,
+    get_rule,
+    project,
+    project_aten,
+)
 
 __all__ = ["sas_linear", "sas_conv2d", "sas_linear_from_dense", "sas_conv2d_from_dense", "conv2d_output_size",
            "sas_conv2d_choice", "projected_linear", "projected_conv2d", "projected_conv1d", "dense_linear_through",
@@ -46,7 +54,7 @@ def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Ten
 @torch.library.custom_op("sas::linear", mutates_args=())
 def sas_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: str) -> Tensor:
     """``F.linear(S(x), weight, bias)``; ``x`` is narrow ``(..., K)``, ``weight`` is ``(N, M*K)``."""
-    return F.linear(project(x, M, -1, rule), weight, bias)
+    return F.linear(project(x, M, -1, rule, dead_slots_to_mask(x, weight)), weight, bias)
 
 
 @sas_linear.register_kernel("cuda")
@@ -73,7 +81,7 @@ def _linear_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_x = _slot_grad(grad.matmul(weight), x, M, rule, x.dim() - 1)
     if ctx.needs_input_grad[1]:
-        wide = project(x, M, -1, rule)
+        wide = project(x, M, -1, rule, dead_slots_to_mask(x, weight))
         grad_w = grad.reshape(-1, grad.shape[-1]).t().matmul(wide.reshape(-1, wide.shape[-1]))
     if ctx.needs_input_grad[2]:
         grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
@@ -128,25 +136,37 @@ def _(x, weight, bias, stride, padding, dilation, groups, M, rule):
 
 def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule):
     """The PyTorch formulation: one projection pass, then the dense (cuDNN) conv on S(x)."""
-    out = F.conv2d(project(x, M, 1, rule), weight, bias, stride, padding, dilation, groups)
+    out = F.conv2d(project(x, M, 1, rule, dead_slots_to_mask(x, weight)), weight, bias, stride, padding, dilation,
+                   groups)
     return out.contiguous(memory_format=_conv_memory_format(x))
 
 
 # The PyTorch formulation written as plain aten ops (what a lowering pass puts in a graph so
 # that the compiler fuses the projection with its neighbours); padding as F.conv* take it.
+def _zero_dead_slots(wide_x: Tensor, weight: Tensor, dim: int) -> Tensor:
+    # slots whose weight column is all zero read 0, never inf (0 * inf would be NaN); plain
+    # ops the compiler fuses into the projection
+    dead = (weight.detach() == 0).transpose(0, 1).reshape(weight.shape[1], -1).all(dim=1)
+    shape = [1] * wide_x.dim()
+    shape[dim] = dead.shape[0]
+    return wide_x.masked_fill(dead.view(shape), 0)
+
+
 def projected_linear(x, weight, bias, M: int, rule: str):
     """``F.linear(S(x), weight, bias)`` with the projection as out-of-place ops."""
-    return F.linear(project_aten(x, M, -1, rule), weight, bias)
+    return F.linear(_zero_dead_slots(project_aten(x, M, -1, rule), weight, -1), weight, bias)
 
 
 def projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M: int, rule: str):
     """``F.conv2d(S(x), weight, ...)`` with the projection as out-of-place ops."""
-    return F.conv2d(project_aten(x, M, 1, rule), weight, bias, stride, padding, dilation, groups)
+    return F.conv2d(_zero_dead_slots(project_aten(x, M, 1, rule), weight, 1), weight, bias, stride, padding,
+                    dilation, groups)
 
 
 def projected_conv1d(x, weight, bias, stride, padding, dilation, groups, M: int, rule: str):
     """``F.conv1d(S(x), weight, ...)`` with the projection as out-of-place ops."""
-    return F.conv1d(project_aten(x, M, 1, rule), weight, bias, stride, padding, dilation, groups)
+    return F.conv1d(_zero_dead_slots(project_aten(x, M, 1, rule), weight, 1), weight, bias, stride, padding,
+                    dilation, groups)
 
 
 def _sas_conv2d_accelerated(x, weight, bias, stride, padding, dilation, groups, M, rule):
@@ -227,7 +247,7 @@ def _conv_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conf
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    wide = project(x, ctx.M, 1, ctx.rule)
+    wide = project(x, ctx.M, 1, ctx.rule, dead_slots_to_mask(x, weight))
     grad_wide, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad.contiguous(memory_format=_conv_memory_format(wide)),
         wide,
@@ -319,7 +339,8 @@ def _training_refusal() -> SASTrainingError:
 def sas_linear_from_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, fold_relu: bool, rule: str,
                           train_dense: bool) -> Tensor:
     """``sas::linear`` with the wide weight expanded (and cached) from the dense ``weight``."""
-    return F.linear(project(x, M, -1, rule), wide_weight(weight, M, fold_relu, rule), bias)
+    wide = wide_weight(weight, M, fold_relu, rule)
+    return F.linear(project(x, M, -1, rule, dead_slots_to_mask(x, wide)), wide, bias)
 
 
 @sas_linear_from_dense.register_kernel("cuda")
@@ -350,7 +371,7 @@ def _from_dense_linear_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_x = _slot_grad(grad.matmul(wide), x, M, rule, x.dim() - 1)
     if ctx.needs_input_grad[1]:
-        projected = project(x, M, -1, rule)
+        projected = project(x, M, -1, rule, dead_slots_to_mask(x, wide))
         grad_wide = grad.reshape(-1, grad.shape[-1]).t().matmul(projected.reshape(-1, projected.shape[-1]))
         grad_w = fold_wide_grad(grad_wide, M, fold_relu=fold_relu, rule=rule)
     if ctx.needs_input_grad[2]:
@@ -401,7 +422,7 @@ def _from_dense_conv_backward(ctx, grad):
     if need_w and not train_dense:
         raise _training_refusal()
     wide = expand_dense_weight(weight, M, fold_relu=fold_relu, rule=rule, groups=groups)
-    projected = project(x, M, 1, rule)
+    projected = project(x, M, 1, rule, dead_slots_to_mask(x, wide))
     grad_wide_x, grad_wide_w, grad_b = torch.ops.aten.convolution_backward(
         grad.contiguous(memory_format=_conv_memory_format(projected)), projected, wide,
         ctx.bias_sizes if need_b else None, stride, padding, dilation, False, [0, 0], groups,
