@@ -35,6 +35,14 @@ __all__ = ["sas_linear", "sas_conv2d", "sas_linear_from_dense", "sas_conv2d_from
            "dense_conv2d_through", "wide_weight", "clear_wide_weight_cache", "SASTrainingError"]
 
 
+def _backward_dead_mask(x: Tensor, weight: Tensor) -> Optional[Tensor]:
+    """The dead-slot mask for a backward's projection, in eager mode only: a traced backward
+    (fake or functional tensors under torch.compile) cannot read data, and keeps the plain form."""
+    if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return None
+    return dead_slots_to_mask(x, weight)
+
+
 def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Tensor:
     """d/dx of S(x): the wide gradient at each value's slot, times sign(x) (d|x|/dx, 0 at 0)."""
     per_slot = grad_wide.unflatten(dim, (x.shape[dim], M))
@@ -81,7 +89,7 @@ def _linear_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_x = _slot_grad(grad.matmul(weight), x, M, rule, x.dim() - 1)
     if ctx.needs_input_grad[1]:
-        wide = project(x, M, -1, rule, dead_slots_to_mask(x, weight))
+        wide = project(x, M, -1, rule, _backward_dead_mask(x, weight))
         grad_w = grad.reshape(-1, grad.shape[-1]).t().matmul(wide.reshape(-1, wide.shape[-1]))
     if ctx.needs_input_grad[2]:
         grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
@@ -247,7 +255,7 @@ def _conv_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conf
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    wide = project(x, ctx.M, 1, ctx.rule, dead_slots_to_mask(x, weight))
+    wide = project(x, ctx.M, 1, ctx.rule, _backward_dead_mask(x, weight))
     grad_wide, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad.contiguous(memory_format=_conv_memory_format(wide)),
         wide,
@@ -371,7 +379,7 @@ def _from_dense_linear_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_x = _slot_grad(grad.matmul(wide), x, M, rule, x.dim() - 1)
     if ctx.needs_input_grad[1]:
-        projected = project(x, M, -1, rule, dead_slots_to_mask(x, wide))
+        projected = project(x, M, -1, rule, _backward_dead_mask(x, wide))
         grad_wide = grad.reshape(-1, grad.shape[-1]).t().matmul(projected.reshape(-1, projected.shape[-1]))
         grad_w = fold_wide_grad(grad_wide, M, fold_relu=fold_relu, rule=rule)
     if ctx.needs_input_grad[2]:
@@ -422,7 +430,7 @@ def _from_dense_conv_backward(ctx, grad):
     if need_w and not train_dense:
         raise _training_refusal()
     wide = expand_dense_weight(weight, M, fold_relu=fold_relu, rule=rule, groups=groups)
-    projected = project(x, M, 1, rule, dead_slots_to_mask(x, wide))
+    projected = project(x, M, 1, rule, _backward_dead_mask(x, wide))
     grad_wide_x, grad_wide_w, grad_b = torch.ops.aten.convolution_backward(
         grad.contiguous(memory_format=_conv_memory_format(projected)), projected, wide,
         ctx.bias_sizes if need_b else None, stride, padding, dilation, False, [0, 0], groups,
