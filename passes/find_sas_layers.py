@@ -20,7 +20,8 @@ from sas_compile.runtime.layers import SAS_LAYERS
 from .capture import clean_module_path
 from .plan import LayerPlan, Plan
 
-__all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layers_from_modules", "layer_plan_from_module", "LINEAR_FUNCTIONS", "CONV_FUNCTIONS"]
+__all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layers_from_modules",
+           "OPAQUE_PROJECTION_MODULES", "layer_plan_from_module", "LINEAR_FUNCTIONS", "CONV_FUNCTIONS"]
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 CONV_FUNCTIONS = {
@@ -30,6 +31,10 @@ CONV_FUNCTIONS = {
     torch.ops.aten.conv1d.padding: "conv1d",
 }
 UNSUPPORTED_CONV_MODULES = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# modules whose linear projections run inside them (not as separate linear calls the graph shows)
+OPAQUE_PROJECTION_MODULES = (nn.MultiheadAttention, nn.RNNBase, nn.TransformerEncoderLayer,
+                             nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder,
+                             nn.Transformer, nn.Bilinear)
 UNSUPPORTED_CONV_FUNCTIONS = {F.conv3d: "conv3d", torch.conv3d: "conv3d", F.conv_transpose2d: "conv_transpose2d",
                               F.conv_transpose1d: "conv_transpose1d"}
 _CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -190,6 +195,9 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
             mod = gm.get_submodule(node.target)
             layers.append(_existing_sas_layer(node, mod))
             continue
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), OPAQUE_PROJECTION_MODULES):
+            layers.append(_opaque_module_layer(node, gm.get_submodule(node.target)))
+            continue
         call = match_layer_call(node, gm)
         if call is None:
             continue
@@ -263,6 +271,16 @@ def _existing_sas_layer(node: fx.Node, mod) -> LayerPlan:
     layer.sas_M = mod.M
     layer.input_shape = _shape(node.args[0]) if node.args else None
     layer.output_shape = _shape(node)
+    return layer
+
+
+def _opaque_module_layer(node: fx.Node, mod: nn.Module) -> LayerPlan:
+    cls = type(mod).__name__
+    reason = (f"{cls}: its projections run inside the module, not as linear calls this capture shows: kept "
+              "dense (torch.compile(model, backend='sas') traces into it and converts its projections)")
+    layer = LayerPlan(node.target, node.name, cls.lower(), False, reason, 0, 0, module_target=node.target,
+                      weight_kind="module")
+    layer.input_shape = _shape(node.args[0]) if node.args else None
     return layer
 
 

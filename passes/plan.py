@@ -155,6 +155,8 @@ def _sas_text(layer: LayerPlan) -> str:
 
 
 def _geometry(layer: LayerPlan) -> str:
+    if layer.op not in costs.LAYER_OPS:
+        return ""
     if layer.op == "linear":
         return f"{layer.in_channels} -> {layer.out_channels}"
     text = f"{layer.in_channels} -> {layer.out_channels}, k={'x'.join(map(str, layer.kernel_size))}"
@@ -191,8 +193,11 @@ def plan_to_text(plan: Plan) -> str:
                "mults" + (" (per position)" if per_position else ""), "params"]
     n = len(plan.eligible())
     at = f"M={plan.M}, " if plan.M else ""
-    head = (f"SAS plan ({at}captured with {plan.capture}): {n} of {len(plan.layers)} "
-            f"conv/linear layers convert")
+    total = sum(layer.op in costs.LAYER_OPS for layer in plan.layers)
+    head = f"SAS plan ({at}captured with {plan.capture}): {n} of {total} conv/linear layers convert"
+    opaque = len(plan.layers) - total
+    if opaque:
+        head += f"; {opaque} modules with projections inside stay dense"
     text = [head, tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)]
     if reasons:
         text.append("\n".join(f"[{i}] {r}" for r, i in reasons.items()))

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .accounting import sum_costs
-from .passes.costs import format_count
+from .passes.costs import LAYER_OPS, format_count
 from .passes.plan import Plan
 
 __all__ = ["Report", "SWAT_KEYS", "sum_swat", "format_count"]
@@ -56,7 +56,10 @@ class Report:
     ``plan`` is the analysis plan the rows were counted from, ``symbols`` the example value of
     each size symbol, ``per_position`` is True when no example inputs were given.
     ``swat`` holds the SWAT sparsities (float keys of each row's ``"swat"``), empty when
-    the report has no SWAT columns; rows then carry no SWAT keys at all.
+    the report has no SWAT columns; rows then carry no SWAT keys at all. ``parameters`` are
+    rows of the same schema for modules holding parameters outside conv/linear calls (norms,
+    embeddings, attention or recurrent modules): params counted, no mults; the totals include
+    them, so total params equal the model's.
     """
 
     def __init__(
@@ -71,8 +74,10 @@ class Report:
         plan: Optional[Plan] = None,
         notes: Optional[List[str]] = None,
         swat: Sequence[float] = (),
+        parameters: Optional[List[Dict[str, Any]]] = None,
     ):
         self.layers = layers
+        self.parameters = list(parameters or [])
         self.M = tuple(M)
         self.per_position = per_position
         self.input_shapes = input_shapes
@@ -81,9 +86,9 @@ class Report:
         self.plan = plan
         self.notes = list(notes or [])
         self.swat = tuple(float(s) for s in swat)
-        self.totals = sum_costs(layers, self.M)
+        self.totals = sum_costs(layers + self.parameters, self.M)
         if self.swat:
-            self.totals.update(sum_swat(layers, self.swat))
+            self.totals.update(sum_swat(layers + self.parameters, self.swat))
 
     # --- machine-readable -------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
@@ -93,7 +98,8 @@ class Report:
         "backward_input_mults", "backward_weight_mults"}}`` (float keys) and ``"swat_dense"``
         (the same counts for dense training); totals have both, each with ``training_mults``.
         """
-        return {"layers": copy.deepcopy(self.layers), "totals": copy.deepcopy(self.totals)}
+        return {"layers": copy.deepcopy(self.layers), "parameters": copy.deepcopy(self.parameters),
+                "totals": copy.deepcopy(self.totals)}
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         """The :meth:`to_dict` content as JSON (JSON object keys are strings: M becomes "2")."""
@@ -116,7 +122,7 @@ class Report:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(self.csv_header())
-        for row in self.layers:
+        for row in self.layers + self.parameters:
             line = [row["name"], row["op"], row["eligible"], row["reason"] or "",
                     row["base"]["mults"], row["base"]["params"]]
             for m in self.M:
@@ -146,7 +152,7 @@ class Report:
     def _tree_rows(self, max_depth: Optional[int]) -> List[Tuple[int, str, List[Dict[str, Any]], bool]]:
         """(depth, name, layer rows below it, is_leaf) in first-appearance order, fvcore style."""
         tree: "OrderedDict[str, Any]" = OrderedDict()
-        for row in self.layers:
+        for row in self.layers + self.parameters:
             node = tree
             parts = row["name"].split(".")
             for i in range(1, len(parts) + 1):
@@ -225,7 +231,7 @@ class Report:
             for m in self.M:
                 s = tot["sws"][m]
                 width = ""
-                if leaf:
+                if leaf and rows[0]["op"] in LAYER_OPS:
                     w = rows[0]["sws"][m]
                     width = f"{w['in_features']}x{w['out_features']}"
                 line += [fmt(tot["sas"][m]["mults"]), fmt(tot["sas"][m]["params"]), fmt(s["mults"]),
@@ -235,7 +241,8 @@ class Report:
             body.append(line)
         t = self.totals
         n_sas = sum(r["eligible"] for r in self.layers)
-        total = ["total", "", f"{n_sas}/{len(self.layers)}", fmt(t["base"]["mults"]), fmt(t["base"]["params"])]
+        n_layers = len(self.layers)
+        total = ["total", "", f"{n_sas}/{n_layers}", fmt(t["base"]["mults"]), fmt(t["base"]["params"])]
         ratio = ["ratio to base", "", "", "1.00x", "1.00x"]
         bm, bp = t["base"]["mults"], t["base"]["params"]
         for m in self.M:
@@ -289,12 +296,13 @@ class Report:
 
     def _title(self) -> str:
         n_sas = sum(r["eligible"] for r in self.layers)
+        n_layers = len(self.layers)
         if self.per_position:
             scope = "mults per output position (no example inputs)"
         else:
             shapes = ", ".join("x".join(str(d) for d in s) for s in (self.input_shapes or []))
             scope = f"mults for input {shapes}" if shapes else "mults for the example inputs"
-        title = (f"sas-compile report: {len(self.layers)} conv/linear layers, {n_sas} converted to SAS; "
+        title = (f"sas-compile report: {n_layers} conv/linear layers, {n_sas} converted to SAS; "
                  f"{scope}; M = {', '.join(map(str, self.M))}")
         if self.swat:
             title += f"; SWAT sparsity = {', '.join(map(_sparsity_label, self.swat))}"

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import sympy
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .accounting import layer_costs
 from .api import analyze, check_filter_fn
@@ -54,14 +55,14 @@ def _sws_widths(plan: Plan, Ms, example_inputs, filter_fn=None,
         analysis = analyze_channel_widths(plan.gm, example_inputs, filter_fn=filter_fn,
                                           dense_input_layers=dense_input_layers)
     except Exception as exc:  # noqa: BLE001 - a report must not die on the baseline column
-        log.warning("SWS width analysis failed: %s", exc)
+        log.info("SWS width analysis failed: %s", exc)
         return {m: None for m in Ms}, [f"SWS widths: whole-graph analysis failed ({exc}); standalone per-layer rule used"]
     widths, notes = {}, []
     for m in Ms:
         try:
-            widths[m] = analysis.at(m).layers
+            widths[m] = analysis.at(m)
         except Exception as exc:  # noqa: BLE001
-            log.warning("SWS width decision failed at M=%d: %s", m, exc)
+            log.info("SWS width decision failed at M=%d: %s", m, exc)
             widths[m] = None
             notes.append(f"SWS widths at M={m}: whole-graph decision failed ({exc}); standalone per-layer rule used")
     return widths, notes
@@ -256,8 +257,9 @@ def report(
         try:
             symbols = propagate_symbolic_shapes(plan, example_inputs)
         except Exception as exc:  # noqa: BLE001 - numbers still come from the example shapes
-            log.warning("symbolic shapes unavailable: %s", exc)
-            notes.append(f"symbolic formulas unavailable: {exc}")
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.info("symbolic shapes unavailable: %s", first_line)
+            notes.append(f"symbolic formulas unavailable: {first_line}")
     # one SWS width analysis of the graph, decided per M
     widths, why = _sws_widths(plan, Ms, example_inputs, filter_fn, dense_input_layers)
     notes.extend(w for w in why if w not in notes)
@@ -272,7 +274,16 @@ def report(
     per_position = example_inputs is None
     # total formula: weights summed per distinct positions formula
     by_positions: Optional[Dict[str, int]] = {}
+    # every parameter is counted once: by the first conv/linear row that uses it, else by a
+    # parameters-only row of its module
+    names_by_id = {id(p): n for n, p in model.named_parameters()}
+    counted: set = set()
+    opaque: Dict[str, LayerPlan] = {}
+    shared_rows: List[str] = []
     for layer in plan.layers:
+        if layer.op not in costs.LAYER_OPS:
+            opaque[layer.module_target or layer.name] = layer
+            continue
         resolved, why = _resolved_layer(layer)
         if resolved is None:
             notes.append(why)
@@ -283,11 +294,16 @@ def report(
             if positions is None:
                 positions = 1
                 notes.append(f"{layer.name}: output shape unknown, counted per output position")
-        sws = {m: (widths[m] or {}).get(layer.node) for m in Ms}
+        sws = {m: (widths[m].layers if widths[m] is not None else {}).get(layer.node) for m in Ms}
         row = layer_costs(resolved, Ms, positions=positions, sws_widths={m: w for m, w in sws.items() if w is not None},
                           sws_dense=built_sws and not resolved.sws_M)
         if sparsities:
             _add_swat_costs(row, resolved, int(positions), sparsities, swat_modules, swat_sparse)
+        own = _layer_parameter_names(layer, model, names_by_id)
+        if own and own <= counted:
+            _zero_params(row)  # a module called twice, or a weight tied to a counted one
+            shared_rows.append(layer.name)
+        counted |= own
         sym_pos = _symbolic_positions(layer) if not per_position else (1, "1")
         if sym_pos is None:
             by_positions = None
@@ -300,6 +316,17 @@ def report(
                 by_positions[sym_pos[1]] = by_positions.get(sym_pos[1], 0) + weight
         rows.append(row)
 
+    if shared_rows:
+        notes.append(f"{len(shared_rows)} call sites reuse a weight counted at another site: their params count 0 "
+                     "(" + ", ".join(shared_rows[:4]) + (", ..." if len(shared_rows) > 4 else "") + ")")
+    # a model swsify built is already wide: its other parameters are SWS as they are
+    leftover = _parameters_only_rows(model, names_by_id, counted, opaque, Ms, {} if built_sws else widths, sparsities)
+    if leftover:
+        uncosted = [r["name"] for r in leftover if r["name"] in opaque]
+        notes.append(f"{len(leftover)} modules hold parameters outside conv/linear calls: their params are counted, "
+                     "their mults are not (the paper counts conv/linear mults)"
+                     + (f"; mults not costed: {', '.join(uncosted)}" if uncosted else ""))
+
     input_shapes = None
     if example_inputs is not None:
         input_shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
@@ -311,7 +338,98 @@ def report(
         if not used:
             total_text = None
     return Report(rows, Ms, per_position=per_position, input_shapes=input_shapes, symbols=symbols,
-                  symbolic_total=total_text, plan=plan, notes=notes, swat=sparsities)
+                  symbolic_total=total_text, plan=plan, notes=notes, swat=sparsities, parameters=leftover)
+
+
+def _parameter_tensor(module: nn.Module, attr: str):
+    """The stored parameter behind ``module.<attr>`` (the original of a parametrized weight)."""
+    if parametrize.is_parametrized(module, attr):
+        return getattr(module.parametrizations, attr).original
+    return getattr(module, attr, None)
+
+
+def _layer_parameter_names(layer: LayerPlan, model: nn.Module, names_by_id: Dict[int, str]) -> set:
+    """The model's parameter names a conv/linear call multiplies with (weight, bias)."""
+    tensors = []
+    if layer.module_target is not None:
+        try:
+            module = model.get_submodule(layer.module_target)
+        except AttributeError:
+            module = None
+        if module is not None:
+            tensors = [_parameter_tensor(module, "weight"), _parameter_tensor(module, "bias")]
+    elif layer.weight_kind == "attr":
+        targets = [layer.weight_target]
+        bias = getattr(layer.call, "bias", None)
+        if getattr(bias, "op", None) == "get_attr":
+            targets.append(bias.target)
+        for target in targets:
+            owner, _, attr = target.rpartition(".")
+            try:
+                module = model.get_submodule(owner) if owner else model
+            except AttributeError:
+                continue
+            tensors.append(_parameter_tensor(module, attr))
+    return {names_by_id[id(t)] for t in tensors if t is not None and id(t) in names_by_id}
+
+
+def _zero_params(row: Dict[str, Any]) -> None:
+    row["base"]["params"] = 0
+    for m in row["sas"]:
+        row["sas"][m]["params"] = 0
+    for m in row["sws"]:
+        row["sws"][m]["params"] = row["sws"][m]["nonzero_params"] = 0
+
+
+def _owner_path(name: str) -> str:
+    parts = name.split(".")
+    if "parametrizations" in parts:
+        parts = parts[:parts.index("parametrizations")] + ["_"]
+    return ".".join(parts[:-1])
+
+
+def _parameters_only_rows(model: nn.Module, names_by_id: Dict[int, str], counted: set, opaque: Dict[str, LayerPlan],
+                          Ms: Sequence[int], widths: Dict[int, Any], sparsities: Sequence[float]) -> List[Dict[str, Any]]:
+    """One row per module holding parameters no conv/linear row counted (norms, embeddings,
+    attention and recurrent modules, free parameters): params counted, no mults."""
+    owners: Dict[str, List[str]] = {}
+    for name in names_by_id.values():
+        if name not in counted:
+            owner = _owner_path(name)
+            # an opaque module (attention, recurrent) is one row with everything inside it
+            inside = [path for path in opaque if path and (owner == path or owner.startswith(path + "."))]
+            owners.setdefault(max(inside, key=len) if inside else owner, []).append(name)
+    rows = []
+    parameters = dict(model.named_parameters())
+    for owner, names in owners.items():
+        try:
+            cls = type(model.get_submodule(owner)).__name__ if owner else type(model).__name__
+        except AttributeError:
+            cls = "Parameter"
+        n = sum(parameters[name].numel() for name in names)
+        layer = opaque.get(owner)
+        reason = layer.reason if layer is not None else f"{cls}: parameters only, no conv/linear mults to count"
+        sws = {}
+        for m in Ms:
+            shapes = [widths[m].param_shape(name) if widths.get(m) is not None else None for name in names]
+            wide = sum(_numel(s) if s is not None else parameters[name].numel() for name, s in zip(names, shapes))
+            sws[m] = {"mults": 0, "params": wide, "nonzero_params": wide, "in_features": 0, "out_features": 0}
+        row = {"name": owner or "(model)", "op": cls, "eligible": False, "reason": reason,
+               "base": {"mults": 0, "params": n}, "sas": {m: {"mults": 0, "params": n} for m in Ms}, "sws": sws,
+               "symbolic": {"base_mults": "0"}}
+        if sparsities:
+            zeros = {k: 0 for k in SWAT_KEYS}
+            row["swat_dense"] = dict(zeros)
+            row["swat"] = {s: dict(zeros) for s in sparsities}
+        rows.append(row)
+    return rows
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 class _Options(types.SimpleNamespace):

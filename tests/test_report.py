@@ -30,8 +30,8 @@ def flop_counter_mults(model, inputs):
 
 
 def check_schema(d, Ms):
-    assert set(d) == {"layers", "totals"}
-    for row in d["layers"]:
+    assert set(d) == {"layers", "parameters", "totals"}
+    for row in d["layers"] + d["parameters"]:
         assert set(row) == {"name", "op", "eligible", "reason", "base", "sas", "sws", "symbolic"}
         assert isinstance(row["name"], str) and isinstance(row["op"], str)
         assert isinstance(row["eligible"], bool)
@@ -64,11 +64,15 @@ def test_schema_and_totals(resnet_report):
     d = resnet_report.to_dict()
     check_schema(d, (2, 4, 8))
     assert len(d["layers"]) == 21  # 20 convs (3 downsample) + fc
+    # every other parameter (the BatchNorms here) has a parameters-only row: totals are the model's
+    assert d["totals"]["base"]["params"] == sum(p.numel() for p in small_resnet().parameters())
+    assert all(r["base"]["mults"] == 0 and r["op"] == "BatchNorm2d" for r in d["parameters"])
+    rows = d["layers"] + d["parameters"]
     for key in ("mults", "params"):
-        assert d["totals"]["base"][key] == sum(r["base"][key] for r in d["layers"])
+        assert d["totals"]["base"][key] == sum(r["base"][key] for r in rows)
         for m in (2, 4, 8):
-            assert d["totals"]["sas"][m][key] == sum(r["sas"][m][key] for r in d["layers"])
-            assert d["totals"]["sws"][m][key] == sum(r["sws"][m][key] for r in d["layers"])
+            assert d["totals"]["sas"][m][key] == sum(r["sas"][m][key] for r in rows)
+            assert d["totals"]["sws"][m][key] == sum(r["sws"][m][key] for r in rows)
     for m in (2, 4, 8):
         assert d["totals"]["sas"][m]["mults"] == d["totals"]["base"]["mults"]
         for r in d["layers"]:
@@ -116,7 +120,8 @@ def test_builtin_models_base_mults_equal_flop_counter(name, shape):
     total, _ = flop_counter_mults(model, (x,))
     assert rep.totals["base"]["mults"] == total > 0
     params = sum(p.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) for p in m.parameters())
-    assert rep.totals["base"]["params"] == params
+    assert sum(r["base"]["params"] for r in rep.layers) == params
+    assert rep.totals["base"]["params"] == sum(p.numel() for p in model.parameters())
 
 
 def _hf_models():
@@ -147,7 +152,8 @@ def test_transformers_models_base_mults_equal_flop_counter():
         assert rep.totals["base"]["mults"] == total > 0, name
         params = sum(p.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
                      for p in m.parameters())
-        assert rep.totals["base"]["params"] == params, name
+        assert sum(r["base"]["params"] for r in rep.layers) == params, name
+        assert rep.totals["base"]["params"] == sum(p.numel() for p in model.parameters()), name
 
 
 def _substitute(formula, sizes):
@@ -255,7 +261,7 @@ def test_formats(resnet_report):
     assert len(data["layers"]) == len(rep.layers)
     lines = list(csv.reader(io.StringIO(rep.to_csv())))
     assert lines[0] == rep.csv_header()
-    assert len(lines) == len(rep.layers) + 2 and lines[-1][0] == "total"
+    assert len(lines) == len(rep.layers) + len(rep.parameters) + 2 and lines[-1][0] == "total"
     header = lines[0]
     for line, row in zip(lines[1:], rep.layers):
         assert int(line[header.index("base_mults")]) == row["base"]["mults"]
@@ -362,8 +368,9 @@ def test_report_on_an_sws_model_counts_its_nonzeros():
     built = sum(c["mults"] for c in measure_sws_model(sws_model, (x,)).values())
     assert rep.totals["base"]["mults"] == built == dense.totals["sws"][4]["mults"]
     assert rep.totals["sws"][4] == dense.totals["sws"][4]
-    assert rep.totals["base"]["params"] == sum(  # stored dense (masked) weights and biases
+    assert sum(r["base"]["params"] for r in rep.layers) == sum(  # stored dense (masked) weights and biases
         p.numel() for m in sws_model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) for p in m.parameters())
+    assert rep.totals["base"]["params"] == sum(p.numel() for p in sws_model.parameters())
     x2 = torch.randn(3, 3, 8, 20)
     assert _substitute(rep.symbolic_total, {"batch": 3, "height": 8, "width": 20}) == \
         report(sws_model, x2, M=(4,), symbolic=False).totals["base"]["mults"]
