@@ -14,6 +14,9 @@ every node come from one place, :func:`propagate_shapes`, read back by :func:`sh
 """
 from __future__ import annotations
 
+import contextlib
+import io
+
 import logging
 import re
 import warnings
@@ -25,8 +28,42 @@ from torch import fx, nn
 
 log = logging.getLogger("sas_compile.passes")
 
-__all__ = ["Captured", "CaptureError", "capture", "capture_seeing_into_leaves", "trainable_export_graph",
+__all__ = ["Captured", "CaptureError", "ExampleInputsError", "quiet_torch_logs", "capture_with_dynamo",
+           "DynamoGraph", "dynamo_placeholder_sources", "in_resume_frame", "capture", "capture_seeing_into_leaves", "trainable_export_graph",
            "normalize_example_inputs", "propagate_shapes", "shape_tree", "SASTracer"]
+
+
+class ExampleInputsError(ValueError):
+    """The example inputs do not fit the model (a shape or dtype a layer cannot take)."""
+
+
+@contextlib.contextmanager
+def quiet_torch_logs():
+    """Keep torch's own error logs (fake-tensor tracebacks, export diagnostics) off stderr while
+    a capture is attempted: sas-compile reports the failure itself, in one line."""
+    names = ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes", "torch._dynamo",
+             "torch.export", "torch._export", "torch.fx.passes.shape_prop")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        # ShapeProp prints the traceback of a failing node itself
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _shape_error(model: nn.Module, err: BaseException) -> ExampleInputsError:
+    """One line: which layer the example inputs did not fit, and torch's own reason."""
+    cause = err.__cause__ or err
+    where = ""
+    match = re.search(r"node=%\w+ : \[[^\]]*\] = call_(?:module|function|method)\[target=([^\]]+)\]", str(err))
+    if match:
+        where = f" at {match.group(1)}"
+    return ExampleInputsError(f"example_inputs do not fit {type(model).__name__}{where}: {_first_line(cause)}")
 
 
 class CaptureError(RuntimeError):
@@ -118,12 +155,19 @@ def capture(model: nn.Module, example_inputs=None, *, allow_export: bool = True)
     example_inputs = normalize_example_inputs(example_inputs)
     try:
         gm = _symbolic_trace(model)
-        if example_inputs is not None:
-            propagate_shapes(gm, example_inputs)
-        return Captured(gm, "symbolic_trace", example_inputs)
     except Exception as err:  # noqa: BLE001 - any tracing failure moves on to export
+        gm = None
         trace_error = f"{_first_line(err)}" + (f" (at {_user_frame(err)})" if _user_frame(err) else "")
         log.debug("symbolic_trace failed for %s: %s", type(model).__name__, trace_error)
+    if gm is not None:
+        if example_inputs is None:
+            return Captured(gm, "symbolic_trace", example_inputs)
+        try:
+            with quiet_torch_logs():
+                propagate_shapes(gm, example_inputs)
+            return Captured(gm, "symbolic_trace", example_inputs)
+        except Exception as err:  # noqa: BLE001 - the graph is fine: the inputs do not fit it
+            raise _shape_error(model, err) from err
     if not allow_export or example_inputs is None:
         raise CaptureError(
             f"torch.fx.symbolic_trace cannot trace {type(model).__name__}: {trace_error}. "
@@ -131,7 +175,7 @@ def capture(model: nn.Module, example_inputs=None, *, allow_export: bool = True)
             "torch.compile(model, backend='sas'), which handles data-dependent code with graph breaks."
         )
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_torch_logs():
             ep = torch.export.export(model, example_inputs, strict=False)
         gm = ep.module()
     except Exception as err:  # noqa: BLE001
@@ -236,3 +280,74 @@ def trainable_export_graph(gm: fx.GraphModule) -> fx.GraphModule:
     new = fx.GraphModule(gm, graph, type(gm).__name__)
     new.meta = getattr(gm, "meta", {})
     return new
+
+
+def dynamo_placeholder_sources(gm: fx.GraphModule) -> dict:
+    """Placeholder name -> the parameter's path in the user's model, from dynamo's metadata."""
+    sources = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        grapharg = node.meta.get("grapharg")
+        source = getattr(grapharg, "source", None)
+        name = getattr(source, "name", None)
+        name = name() if callable(name) else name
+        if isinstance(name, str):
+            sources[node.name] = clean_module_path(name)
+    return sources
+
+
+def in_resume_frame() -> bool:
+    """Whether dynamo is capturing a graph that resumes after a graph break (its inputs are
+    activations, not the network's input)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        return InstructionTranslator.current_tx().f_code.co_name.startswith("torch_dynamo_resume_in_")
+    except Exception:  # noqa: BLE001 - outside dynamo (a direct call): treat inputs as network inputs
+        return False
+
+
+@dataclass
+class DynamoGraph:
+    """One graph dynamo captured: the graph, its inputs (parameters are real), where they come from."""
+
+    gm: fx.GraphModule
+    example_inputs: Tuple[Any, ...]
+    parameters: dict
+    sources: dict
+    resumes: bool  # captured after a graph break
+
+
+def capture_with_dynamo(model: nn.Module, example_inputs) -> Tuple[list, list]:
+    """Every graph dynamo captures when ``model`` runs on ``example_inputs``, and the graph breaks.
+
+    The fallback for a model neither symbolic tracing nor torch.export can capture as one graph
+    (data-dependent control flow): dynamo splits it at the breaks. The model runs once, for real,
+    on a copy (its own state, BatchNorm statistics included, is untouched), without autograd.
+    Returns ``([DynamoGraph], [graph break reasons])``.
+    """
+    import copy
+
+    import torch._dynamo
+
+    example_inputs = normalize_example_inputs(example_inputs)
+    graphs: list = []
+
+    def record(gm, inputs):
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        parameters = {node.name: value for node, value in zip(placeholders, inputs)
+                      if isinstance(value, torch.nn.Parameter)}
+        graphs.append(DynamoGraph(gm, tuple(inputs), parameters, dynamo_placeholder_sources(gm), in_resume_frame()))
+        return gm.forward
+
+    work = copy.deepcopy(model)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        with torch.no_grad(), quiet_torch_logs():
+            torch.compile(work, backend=record)(*example_inputs)
+        breaks = sorted(str(reason) for reason in torch._dynamo.utils.counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    return graphs, breaks

@@ -210,6 +210,9 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
         layer.input_is_graph_input = call.x in raw
         layer.weight_kind = kind
         layer.call = call
+        if kind == "placeholder":
+            layer.parameter_sources = tuple(sources[n.name] for n in (call.weight, call.bias)
+                                            if isinstance(n, fx.Node) and n.name in sources)
         layer.eligible, layer.reason = _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm,
                                                     plan.capture, plan.model)
         layers.append(layer)

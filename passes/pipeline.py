@@ -10,13 +10,14 @@ capture (``capture.py``) -> ANALYSIS -> SAS_REWRITE -> GPU_LOWERING
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from torch import fx, nn
 
-from .capture import CaptureError, capture
+from .capture import CaptureError, capture, capture_with_dynamo
 from .find_foldable_relus import find_foldable_relus
 from .find_sas_layers import find_sas_layers, layers_from_modules
 from .lower_sas_to_projection import lower_sas_to_projection
@@ -56,14 +57,41 @@ def analyze_graph(gm: fx.GraphModule, capture_method: str, config, *, model: Opt
     return run_passes(ANALYSIS, gm, plan, config)
 
 
-def analyze_model(model: nn.Module, example_inputs, config) -> Plan:
+def analyze_model(model: nn.Module, example_inputs, config, *, dynamo_fallback: bool = False) -> Plan:
     """Capture ``model`` (symbolic_trace, else torch.export) and run the analysis.
 
-    Raises :class:`CaptureError` when neither capture works; :func:`module_plan` is the
-    graph-less fallback a caller may choose instead.
+    Raises :class:`CaptureError` when neither capture works. With ``dynamo_fallback`` (and
+    example inputs) a model with data-dependent control flow is captured by dynamo instead,
+    one graph per piece between graph breaks, and analysed graph by graph into one plan
+    (``capture="dynamo"``, ``graph_breaks`` listed); that plan can be read (report, inspect),
+    not applied. :func:`module_plan` is the graph-less fallback a caller may choose instead.
     """
-    captured = capture(model, example_inputs)
+    try:
+        captured = capture(model, example_inputs)
+    except CaptureError as error:
+        if not dynamo_fallback or example_inputs is None:
+            raise
+        return _analyze_dynamo_graphs(model, example_inputs, config, error)
     return analyze_graph(captured.gm, captured.method, config, model=model, example_inputs=captured.example_inputs)
+
+
+def _analyze_dynamo_graphs(model: nn.Module, example_inputs, config, error: CaptureError) -> Plan:
+    graphs, breaks = capture_with_dynamo(model, example_inputs)
+    layers, code = [], []
+    for index, graph in enumerate(graphs):
+        # after a graph break the graph's inputs are activations, not the network's input
+        graph_config = dataclasses.replace(config, dense_input_layers=False) if (
+            graph.resumes and getattr(config, "dense_input_layers", True) and dataclasses.is_dataclass(config)) else config
+        plan = analyze_graph(graph.gm, "dynamo", graph_config, model=model, example_inputs=graph.example_inputs,
+                             parameters=graph.parameters, sources=graph.sources)
+        for layer in plan.layers:
+            layer.call = None  # the graphs are not kept: the plan is for reading
+        layers += plan.layers
+        code.append(f"# graph {index + 1} of {len(graphs)}\n{graph.gm.code}")
+    plan = Plan(layers=layers, capture="dynamo", model=model, capture_error=error,
+                graph_breaks=breaks or [f"{len(graphs)} graphs"])
+    plan.graph_before = "\n".join(code)
+    return plan
 
 
 def module_plan(model: nn.Module, config, error: CaptureError) -> Plan:

@@ -343,6 +343,21 @@ def _training_refusal() -> SASTrainingError:
     )
 
 
+@torch.library.custom_op("sas::refuse_dense_training", mutates_args=())
+def refuse_dense_training(weight: Tensor) -> Tensor:
+    """Stands for a dense weight's gradient that was not asked for: running it raises.
+
+    Why an op: under torch.compile the backward is traced ahead of time, so the refusal must
+    happen when the compiled backward runs, not while it is traced (inference needs no no_grad).
+    """
+    raise _training_refusal()
+
+
+@refuse_dense_training.register_fake
+def _(weight):
+    return torch.empty_like(weight)
+
+
 @torch.library.custom_op("sas::linear_from_dense", mutates_args=())
 def sas_linear_from_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, fold_relu: bool, rule: str,
                           train_dense: bool) -> Tensor:
@@ -371,14 +386,14 @@ def _from_dense_linear_setup(ctx, inputs, output):
 def _from_dense_linear_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     M, fold_relu, rule, train_dense = ctx.conf
-    if ctx.needs_input_grad[1] and not train_dense:
-        raise _training_refusal()
     # plain ops (no cache): AOT autograd traces the backward
     wide = expand_dense_weight(weight, M, fold_relu=fold_relu, rule=rule)
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
         grad_x = _slot_grad(grad.matmul(wide), x, M, rule, x.dim() - 1)
-    if ctx.needs_input_grad[1]:
+    if ctx.needs_input_grad[1] and not train_dense:
+        grad_w = torch.ops.sas.refuse_dense_training(weight)
+    elif ctx.needs_input_grad[1]:
         projected = project(x, M, -1, rule, _backward_dead_mask(x, wide))
         grad_wide = grad.reshape(-1, grad.shape[-1]).t().matmul(projected.reshape(-1, projected.shape[-1]))
         grad_w = fold_wide_grad(grad_wide, M, fold_relu=fold_relu, rule=rule)
@@ -427,8 +442,8 @@ def _from_dense_conv_backward(ctx, grad):
     stride, padding, dilation, groups = ctx.conf
     M, fold_relu, rule, train_dense = ctx.sas
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    if need_w and not train_dense:
-        raise _training_refusal()
+    refuse = need_w and not train_dense
+    need_w = need_w and train_dense
     wide = expand_dense_weight(weight, M, fold_relu=fold_relu, rule=rule, groups=groups)
     projected = project(x, M, 1, rule, _backward_dead_mask(x, wide))
     grad_wide_x, grad_wide_w, grad_b = torch.ops.aten.convolution_backward(
@@ -438,6 +453,8 @@ def _from_dense_conv_backward(ctx, grad):
     )
     grad_x = _slot_grad(grad_wide_x, x, M, rule, 1) if need_x else None
     grad_w = fold_wide_grad(grad_wide_w, M, fold_relu=fold_relu, rule=rule, groups=groups) if need_w else None
+    if refuse:
+        grad_w = torch.ops.sas.refuse_dense_training(weight)
     return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 

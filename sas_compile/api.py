@@ -40,10 +40,11 @@ def register_handler(config_type: Type) -> Callable[[Handler], Handler]:
 
 
 def check_filter_fn(filter_fn, what: str = "filter_fn") -> None:
-    """A clear error for a ``filter_fn`` that is not a callable ``(module, fqn) -> bool``."""
+    """A clear ValueError for a ``filter_fn`` that is not a callable ``(module, fqn) -> bool``
+    (the same one from every entry point: sparsify, report, inspect_model)."""
     if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"{what}={filter_fn!r}: expected None or a callable (module, fqn) -> bool "
-                        "that returns False for the layers to keep dense")
+        raise ValueError(f"{what}={filter_fn!r}: expected None or a callable (module, fqn) -> bool "
+                         "that returns False for the layers to keep dense")
 
 
 def sparsify(model: nn.Module, config, *, filter_fn: Optional[FilterFn] = None, example_inputs=None) -> nn.Module:
@@ -85,13 +86,16 @@ class AnalysisOptions:
 
 
 def analyze(model: nn.Module, example_inputs=None, *, filter_fn: Optional[FilterFn] = None,
-            dense_input_layers: bool = True, fold_relu: bool = True) -> Plan:
+            dense_input_layers: bool = True, fold_relu: bool = True, dynamo_fallback: bool = False) -> Plan:
     """Capture ``model`` and decide, per conv/linear call, whether it can become SAS and why not.
 
     The plan does not depend on M. Raises :class:`CaptureError` when the model cannot be
-    captured (without ``example_inputs`` only symbolic tracing is tried).
+    captured (without ``example_inputs`` only symbolic tracing is tried), unless
+    ``dynamo_fallback``: then a model with data-dependent control flow is captured by dynamo,
+    graph by graph, into one plan listing the graph breaks (for reading, not for rewriting).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_filter_fn(filter_fn)
-    return analyze_model(model, example_inputs, AnalysisOptions(filter_fn, bool(dense_input_layers), bool(fold_relu)))
+    return analyze_model(model, example_inputs, AnalysisOptions(filter_fn, bool(dense_input_layers), bool(fold_relu)),
+                         dynamo_fallback=dynamo_fallback)

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import fx
 
-from .passes.capture import clean_module_path
+from .passes.capture import dynamo_placeholder_sources, in_resume_frame
 from .passes.pipeline import ANALYSIS, GPU_LOWERING, SAS_REWRITE, run_passes
 from .passes.plan import Plan
 from .runtime.sas_ops import SASTrainingError
@@ -33,21 +33,6 @@ log = logging.getLogger("sas_compile.backend")
 __all__ = ["sas_backend", "SASTrainingError", "OPTIONS"]
 
 OPTIONS = tuple(f.name for f in dataclasses.fields(SASConfig))
-
-
-def _placeholder_sources(gm: fx.GraphModule) -> Dict[str, str]:
-    """Placeholder name -> the parameter's path in the user's model, from dynamo's metadata."""
-    sources = {}
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        grapharg = node.meta.get("grapharg")
-        source = getattr(grapharg, "source", None)
-        name = getattr(source, "name", None)
-        name = name() if callable(name) else name
-        if isinstance(name, str):
-            sources[node.name] = clean_module_path(name)
-    return sources
 
 
 def _explain(plan: Plan, M: int, graph_index: int) -> str:
@@ -64,15 +49,6 @@ def _explain(plan: Plan, M: int, graph_index: int) -> str:
 
 
 _graph_counter = [0]
-
-
-def _in_resume_frame() -> bool:
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        return InstructionTranslator.current_tx().f_code.co_name.startswith("torch_dynamo_resume_in_")
-    except Exception:  # noqa: BLE001 - outside dynamo (a direct call): treat inputs as network inputs
-        return False
 
 
 def _config(options: Dict[str, Any]) -> SASConfig:
@@ -108,10 +84,10 @@ def sas_backend(gm: fx.GraphModule, example_inputs: List[Any], options: Optional
                   if isinstance(value, torch.nn.Parameter)}
     # after a graph break the graph's inputs are activations, not the network's input
     analysis_config = config
-    if config.dense_input_layers and _in_resume_frame():
+    if config.dense_input_layers and in_resume_frame():
         analysis_config = dataclasses.replace(config, dense_input_layers=False)
     plan = Plan(layers=[], capture="dynamo", gm=gm, example_inputs=tuple(example_inputs), parameters=parameters,
-                sources=_placeholder_sources(gm))
+                sources=dynamo_placeholder_sources(gm))
     plan = run_passes(ANALYSIS, gm, plan, analysis_config)
     eligible = plan.eligible()
     if eligible:

@@ -27,6 +27,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: give a depth >= 0")
+    return value
+
+
 def parse_shape(text: str) -> Tuple[int, ...]:
     """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``; UsageError when malformed."""
     parts = text.replace("x", ",").replace(" ", "").split(",")
@@ -74,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also count SWAT training mults (forward, input and weight gradients) at these "
                           "sparsities in [0, 1), e.g. 0.8 0.9")
     rep.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
-    rep.add_argument("--max-depth", type=int, default=None, help="nest the table at most this deep")
+    rep.add_argument("--max-depth", type=_non_negative_int, default=None, help="nest the table at most this deep (>= 0)")
     rep.add_argument("--exact", action="store_true", help="exact counts in the table (default: 1.81G style)")
 
     ins = sub.add_parser("inspect", help="per-layer plan: eligibility, reasons, ReLU folding, mults; the graph")

@@ -41,16 +41,17 @@ def inspect_model(
     ``str(plan)`` lists every conv/linear layer with its shapes, eligibility and reason,
     ReLU folding and mults/params before and after; ``plan.to_dict()``, ``plan.to_dot()``
     (Graphviz DOT, converted layers highlighted) and ``plan.graph_before`` /
-    ``plan.graph_after`` (FX code) give the rest. ``model`` is not modified. A model that
-    symbolic tracing cannot capture and that comes without ``example_inputs`` is shown from
-    its layer modules (no graph).
+    ``plan.graph_after`` (FX code) give the rest. ``model`` is not modified. A model with
+    data-dependent control flow is captured by dynamo around its graph breaks (listed in
+    ``plan.graph_breaks``); one that symbolic tracing cannot capture and that comes without
+    ``example_inputs`` is shown from its layer modules (no graph).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     config = SASConfig(M=M, filter_fn=filter_fn, dense_input_layers=dense_input_layers)
     example_inputs = normalize_example_inputs(example_inputs)
     try:
-        plan = analyze_model(model, example_inputs, config)
+        plan = analyze_model(model, example_inputs, config, dynamo_fallback=True)
     except CaptureError as error:
         if example_inputs is not None:
             raise
@@ -62,8 +63,11 @@ def inspect_model(
             propagate_symbolic_shapes(plan, example_inputs)
         except Exception as exc:  # noqa: BLE001 - formulas are a bonus; numbers still stand
             log.warning("inspect_model: symbolic shapes unavailable: %s", exc)
-    if plan.capture != "modules" and plan.eligible():
+    if plan.capture in ("symbolic_trace", "export") and plan.eligible():
         apply_sas_plan(plan, config)
+    elif plan.capture == "dynamo":
+        plan.graph_after = ("# captured by dynamo around graph breaks: torch.compile(model, backend='sas') "
+                            "rewrites each graph when it runs")
     elif plan.graph_after is None:
         plan.graph_after = plan.graph_before
     plan.M = M

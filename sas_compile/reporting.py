@@ -245,7 +245,8 @@ def report(
         swat_sparse = {n: n != first for n in names}
     # one analysis for every M: eligibility does not depend on M
     try:
-        plan = analyze(model, example_inputs, filter_fn=filter_fn, dense_input_layers=dense_input_layers)
+        plan = analyze(model, example_inputs, filter_fn=filter_fn, dense_input_layers=dense_input_layers,
+                       dynamo_fallback=True)
     except CaptureError as error:
         if example_inputs is not None:
             raise
@@ -358,6 +359,8 @@ def _layer_parameter_names(layer: LayerPlan, model: nn.Module, names_by_id: Dict
             module = None
         if module is not None:
             tensors = [_parameter_tensor(module, "weight"), _parameter_tensor(module, "bias")]
+    elif layer.weight_kind == "placeholder":
+        return {name for name in layer.parameter_sources if name in names_by_id.values()}
     elif layer.weight_kind == "attr":
         targets = [layer.weight_target]
         bias = getattr(layer.call, "bias", None)

@@ -1,0 +1,166 @@
+"""What a user meets with wrong arguments, unusual models and compile options: one clear line,
+nothing on stderr, never a crash deep inside, never a silently different count."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import sas_compile
+from sas_compile.passes.capture import ExampleInputsError
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 4)).eval()
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if h.sum() > 0:  # data-dependent: neither symbolic tracing nor export captures it
+            h = torch.relu(self.b(h))
+        return self.c(h)
+
+
+class FusedQKV(nn.Module):
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.qkv, self.proj, self.heads = nn.Linear(d, 3 * d), nn.Linear(d, d), heads
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c))
+
+
+@pytest.mark.parametrize("call", ["sasify", "report", "inspect_model", "swsify"])
+def test_wrong_shaped_example_inputs_one_line_and_quiet(call, capfd):
+    fn = getattr(sas_compile, call)
+    with pytest.raises(ExampleInputsError) as info:
+        if call in ("sasify", "swsify"):
+            fn(mlp(), M=2, example_inputs=(torch.randn(2, 7),))
+        else:
+            fn(mlp(), (torch.randn(2, 7),))
+    message = str(info.value)
+    assert "\n" not in message and "example_inputs do not fit Sequential" in message and "[2, 7]" in message
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("bad", [2.0, None, "2", (2, 3)])
+def test_report_validates_M_up_front(bad):
+    with pytest.raises(ValueError, match="M="):
+        sas_compile.report(mlp(), M=bad)
+
+
+@pytest.mark.parametrize("call", ["sasify", "report", "inspect_model", "swsify", "swatify"])
+def test_filter_fn_must_be_callable(call):
+    with pytest.raises((ValueError, TypeError), match="filter_fn"):
+        getattr(sas_compile, call)(mlp(), filter_fn=42)
+
+
+def test_cli_rejects_a_negative_max_depth():
+    proc = subprocess.run([sys.executable, "-m", "sas_compile", "report", "mlp", "--max-depth", "-1"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "negative" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_report_and_inspect_fall_back_to_dynamo_with_graph_breaks(capfd):
+    torch.manual_seed(0)
+    model, x = DataDependent().eval(), torch.randn(3, 8)
+    with pytest.raises(sas_compile.api.CaptureError, match="torch.compile"):
+        sas_compile.sasify(model, M=2, example_inputs=(x,))  # a rewrite needs one graph
+    rep = sas_compile.report(model, (x,), M=(2,))
+    assert [r["name"] for r in rep.layers] == ["a", "b", "c"]
+    assert rep.plan.capture == "dynamo" and rep.plan.graph_breaks
+    assert rep.totals["base"]["params"] == sum(p.numel() for p in model.parameters())
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    assert rep.totals["base"]["mults"] == counter.get_total_flops() // 2
+    plan = sas_compile.inspect_model(model, (x,))
+    assert "graph breaks" in str(plan) and [layer.name for layer in plan.eligible()] == ["b", "c"]
+    assert capfd.readouterr().err == ""
+
+
+def test_report_counts_a_module_called_twice_once_and_every_parameter():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.attn, self.lstm = nn.Linear(6, 6), nn.MultiheadAttention(6, 2), nn.LSTM(6, 5)
+
+        def forward(self, x):
+            h = self.fc(self.fc(x))
+            y, _ = self.attn(h[None], h[None], h[None])
+            return self.lstm(y)[0]
+
+    model = Twice().eval()
+    rep = sas_compile.report(model, (torch.randn(3, 6),), M=(2,))
+    assert rep.totals["base"]["params"] == sum(p.numel() for p in model.parameters())
+    assert [r["base"]["params"] for r in rep.layers if r["op"] == "linear"] == [42, 0]
+    others = {r["name"]: r for r in rep.parameters}
+    assert set(others) == {"attn", "lstm"} and "projections run inside" in others["attn"]["reason"]
+    plan = sas_compile.sasify(model, M=2).sas_plan
+    assert {layer.name: layer.eligible for layer in plan.layers if layer.op == "multiheadattention"} == {"attn": False}
+
+
+def test_conv1d_counts_agree_with_the_flop_counter():
+    model = nn.Sequential(nn.Conv1d(16, 16, 3), nn.ReLU(), nn.Conv1d(16, 8, 5, stride=2, padding=2)).eval()
+    x = torch.randn(2, 16, 100)
+    rep = sas_compile.report(model, (x,), M=(4,))
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    assert rep.totals["base"]["mults"] == counter.get_total_flops() // 2
+    first = rep.layers[0]
+    assert first["base"]["mults"] == 2 * 98 * 16 * 16 * 3  # 98 output positions per sequence
+    # SWS at M=4: the input stays (raw network input), the output doubles, fan-in 16*3 per output
+    assert first["sws"][4]["mults"] == 2 * 98 * 32 * 16 * 3 and first["sws"][4]["out_features"] == 32
+
+
+def test_sws_of_attention_with_a_fused_qkv_projection():
+    x = torch.randn(2, 5, 16)
+    sws = sas_compile.swsify(FusedQKV(), M=4, example_inputs=x)
+    assert sws(x).shape == (2, 5, 16)
+    assert sas_compile.report(FusedQKV(), (x,), M=(4,)).totals["sws"][4]["mults"] > 0
+    assert "qkv" in str(sas_compile.inspect_model(FusedQKV(), (x,)))
+
+
+@pytest.mark.parametrize("mode", ["max-autotune-no-cudagraphs", "reduce-overhead", "default"])
+def test_compile_accepts_torch_compile_modes(mode):
+    torch._dynamo.reset()
+    model = mlp()
+    compiled = torch.compile(model, backend="sas", mode=mode)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_eval_inference_without_no_grad_is_not_refused():
+    torch._dynamo.reset()
+    model = mlp()
+    out = torch.compile(model, backend="sas", options={"inner": "eager"})(torch.randn(2, 16))
+    assert out.shape == (2, 4)
+
+
+def test_readme_submodules_are_attributes_after_import():
+    proc = subprocess.run([sys.executable, "-c", "import sas_compile; "
+                           "print(sas_compile.accounting.linear_costs(288, 64, 8)['sws'][8]['mults'])"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "18440", proc.stderr
+
+
+def test_compiled_backward_into_dense_weights_is_refused_when_it_runs():
+    from sas_compile.backend import SASTrainingError
+
+    torch._dynamo.reset()
+    model = mlp().train()
+    compiled = torch.compile(model, backend="sas", options={"inner": "aot_eager"})
+    out = compiled(torch.randn(4, 16))  # the joint graph is traced: nothing raises yet
+    with pytest.raises(SASTrainingError, match="sasify"):
+        out.square().sum().backward()
