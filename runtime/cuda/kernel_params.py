@@ -154,17 +154,18 @@ def _check_int32(**sizes: int) -> None:
             raise ValueError(f"{k}={v} exceeds the kernels' int32 index range")
 
 
-def gemm_family(arch: Optional[str], dtype: torch.dtype, tile: Optional[str]) -> str:
-    """``"spwgmma"`` on sm_90 for 16-bit types (unless a tile only mma.sp has is asked for),
-    else ``"spmma"``."""
+def gemm_family(arch: Optional[str], dtype: torch.dtype, tile: Optional[str], b_aligned: bool = True) -> str:
+    """``"spwgmma"`` on sm_90 for 16-bit types whose dense operand has 16-byte aligned rows
+    (unless a tile only mma.sp has is asked for), else ``"spmma"``."""
     if tile is not None and tile not in TILES:
         raise ValueError(f"tile={tile!r} is not available; choose one of {sorted(TILES)}")
-    wgmma_ok = arch in ("sm_90", "sm_90a") and dtype in (torch.float16, torch.bfloat16)
+    wgmma_ok = arch in ("sm_90", "sm_90a") and dtype in (torch.float16, torch.bfloat16) and b_aligned
     if tile is not None and tile not in MMA_TILES:
         if not wgmma_ok:
             raise ValueError(
-                f"tile={tile!r} is a wgmma.mma_async.sp tile (sm_90, float16/bfloat16); here "
-                f"(arch {arch}, {dtype}) choose one of {list(MMA_TILES)}")
+                f"tile={tile!r} is a wgmma.mma_async.sp tile (sm_90, float16/bfloat16, the dense "
+                f"operand's rows 16-byte aligned); here (arch {arch}, {dtype}, aligned: {b_aligned}) "
+                f"choose one of {list(MMA_TILES)}")
         return "spwgmma"
     if tile is not None and tile not in WGMMA_TILES:
         return "spmma"
@@ -268,12 +269,12 @@ def prepare_sas(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, *,
     bias = _check_bias(bias, N, x2d)
     _check_int32(R=R, N=N, K=K, MK=M * K)
     dtype = _out_dtype(x2d, out_dtype)
-    family = gemm_family(arch, x2d.dtype, tile)
+    x2d = x2d.contiguous()
+    weight = weight.contiguous()
+    family = gemm_family(arch, x2d.dtype, tile, _aligned(weight, weight.shape[1]))
     tile = _pick_tile(family, tile, R, N, sm_count)
     if R == 0 or N == 0 or K == 0:
         return Plan([], empty_result(R, N, bias, dtype, x2d.device), bias)
-    x2d = x2d.contiguous()
-    weight = weight.contiguous()
     out = torch.empty((R, N), dtype=dtype, device=x2d.device)
     compress, a = prepare_compress(x2d, M)
     gemm = _gemm_launch(family, tile, x2d.dtype, "sas", a, weight, bias, out, R, N, M * K)
@@ -314,11 +315,11 @@ def prepare_sws(x2d: Tensor, packed, bias: Optional[Tensor], *,
     bias = _check_bias(bias, N, x2d)
     _check_int32(R=R, N=N, Kp=Kp)
     dtype = _out_dtype(x2d, out_dtype)
-    family = gemm_family(arch, x2d.dtype, tile)
+    x2d = x2d.contiguous()
+    family = gemm_family(arch, x2d.dtype, tile, _aligned(x2d, K))
     tile = _pick_tile(family, tile, N, R, sm_count)
     if R == 0 or N == 0 or K == 0:
         return Plan([], empty_result(R, N, bias, dtype, x2d.device), bias)
-    x2d = x2d.contiguous()
     a = operands.sws_operand(packed)
     out = torch.empty((R, N), dtype=dtype, device=x2d.device)
     gemm = _gemm_launch(family, tile, x2d.dtype, "sws", a, x2d, bias, out, N, R, K)

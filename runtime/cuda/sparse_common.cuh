@@ -141,9 +141,10 @@ struct TileLoader {
 
     const unsigned char* a_src;   // row (row0 + tid / 4) of A, chunk tid % 4
     const unsigned char* m_src;   // this thread's metadata chunk, k-tile 0
-    const unsigned char* b_rows;  // row (brow0 + tid / 8) of B
-    int b_chunk, b_valid_rows;    // rows of this thread's B chunks still inside B: < b_valid_rows
+    const unsigned char* b_src;   // row (brow0 + tid / 8) of B, chunk tid % 8 of k-tile 0
     long long a_row_step, b_row_step;
+    int b_elem0;                  // first element of this thread's chunk in a k-tile
+    u32 b_rows_ok;                // bit u: B row tid / 8 + u * THREADS / 8 exists
     bool meta_loader;
 
     __device__ __forceinline__ TileLoader(const SpGemmParams& p, int row0, int brow0, int tid) {
@@ -155,43 +156,48 @@ struct TileLoader {
         const int mb = tid / 8, mc = tid % 8;
         m_src = static_cast<const unsigned char*>(p.a_meta) +
                 ((long long)(row0 / 16 + mb) * p.ktiles) * kMetaTileBytes + mc * 16;
-        b_chunk = tid % 8;
         const int br = tid / 8;
-        b_valid_rows = p.rows_b - (brow0 + br);  // chunk u has row br + u * THREADS / 8
+        b_elem0 = (tid % 8) * kBElems;
         b_row_step = (long long)(THREADS / 8) * p.b_ld * Tr::kSize;
-        const long long first = brow0 + br < p.rows_b ? (long long)(brow0 + br) : 0;
-        b_rows = static_cast<const unsigned char*>(p.b) + first * p.b_ld * Tr::kSize;
+        b_src = static_cast<const unsigned char*>(p.b) + ((long long)(brow0 + br) * p.b_ld + b_elem0) * Tr::kSize;
+        b_rows_ok = 0;
+#pragma unroll
+        for (int u = 0; u < kBIters; ++u) b_rows_ok |= (brow0 + br + u * (THREADS / 8) < p.rows_b ? 1u : 0u) << u;
     }
 
-    // Copies k-tile kt of A into a_stage/m_stage and the matching k-tile of B into b_stage.
-    __device__ __forceinline__ void load(const SpGemmParams& p, int kt, u32 a_stage, u32 b_stage, u32 m_stage,
-                                         int tid) const {
+    // Copies k-tile kt of A into a_stage/m_stage and k-tile kb of B (kb = kt unless the
+    // operand is split, kb = kt mod b_ktiles) into b_stage. VEC: B rows are 16-byte aligned
+    // (kFlagBVec), copied with cp.async; otherwise element loads (ragged rows, a slow path).
+    template <bool VEC>
+    __device__ __forceinline__ void load(const SpGemmParams& p, int kt, int kb, u32 a_stage, u32 b_stage,
+                                         u32 m_stage, int tid) const {
+        const unsigned char* a = a_src + kt * kKTileBytesA;
 #pragma unroll
         for (int u = 0; u < kAIters; ++u) {
             const int r = tid / 4 + u * (THREADS / 4);
-            cp_async_16(a_stage + a_tile_offset(r, tid % 4), a_src + u * a_row_step + kt * kKTileBytesA, 16);
+            cp_async_16(a_stage + a_tile_offset(r, tid % 4), a + u * a_row_step, 16);
         }
         if (meta_loader) cp_async_16(m_stage + tid * 16, m_src + kt * kMetaTileBytes, 16);
-        const int kb = kt % p.b_ktiles;
-        const int k0 = kb * (kKTileBytesB / Tr::kSize) + b_chunk * kBElems;  // first element of my chunk
-        if (p.flags & kFlagBVec) {
-            const bool k_ok = k0 < p.k;
-            const unsigned char* src = b_rows + (long long)k0 * Tr::kSize;
+        const int k0 = kb * (kKTileBytesB / Tr::kSize) + b_elem0;  // first element of my chunk
+        const unsigned char* b = b_src + kb * kKTileBytesB;
+        if constexpr (VEC) {
+            // outside B (rows past rows_b, columns past k) the copy reads nothing (src-size 0)
+            // and zero-fills; the address is then never dereferenced
+            const u32 ok = k0 < p.k ? b_rows_ok : 0u;
 #pragma unroll
             for (int u = 0; u < kBIters; ++u) {
                 const int r = tid / 8 + u * (THREADS / 8);
-                const bool ok = k_ok && u * (THREADS / 8) < b_valid_rows;
-                cp_async_16(b_stage + b_tile_offset(r, b_chunk), ok ? src + u * b_row_step : b_rows, ok ? 16 : 0);
+                cp_async_16(b_stage + b_tile_offset(r, tid % 8), b + u * b_row_step, (ok >> u & 1u) ? 16 : 0);
             }
         } else {  // ragged rows: element loads, zero outside B
 #pragma unroll
             for (int u = 0; u < kBIters; ++u) {
                 const int r = tid / 8 + u * (THREADS / 8);
-                const bool row_ok = u * (THREADS / 8) < b_valid_rows;
-                const S* src = reinterpret_cast<const S*>(b_rows + u * b_row_step);
+                const bool row_ok = (b_rows_ok >> u & 1u) != 0;
+                const S* src = reinterpret_cast<const S*>(b + u * b_row_step);
                 S v[kBElems];
 #pragma unroll
-                for (int e = 0; e < kBElems; ++e) v[e] = (row_ok && k0 + e < p.k) ? src[k0 + e] : S(0);
+                for (int e = 0; e < kBElems; ++e) v[e] = (row_ok && k0 + e < p.k) ? src[e] : S(0);
                 u32x4 w;
                 if constexpr (Tr::kSize == 2) {
                     w.x = u32(v[0]) | (u32(v[1]) << 16);
@@ -204,9 +210,19 @@ struct TileLoader {
                     w.z = v[2];
                     w.w = v[3];
                 }
-                sts128(b_stage + b_tile_offset(r, b_chunk), w);
+                sts128(b_stage + b_tile_offset(r, tid % 8), w);
             }
         }
+    }
+};
+
+// k-tile counters of the pipeline: the k-tile of A to load next, the matching k-tile of B
+// (wrapping at b_ktiles, without a division), and the stage ring positions.
+struct KCursor {
+    int kt = 0, kb = 0;
+    __device__ __forceinline__ void next(int b_ktiles) {
+        ++kt;
+        kb = kb + 1 == b_ktiles ? 0 : kb + 1;
     }
 };
 

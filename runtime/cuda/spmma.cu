@@ -79,50 +79,62 @@ __device__ __forceinline__ void spmma_body(const SpGemmParams& p) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
 
-    const int ktiles = p.ktiles;
+    // the main loop, specialised on how B is copied (aligned rows: cp.async)
+    auto mainloop = [&](auto vec_tag) {
+        constexpr bool VEC = decltype(vec_tag)::value != 0;
+        const int ktiles = p.ktiles;
+        KCursor load_at;  // next k-tile to copy
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < ktiles) {
-            const u32 st = smem + s * Cfg::kStage;
-            loader.load(p, s, st + Cfg::kBStage, st, st + Cfg::kBStage + Cfg::kAStage, ln.tid);
-        }
-        cp_async_commit();
-    }
-
-    int read_stage = 0, write_stage = STAGES - 1;
-    for (int kt = 0; kt < ktiles; ++kt) {
-        cp_async_wait<STAGES - 2>();  // k-tile kt has landed (this thread's copies) ...
-        __syncthreads();              // ... and everyone's; stage write_stage is free again
-        if (kt + STAGES - 1 < ktiles) {
-            const u32 st = smem + write_stage * Cfg::kStage;
-            loader.load(p, kt + STAGES - 1, st + Cfg::kBStage, st, st + Cfg::kBStage + Cfg::kAStage, ln.tid);
-        }
-        cp_async_commit();
-
-        const u32 base = smem + read_stage * Cfg::kStage;
-        u32x2 meta[MT];  // both k-steps of the k-tile, one load per m-tile
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) meta[mt] = lds64(base + m_off + mt * kMetaTileBytes);
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-            u32 a[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], base + a_off[s] + mt * 16 * kKTileBytesA);
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                u32 b[4];
-                ldmatrix_x4(b, base + b_off[s] + nt * 8 * kKTileBytesB);
-                if constexpr (Tr::kTf32) {
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) b[i] = cvt_rna_tf32(sas_bits_to_float(b[i]));
-                }
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) Tr::mma(acc[mt][nt], a[mt], b, s ? meta[mt].y : meta[mt].x);
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (load_at.kt < ktiles) {
+                const u32 st = smem + s * Cfg::kStage;
+                loader.template load<VEC>(p, load_at.kt, load_at.kb, st + Cfg::kBStage, st,
+                                          st + Cfg::kBStage + Cfg::kAStage, ln.tid);
             }
+            cp_async_commit();
+            load_at.next(p.b_ktiles);
         }
-        read_stage = read_stage + 1 == STAGES ? 0 : read_stage + 1;
-        write_stage = write_stage + 1 == STAGES ? 0 : write_stage + 1;
-    }
+        int read_stage = 0, write_stage = STAGES - 1;
+        for (int kt = 0; kt < ktiles; ++kt) {
+            cp_async_wait<STAGES - 2>();  // k-tile kt has landed (this thread's copies) ...
+            __syncthreads();              // ... and everyone's; stage write_stage is free again
+            if (load_at.kt < ktiles) {
+                const u32 st = smem + write_stage * Cfg::kStage;
+                loader.template load<VEC>(p, load_at.kt, load_at.kb, st + Cfg::kBStage, st,
+                                          st + Cfg::kBStage + Cfg::kAStage, ln.tid);
+            }
+            cp_async_commit();
+            load_at.next(p.b_ktiles);
+
+            const u32 base = smem + read_stage * Cfg::kStage;
+            u32x2 meta[MT];  // both k-steps of the k-tile, one load per m-tile
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) meta[mt] = lds64(base + m_off + mt * kMetaTileBytes);
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                u32 a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], base + a_off[s] + mt * 16 * kKTileBytesA);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    u32 b[4];
+                    ldmatrix_x4(b, base + b_off[s] + nt * 8 * kKTileBytesB);
+                    if constexpr (Tr::kTf32) {
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) b[i] = cvt_rna_tf32(sas_bits_to_float(b[i]));
+                    }
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) Tr::mma(acc[mt][nt], a[mt], b, s ? meta[mt].y : meta[mt].x);
+                }
+            }
+            read_stage = read_stage + 1 == STAGES ? 0 : read_stage + 1;
+            write_stage = write_stage + 1 == STAGES ? 0 : write_stage + 1;
+        }
+    };
+    if (p.flags & kFlagBVec)
+        mainloop(IntConst<1>{});
+    else
+        mainloop(IntConst<0>{});
 
     cp_async_wait<0>();
     __syncthreads();  // every warp is done reading the pipeline: reuse it for the output tile

@@ -77,47 +77,58 @@ __device__ __forceinline__ void spwgmma_body(const SpGemmParams& p) {
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
 
-    const int ktiles = p.ktiles;
+    // One main loop, B copied by cp.async: the host launches this kernel only when B's rows
+    // are 16-byte aligned (kFlagBVec); ragged problems run spmma (a second copy of the loop
+    // here would make ptxas serialize the wgmma pipeline). Without the flag: no output.
+    if (!(p.flags & kFlagBVec)) return;
+    {
+        constexpr bool VEC = true;
+        const int ktiles = p.ktiles;
+        KCursor load_at;  // next k-tile to copy
 #pragma unroll
-    for (int s = 0; s < STAGES - 2; ++s) {
-        if (s < ktiles) {
-            const u32 st = smem + s * Cfg::kStage;
-            loader.load(p, s, st + Cfg::kBStage, st, st + Cfg::kBStage + Cfg::kAStage, ln.tid);
+        for (int s = 0; s < STAGES - 2; ++s) {
+            if (load_at.kt < ktiles) {
+                const u32 st = smem + s * Cfg::kStage;
+                loader.template load<VEC>(p, load_at.kt, load_at.kb, st + Cfg::kBStage, st,
+                                          st + Cfg::kBStage + Cfg::kAStage, ln.tid);
+            }
+            cp_async_commit();
+            load_at.next(p.b_ktiles);
         }
-        cp_async_commit();
-    }
+        int read_stage = 0, write_stage = STAGES - 2;
+        for (int kt = 0; kt < ktiles; ++kt) {
+            cp_async_wait<STAGES - 3>();  // k-tile kt has landed (this thread's copies)
+            fence_proxy_async();          // ... and is visible to the tensor cores' async proxy
+            __syncthreads();              // everyone's copies; every wgmma group <= kt-2 completed
+            if (load_at.kt < ktiles) {
+                const u32 st = smem + write_stage * Cfg::kStage;
+                loader.template load<VEC>(p, load_at.kt, load_at.kb, st + Cfg::kBStage, st,
+                                          st + Cfg::kBStage + Cfg::kAStage, ln.tid);
+            }
+            cp_async_commit();
+            load_at.next(p.b_ktiles);
 
-    int read_stage = 0, write_stage = STAGES - 2;
-    for (int kt = 0; kt < ktiles; ++kt) {
-        cp_async_wait<STAGES - 3>();  // k-tile kt has landed (this thread's copies)
-        fence_proxy_async();          // ... and is visible to the tensor cores' async proxy
-        __syncthreads();              // everyone's copies; every wgmma group <= kt-2 completed
-        if (kt + STAGES - 2 < ktiles) {
-            const u32 st = smem + write_stage * Cfg::kStage;
-            loader.load(p, kt + STAGES - 2, st + Cfg::kBStage, st, st + Cfg::kBStage + Cfg::kAStage, ln.tid);
+            const u32 base = smem + read_stage * Cfg::kStage;
+            const u32x2 meta = lds64(base + m_off);
+            const u32 a_tile = base + Cfg::kBStage + wg * 64 * kKTileBytesA;
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) wgmma_fence_operand(acc[i]);
+            wgmma_fence();
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                // A: 64 rows x 32 bytes of this k-step, 64-byte swizzle, 8-row groups 512 B apart;
+                // B: BN rows x 64 bytes, 128-byte swizzle, 8-row groups 1 KiB apart
+                const u64 da = smem_desc(a_tile + s * 32, 16, 8 * kKTileBytesA, 2);
+                const u64 db = smem_desc(base + s * 64, 16, 8 * kKTileBytesB, 1);
+                wgmma_sp<BN, Tr>(acc, da, db, s ? meta.y : meta.x);
+            }
+            wgmma_commit();
+            wgmma_wait<1>();  // the previous k-tile's group is done
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) wgmma_fence_operand(acc[i]);
+            read_stage = read_stage + 1 == STAGES ? 0 : read_stage + 1;
+            write_stage = write_stage + 1 == STAGES ? 0 : write_stage + 1;
         }
-        cp_async_commit();
-
-        const u32 base = smem + read_stage * Cfg::kStage;
-        const u32x2 meta = lds64(base + m_off);
-        const u32 a_tile = base + Cfg::kBStage + wg * 64 * kKTileBytesA;
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) wgmma_fence_operand(acc[i]);
-        wgmma_fence();
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-            // A: 64 rows x 32 bytes of this k-step, 64-byte swizzle, 8-row groups 512 B apart;
-            // B: BN rows x 64 bytes, 128-byte swizzle, 8-row groups 1 KiB apart
-            const u64 da = smem_desc(a_tile + s * 32, 16, 8 * kKTileBytesA, 2);
-            const u64 db = smem_desc(base + s * 64, 16, 8 * kKTileBytesB, 1);
-            wgmma_sp<BN, Tr>(acc, da, db, s ? meta.y : meta.x);
-        }
-        wgmma_commit();
-        wgmma_wait<1>();  // the previous k-tile's group is done
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) wgmma_fence_operand(acc[i]);
-        read_stage = read_stage + 1 == STAGES ? 0 : read_stage + 1;
-        write_stage = write_stage + 1 == STAGES ? 0 : write_stage + 1;
     }
     wgmma_wait<0>();
 #pragma unroll
