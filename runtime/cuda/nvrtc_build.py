@@ -34,6 +34,7 @@ __all__ = [
     "module_of",
     "modules_for",
     "build_arch",
+    "compile_source",
 ]
 
 KERNEL_DIR = Path(__file__).resolve().parent
@@ -144,10 +145,11 @@ def _options(arch: str, extra: Sequence[str]) -> List[str]:
     ]
 
 
-def _compile(module: str, arch: str, options: List[str]) -> BuildResult:
+def _compile(module: str, arch: str, options: List[str], source: Optional[bytes] = None) -> BuildResult:
     nvrtc = _nvrtc()
     path = KERNEL_DIR / f"{module}.cu"
-    prog = _check(nvrtc.nvrtcCreateProgram(path.read_bytes(), path.name.encode(), 0, [], []),
+    text = path.read_bytes() if source is None else source
+    prog = _check(nvrtc.nvrtcCreateProgram(text, path.name.encode(), 0, [], []),
                   "nvrtcCreateProgram")
     try:
         status = nvrtc.nvrtcCompileProgram(prog, len(options), [o.encode() for o in options])[0]
@@ -186,6 +188,13 @@ def build_module(module: str, arch: str = "sm_80", *, extra_options: Sequence[st
         _atomic_write(cubin_path, result.cubin)
         _atomic_write(log_path, result.log.encode())
     return result
+
+
+def compile_source(source: str, arch: str = "sm_80", name: str = "probe") -> BuildResult:
+    """Compile a kernel source that is not one of the modules (no cache), with the modules'
+    options and include path: for tests of the build and of the static checks."""
+    arch = _normalize_arch(arch)
+    return _compile(name, arch, _options(arch, ()), source.encode())
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

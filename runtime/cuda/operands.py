@@ -294,7 +294,7 @@ def operand_to_dense(op: SparseOperand, parts_summed: bool = True) -> Tensor:
         v = vals.reshape(rows_pad, -1, 2)
         dense = torch.zeros(rows_pad, nibbles.shape[1], 4, dtype=torch.float64, device=vals.device)
         dense.scatter_(-1, i0.unsqueeze(-1), v[..., :1])
-        dense.scatter_(-1, i1.unsqueeze(-1), v[..., 1:], reduce="add")
+        dense.scatter_add_(-1, i1.unsqueeze(-1), v[..., 1:])
         dense = dense.reshape(rows_pad, -1)
     else:
         if bool(((nibbles != 0x4) & (nibbles != 0xE)).any()):

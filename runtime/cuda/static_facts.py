@@ -30,9 +30,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from . import cubin as cubin_mod
 from . import nvrtc_build
 
-__all__ = ["ARCH_LIMITS", "MMA_OPCODES", "PROJECTION_OPCODES", "KernelFacts", "LoopFacts", "nvdisasm_path",
-           "sass_by_function", "main_loop", "occupancy", "parse_ptxas_log", "kernel_facts", "markdown_table",
-           "main"]
+__all__ = ["ARCH_LIMITS", "MMA_OPCODES", "PROJECTION_OPCODES", "LOOP_BUDGETS", "LoopBudget", "KernelFacts",
+           "LoopFacts", "nvdisasm_path", "sass_by_function", "main_loop", "loop_budget", "loop_violations",
+           "occupancy", "parse_ptxas_log", "kernel_facts", "markdown_table", "main"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,7 @@ class LoopFacts:
     projection_ops: int        # of PROJECTION_OPCODES
     opcodes: Dict[str, int]    # histogram (opcode without modifiers)
     mma_opcode: str            # e.g. HMMA.SP.16832.F32
+    wgmma_waits: List[str]     # operands of the loop's WARPGROUP.DEPBAR (wgmma.wait_group) instructions
 
     @property
     def other_per_mma(self) -> float:
@@ -153,7 +154,60 @@ def main_loop(lines: Sequence[str]) -> Optional[LoopFacts]:
         base = opcode.split(".")[0]
         histogram[base] = histogram.get(base, 0) + 1
     projection = sum(n for op, n in histogram.items() if op in PROJECTION_OPCODES)
-    return LoopFacts(len(body), len(mma), len(body) - len(mma), projection, histogram, mma[0][1])
+    waits = [text.split("DEPBAR")[1].strip(" ;.LE") for _, opcode, text in body if opcode.startswith("WARPGROUP.DEPBAR")]
+    return LoopFacts(len(body), len(mma), len(body) - len(mma), projection, histogram, mma[0][1], waits)
+
+
+@dataclass(frozen=True)
+class LoopBudget:
+    """What a kernel's main loop may issue besides its sparse MMAs: other instructions and
+    integer/logic/compare ones (PROJECTION_OPCODES), per m16n8k32-sized sparse MMA (an
+    HGMMA.SP.64xNx32 counts as N/2 of them)."""
+
+    other_per_mma: float
+    projection_per_mma: float
+    why: str
+
+
+# The budgets the tests hold each kernel to. An in-register projection (|x| and 2-bit
+# indices from sign bits, as the earlier fused kernel did for every N tile) costs several
+# integer/logic instructions per MMA; a loop that only loads fragments and metadata costs a
+# fraction of one.
+LOOP_BUDGETS = {
+    "spmma_128x128": LoopBudget(2.5, 0.5, "4 warps of 64x64: 24 ldmatrix, 4 metadata loads, ~13 cp.async "
+                                          "with their addresses and predicates per 64 MMAs"),
+    "spmma_f32_128x128": LoopBudget(4.5, 1.75, "as 128x128, plus rounding every B element to tf32 "
+                                               "(cvt.rna.tf32: an FSETP and an IMAD per element)"),
+    "spmma_64x64": LoopBudget(6.0, 1.25, "4 warps of 32x32: the per-k-tile copies are shared by only 16 MMAs"),
+    "spmma_f32_64x64": LoopBudget(10.0, 3.5, "as 64x64, plus the tf32 rounding of B"),
+    "spwgmma": LoopBudget(1.0, 0.25, "two HGMMA.SP per k-tile and warpgroup; the copies, the metadata load "
+                                     "and the descriptors are per k-tile"),
+}
+
+
+def loop_budget(kernel: str) -> Optional[LoopBudget]:
+    """The budget of a GEMM kernel's main loop (None for kernels without MMAs)."""
+    if kernel.startswith("spwgmma_"):
+        return LOOP_BUDGETS["spwgmma"]
+    if kernel.startswith("spmma_"):
+        tile = "128x128" if "_128x128_" in kernel else "64x64"
+        key = f"spmma_f32_{tile}" if "_f32_" in kernel else f"spmma_{tile}"
+        return LOOP_BUDGETS[key]
+    return None
+
+
+def loop_violations(loop: Optional["LoopFacts"], budget: LoopBudget, equivalents: int = 1) -> List[str]:
+    """Why a main loop exceeds its budget (empty: within it)."""
+    if loop is None:
+        return ["no main loop with sparse MMAs was found in the SASS"]
+    problems = []
+    mmas = loop.mma * equivalents
+    if loop.other / mmas > budget.other_per_mma:
+        problems.append(f"{loop.other / mmas:.2f} other instructions per sparse MMA > {budget.other_per_mma}")
+    if loop.projection_ops / mmas > budget.projection_per_mma:
+        problems.append(f"{loop.projection_ops / mmas:.2f} integer/logic/compare instructions per sparse MMA > "
+                        f"{budget.projection_per_mma} (per-MMA projection work in the loop?)")
+    return problems
 
 
 def occupancy(arch: str, threads: int, registers: int, smem: int) -> Tuple[int, str]:

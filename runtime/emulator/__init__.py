@@ -208,14 +208,19 @@ def mma_sp_probe_f16(a: Tensor, meta: Tensor, b: Tensor) -> Tensor:
     return c
 
 
-def wgmma_sp_probe(image: Tensor, desc_a: int, desc_b: int, meta: Tensor, d: Tensor, *, bf16: bool = False) -> Tensor:
+def wgmma_sp_probe(image: Tensor, desc_a: int, desc_b: int, meta: Tensor, d: Tensor, *, bf16: bool = False,
+                   omit: Tuple[str, ...] = ()) -> Tensor:
     """One emulated ``wgmma.mma_async.sp.m64nNk32`` by one warpgroup, operands in shared memory.
 
     ``image``: uint8 shared-memory image (placed at a 1 KiB aligned origin); ``desc_a``,
     ``desc_b``: matrix descriptors whose start addresses are relative to that origin;
     ``meta``: int32 [128], each thread's metadata register; ``d``: float32 [128, N/2], each
     thread's accumulator registers (C in). Returns the registers after the instruction (D).
+    ``omit``: mistakes to make on purpose ("proxy_fence", "wgmma_fence", "wait"), which the
+    emulator must report.
     """
+    flags = {"proxy_fence": 1, "wgmma_fence": 2, "wait": 4}
+    omit_bits = sum(flags[o] for o in omit)
     n = 2 * d.shape[1]
     if image.dtype != torch.uint8 or image.dim() != 1 or meta.shape != (128,) or d.shape[0] != 128:
         raise ValueError("wgmma_sp_probe needs a uint8 image, meta [128] and d [128, N/2]")
@@ -226,10 +231,10 @@ def wgmma_sp_probe(image: Tensor, desc_a: int, desc_b: int, meta: Tensor, d: Ten
     fn = lib.sas_emu_wgmma_probe
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
     error = ctypes.create_string_buffer(512)
-    if fn(image.data_ptr(), image.numel(), desc_a, desc_b, meta.data_ptr(), out.data_ptr(), n, int(bf16), error,
-          len(error)) != 0:
+    if fn(image.data_ptr(), image.numel(), desc_a, desc_b, meta.data_ptr(), out.data_ptr(), n, int(bf16), omit_bits,
+          error, len(error)) != 0:
         raise EmulatorError(f"wgmma.sp probe: {error.value.decode(errors='replace')}")
     return out
 

@@ -142,6 +142,7 @@ struct WgmmaProbe {
     float* d;                    // [128][n / 2] accumulators: in = C, out = D
     int n;                       // 128 or 256
     int bf16;                    // element type: float16 (0) or bfloat16 (1)
+    int omit;                    // deliberate mistakes: 1 fence.proxy.async, 2 wgmma.fence, 4 wait_group
 };
 
 template <int N>
@@ -164,21 +165,22 @@ static void wgmma_sp_probe(const WgmmaProbe p) {
         std::memcpy(&v, p.image + i, 16);
         sts128(origin + u32(i), v);
     }
-    fence_proxy_async();
+    if (!(p.omit & 1)) fence_proxy_async();
     __syncthreads();
     float acc[N / 2];
     for (int i = 0; i < N / 2; ++i) acc[i] = p.d[tid * (N / 2) + i];
     const u64 shift = origin >> 4;  // the start address field counts 16-byte units
-    wgmma_fence();
+    if (!(p.omit & 2)) wgmma_fence();
     wgmma_probe_issue<N>(p, acc, p.desc_a + shift, p.desc_b + shift, p.meta[tid]);
     wgmma_commit();
-    wgmma_wait<0>();
+    if (!(p.omit & 4)) wgmma_wait<0>();
     for (int i = 0; i < N / 2; ++i) p.d[tid * (N / 2) + i] = acc[i];
 }
 
 extern "C" int sas_emu_wgmma_probe(const unsigned char* image, int image_bytes, u64 desc_a, u64 desc_b,
-                                   const u32* meta, float* d, int n, int bf16, char* error, int error_len) {
-    const WgmmaProbe probe{image, image_bytes, desc_a, desc_b, meta, d, n, bf16};
+                                   const u32* meta, float* d, int n, int bf16, int omit, char* error,
+                                   int error_len) {
+    const WgmmaProbe probe{image, image_bytes, desc_a, desc_b, meta, d, n, bf16, omit};
     if (image_bytes % 16 != 0 || (n != 128 && n != 256))
         return report("wgmma probe: image_bytes must be a multiple of 16 and n 128 or 256", error, error_len);
     const int smem = image_bytes + 1024;
