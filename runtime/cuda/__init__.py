@@ -20,7 +20,8 @@ from torch import Tensor
 from .kernel_params import prepare_sas, prepare_sws
 from .nvrtc_build import CudaBuildError, compile_all, kernel_names
 
-__all__ = ["available", "compile_all", "kernel_names", "sas_gemm", "sws_gemm", "CudaBuildError"]
+__all__ = ["available", "compile_all", "kernel_names", "sas_gemm", "sws_gemm", "sas_plan", "run_plan",
+           "CudaBuildError"]
 
 
 def available() -> Tuple[bool, str]:
@@ -84,3 +85,20 @@ def sws_gemm(x2d: Tensor, packed, bias: Optional[Tensor], *,
     _check_cuda(x2d)
     return launch(prepare_sws(x2d, packed, bias, out_dtype=out_dtype, tile=tile,
                               sm_count=_sm_count(x2d.device), arch=_arch(x2d.device)))
+
+
+def sas_plan(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, *,
+             out_dtype: Optional[torch.dtype] = None, tile: Optional[str] = None):
+    """The launches of :func:`sas_gemm` for these CUDA tensors, not yet run: ``plan.launches``
+    is ``[compress, gemm]`` and ``plan.extras["operand"]`` the compressed S(x) buffers (for
+    benchmarks that time the two kernels apart)."""
+    _check_cuda(x2d)
+    return prepare_sas(x2d, weight, bias, M, out_dtype=out_dtype, tile=tile, sm_count=_sm_count(x2d.device),
+                       arch=_arch(x2d.device))
+
+
+def run_plan(plan) -> Tensor:
+    """Run a plan (or a sub-plan of some of its launches) on PyTorch's current stream."""
+    from .launch import launch
+
+    return launch(plan)
