@@ -89,18 +89,19 @@ def test_sas_gemm_matches_reference(dtype, M, shape):
     assert torch.equal(out, out32.to(dtype))
 
 
-@pytest.mark.parametrize("dtype,M,shape", [
-    (torch.float16, 2, (130, 40, 140)), (torch.bfloat16, 4, (129, 45, 131)), (torch.float32, 2, (140, 33, 129)),
-    (torch.float16, 4, (200, 64, 70))])
-def test_sas_gemm_128x128_tile(dtype, M, shape):
+@pytest.mark.parametrize("dtype,M,shape,tile", [
+    (torch.float16, 2, (130, 40, 140), "128x128"), (torch.bfloat16, 4, (129, 45, 131), "128x128"),
+    (torch.float32, 2, (140, 33, 129), "128x128"), (torch.float16, 4, (200, 64, 70), "128x128"),
+    (torch.bfloat16, 2, (133, 40, 270), "128x256"), (torch.float16, 4, (60, 45, 100), "128x256")])
+def test_sas_gemm_large_tiles(dtype, M, shape, tile):
     R, K, N = shape
     g = torch.Generator().manual_seed(R + K + N)
     x = torch.randn(R, K, generator=g).to(dtype)
     w = torch.randn(N, M * K, generator=g).to(dtype)
     bias = torch.randn(N, generator=g).to(dtype)
     for out_dtype in (torch.float32, None):
-        plan = kp.prepare_sas(x, w, bias, M, out_dtype=out_dtype, tile="128x128", arch="sm_80")
-        assert plan.gemm.kernel.startswith("spmma_") and "128x128" in plan.gemm.kernel
+        plan = kp.prepare_sas(x, w, bias, M, out_dtype=out_dtype, tile=tile, arch="sm_80")
+        assert plan.gemm.kernel.startswith("spmma_") and tile in plan.gemm.kernel
         out = run_poisoned(plan)
         tol = REL_TOL if out.dtype == torch.float32 else 1e-2
         assert rel_err(out, sas_reference(x, w, bias, M)) < tol
@@ -132,10 +133,10 @@ def test_sm90_routes_ragged_rows_and_float32_to_mma_sp():
     assert kp.prepare_sas(x, w, None, 2, arch="sm_90").gemm.kernel.startswith("spmma_")
     assert kp.prepare_sas(x[:, :40], w[:, :80], None, 2, arch="sm_90").gemm.kernel.startswith("spwgmma_")
     assert kp.prepare_sas(x.float(), w.float(), None, 2, arch="sm_90").gemm.kernel.startswith("spmma_f32")
-    with pytest.raises(ValueError, match="wgmma"):
-        kp.prepare_sas(x, w, None, 2, arch="sm_90", tile="128x256")
-    with pytest.raises(ValueError, match="wgmma"):
-        kp.prepare_sas(x[:, :40], w[:, :80], None, 2, arch="sm_80", tile="128x256")
+    assert kp.prepare_sas(x, w, None, 2, arch="sm_90", tile="128x256").gemm.kernel == "spmma_f16_128x256_sas"
+    assert kp.prepare_sas(x, w, None, 2, arch="sm_90", tile="64x64").gemm.kernel == "spmma_f16_64x64_sas"
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        kp.prepare_sas(x.float(), w.float(), None, 2, arch="sm_80", tile="128x256")
 
 
 def test_sas_gemm_zeros_signs_and_infinities_follow_the_slot_rule():

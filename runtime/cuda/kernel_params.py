@@ -53,8 +53,8 @@ FLAG_X_VEC = 8
 SUPPORTED_M = (2, 4)
 # (rows of the sparse operand, rows of the dense operand) per CTA
 TILES = {"64x64": (64, 64), "128x128": (128, 128), "128x256": (128, 256)}
-MMA_TILES = ("64x64", "128x128")       # spmma.cu (mma.sp, sm_80+)
-WGMMA_TILES = ("128x128", "128x256")   # spwgmma.cu (wgmma.mma_async.sp, sm_90a)
+MMA_TILES = ("64x64", "128x128", "128x256")  # spmma.cu (mma.sp, sm_80+); 128x256: 16-bit types only
+WGMMA_TILES = ("128x128", "128x256")          # spwgmma.cu (wgmma.mma_async.sp, sm_90a), 16-bit types
 COMPRESS_THREADS = 256                 # sas_compress.cu: 8 warps, one (16 rows, k-tile) item each
 _DTYPE_TAG = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 _INT32_MAX = 2**31 - 1
@@ -156,17 +156,13 @@ def _check_int32(**sizes: int) -> None:
 
 def gemm_family(arch: Optional[str], dtype: torch.dtype, tile: Optional[str], b_aligned: bool = True) -> str:
     """``"spwgmma"`` on sm_90 for 16-bit types whose dense operand has 16-byte aligned rows
-    (unless a tile only mma.sp has is asked for), else ``"spmma"``."""
+    (unless the 64x64 tile, which only mma.sp has, is asked for), else ``"spmma"``."""
     if tile is not None and tile not in TILES:
         raise ValueError(f"tile={tile!r} is not available; choose one of {sorted(TILES)}")
-    wgmma_ok = arch in ("sm_90", "sm_90a") and dtype in (torch.float16, torch.bfloat16) and b_aligned
-    if tile is not None and tile not in MMA_TILES:
-        if not wgmma_ok:
-            raise ValueError(
-                f"tile={tile!r} is a wgmma.mma_async.sp tile (sm_90, float16/bfloat16, the dense "
-                f"operand's rows 16-byte aligned); here (arch {arch}, {dtype}, aligned: {b_aligned}) "
-                f"choose one of {list(MMA_TILES)}")
-        return "spwgmma"
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    if tile == "128x256" and not sixteen_bit:
+        raise ValueError(f"tile='128x256' runs float16/bfloat16; for {dtype} choose '64x64' or '128x128'")
+    wgmma_ok = arch in ("sm_90", "sm_90a") and sixteen_bit and b_aligned
     if tile is not None and tile not in WGMMA_TILES:
         return "spmma"
     return "spwgmma" if wgmma_ok else "spmma"

@@ -35,6 +35,9 @@ struct MmaTile {
 
 typedef MmaTile<64, 64, 2, 2, 3, 4> MmaTile64x64;      // 4 warps of 32x32: small problems
 typedef MmaTile<128, 128, 2, 2, 3, 2> MmaTile128x128;  // 4 warps of 64x64: the main tile
+// 8 warps of 64x64: the large tile of the best Ampere kernels; its fp32 accumulators alone
+// (128 x 256 x 4 bytes) are half the register file, so 1 CTA per SM
+typedef MmaTile<128, 256, 2, 4, 3, 1> MmaTile128x256;
 
 // CTA -> (A tile, B tile), grouped by 8 A tiles so that the CTAs resident at one time share
 // few A tiles and sweep B (better L2 reuse than row-major order); 1-D grid.
@@ -157,9 +160,13 @@ SPMMA_KERNEL(spmma_f32_64x64_sas, F32, MmaTile64x64, false)
 SPMMA_KERNEL(spmma_f16_128x128_sas, F16, MmaTile128x128, false)
 SPMMA_KERNEL(spmma_bf16_128x128_sas, BF16, MmaTile128x128, false)
 SPMMA_KERNEL(spmma_f32_128x128_sas, F32, MmaTile128x128, false)
+SPMMA_KERNEL(spmma_f16_128x256_sas, F16, MmaTile128x256, false)
+SPMMA_KERNEL(spmma_bf16_128x256_sas, BF16, MmaTile128x256, false)
 SPMMA_KERNEL(spmma_f16_64x64_sws, F16, MmaTile64x64, true)
 SPMMA_KERNEL(spmma_bf16_64x64_sws, BF16, MmaTile64x64, true)
 SPMMA_KERNEL(spmma_f32_64x64_sws, F32, MmaTile64x64, true)
 SPMMA_KERNEL(spmma_f16_128x128_sws, F16, MmaTile128x128, true)
 SPMMA_KERNEL(spmma_bf16_128x128_sws, BF16, MmaTile128x128, true)
 SPMMA_KERNEL(spmma_f32_128x128_sws, F32, MmaTile128x128, true)
+SPMMA_KERNEL(spmma_f16_128x256_sws, F16, MmaTile128x256, true)
+SPMMA_KERNEL(spmma_bf16_128x256_sws, BF16, MmaTile128x256, true)

@@ -174,8 +174,9 @@ class LoopBudget:
 # integer/logic instructions per MMA; a loop that only loads fragments and metadata costs a
 # fraction of one.
 LOOP_BUDGETS = {
-    "spmma_128x128": LoopBudget(2.5, 0.5, "4 warps of 64x64: 24 ldmatrix, 4 metadata loads, ~13 cp.async "
-                                          "with their addresses and predicates per 64 MMAs"),
+    "spmma_128x128": LoopBudget(2.5, 0.5, "warps of 64x64 (128x128 and 128x256 tiles): per 64 MMAs 24 "
+                                          "ldmatrix, 4 metadata loads, ~13-26 cp.async with addresses and "
+                                          "predicates"),
     "spmma_f32_128x128": LoopBudget(4.5, 1.75, "as 128x128, plus rounding every B element to tf32 "
                                                "(cvt.rna.tf32: an FSETP and an IMAD per element)"),
     "spmma_64x64": LoopBudget(6.0, 1.25, "4 warps of 32x32: the per-k-tile copies are shared by only 16 MMAs"),
@@ -190,7 +191,7 @@ def loop_budget(kernel: str) -> Optional[LoopBudget]:
     if kernel.startswith("spwgmma_"):
         return LOOP_BUDGETS["spwgmma"]
     if kernel.startswith("spmma_"):
-        tile = "128x128" if "_128x128_" in kernel else "64x64"
+        tile = "64x64" if "_64x64_" in kernel else "128x128"  # 128x128 and 128x256: 64x64 warp tiles
         key = f"spmma_f32_{tile}" if "_f32_" in kernel else f"spmma_{tile}"
         return LOOP_BUDGETS[key]
     return None
