@@ -128,6 +128,19 @@ def test_wgmma_gemm_matches_reference(dtype, tile):
     assert rel_err(run_poisoned(plan), rounded(x) @ rounded(dense).T) < REL_TOL
 
 
+@pytest.mark.parametrize("arch,tile,R", [("sm_80", "64x64", 600), ("sm_90", "128x128", 1100)])
+def test_grouped_tile_order_covers_every_tile(arch, tile, R):
+    """More than one group of 8 A tiles along the rows, a ragged last group, 2 B tiles."""
+    g = torch.Generator().manual_seed(R)
+    x = torch.randn(R, 8, generator=g).half()
+    w = torch.randn(130, 16, generator=g).half()
+    plan = kp.prepare_sas(x, w, None, 2, out_dtype=torch.float32, tile=tile, arch=arch)
+    bm, bn = kp.TILES[tile]
+    assert plan.gemm.grid == (-(-R // bm) * -(-130 // bn), 1) and -(-R // bm) > 8
+    assert plan.gemm.kernel.startswith("spwgmma_" if arch == "sm_90" else "spmma_")
+    assert rel_err(run_poisoned(plan), sas_reference(x, w, None, 2)) < REL_TOL
+
+
 def test_sm90_routes_ragged_rows_and_float32_to_mma_sp():
     x, w = torch.randn(5, 45).half(), torch.randn(7, 90).half()  # 90 halves: rows not 16-byte aligned
     assert kp.prepare_sas(x, w, None, 2, arch="sm_90").gemm.kernel.startswith("spmma_")
