@@ -50,6 +50,19 @@ def test_ctas_per_sm(facts):
         assert f.smem <= static_facts.ARCH_LIMITS[arch].smem_block, f
 
 
+# shared memory per CTA by design: stages x (B + A + metadata k-tiles), or the fp32 output
+# staging tile when larger; the wgmma kernels add 1 KiB to align their stages to 1 KiB
+SMEM_KIB = {"spmma_64x64": 37.5, "spmma_128x128": 75.0, "spmma_128x256": 128.0, "spwgmma_128x128": 101.0,
+            "spwgmma_128x256": 165.0, "sas_compress": 0.0}
+
+
+def test_shared_memory_per_cta(facts):
+    _, by_name = facts
+    for name, f in by_name.items():
+        key = "sas_compress" if name.startswith("sas_compress") else f"{name.split('_')[0]}_{name.split('_')[2]}"
+        assert f.smem == SMEM_KIB[key] * 1024, (name, f.smem)
+
+
 def test_main_loop_within_its_budget(facts):
     _, by_name = facts
     for name, f in by_name.items():

@@ -300,22 +300,24 @@ def kernel_facts(arch: str, modules: Optional[Sequence[str]] = None, use_cache: 
 
 def markdown_table(facts: Sequence[KernelFacts]) -> str:
     head = ("| kernel | arch | threads | regs | spills st/ld (B) | smem/CTA (KiB) | CTAs/SM (limit) | "
-            "sparse MMAs in main loop | other instrs in loop | other per MMA | int/logic per MMA | "
-            "other per m16n8k32 equiv. |")
+            "sparse MMAs in main loop | other instrs in loop | other / int-logic per MMA instr | "
+            "other / int-logic per m16n8k32 equiv. | loop budget (per equiv.) |")
     rows = [head, "|" + "---|" * 12]
     for f in facts:
         loop = f.loop
+        budget = loop_budget(f.kernel)
         if loop is None:
-            mma = other = per = proj = equiv = "-"
+            mma = other = per = equiv = "-"
         else:
+            eq = loop.mma * f.mma_equivalents
             mma = f"{loop.mma} x {loop.mma_opcode}"
             other = str(loop.other)
-            per = f"{loop.other_per_mma:.2f}"
-            proj = f"{loop.projection_per_mma:.2f}"
-            equiv = f"{loop.other / (loop.mma * f.mma_equivalents):.3f}"
+            per = f"{loop.other_per_mma:.2f} / {loop.projection_per_mma:.2f}"
+            equiv = f"{loop.other / eq:.2f} / {loop.projection_ops / eq:.2f}"
+        allowed = f"<= {budget.other_per_mma} / {budget.projection_per_mma}" if budget else "-"
         rows.append(f"| {f.kernel} | {f.build_arch} | {f.threads} | {f.registers} | {f.spill_stores}/{f.spill_loads} | "
-                    f"{f.smem / 1024:.1f} | {f.ctas_per_sm} ({f.limited_by}) | {mma} | {other} | {per} | {proj} | "
-                    f"{equiv} |")
+                    f"{f.smem / 1024:.1f} | {f.ctas_per_sm} ({f.limited_by}) | {mma} | {other} | {per} | {equiv} | "
+                    f"{allowed} |")
     return "\n".join(rows)
 
 
