@@ -126,6 +126,20 @@ def test_kernels_map_to_their_modules_explicitly():
         nvrtc_build.module_of("sas_gemm_f16_m2_64x64")  # the old fused kernel is gone
 
 
+def test_gemm_shared_memory_table_matches_the_cubins():
+    from sas_compile.runtime.cuda import kernel_params
+
+    for module, arch in (("spmma", "sm_80"), ("spwgmma", "sm_90")):
+        image = nvrtc_build.build_module(module, arch).cubin
+        for kernel in nvrtc_build.kernel_names(module):
+            family, _, tile, _ = kernel.split("_")
+            assert _published(image, kernel)[1] == kernel_params.GEMM_SMEM[(family, tile)], kernel
+    x, w = torch.randn(8, 16).half(), torch.randn(8, 32).half()
+    with pytest.raises(ValueError, match="99 KiB"):
+        prepare_sas(x, w, None, 2, tile="128x256", arch="sm_89")
+    assert prepare_sas(x, w, None, 2, tile="128x256", arch="sm_80").gemm.kernel == "spmma_f16_128x256_sas"
+
+
 def test_kernel_params_entry_is_the_struct_address():
     params = SpGemmParams(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14)
     array = launch_mod.kernel_params(params)

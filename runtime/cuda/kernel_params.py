@@ -56,6 +56,12 @@ TILES = {"64x64": (64, 64), "128x128": (128, 128), "128x256": (128, 256)}
 MMA_TILES = ("64x64", "128x128", "128x256")  # spmma.cu (mma.sp, sm_80+); 128x256: 16-bit types only
 WGMMA_TILES = ("128x128", "128x256")          # spwgmma.cu (wgmma.mma_async.sp, sm_90a), 16-bit types
 COMPRESS_THREADS = 256                 # sas_compress.cu: 8 warps, one (16 rows, k-tile) item each
+# dynamic shared memory per CTA of each GEMM family and tile (what the kernels publish; a
+# test keeps this equal to the cubins), and the most a block may opt in to per architecture
+GEMM_SMEM = {("spmma", "64x64"): 38400, ("spmma", "128x128"): 76800, ("spmma", "128x256"): 131072,
+             ("spwgmma", "128x128"): 103424, ("spwgmma", "128x256"): 168960}
+SMEM_OPTIN = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_87": 163 * 1024, "sm_89": 99 * 1024,
+              "sm_90": 227 * 1024}
 _DTYPE_TAG = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 _INT32_MAX = 2**31 - 1
 
@@ -168,8 +174,14 @@ def gemm_family(arch: Optional[str], dtype: torch.dtype, tile: Optional[str], b_
     return "spwgmma" if wgmma_ok else "spmma"
 
 
-def _pick_tile(family: str, tile: Optional[str], rows_a: int, rows_b: int, sm_count: Optional[int]) -> str:
+def _pick_tile(family: str, tile: Optional[str], rows_a: int, rows_b: int, sm_count: Optional[int],
+               arch: Optional[str] = None) -> str:
     if tile is not None:
+        limit = SMEM_OPTIN.get((arch or "").rstrip("a"))
+        if limit is not None and GEMM_SMEM[(family, tile)] > limit:
+            raise ValueError(
+                f"tile={tile!r} needs {GEMM_SMEM[(family, tile)] // 1024} KiB of shared memory per block; "
+                f"{arch} allows {limit // 1024} KiB: choose '64x64' or '128x128'")
         return tile
     if family == "spwgmma":
         return "128x128"  # 2 CTAs per SM; 128x256 (1 CTA per SM) is there to be measured
@@ -268,7 +280,7 @@ def prepare_sas(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, *,
     x2d = x2d.contiguous()
     weight = weight.contiguous()
     family = gemm_family(arch, x2d.dtype, tile, _aligned(weight, weight.shape[1]))
-    tile = _pick_tile(family, tile, R, N, sm_count)
+    tile = _pick_tile(family, tile, R, N, sm_count, arch)
     if R == 0 or N == 0 or K == 0:
         return Plan([], empty_result(R, N, bias, dtype, x2d.device), bias)
     out = torch.empty((R, N), dtype=dtype, device=x2d.device)
@@ -313,7 +325,7 @@ def prepare_sws(x2d: Tensor, packed, bias: Optional[Tensor], *,
     dtype = _out_dtype(x2d, out_dtype)
     x2d = x2d.contiguous()
     family = gemm_family(arch, x2d.dtype, tile, _aligned(x2d, K))
-    tile = _pick_tile(family, tile, N, R, sm_count)
+    tile = _pick_tile(family, tile, N, R, sm_count, arch)
     if R == 0 or N == 0 or K == 0:
         return Plan([], empty_result(R, N, bias, dtype, x2d.device), bias)
     a = operands.sws_operand(packed)
