@@ -9,7 +9,7 @@ values plus 2-bit positions. Two producers need that format:
   positions are a function of the signs. :func:`pack_sas_activation_cutlass` builds, from the
   narrow activation, exactly what PyTorch's CUTLASS converter returns for the projected
   (wide) activation, so ``torch._sparse_semi_structured_mm`` can serve as a second GPU path
-  and as an independent check of the fused kernel.
+  and as an independent check of the SAS kernels (runtime/cuda: compress + sparse GEMM).
 
 Both formats share one choice of kept positions per group of 4 (:data:`_POSITIONS_BY_MASK`):
 the one CUTLASS tooling in PyTorch makes, so a packed weight equals PyTorch's CUTLASS pack of

@@ -237,7 +237,7 @@ def prepare_compress(x2d: Tensor, M: int) -> Tuple[Launch, operands.SparseOperan
     """The ``sas_compress`` launch of ``x2d`` [R, K] and the operand it will write."""
     R, K = x2d.shape
     rows_pad, ktiles, a_ld, _ = operands.layout(R, M * K, x2d.dtype)
-    _check_int32(vals=rows_pad * a_ld, items=rows_pad // 16 * ktiles * 32)
+    _check_int32(items=rows_pad // 16 * ktiles)  # the kernel's work-item index (offsets are 64-bit)
     vals = torch.empty((rows_pad, a_ld), dtype=x2d.dtype, device=x2d.device)
     meta = torch.empty((rows_pad // 16, ktiles, 32), dtype=torch.int32, device=x2d.device)
     items = rows_pad // 16 * ktiles
