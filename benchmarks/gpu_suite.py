@@ -12,7 +12,9 @@ Sections, in order (``--sections`` picks some): ``setup`` (the package importabl
 ``sas`` dynamo backend registered: an offline editable install where it is not), ``env``
 (GPU, driver, versions), ``tests`` (``pytest -m gpu``), ``sweep`` (every kernel and
 ``target="auto"`` against float64 on random ragged shapes, float16/bfloat16/float32, M = 2
-and 4, SAS convolutions, float32 precision), ``matmul_fp16`` / ``matmul_bf16``
+and 4, SAS convolutions, float32 precision), ``kernels`` (``benchmarks/sparse_kernels.py``:
+the compress kernel and every sparse GEMM variant apart, at the issue's 8192 x 4096 -> 4096
+problem, against cuBLAS and the vendor 2:4 GEMM), ``matmul_fp16`` / ``matmul_bf16``
 (``benchmarks/gpu_matmul.py``: the paper's sizes, LLM and ResNet im2col shapes),
 ``resnet18`` / ``resnet50`` (fp16, batch 64, 224x224, channels_last: dense and sasified,
 eager and compiled). The suite stops starting sections when ``--budget-s`` is spent.
@@ -43,6 +45,7 @@ SECTIONS = [
     ("env", 30, 30),
     ("tests", 150, 120),
     ("sweep", 60, 60),
+    ("kernels", 70, 60),
     ("matmul_fp16", 100, 60),
     ("resnet18", 110, 90),
     ("resnet50", 170, 90),
@@ -279,6 +282,23 @@ def section_matmul(dry: bool, dtype: str) -> dict:
     return {"status": "ok" if not wrong else "failed", **data, "wrong": wrong}
 
 
+def section_kernels(dry: bool) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sparse_kernels
+
+    out = Path(tempfile.mkdtemp()) / "kernels.json"
+    # the dry run: one dtype and M (both GEMM families, every tile) keeps CI short
+    argv = ["--json", str(out)] + (["--dry-run-cpu", "--dtypes", "fp16", "--Ms", "2"] if dry else [])
+    rc = sparse_kernels.main(argv)
+    if not out.exists():
+        return {"status": "failed", "detail": f"sparse_kernels.main returned {rc} and wrote nothing"}
+    data = json.loads(out.read_text())
+    wrong = [r for r in data["rows"] if r["rel_err"] is not None and not r["rel_err"] <= 1e-2]
+    ours = {r["method"] for r in data["rows"]}
+    missing = [] if any(m.startswith("gemm ") for m in ours) and "compress" in ours else ["no kernel row"]
+    return {"status": "ok" if not wrong and not missing else "failed", **data, "wrong": wrong}
+
+
 def _time_ms(torch, fn: Callable[[], object], iters: int, cuda: bool) -> List[float]:
     for _ in range(2):
         fn()
@@ -383,6 +403,8 @@ def run_section(name: str, dry: bool) -> dict:
         return section_tests(dry)
     if name == "sweep":
         return section_sweep(dry)
+    if name == "kernels":
+        return section_kernels(dry)
     if name.startswith("matmul_"):
         return section_matmul(dry, name.split("_", 1)[1])
     if name in ("resnet18", "resnet50"):
@@ -421,6 +443,12 @@ def markdown(summary: dict) -> str:
         lines += ["", f"Correctness sweep: {sweep['cases']} cases against float64, {len(sweep['failed'])} failed",
                   "", "| op, path, dtype, M | worst relative error |", "|---|---|"]
         lines += [f"| {k} | {v:.2e} |" for k, v in sorted(sweep["worst_rel_err"].items())]
+    kernels = summary["sections"].get("kernels", {})
+    if kernels.get("rows"):
+        lines += ["", f"### kernels ({kernels.get('device')}, {kernels.get('arch')})", "",
+                  "| op | dtype | M | method | ms | rel err vs float64 |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['op']} | {r['dtype']} | {r['M']} | {r['method']} | {r['ms']:.3f} | "
+                  f"{'-' if r['rel_err'] is None else format(r['rel_err'], '.1e')} |" for r in kernels["rows"]]
     for name in ("matmul_fp16", "matmul_bf16"):
         sec = summary["sections"].get(name, {})
         if sec.get("table"):

@@ -9,7 +9,7 @@ values plus 2-bit positions. Two producers need that format:
   positions are a function of the signs. :func:`pack_sas_activation_cutlass` builds, from the
   narrow activation, exactly what PyTorch's CUTLASS converter returns for the projected
   (wide) activation, so ``torch._sparse_semi_structured_mm`` can serve as a second GPU path
-  and as an independent check of the fused kernel.
+  and as an independent check of the SAS kernels (runtime/cuda: compress + sparse GEMM).
 
 Both formats share one choice of kept positions per group of 4 (:data:`_POSITIONS_BY_MASK`):
 the one CUTLASS tooling in PyTorch makes, so a packed weight equals PyTorch's CUTLASS pack of
@@ -52,7 +52,7 @@ _POSITIONS_BY_MASK = {
 }
 
 
-def _code_table(device) -> Tensor:
+def code_table(device) -> Tensor:
     """int64 [16]: 4-bit metadata code (i0 | i1 << 2) per mask; -1 for masks with > 2 nonzeros."""
     table = torch.full((16,), -1, dtype=torch.int64)
     for mask, (i0, i1) in _POSITIONS_BY_MASK.items():
@@ -159,7 +159,7 @@ def pack_sws_weight(weight: Tensor, M: Optional[int] = None) -> PackedSparseWeig
         )
     shifts = torch.arange(4, device=weight.device, dtype=torch.int64)
     mask = (nonzero.to(torch.int64) << shifts).sum(-1)
-    codes = _code_table(weight.device)[mask]
+    codes = code_table(weight.device)[mask]
     positions = torch.stack((codes & 3, codes >> 2), dim=-1)
     values = groups.gather(-1, positions).reshape(n, kp // 2).contiguous()
     return PackedSparseWeight(values, _nibbles_to_words(codes), (n, k), M)
@@ -290,7 +290,7 @@ def pack_sas_activation_cutlass(
         nz_g = nonzero.reshape(rows, -1, channels_per_group)
         offset = torch.arange(channels_per_group, device=x2d.device) * M
         mask = ((nz_g * column_bits) << (units * (offset + slot_g))).sum(-1)
-        codes = _code_table(x2d.device)[mask]
+        codes = code_table(x2d.device)[mask]
         kept = torch.stack((codes & 3, codes >> 2), dim=-1) // units  # wide column in group
         owner = kept // M
         value = magnitude.reshape(rows, -1, channels_per_group).gather(-1, owner)
@@ -303,7 +303,7 @@ def pack_sas_activation_cutlass(
         bits = column_bits << (units * (slot % per_group))
         mask = (nonzero * bits).unsqueeze(-1) * in_group
         mask = mask.reshape(rows, -1)
-        codes = _code_table(x2d.device)[mask]
+        codes = code_table(x2d.device)[mask]
         kept = torch.stack((codes & 3, codes >> 2), dim=-1) // units
         target = (j * per_group).repeat(k).view(1, -1, 1) + kept
         value = magnitude.repeat_interleave(groups_per_channel, dim=-1).unsqueeze(-1)

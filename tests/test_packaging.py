@@ -17,7 +17,9 @@ def test_wheel_installs_everything_under_one_namespace(tmp_path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"sas_compile"}, top
     for expected in ("sas_compile/passes/capture.py", "sas_compile/runtime/projection.py",
-                     "sas_compile/runtime/cuda/sas_gemm.cu", "sas_compile/runtime/cuda/sas_ptx.cuh",
+                     "sas_compile/runtime/cuda/spmma.cu", "sas_compile/runtime/cuda/spwgmma.cu",
+                     "sas_compile/runtime/cuda/sas_compress.cu", "sas_compile/runtime/cuda/sparse_common.cuh",
+                     "sas_compile/runtime/cuda/sas_ptx.cuh", "sas_compile/runtime/cuda/sas_wgmma.cuh",
                      "sas_compile/runtime/emulator/sas_emulator.hpp"):
         assert expected in names, expected
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -1,10 +1,14 @@
 """The ``cuda`` target: Sparse Tensor Core kernels (``.cu`` files in this folder).
 
-``sas_gemm`` is the fused SAS GEMM (the projected activation is the 2:4 / 1:2 sparse
-operand, computed in registers from the narrow x), ``sws_gemm`` the 1:M weight-sparse GEMM.
-They are compiled by NVRTC for the GPU's arch at first use (cubins cached on disk, see
-``nvrtc_build``) and launched with ``cuda.bindings.driver`` on PyTorch's current stream.
-``compile_all(arch)`` returns every module's cubin for an arch without needing a GPU.
+``sas_gemm`` is the SAS product: ``sas_compress`` writes the projected activation S(x) in
+its compressed 2:4 (float16/bfloat16) or 1:2 (tf32) form straight from the narrow x (one
+memory-bound pass; the wide S(x) never exists), then the sparse GEMM multiplies it by the
+wide weight. ``sws_gemm`` is the 1:M weight-sparse product on the same GEMM. The GEMM is
+``spmma`` (warp-level mma.sp, sm_80+) or, on sm_90 for 16-bit types, ``spwgmma``
+(wgmma.mma_async.sp). Kernels are compiled by NVRTC for the GPU's arch at first use
+(cubins cached on disk, see ``nvrtc_build``) and launched with ``cuda.bindings.driver`` on
+PyTorch's current stream. ``compile_all(arch)`` returns every module's cubin for an arch
+without needing a GPU.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from torch import Tensor
 from .kernel_params import prepare_sas, prepare_sws
 from .nvrtc_build import CudaBuildError, compile_all, kernel_names
 
-__all__ = ["available", "compile_all", "kernel_names", "sas_gemm", "sws_gemm", "CudaBuildError"]
+__all__ = ["available", "compile_all", "kernel_names", "sas_gemm", "sws_gemm", "sas_plan", "run_plan",
+           "CudaBuildError"]
 
 
 def available() -> Tuple[bool, str]:
@@ -48,19 +53,25 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
 def sas_gemm(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, *,
              out_dtype: Optional[torch.dtype] = None, tile: Optional[str] = None) -> Tensor:
-    """``S(x2d) @ weight.T + bias`` by the fused SAS kernel on CUDA tensors.
+    """``S(x2d) @ weight.T + bias`` by the SAS kernels (compress, sparse GEMM) on CUDA tensors.
 
     ``x2d`` [R, K] narrow, ``weight`` [N, M*K] wide channel-major, ``bias`` [N] or None,
-    M in (2, 4). float16/bfloat16 use m16n8k32 2:4, float32 tf32 m16n8k16 1:2; fp32
-    accumulation; the result has x's dtype (or ``out_dtype=torch.float32``).
+    M in (2, 4). float16/bfloat16 run 2:4 (mma.sp m16n8k32, or wgmma.mma_async.sp on sm_90),
+    float32 tf32 1:2 (mma.sp m16n8k16); fp32 accumulation; the result has x's dtype (or
+    ``out_dtype=torch.float32``). ``tile``: one of ``kernel_params.TILES`` (None: by size).
     """
     from .launch import launch
 
     _check_cuda(x2d)
     return launch(prepare_sas(x2d, weight, bias, M, out_dtype=out_dtype, tile=tile,
-                              sm_count=_sm_count(x2d.device)))
+                              sm_count=_sm_count(x2d.device), arch=_arch(x2d.device)))
 
 
 def sws_gemm(x2d: Tensor, packed, bias: Optional[Tensor], *,
@@ -73,4 +84,21 @@ def sws_gemm(x2d: Tensor, packed, bias: Optional[Tensor], *,
 
     _check_cuda(x2d)
     return launch(prepare_sws(x2d, packed, bias, out_dtype=out_dtype, tile=tile,
-                              sm_count=_sm_count(x2d.device)))
+                              sm_count=_sm_count(x2d.device), arch=_arch(x2d.device)))
+
+
+def sas_plan(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, *,
+             out_dtype: Optional[torch.dtype] = None, tile: Optional[str] = None):
+    """The launches of :func:`sas_gemm` for these CUDA tensors, not yet run: ``plan.launches``
+    is ``[compress, gemm]`` and ``plan.extras["operand"]`` the compressed S(x) buffers (for
+    benchmarks that time the two kernels apart)."""
+    _check_cuda(x2d)
+    return prepare_sas(x2d, weight, bias, M, out_dtype=out_dtype, tile=tile, sm_count=_sm_count(x2d.device),
+                       arch=_arch(x2d.device))
+
+
+def run_plan(plan) -> Tensor:
+    """Run a plan (or a sub-plan of some of its launches) on PyTorch's current stream."""
+    from .launch import launch
+
+    return launch(plan)

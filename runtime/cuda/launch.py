@@ -18,8 +18,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .kernel_params import GemmParams, Launch, empty_result
-from .nvrtc_build import build_module
+from .kernel_params import Launch, Plan
+from .nvrtc_build import build_module, module_of
 
 __all__ = ["CudaError", "KernelFunction", "Launcher", "driver", "device_arch", "kernel_params",
            "cuda_launcher", "run", "STATIC_SMEM_LIMIT"]
@@ -59,12 +59,13 @@ def device_arch(device: int) -> str:
     return f"sm_{major}{minor}"
 
 
-def kernel_params(params: GemmParams) -> ctypes.Array:
-    """The ``kernelParams`` array of ``cuLaunchKernel`` for a kernel taking ``GemmParams``.
+def kernel_params(params: ctypes.Structure) -> ctypes.Array:
+    """The ``kernelParams`` array of ``cuLaunchKernel`` for a kernel taking one struct.
 
     The driver reads argument i from the address in entry i: every kernel here takes one
-    argument, the struct by value, so the one entry is the struct's own address (not the
-    address of a pointer to it). The caller keeps ``params`` alive until the launch returns.
+    argument, its parameter struct (``SpGemmParams`` or ``CompressParams``) by value, so the
+    one entry is the struct's own address (not the address of a pointer to it). The caller
+    keeps ``params`` alive until the launch returns.
     """
     return (ctypes.c_void_p * 1)(ctypes.addressof(params))
 
@@ -105,7 +106,7 @@ class Launcher:
                 return self._functions[kernel]
             api = self.api
             self._make_current()
-            module_name = kernel.split("_")[0] + "_gemm"
+            module_name = module_of(kernel)
             if module_name not in self._modules:
                 self._modules[module_name] = check(
                     api, api.cuModuleLoadData(self._image(module_name)), f"cuModuleLoadData({module_name})")
@@ -126,8 +127,8 @@ class Launcher:
             self._functions[kernel] = KernelFunction(func, threads, smem)
             return self._functions[kernel]
 
-    def launch(self, prepared: Launch, stream: int) -> torch.Tensor:
-        """Launch ``prepared`` on the stream with handle ``stream``; returns its output tensor."""
+    def launch(self, prepared: Launch, stream: int) -> None:
+        """Launch ``prepared`` on the stream with handle ``stream``."""
         fn = self.function(prepared.kernel)
         api = self.api
         self._make_current()
@@ -136,15 +137,14 @@ class Launcher:
         check(api, api.cuLaunchKernel(fn.handle, gx, gy, 1, fn.threads, 1, 1, fn.smem, api.CUstream(stream),
                                       ctypes.addressof(params), 0),
               f"cuLaunchKernel({prepared.kernel}, grid=({gx}, {gy}), block={fn.threads}, smem={fn.smem})")
-        return prepared.out
 
 
-def run(launcher: Launcher, prepared: Launch, stream: int) -> torch.Tensor:
-    """Run a prepared GEMM; an empty operand (no rows, columns or K) needs no kernel."""
-    p = prepared.params
-    if p.R == 0 or p.N == 0 or p.K == 0:
-        return empty_result(p.R, p.N, prepared.bias, prepared.out.dtype, prepared.out.device)
-    return launcher.launch(prepared, stream)
+def run(launcher: Launcher, plan: Plan, stream: int) -> torch.Tensor:
+    """Run a plan's launches in order on one stream; returns its output (a plan of an empty
+    operand has no launch and its output already holds the result)."""
+    for prepared in plan.launches:
+        launcher.launch(prepared, stream)
+    return plan.out
 
 
 _cuda_lock = threading.Lock()
@@ -179,10 +179,10 @@ def current_stream(device: int) -> int:
     return int(torch.cuda.current_stream(device).cuda_stream)
 
 
-def launch(prepared: Launch, api=None, stream: Optional[int] = None) -> torch.Tensor:
-    """Launch a prepared kernel on its tensors' CUDA device and PyTorch's current stream."""
-    device = prepared.out.device.index
+def launch(plan: Plan, api=None, stream: Optional[int] = None) -> torch.Tensor:
+    """Run a plan on its tensors' CUDA device and PyTorch's current stream."""
+    device = plan.out.device.index
     if device is None:
         device = torch.cuda.current_device()
     launcher = cuda_launcher(device, api)
-    return run(launcher, prepared, current_stream(device) if stream is None else stream)
+    return run(launcher, plan, current_stream(device) if stream is None else stream)

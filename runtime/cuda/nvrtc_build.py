@@ -4,6 +4,10 @@ Why this module exists: the kernels are compiled for the GPU's own architecture 
 use (no nvcc needed at install time), and a second process must not pay that again. The
 cache key is the hash of every ``.cu``/``.cuh`` source here, the arch, the options and the
 NVRTC version; the cache lives under ``$SAS_COMPILE_CACHE`` or ``~/.cache/sas_compile``.
+
+Modules: ``sas_compress`` (S(x) -> compressed operand), ``spmma`` (mma.sp GEMM, any sm_80+
+arch) and ``spwgmma`` (wgmma.mma_async.sp GEMM, built for ``sm_90a`` only: it runs on sm_90
+devices). :func:`module_of` maps a kernel to its module explicitly.
 """
 from __future__ import annotations
 
@@ -27,10 +31,17 @@ __all__ = [
     "build_module",
     "compile_all",
     "kernel_names",
+    "module_of",
+    "modules_for",
+    "build_arch",
+    "compile_source",
 ]
 
 KERNEL_DIR = Path(__file__).resolve().parent
-MODULES = ("sas_gemm", "sws_gemm")  # one .cu file, one cubin, several kernels each
+MODULES = ("sas_compress", "spmma", "spwgmma")  # one .cu file, one cubin, several kernels each
+# modules that need an architecture-specific target: module -> {device arch: build arch}
+ARCH_SPECIFIC = {"spwgmma": {"sm_90": "sm_90a"}}
+_KERNEL_MACROS = r"(?:COMPRESS|SPMMA|SPWGMMA)_KERNEL"
 DEFAULT_OPTIONS = ("-std=c++17", "-lineinfo")
 _ARCH_RE = re.compile(r"^(sm|compute)_(\d+)[a-z]?$")
 
@@ -100,6 +111,30 @@ def _normalize_arch(arch: str) -> str:
     return "sm_" + arch.split("_", 1)[1]
 
 
+def _device_arch(arch: str) -> str:
+    """The device architecture of an arch name: 'sm_90a' -> 'sm_90'."""
+    return _normalize_arch(arch).rstrip("a")
+
+
+def modules_for(arch: str) -> Tuple[str, ...]:
+    """The modules that build (and run) for a device of this architecture."""
+    dev = _device_arch(arch)
+    return tuple(m for m in MODULES if m not in ARCH_SPECIFIC or dev in ARCH_SPECIFIC[m])
+
+
+def build_arch(module: str, arch: str) -> str:
+    """The ``--gpu-architecture`` a module is compiled with for a device of ``arch``."""
+    dev = _device_arch(arch)
+    if module in ARCH_SPECIFIC:
+        if dev not in ARCH_SPECIFIC[module]:
+            raise ValueError(
+                f"module {module!r} runs only on {sorted(ARCH_SPECIFIC[module])} (it uses "
+                f"architecture-specific instructions); arch={arch!r}"
+            )
+        return ARCH_SPECIFIC[module][dev]
+    return dev
+
+
 def _options(arch: str, extra: Sequence[str]) -> List[str]:
     return [
         f"--gpu-architecture={arch}",
@@ -110,10 +145,11 @@ def _options(arch: str, extra: Sequence[str]) -> List[str]:
     ]
 
 
-def _compile(module: str, arch: str, options: List[str]) -> BuildResult:
+def _compile(module: str, arch: str, options: List[str], source: Optional[bytes] = None) -> BuildResult:
     nvrtc = _nvrtc()
     path = KERNEL_DIR / f"{module}.cu"
-    prog = _check(nvrtc.nvrtcCreateProgram(path.read_bytes(), path.name.encode(), 0, [], []),
+    text = path.read_bytes() if source is None else source
+    prog = _check(nvrtc.nvrtcCreateProgram(text, path.name.encode(), 0, [], []),
                   "nvrtcCreateProgram")
     try:
         status = nvrtc.nvrtcCompileProgram(prog, len(options), [o.encode() for o in options])[0]
@@ -138,7 +174,7 @@ def build_module(module: str, arch: str = "sm_80", *, extra_options: Sequence[st
     """Compile ``<module>.cu`` for ``arch`` (cached on disk) and return cubin and log."""
     if module not in MODULES:
         raise ValueError(f"unknown kernel module {module!r}; known modules: {list(MODULES)}")
-    arch = _normalize_arch(arch)
+    arch = build_arch(module, arch)
     options = _options(arch, extra_options)
     key = hashlib.sha256(
         "\0".join([source_hash(), module, arch, *options, repr(nvrtc_version())]).encode()
@@ -154,6 +190,13 @@ def build_module(module: str, arch: str = "sm_80", *, extra_options: Sequence[st
     return result
 
 
+def compile_source(source: str, arch: str = "sm_80", name: str = "probe") -> BuildResult:
+    """Compile a kernel source that is not one of the modules (no cache), with the modules'
+    options and include path: for tests of the build and of the static checks."""
+    arch = _normalize_arch(arch)
+    return _compile(name, arch, _options(arch, ()), source.encode())
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     # concurrent processes may build the same key: write aside, then rename
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,12 +208,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def compile_all(arch: str = "sm_80", *, use_cache: bool = True,
                 with_logs: bool = False) -> Dict[str, bytes]:
-    """Every kernel module's cubin for ``arch``: ``{module name: cubin bytes}``.
+    """Every kernel module's cubin for a device of ``arch``: ``{module name: cubin bytes}``
+    (``spwgmma`` only for sm_90, built as sm_90a).
 
     With ``with_logs`` the values are :class:`BuildResult` (cubin plus ptxas log) instead.
     """
-    with ThreadPoolExecutor(max_workers=min(len(MODULES), os.cpu_count() or 1)) as pool:
-        results = list(pool.map(lambda m: build_module(m, arch, use_cache=use_cache), MODULES))
+    modules = modules_for(arch)
+    with ThreadPoolExecutor(max_workers=min(len(modules), os.cpu_count() or 1)) as pool:
+        results = list(pool.map(lambda m: build_module(m, arch, use_cache=use_cache), modules))
     return {r.module: (r if with_logs else r.cubin) for r in results}
 
 
@@ -179,5 +224,20 @@ def kernel_names(module: Optional[str] = None) -> List[str]:
     names = []
     for mod in MODULES if module is None else (module,):
         text = (KERNEL_DIR / f"{mod}.cu").read_text()
-        names += re.findall(r"^(?:SAS|SWS)_GEMM_KERNEL\((\w+),", text, flags=re.M)
+        names += re.findall(r"^" + _KERNEL_MACROS + r"\((\w+),", text, flags=re.M)
     return names
+
+
+_MODULE_OF: Dict[str, str] = {}
+
+
+def module_of(kernel: str) -> str:
+    """The module (``.cu`` file, cubin) that defines ``kernel``."""
+    if not _MODULE_OF:
+        for mod in MODULES:
+            for name in kernel_names(mod):
+                _MODULE_OF[name] = mod
+    try:
+        return _MODULE_OF[kernel]
+    except KeyError:
+        raise KeyError(f"kernel {kernel!r} is defined in none of the modules {list(MODULES)}") from None
