@@ -29,7 +29,7 @@ from .capture import clean_module_path
 from .plan import LayerPlan, Plan
 
 __all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layers_from_modules",
-           "layer_plan_from_module", "already_sas_reason", "LINEAR_FUNCTIONS", "CONV_FUNCTIONS"]
+           "layer_plan_from_module", "already_sas_reason", "parameter_holders", "LINEAR_FUNCTIONS", "CONV_FUNCTIONS"]
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 CONV_FUNCTIONS = {
@@ -435,6 +435,24 @@ def _other_weight_uses(gm: fx.GraphModule, model: Optional[nn.Module],
                 continue
             uses[key].append(f"{full} ({type(mod).__name__})")
     return {key: list(dict.fromkeys(found)) for key, found in uses.items()}
+
+
+def parameter_holders(model: nn.Module) -> Dict[int, List[str]]:
+    """``id(Parameter) -> every name it is held under`` (``named_parameters`` lists only the first).
+
+    A parametrized weight is named after what it computes: ``fc.parametrizations.weight.original``
+    is listed as ``fc.weight``.
+    """
+    holders: Dict[int, List[str]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            full = f"{path}.{pname}" if path else pname
+            if ".parametrizations." in full and full.endswith(".original"):
+                full = full.replace(".parametrizations.", ".")[: -len(".original")]
+            names = holders.setdefault(id(p), [])
+            if full not in names:
+                names.append(full)
+    return holders
 
 
 def _graph_tensor(gm: nn.Module, target: str) -> Optional[torch.Tensor]:

@@ -10,20 +10,22 @@ import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
-from torch import nn
+import torch
+from torch import fx, nn
 
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
 from .passes.capture import capture
 from .passes.pipeline import SAS_REWRITE, analyze_model, run_passes
 from .passes.plan import Plan
 from .passes.rewrite_layers_to_sas import is_module_swap, swap_sas_modules
+from .runtime.layers import SAS_LAYERS
 from .runtime.projection import check_M, get_rule
 
 log = logging.getLogger("sas_compile")
 
-__all__ = ["SASConfig", "sasify", "apply_sas_plan", "INNER_COMPILERS"]
+__all__ = ["SASConfig", "sasify", "apply_sas_plan", "existing_sas_layers", "INNER_COMPILERS"]
 
 INNER_COMPILERS = ("inductor", "eager", "aot_eager")
 
@@ -83,6 +85,20 @@ def apply_sas_plan(plan: Plan, config: SASConfig) -> nn.Module:
     if plan.capture == "symbolic_trace":
         plan.graph_after += "\n" + capture(model, allow_export=False).gm.code
     return model
+
+
+def existing_sas_layers(model: nn.Module) -> List[str]:
+    """The SAS layers already in ``model``: ``path (M=..)`` of each SAS module and ``sas::`` call.
+
+    What another conversion must not pass over silently: SWS and SWAT start from a dense model.
+    """
+    found = [f"{path} (M={mod.M})" for path, mod in model.named_modules() if isinstance(mod, SAS_LAYERS)]
+    for path, mod in model.named_modules():
+        if isinstance(mod, fx.GraphModule):
+            prefix = f"{path}." if path else ""
+            found += [f"{prefix}{node.name} ({node.target})" for node in mod.graph.nodes
+                      if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "sas"]
+    return found
 
 
 def _warn_existing_sas_layers(plan: Plan, M: int) -> None:
