@@ -299,12 +299,8 @@ def _existing_sas_call(node: fx.Node, gm: fx.GraphModule) -> Optional[LayerPlan]
     M = int(_arg(node, m_index, "M"))
     w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
     target = w.target if isinstance(w, fx.Node) and w.op == "get_attr" else getattr(w, "name", str(w))
-    shape = _shape(w) if isinstance(w, fx.Node) and w.op != "get_attr" else None
-    if isinstance(w, fx.Node) and w.op == "get_attr":
-        try:
-            shape = tuple(gm.get_parameter(w.target).shape)
-        except AttributeError:
-            shape = None
+    tensor = _graph_tensor(gm, w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+    shape = tuple(tensor.shape) if tensor is not None else _shape(w)
     name = target[: -len(".weight")] if target.endswith(".weight") else target
     groups = int(_arg(node, 6, "groups", 1)) if op == "conv2d" else 1
     out_c, in_c = (shape[0], shape[1] // M * groups) if shape else (-1, -1)

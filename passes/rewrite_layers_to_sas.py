@@ -227,7 +227,7 @@ def swap_sas_modules(model: nn.Module, plan: Plan, config) -> List[str]:
         if id(relu) in built:
             continue
         # exact: this ReLU's one call feeds only the SAS layer, which now reads its input
-        built[id(relu)] = identity = nn.Identity()
+        built[id(relu)] = identity = nn.Identity().train(relu.training)
         for path in paths[id(relu)]:
             set_submodule(model, path, identity)
             swapped.append(path)
