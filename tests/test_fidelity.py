@@ -22,7 +22,7 @@ import sas_compile
 from sas_compile.layers import SASConv2d, SASLinear
 from sas_compile.runtime.projection import expand_dense_weight
 from sas_compile.swat import BitmaskReLU, SWATLinear
-from sas_compile.sws import OneOfMMask
+from sas_compile.sws import OneOfMMask, one_of_m_mask
 
 
 def parameter_holders(model: nn.Module):
@@ -292,9 +292,13 @@ def test_swsify_frozen_mask_survives_a_state_dict_round_trip(tmp_path):
 
 
 def test_user_registered_frozen_mask_loads_before_its_first_forward():
+    torch.manual_seed(0)
     layer = nn.Linear(8, 4)
     parametrize.register_parametrization(layer, "weight", OneOfMMask(4, freeze_mask=True), unsafe=True)
     first = layer.weight != 0
+    with torch.no_grad():  # training moves the weights; the frozen mask stays
+        layer.parametrizations.weight.original.copy_(torch.randn(4, 8))
+    assert not torch.equal(one_of_m_mask(layer.parametrizations.weight.original, 4), first)
     state = layer.state_dict()
     other = nn.Linear(8, 4)
     parametrize.register_parametrization(other, "weight", OneOfMMask(4, freeze_mask=True), unsafe=True)
