@@ -194,6 +194,7 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
     raw = raw_input_nodes(gm, set(parameters))
     layers: List[LayerPlan] = []
     sites: Dict[object, List[LayerPlan]] = {}
+    weights: List[torch.Tensor] = []  # alive until the groups are resolved: their ids are the group keys
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), SAS_LAYERS):
             mod = gm.get_submodule(node.target)
@@ -219,6 +220,7 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
                                                     plan.capture, plan.model)
         layers.append(layer)
         # one group per weight tensor, whatever name each call site reaches it by
+        weights.append(weight)
         group = sites.setdefault(id(weight) if weight is not None else target, [])
         layer.weight_group = group[0].weight_target if group else target
         group.append(layer)

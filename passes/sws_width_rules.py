@@ -17,7 +17,7 @@ and ``aten.relu.default`` are all ``"relu"``), see :func:`op_name`.
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
@@ -119,7 +119,8 @@ class WidthWalk:
         self.env: Dict[str, Any] = {}
         self.params: Dict[str, List[Dim]] = {}
         self.layers: Dict[str, LayerSite] = {}
-        self._tensor_dims: Dict[int, List[Dim]] = {}  # id(tensor) -> its dims, whatever it is called
+        # id(tensor) -> (tensor, its dims), whatever it is called; the tensor kept alive so its id stays its own
+        self._tensor_dims: Dict[int, Tuple[torch.Tensor, List[Dim]]] = {}
 
     # ---- dims
     def fresh(self, size, reason="not a channel width") -> Dim:
@@ -133,12 +134,11 @@ class WidthWalk:
         """
         dims = self.params.get(target)
         if dims is None:
-            dims = self._tensor_dims.get(id(tensor)) if tensor is not None else None
-            if dims is None:
-                dims = [self.uf.new(s) for s in shape]
+            known = self._tensor_dims.get(id(tensor)) if tensor is not None else None
+            dims = known[1] if known is not None else [self.uf.new(s) for s in shape]
             self.params[target] = dims
             if tensor is not None:
-                self._tensor_dims.setdefault(id(tensor), dims)
+                self._tensor_dims.setdefault(id(tensor), (tensor, dims))
         return dims
 
     def dims(self, arg) -> Optional[List[Dim]]:
