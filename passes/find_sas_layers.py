@@ -14,16 +14,16 @@ tie holds; ``LayerPlan.shared_with`` names the group either way.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from sas_compile.runtime.layers import SAS_LAYERS
 from sas_compile.runtime import sas_ops  # noqa: F401  (registers torch.ops.sas.*)
+from sas_compile.runtime.layers import SAS_LAYERS
 
 from .capture import clean_module_path
 from .plan import LayerPlan, Plan
