@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
-from .passes.capture import capture
+from .passes.capture import CaptureError, capture
 from .passes.pipeline import SAS_REWRITE, analyze_model, run_passes
 from .passes.plan import Plan
 from .passes.rewrite_layers_to_sas import is_module_swap, swap_sas_modules
@@ -83,7 +83,10 @@ def apply_sas_plan(plan: Plan, config: SASConfig) -> nn.Module:
     lines = "\n".join(f"# {p} -> {type(model.get_submodule(p)).__name__}" for p in sorted(swapped))
     plan.graph_after = f"# {plan.capture} capture: modules swapped in a copy of the model, no graph rewrite\n" + lines
     if plan.capture == "symbolic_trace":
-        plan.graph_after += "\n" + capture(model, allow_export=False).gm.code
+        try:
+            plan.graph_after += "\n" + capture(model, allow_export=False).gm.code
+        except CaptureError:  # the list of swaps above is then the record
+            pass
     return model
 
 

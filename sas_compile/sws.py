@@ -24,8 +24,9 @@ chunk keeps one. This gives the paper's count ``ceil(in * out / M)`` exactly; wh
 ``fan_in % M != 0`` a chunk may straddle two rows (such a layer cannot be packed into
 2:4 rows; ``export_sws_weights`` says so). The mask is recomputed every forward in training
 with a straight-through gradient (the dense weight gets the gradient of the masked one),
-so masks follow weight updates; ``freeze_mask=True`` computes it once and trains only the
-kept weights. In eval mode, without autograd, the masked weight is cached until the weight
+so masks follow weight updates; ``freeze_mask=True`` computes it once, at build, keeps it in
+the state_dict (a reloaded checkpoint computes with the mask it was trained with) and trains
+only the kept weights. In eval mode, without autograd, the masked weight is cached until the weight
 changes or the model goes back to training.
 """
 from __future__ import annotations
