@@ -154,10 +154,12 @@ def sasify(model: nn.Module, *, M: int = 2, example_inputs=None, filter_fn: Opti
         indexing, custom methods and ``isinstance`` keep working) whenever the rewrite is a
         pure module swap: every converted layer is an ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``
         module, and every folded ReLU an ``nn.ReLU`` module called once and read only by the
-        SAS layer (it becomes ``nn.Identity``); always for a ``torch.export`` capture. A
-        ``torch.fx.GraphModule`` only where the graph itself changes: a ReLU folded that a
-        module swap cannot express (``F.relu``, a ReLU module called twice or read elsewhere)
-        or a functional ``F.linear``/``F.conv2d`` call rewritten. Either way every converted
+        SAS layer (it becomes ``nn.Identity``, and the SAS layer computes ``layer(relu(x))``,
+        also when called on its own; ``fold_relu=False`` keeps every ReLU module as it is);
+        always for a ``torch.export`` capture. A ``torch.fx.GraphModule`` only where the
+        graph itself changes: a ReLU folded that a module swap cannot express (``F.relu``, a
+        ReLU module called twice or read elsewhere) or a functional ``F.linear``/``F.conv2d``
+        call rewritten. Either way every converted
         parameter keeps its name, ``requires_grad``, dtype and device, and a weight shared by
         several layers stays one shared (wide) Parameter, or the group stays dense when
         something else also reads it (a tied embedding). Layers that already are SAS layers
