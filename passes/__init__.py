@@ -9,9 +9,12 @@ Capture and the plan:
 - ``costs.py``: the one table of mult and parameter formulas (per op and method).
 
 SAS:
-- ``find_sas_layers.py``: every conv/linear call, eligibility and reasons (analysis).
-- ``find_foldable_relus.py``: which SAS layers read a ReLU that folds into the projection (analysis).
-- ``rewrite_layers_to_sas.py``: SAS layers, wide weights, folded ReLUs (rewrite).
+- ``find_sas_layers.py``: every conv/linear call, eligibility and reasons, call sites grouped by
+  their weight tensor (ties) (analysis).
+- ``find_foldable_relus.py``: which SAS layers read a ReLU that folds into the projection, and
+  which folds a module swap expresses (analysis).
+- ``rewrite_layers_to_sas.py``: SAS layers, wide weights, folded ReLUs (rewrite); the same plan
+  as a module swap in a copy of the user's model when nothing else changes.
 - ``lower_sas_to_projection.py``: on GPU graphs, projection + cuBLAS/cuDNN as aten ops (lowering).
 
 SWS:

@@ -10,9 +10,15 @@ reason on each layer); ``rewrite_layers_to_sas`` performs the fold.
 One rule for every capture: a ReLU folds when the rewrite changes the graph (symbolic-trace
 and dynamo captures). A torch.export capture is rewritten by swapping modules in the user's
 model, whose own code applies the ReLU, so there nothing folds.
+
+A fold that a module swap can express is marked too (``relu_module``): an ``nn.ReLU`` module
+called at exactly one site whose only reader is the SAS layer can become ``nn.Identity`` in a
+copy of the user's model, so the model keeps its class (``nn.Sequential`` CNNs). A ReLU
+module called at two sites, or read by anything else, cannot: the graph itself must change.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Dict, List, Optional
 
 import torch
@@ -52,8 +58,9 @@ def find_foldable_relus(gm: fx.GraphModule, plan: Plan, config) -> Plan:
     ``config.fold_relu=False`` folds nothing.
     """
     groups: Dict[str, List] = {}
+    calls_per_module = Counter(id(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module")
     for layer in plan.eligible():
-        layer.fold_relu, layer.relu_node = False, None
+        layer.fold_relu, layer.relu_node, layer.relu_module = False, None, None
         if not getattr(config, "fold_relu", True):
             layer.fold_relu_reason = "fold_relu=False"
             continue
@@ -71,7 +78,10 @@ def find_foldable_relus(gm: fx.GraphModule, plan: Plan, config) -> Plan:
             reason = "in-place ReLU whose input is read elsewhere"
         layer.fold_relu_reason = reason
         layer.relu_node = x.name if z is not None else None
-        groups.setdefault(layer.weight_target, []).append(layer)
+        if (reason is None and x.op == "call_module" and list(x.users) == [layer.call.node]
+                and calls_per_module[id(gm.get_submodule(x.target))] == 1):
+            layer.relu_module = x.target  # a swap for nn.Identity folds it exactly
+        groups.setdefault(layer.weight_group or layer.weight_target, []).append(layer)
     for group in groups.values():
         fold = all(layer.fold_relu_reason is None for layer in group)
         for layer in group:

@@ -5,9 +5,16 @@ others stay dense; this pass is the one place that decides. It matches every spe
 (modules, ``F.linear``/``F.conv2d``/``torch.conv2d``, ATen ops from torch.export, dynamo's
 ``torch._C._nn.linear``), groups call sites that share a weight, applies the input-layer
 policy and the user's ``filter_fn``, and records shapes when the capture carried them.
+
+A shared weight is one tensor, whatever its names: call sites are grouped by the tensor
+itself (two ``nn.Linear`` whose ``weight`` is one Parameter, a module called twice), so the
+rewrite gives the whole group one wide weight. A weight that anything else also reads (a
+tied embedding, a module that is not a conv/linear call) keeps the whole group dense, so the
+tie holds; ``LayerPlan.shared_with`` names the group either way.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -15,13 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from sas_compile.runtime import sas_ops  # noqa: F401  (registers torch.ops.sas.*)
 from sas_compile.runtime.layers import SAS_LAYERS
 
 from .capture import clean_module_path
 from .plan import LayerPlan, Plan
 
 __all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layers_from_modules",
-           "OPAQUE_PROJECTION_MODULES", "layer_plan_from_module", "LINEAR_FUNCTIONS", "CONV_FUNCTIONS"]
+           "OPAQUE_PROJECTION_MODULES", "layer_plan_from_module", "already_sas_reason", "parameter_holders",
+           "LINEAR_FUNCTIONS", "CONV_FUNCTIONS"]
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 CONV_FUNCTIONS = {
@@ -189,7 +198,8 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
     parameters, sources = plan.parameters, plan.sources
     raw = raw_input_nodes(gm, set(parameters))
     layers: List[LayerPlan] = []
-    sites: Dict[str, List[LayerPlan]] = {}
+    sites: Dict[object, List[LayerPlan]] = {}
+    weights: List[torch.Tensor] = []  # alive until the groups are resolved: their ids are the group keys
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), SAS_LAYERS):
             mod = gm.get_submodule(node.target)
@@ -197,6 +207,10 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
             continue
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), OPAQUE_PROJECTION_MODULES):
             layers.append(_opaque_module_layer(node, gm.get_submodule(node.target)))
+            continue
+        existing = _existing_sas_call(node, gm)
+        if existing is not None:
+            layers.append(existing)
             continue
         call = match_layer_call(node, gm)
         if call is None:
@@ -216,8 +230,12 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
         layer.eligible, layer.reason = _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm,
                                                     plan.capture, plan.model)
         layers.append(layer)
-        sites.setdefault(target, []).append(layer)
-    _resolve_shared_weights(sites)
+        # one group per weight tensor, whatever name each call site reaches it by
+        weights.append(weight)
+        group = sites.setdefault(id(weight) if weight is not None else target, [])
+        layer.weight_group = group[0].weight_target if group else target
+        group.append(layer)
+    _resolve_shared_weights(sites, _other_weight_uses(gm, plan.model, sites))
     plan.layers = layers
     plan.graph_before = gm.code
     return plan
@@ -250,7 +268,7 @@ def layers_from_modules(model: nn.Module, config) -> List[LayerPlan]:
     layers, first = [], True
     for fqn, mod in model.named_modules():
         if isinstance(mod, SAS_LAYERS):
-            layer = layer_plan_from_module(fqn, fqn, mod, False, f"already a SAS layer (M={mod.M})")
+            layer = layer_plan_from_module(fqn, fqn, mod, False, already_sas_reason(mod.M))
             layer.sas_M = mod.M
         elif isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             eligible, reason = True, None
@@ -269,8 +287,13 @@ def layers_from_modules(model: nn.Module, config) -> List[LayerPlan]:
     return layers
 
 
+def already_sas_reason(M: int) -> str:
+    """Why an existing SAS layer is left as it is (a trained wide weight is never re-expanded)."""
+    return f"already a SAS layer (M={M}): stays at its M, its wide weight is not re-expanded"
+
+
 def _existing_sas_layer(node: fx.Node, mod) -> LayerPlan:
-    layer = layer_plan_from_module(node.target, node.name, mod, False, f"already a SAS layer (M={mod.M})")
+    layer = layer_plan_from_module(node.target, node.name, mod, False, already_sas_reason(mod.M))
     layer.sas_M = mod.M
     layer.input_shape = _shape(node.args[0]) if node.args else None
     layer.output_shape = _shape(node)
@@ -284,6 +307,30 @@ def _opaque_module_layer(node: fx.Node, mod: nn.Module) -> LayerPlan:
     layer = LayerPlan(node.target, node.name, cls.lower(), False, reason, 0, 0, module_target=node.target,
                       weight_kind="module")
     layer.input_shape = _shape(node.args[0]) if node.args else None
+    return layer
+
+
+# the sas:: ops a rewritten graph calls on its own wide weights, and where their M argument is
+_SAS_OPS = {torch.ops.sas.linear.default: ("linear", 3), torch.ops.sas.conv2d.default: ("conv2d", 7)}
+
+
+def _existing_sas_call(node: fx.Node, gm: fx.GraphModule) -> Optional[LayerPlan]:
+    """A LayerPlan (not eligible, ``sas_M`` set) for a ``sas::linear`` / ``sas::conv2d`` call, else None."""
+    if node.op != "call_function" or node.target not in _SAS_OPS:
+        return None
+    op, m_index = _SAS_OPS[node.target]
+    M = int(_arg(node, m_index, "M"))
+    w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    target = w.target if isinstance(w, fx.Node) and w.op == "get_attr" else getattr(w, "name", str(w))
+    tensor = _graph_tensor(gm, w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+    shape = tuple(tensor.shape) if tensor is not None else _shape(w)
+    name = target[: -len(".weight")] if target.endswith(".weight") else target
+    groups = int(_arg(node, 6, "groups", 1)) if op == "conv2d" else 1
+    out_c, in_c = (shape[0], shape[1] // M * groups) if shape else (-1, -1)
+    kernel = tuple(shape[2:]) if shape and op == "conv2d" else ()
+    layer = LayerPlan(name, node.name, op, False, already_sas_reason(M), in_c, out_c, kernel, groups=groups,
+                      has_bias=b is not None, weight_target=target, weight_kind="attr", sas_M=M)
+    layer.input_shape, layer.output_shape = _shape(node.args[0]), _shape(node)
     return layer
 
 
@@ -333,10 +380,16 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
         owner_path = layer.weight_target.rsplit(".", 1)[0] if "." in layer.weight_target else ""
         stack = call.node.meta.get("nn_module_stack") or {}
         last = list(stack.values())[-1] if stack else None
+        if last is not None and model is not None:
+            # the module the call ran in; export may name a tied weight after another of its owners
+            stack_path = clean_module_path(last[0])
+            stack_owner = _get_submodule(model, stack_path)
+            if isinstance(stack_owner, (nn.Linear, nn.Conv1d, nn.Conv2d)) and stack_owner.weight is weight:
+                owner_path = stack_path
         owner = _get_submodule(model, owner_path) if model is not None else None
         is_module_call = (last is not None and clean_module_path(last[0]) == owner_path
                           and isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d))
-                          and layer.weight_target.endswith(".weight"))
+                          and (owner.weight is weight or layer.weight_target == f"{owner_path}.weight"))
         if not is_module_call:
             return False, ("functional call in a model that symbolic tracing cannot capture: only "
                            "nn.Linear/nn.Conv modules are swapped there; torch.compile(model, backend='sas') converts it")
@@ -346,20 +399,129 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
     return True, None
 
 
-def _resolve_shared_weights(sites: Dict[str, List[LayerPlan]]) -> None:
-    """Call sites sharing a weight convert together or not at all (one wide weight serves all)."""
-    for target, group in sites.items():
-        if len(group) < 2:
+def _other_weight_uses(gm: fx.GraphModule, model: Optional[nn.Module],
+                       sites: Dict[object, List[LayerPlan]]) -> Dict[object, List[str]]:
+    """Per weight group: what else reads or holds that weight tensor besides its conv/linear call sites.
+
+    Graph uses (a module call that is not one of the sites, e.g. the ``nn.Embedding`` of a
+    tied LM head, or a ``get_attr`` read by another op) and modules of ``model`` (or ``gm``)
+    that hold the tensor under another name without being one of the sites' modules.
+    """
+    uses: Dict[object, List[str]] = {key: [] for key in sites if isinstance(key, int)}
+    if not uses:
+        return uses
+    by_node = {layer.node: layer for group in sites.values() for layer in group}
+    site_modules: Dict[object, set] = {key: set() for key in uses}
+    attr_targets: Dict[object, set] = {key: set() for key in uses}
+    for key in uses:
+        for layer in sites[key]:
+            call = layer.call
+            if call.module is not None:
+                site_modules[key].add(id(call.module))
+            elif model is not None and layer.module_target is not None:  # export: the swapped module
+                owner = _get_submodule(model, layer.module_target)
+                if owner is not None:
+                    site_modules[key].add(id(owner))
+            if layer.weight_kind == "attr":
+                attr_targets[key].add(layer.weight_target)
+    called = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            called.add(id(mod))
+            for pname, p in mod.named_parameters(remove_duplicate=False):
+                site = by_node.get(node.name)
+                if id(p) in uses and not (site is not None and pname == "weight" and site.call.module is mod):
+                    uses[id(p)].append(f"{node.target} ({type(mod).__name__})")
+        elif node.op == "get_attr":
+            t = _graph_tensor(gm, node.target)
+            if t is None or id(t) not in uses:
+                continue
+            for user in node.users:
+                site = by_node.get(user.name)
+                if site is None or site.call is None or site.call.weight is not node:
+                    uses[id(t)].append(f"{user.name} ({_op_name(user)})")
+    root = model if model is not None else gm
+    for path, mod in root.named_modules(remove_duplicate=False):
+        if id(mod) in called:
+            continue  # a module call of the graph: judged above
+        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            key = id(p)
+            if key not in uses:
+                continue
+            full = f"{path}.{pname}" if path else pname
+            if (id(mod) in site_modules[key] and pname == "weight") or full in attr_targets[key]:
+                continue
+            uses[key].append(f"{full} ({type(mod).__name__})")
+    return {key: list(dict.fromkeys(found)) for key, found in uses.items()}
+
+
+def parameter_holders(model: nn.Module) -> Dict[int, List[str]]:
+    """``id(Parameter) -> every name it is held under`` (``named_parameters`` lists only the first).
+
+    A parametrized weight is named after what it computes: ``fc.parametrizations.weight.original``
+    is listed as ``fc.weight``.
+    """
+    holders: Dict[int, List[str]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            full = f"{path}.{pname}" if path else pname
+            if ".parametrizations." in full and full.endswith(".original"):
+                full = full.replace(".parametrizations.", ".")[: -len(".original")]
+            names = holders.setdefault(id(p), [])
+            if full not in names:
+                names.append(full)
+    return holders
+
+
+def _graph_tensor(gm: nn.Module, target: str) -> Optional[torch.Tensor]:
+    try:
+        value = gm.get_parameter(target)
+    except AttributeError:
+        try:
+            value = gm.get_buffer(target)
+        except AttributeError:
+            return None
+    return value
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _resolve_shared_weights(sites: Dict[object, List[LayerPlan]], others: Dict[object, List[str]]) -> None:
+    """Call sites sharing a weight convert together or not at all (one wide weight serves all).
+
+    A group whose weight something else also reads (``others``) stays dense: a wide weight
+    cannot serve an embedding or another module, and two weights would untie it.
+    """
+    for key, group in sites.items():
+        other = others.get(key, [])
+        if len(group) < 2 and not other:
             continue
+        counts, seen = Counter(layer.name for layer in group), Counter()
+        for layer in group:
+            if counts[layer.name] > 1:  # one module called at several sites: number the sites
+                seen[layer.name] += 1
+                layer.name = f"{layer.name}#{seen[layer.name]}"
         names = [layer.name for layer in group]
         for i, layer in enumerate(group):
-            layer.shared_with = tuple(n for j, n in enumerate(names) if j != i)
-            if len(set(names)) == 1:
-                layer.name = f"{layer.name}#{i + 1}"
+            layer.shared_with = tuple(n for j, n in enumerate(names) if j != i) + tuple(other)
+        target = group[0].weight_target
         dense = [layer for layer in group if not layer.eligible]
-        if dense:
-            for layer in group:
-                if layer.eligible:
-                    layer.eligible = False
-                    layer.reason = (f"weight {target} is shared with {dense[0].name}, which stays dense "
-                                    f"({dense[0].reason})")
+        geometries = {(layer.op, layer.groups) for layer in group}
+        if other:
+            reason = (f"weight {target} is tied to {', '.join(other)}, which cannot read a wide weight: "
+                      "kept dense so that the tie holds")
+        elif len(geometries) > 1:
+            reason = (f"weight {target} is shared by call sites of different ops or groups "
+                      f"({', '.join(names)}): one wide weight cannot serve them")
+        elif dense:
+            reason = f"weight {target} is shared with {dense[0].name}, which stays dense ({dense[0].reason})"
+        else:
+            continue
+        for layer in group:
+            if layer.eligible:
+                layer.eligible = False
+                layer.reason = reason

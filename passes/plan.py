@@ -43,10 +43,12 @@ class LayerPlan:
     weight_target: Optional[str] = None  # attribute path of the weight (get_attr / module) or placeholder name
     module_target: Optional[str] = None  # module path when the call is a module call
     weight_kind: str = "module"
-    shared_with: Tuple[str, ...] = ()  # other call sites using the same weight
+    weight_group: Optional[str] = None  # the call sites of one weight tensor share this key (its first site's weight_target)
+    shared_with: Tuple[str, ...] = ()  # the other users of the same weight: call sites, tied modules
     input_is_graph_input: bool = False
     fold_relu: bool = False  # the SAS layer reads the pre-ReLU tensor
     relu_node: Optional[str] = None
+    relu_module: Optional[str] = None  # an nn.ReLU module a module swap can replace with nn.Identity for the fold
     fold_relu_reason: Optional[str] = None  # why the ReLU does not fold (None when it does or there is none)
     sas_M: Optional[int] = None  # already a SAS layer with this M
     sws_M: Optional[int] = None  # the weight carries an SWS 1:M mask

@@ -8,11 +8,21 @@ dynamo graph (weights are graph inputs) the call becomes ``sas::linear_from_dens
 so the compiled model never serves a stale copy and never re-expands per call). The graph
 holds ops only. A folded ReLU is bypassed for the SAS layer only; it is erased when nothing
 else reads it.
+
+What is converted keeps what the user set on it: ``requires_grad``, dtype, device, names,
+the train/eval flag, and ties: every call site of one dense weight gets the same wide
+Parameter, and a bias stays the very Parameter it was (so a tied bias stays tied).
+
+When the change is a pure module swap (:func:`is_module_swap`: every converted call is a
+module call, every folded ReLU an ``nn.ReLU`` module that a swap for ``nn.Identity``
+expresses), :func:`swap_sas_modules` applies the same plan to a copy of the user's model, so
+it keeps its class.
 """
 from __future__ import annotations
 
 import logging
-from typing import Dict, List
+from collections import defaultdict
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +38,7 @@ from .plan import LayerPlan, Plan
 
 log = logging.getLogger("sas_compile.passes")
 
-__all__ = ["rewrite_layers_to_sas", "swap_sas_modules", "sas_module", "set_submodule"]
+__all__ = ["rewrite_layers_to_sas", "swap_sas_modules", "is_module_swap", "sas_module", "set_submodule"]
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -37,15 +47,41 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-def sas_module(dense: nn.Module, M: int, fold: bool, rule: str) -> nn.Module:
-    """The SAS layer computing the same function as ``dense`` (``dense(relu(x))`` if folded)."""
+def sas_module(dense: nn.Module, M: int, fold: bool, rule: str, wide: Optional[nn.Parameter] = None) -> nn.Module:
+    """The SAS layer computing the same function as ``dense`` (``dense(relu(x))`` if folded).
+
+    It keeps ``dense``'s bias Parameter itself and its train/eval flag; ``wide``, when given,
+    is the wide weight of another SAS layer of the same dense weight, which it then shares.
+    """
     if isinstance(dense, nn.Linear):
-        return SASLinear.from_dense(dense, M, fold_relu=fold, rule=rule)
-    if isinstance(dense, nn.Conv2d):
-        return SASConv2d.from_dense(dense, M, fold_relu=fold, rule=rule)
-    if isinstance(dense, nn.Conv1d):
-        return SASConv1d.from_dense(dense, M, fold_relu=fold, rule=rule)
-    raise TypeError(f"no SAS layer for {type(dense).__name__}")
+        new = SASLinear.from_dense(dense, M, fold_relu=fold, rule=rule)
+    elif isinstance(dense, nn.Conv2d):
+        new = SASConv2d.from_dense(dense, M, fold_relu=fold, rule=rule)
+    elif isinstance(dense, nn.Conv1d):
+        new = SASConv1d.from_dense(dense, M, fold_relu=fold, rule=rule)
+    else:
+        raise TypeError(f"no SAS layer for {type(dense).__name__}")
+    if wide is not None:
+        new.weight = wide
+    if dense.bias is not None:
+        new.bias = dense.bias  # the caller's copy: a bias tied to another module stays tied
+    new.train(dense.training)
+    return new
+
+
+def _wide_like(dense: torch.Tensor, M: int, fold: bool, rule: str, groups: int) -> torch.Tensor:
+    """The wide version of a functional call's weight: a Parameter with its requires_grad, or a plain tensor."""
+    with torch.no_grad():
+        wide = expand_dense_weight(dense.detach(), M, fold_relu=fold, rule=rule, groups=groups)
+    return nn.Parameter(wide, requires_grad=dense.requires_grad) if isinstance(dense, nn.Parameter) else wide
+
+
+def _set_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
+    if isinstance(value, nn.Parameter):
+        owner.register_parameter(name, value)
+    else:  # a buffer stays a buffer (and stays out of the optimizer)
+        persistent = name not in owner._non_persistent_buffers_set
+        owner.register_buffer(name, value, persistent=persistent)
 
 
 def _emit_sas_call(graph: fx.Graph, layer: LayerPlan, call, x, weight, M: int, rule: str, from_dense: bool,
@@ -86,39 +122,42 @@ def rewrite_layers_to_sas(gm: fx.GraphModule, plan: Plan, config) -> Plan:
     nodes: Dict[str, fx.Node] = {n.name: n for n in gm.graph.nodes}
     groups: Dict[str, List[LayerPlan]] = {}
     for layer in plan.eligible():
-        groups.setdefault(layer.weight_target, []).append(layer)
+        groups.setdefault(layer.weight_group or layer.weight_target, []).append(layer)
     # match on this graph (a copy of the analysed one), every site before any module is swapped
     calls = {layer.node: match_layer_call(nodes[layer.node], gm) for layer in plan.eligible()}
     changed = 0
-    for target, group in groups.items():
+    for group in groups.values():
         fold = group[0].fold_relu
-        kind = group[0].weight_kind
-        if kind == "attr":
-            owner_path, _, pname = target.rpartition(".")
-            owner = gm.get_submodule(owner_path) if owner_path else gm
-            dense_weight = getattr(owner, pname)
-            with torch.no_grad():
-                wide = expand_dense_weight(dense_weight.detach(), M, fold_relu=fold, rule=rule, groups=group[0].groups)
-            owner.register_parameter(pname, nn.Parameter(wide, requires_grad=dense_weight.requires_grad))
-        swapped = set()
-        for layer in group:
+        wide = None  # the one wide weight of this group's dense weight
+        built: Dict[int, nn.Module] = {}
+        # module calls first: their SAS layer's wide weight then serves the functional calls too
+        for layer in sorted(group, key=lambda item: calls[item.node].module is None):
             call = calls[layer.node]
             node = nodes[layer.node]
             current_x = node.args[0] if node.args else node.kwargs["input"]
             x = relu_input(current_x, gm)[0] if layer.fold_relu else current_x
             if call.module is not None:
-                if call.module_path not in swapped:
-                    set_submodule(gm, call.module_path, sas_module(call.module, M, fold, rule))
-                    swapped.add(call.module_path)
+                if id(call.module) not in built:
+                    built[id(call.module)] = sas_module(call.module, M, fold, rule, wide)
+                    wide = built[id(call.module)].weight
+                    set_submodule(gm, call.module_path, built[id(call.module)])
                 node.args = (x, *node.args[1:])
-            else:
-                with gm.graph.inserting_before(node):
-                    new = _emit_sas_call(gm.graph, layer, call, x, call.weight, M, rule, kind == "placeholder", fold,
-                                         bool(getattr(config, "train_dense", False)))
-                new.meta.update(node.meta)
-                node.replace_all_uses_with(new)
-                gm.graph.erase_node(node)
-                nodes[layer.node] = new
+                changed += 1
+                continue
+            if layer.weight_kind == "attr":
+                owner_path, _, pname = layer.weight_target.rpartition(".")
+                owner = gm.get_submodule(owner_path) if owner_path else gm
+                if wide is None:
+                    wide = _wide_like(getattr(owner, pname), M, fold, rule, layer.groups)
+                if getattr(owner, pname) is not wide:
+                    _set_tensor(owner, pname, wide)
+            with gm.graph.inserting_before(node):
+                new = _emit_sas_call(gm.graph, layer, call, x, call.weight, M, rule, layer.weight_kind == "placeholder",
+                                     fold, bool(getattr(config, "train_dense", False)))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            nodes[layer.node] = new
             changed += 1
     for layer in plan.eligible():
         relu = nodes.get(layer.relu_node) if layer.fold_relu else None
@@ -142,18 +181,54 @@ def rewrite_layers_to_sas(gm: fx.GraphModule, plan: Plan, config) -> Plan:
     return plan
 
 
-def swap_sas_modules(model: nn.Module, plan: Plan, config) -> List[str]:
-    """Swap the eligible layer modules of ``model`` (a copy) for SAS layers; returns their paths.
+def is_module_swap(plan: Plan) -> bool:
+    """Whether the rewrite of ``plan`` is a pure module swap, which a copy of the user's model can take.
 
-    The rewrite of a torch.export capture: the graph cannot be turned back into the user's
-    code, but its nn.Linear / nn.Conv modules can be replaced, so the model keeps its class.
+    True when every converted call is a call of a conv/linear module and every folded ReLU is
+    an ``nn.ReLU`` module that only that call reads (``LayerPlan.relu_module``); a functional
+    call or a ReLU a swap cannot bypass changes the graph itself.
     """
+    if plan.model is None or plan.capture not in ("symbolic_trace", "export"):
+        return False
+    return all(layer.module_target is not None and layer.weight_kind != "placeholder"
+               and (not layer.fold_relu or layer.relu_module is not None) for layer in plan.eligible())
+
+
+def swap_sas_modules(model: nn.Module, plan: Plan, config) -> List[str]:
+    """Swap the eligible layer modules of ``model`` (a copy) for SAS layers; returns the swapped paths.
+
+    The rewrite of a model that keeps its class (:func:`is_module_swap`; a torch.export
+    capture always: its graph cannot be turned back into the user's code). A module
+    registered under several names is swapped under all of them; modules sharing one dense
+    weight share one wide weight; a folded ``nn.ReLU`` module becomes ``nn.Identity``.
+    """
+    M, rule = config.M, getattr(config, "rule", "sign_pattern")
+    paths: Dict[int, List[str]] = defaultdict(list)
+    for path, mod in model.named_modules(remove_duplicate=False):
+        paths[id(mod)].append(path)
+    # every module is looked up before the first swap changes any path
+    eligible = [(layer, model.get_submodule(layer.module_target)) for layer in plan.eligible()
+                if layer.module_target is not None]
+    relus = [model.get_submodule(layer.relu_module) for layer in plan.eligible()
+             if layer.fold_relu and layer.relu_module is not None]
+    built: Dict[int, nn.Module] = {}
+    wide: Dict[str, nn.Parameter] = {}
     swapped: List[str] = []
-    for layer in plan.eligible():
-        path = layer.module_target
-        if path is None or path in swapped:
+    for layer, dense in eligible:
+        if id(dense) in built:
             continue
-        set_submodule(model, path, sas_module(model.get_submodule(path), config.M, layer.fold_relu,
-                                              getattr(config, "rule", "sign_pattern")))
-        swapped.append(path)
+        key = layer.weight_group or layer.weight_target
+        built[id(dense)] = new = sas_module(dense, M, layer.fold_relu, rule, wide.get(key))
+        wide.setdefault(key, new.weight)
+        for path in paths[id(dense)]:
+            set_submodule(model, path, new)
+            swapped.append(path)
+    for relu in relus:
+        if id(relu) in built:
+            continue
+        # exact: this ReLU's one call feeds only the SAS layer, which now reads its input
+        built[id(relu)] = identity = nn.Identity().train(relu.training)
+        for path in paths[id(relu)]:
+            set_submodule(model, path, identity)
+            swapped.append(path)
     return swapped

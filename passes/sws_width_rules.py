@@ -17,7 +17,7 @@ and ``aten.relu.default`` are all ``"relu"``), see :func:`op_name`.
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
@@ -119,18 +119,26 @@ class WidthWalk:
         self.env: Dict[str, Any] = {}
         self.params: Dict[str, List[Dim]] = {}
         self.layers: Dict[str, LayerSite] = {}
+        # id(tensor) -> (tensor, its dims), whatever it is called; the tensor kept alive so its id stays its own
+        self._tensor_dims: Dict[int, Tuple[torch.Tensor, List[Dim]]] = {}
 
     # ---- dims
     def fresh(self, size, reason="not a channel width") -> Dim:
         """A dim that keeps its size."""
         return self.uf.new(size, fixed=True, reason=reason)
 
-    def param(self, target: str, shape: Sequence[int]) -> List[Dim]:
-        """The dims of a parameter/buffer, created free on first sight."""
+    def param(self, target: str, shape: Sequence[int], tensor: Optional[torch.Tensor] = None) -> List[Dim]:
+        """The dims of a parameter/buffer, created free on first sight.
+
+        One ``tensor`` under two names (a tied weight) has one set of dims: it widens as one.
+        """
         dims = self.params.get(target)
         if dims is None:
-            dims = [self.uf.new(s) for s in shape]
+            known = self._tensor_dims.get(id(tensor)) if tensor is not None else None
+            dims = known[1] if known is not None else [self.uf.new(s) for s in shape]
             self.params[target] = dims
+            if tensor is not None:
+                self._tensor_dims.setdefault(id(tensor), (tensor, dims))
         return dims
 
     def dims(self, arg) -> Optional[List[Dim]]:
@@ -198,7 +206,7 @@ class WidthWalk:
         if t is None:
             return None, None
         target = f"{node.target}.{attr}"
-        return self.param(target, tuple(t.shape)), target
+        return self.param(target, tuple(t.shape), t), target
 
     def value_param(self, arg):
         """(dims, target) of a parameter passed as a graph value ((None, None) when not a node)."""
@@ -249,7 +257,7 @@ class WidthWalk:
         if node.op == "get_attr":
             val = graph_attr(self.gm, node.target)
             if isinstance(val, torch.Tensor):
-                return list(self.param(node.target, tuple(val.shape)))
+                return list(self.param(node.target, tuple(val.shape), val))
             return None
         if node.op == "output":
             self.fix_all([self.env.get(a.name) for a in node.all_input_nodes], "network output")

@@ -8,18 +8,23 @@ modules (Conv1d and Conv2d), resized graph parameters, and the integer size argu
 reshapes that name a widened width. Parameters and modules whose shapes stay are left as
 they are. Then every layer the analysis calls sparse gets the 1:M magnitude mask
 (``runtime.sws_mask.OneOfMMask``) as a parametrization of its weight.
+
+A fresh parameter keeps ``requires_grad``, dtype and device of the one it replaces, and
+parameters that were one tensor (tied weights, which the analysis widens as one) are one
+tensor again after the rebuild: the first owner's fresh Parameter serves every owner.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import List, Optional
+from collections import defaultdict
+from typing import List, Optional, Tuple
 
 import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from sas_compile.runtime.sws_mask import OneOfMMask
+from sas_compile.runtime.sws_mask import OneOfMMask, sws_mask_of
 
 from .sws_width_model import ChannelWidths
 from .sws_width_rules import graph_attr, op_name, size_args
@@ -37,7 +42,9 @@ def widen_for_sws(gm: fx.GraphModule, widths: ChannelWidths, *, freeze_mask: boo
     ``freeze_mask`` as in ``OneOfMMask``. Records on ``gm``: ``sws_widths`` (the analysis at
     this M), ``sws_M`` and ``sws_layers`` (layer node name -> weight target, every conv/linear).
     """
+    tied = _tied_parameters(gm)
     _widen(gm, widths)
+    _retie(gm, tied)
     layers = {}
     masked = 0
     for node_name, layer in widths.layers.items():
@@ -45,14 +52,43 @@ def widen_for_sws(gm: fx.GraphModule, widths: ChannelWidths, *, freeze_mask: boo
         if layer.sparse:
             parent, _, attr = weight_target.rpartition(".")
             owner = gm.get_submodule(parent) if parent else gm
-            parametrize.register_parametrization(owner, attr, OneOfMMask(widths.M, freeze_mask), unsafe=True)
-            masked += 1
+            if sws_mask_of(owner, attr) is None:  # a module called at two sites is masked once
+                # a frozen mask is taken now, so that the state_dict holds it from the start
+                mask = OneOfMMask(widths.M, freeze_mask, weight=getattr(owner, attr))
+                parametrize.register_parametrization(owner, attr, mask, unsafe=True)
+                mask.train(owner.training)
+                masked += 1
         layers[node_name] = weight_target
     gm.sws_widths = widths
     gm.sws_M = widths.M
     gm.sws_layers = layers
     log.debug("widen_for_sws: %d of %d layers masked 1:%d", masked, len(layers), widths.M)
     return gm
+
+
+def _tied_parameters(gm: nn.Module) -> List[List[Tuple[str, str]]]:
+    """(module path, name) pairs that hold one Parameter, for every Parameter held more than once."""
+    owners = defaultdict(list)
+    for path, mod in gm.named_modules(remove_duplicate=False):
+        for name, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            owners[id(p)].append((path, name))
+    return [group for group in owners.values() if len(group) > 1]
+
+
+def _retie(gm: nn.Module, tied: List[List[Tuple[str, str]]]) -> None:
+    """Make each tied group one Parameter again: the rebuild gave every owner its own."""
+    for group in tied:
+        (path, name), rest = group[0], group[1:]
+        first = getattr(gm.get_submodule(path), name)
+        for path, name in rest:
+            owner = gm.get_submodule(path)
+            current = getattr(owner, name)
+            if current is first:
+                continue
+            if current.shape != first.shape:  # pragma: no cover - the analysis widens a tied tensor as one
+                raise RuntimeError(f"widen_for_sws: tied parameter {path}.{name} widened to {tuple(current.shape)}, "
+                                   f"its tie {group[0][0]}.{group[0][1]} to {tuple(first.shape)}")
+            owner.register_parameter(name, first)
 
 
 def _widen(gm: fx.GraphModule, widths: ChannelWidths) -> None:
@@ -90,6 +126,10 @@ def _like(old: nn.Module, new: nn.Module) -> nn.Module:
         ref = next(iter(old.buffers()), None)
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    old_params = dict(old.named_parameters())
+    for name, p in new.named_parameters():
+        if name in old_params:  # a frozen layer stays frozen
+            p.requires_grad_(old_params[name].requires_grad)
     new.train(old.training)
     return new
 

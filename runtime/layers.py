@@ -27,6 +27,14 @@ def _init_like_narrow(weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in
         nn.init.uniform_(bias, -bound, bound)
 
 
+def _parameters_like(layer: nn.Module, wide: torch.Tensor):
+    """(weight, bias) Parameters of a converted layer: a frozen dense weight gives a frozen wide one."""
+    weight = nn.Parameter(wide, requires_grad=layer.weight.requires_grad)
+    if layer.bias is None:
+        return weight, None
+    return weight, nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+
+
 class _SASBase(nn.Module):
     M: int
     rule: str
@@ -53,14 +61,17 @@ class SASLinear(_SASBase):
     @classmethod
     def from_dense(cls, layer: nn.Linear, M: int = 2, *, fold_relu: bool = False,
                    rule: str = "sign_pattern") -> "SASLinear":
-        """Function-preserving conversion: ``SASLinear(x) == layer(x)`` (``layer(relu(x))`` if folded)."""
+        """Function-preserving conversion: ``SASLinear(x) == layer(x)`` (``layer(relu(x))`` if folded).
+
+        The new Parameters keep ``requires_grad``, dtype and device of ``layer``'s.
+        """
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new._check(M, rule)
         new.in_features, new.out_features = layer.in_features, layer.out_features
         with torch.no_grad():
-            new.weight = nn.Parameter(expand_dense_weight(layer.weight.detach(), M, fold_relu=fold_relu, rule=rule))
-            new.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+            wide = expand_dense_weight(layer.weight.detach(), M, fold_relu=fold_relu, rule=rule)
+        new.weight, new.bias = _parameters_like(layer, wide)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,8 +115,7 @@ class _SASConvNd(_SASBase):
         new.padding = layer.padding
         with torch.no_grad():
             wide = expand_dense_weight(layer.weight.detach(), M, fold_relu=fold_relu, rule=rule, groups=layer.groups)
-            new.weight = nn.Parameter(wide)
-            new.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        new.weight, new.bias = _parameters_like(layer, wide)
         return new
 
     def extra_repr(self) -> str:

@@ -342,8 +342,8 @@ def _swat_linear_backward(
 
     An op of its own so that traced backward graphs see no data-dependent shapes.
     """
-    empty = grad.new_empty(0)
-    grad_x, grad_w, grad_b = empty, empty, empty
+    # one empty tensor per unneeded gradient: a custom op's outputs must not alias each other
+    grad_x, grad_w, grad_b = grad.new_empty(0), grad.new_empty(0), grad.new_empty(0)
     grad2d = grad.reshape(-1, grad.shape[-1])
     if need_x:
         idx = _kept_channels(weight, weight_threshold, structure)
@@ -466,7 +466,6 @@ def _swat_conv2d_backward(
     need_b: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(grad_x, grad_w, grad_b)`` of ``swat::conv2d``; an unneeded one is an empty tensor."""
-    empty = grad.new_empty(0)
     grad = grad.contiguous()
     x_k = decompress_activation(values, bits, x_shape, structure, 1)
     bias_sizes = [weight.shape[0]] if need_b else None
@@ -486,8 +485,9 @@ def _swat_conv2d_backward(
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad, x_k, mask_weight(weight, weight_threshold, structure), bias_sizes, stride,
             padding, dilation, False, [0, 0], groups, [need_x, need_w, need_b])
-    return (grad_x if need_x else empty, grad_w if need_w else empty,
-            grad_b if need_b else empty)
+    # one empty tensor per unneeded gradient: a custom op's outputs must not alias each other
+    return (grad_x if need_x else grad.new_empty(0), grad_w if need_w else grad.new_empty(0),
+            grad_b if need_b else grad.new_empty(0))
 
 
 @_swat_conv2d_backward.register_fake

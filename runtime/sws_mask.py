@@ -8,7 +8,9 @@ The weight is viewed row-major as ``[out, in/groups * kernel]`` and flattened; e
 M consecutive weights keeps exactly one, the largest magnitude, and a last partial chunk keeps
 one: the paper's count ``ceil(in * out / M)``. The mask is recomputed every forward in training
 with a straight-through gradient; ``freeze_mask=True`` computes it once and trains only the kept
-weights. In eval mode, without autograd, the masked weight is cached until the weight changes.
+weights: that mask is a persistent buffer, part of the state_dict, so a reloaded checkpoint
+computes with the mask it was trained with. In eval mode, without autograd, the masked weight is
+cached until the weight (or the frozen mask) changes.
 """
 from __future__ import annotations
 
@@ -40,16 +42,28 @@ def one_of_m_mask(weight: Tensor, M: int) -> Tensor:
 class OneOfMMask(nn.Module):
     """Parametrization: the 1:M masked weight (see the module docstring for the pattern).
 
-    ``state_dict`` keeps the plain dense weight (``parametrizations.weight.original``).
+    ``state_dict`` keeps the plain dense weight (``parametrizations.weight.original``) and,
+    with ``freeze_mask``, the frozen mask (``parametrizations.weight.0.frozen``). ``weight``
+    freezes the mask of that weight now (else at the first forward), so that the state_dict
+    holds it from the start.
     """
 
-    def __init__(self, M: int, freeze_mask: bool = False):
+    def __init__(self, M: int, freeze_mask: bool = False, weight: Optional[Tensor] = None):
         super().__init__()
         self.M = check_M(M)
         self.freeze_mask = freeze_mask
-        self.register_buffer("frozen", None, persistent=False)
+        frozen = one_of_m_mask(weight, M) if freeze_mask and weight is not None else None
+        # a frozen mask is state: a checkpoint without it would reload with a different mask
+        self.register_buffer("frozen", frozen, persistent=freeze_mask)
         self._cache: Optional[Tensor] = None
         self._cache_key = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "frozen"
+        if self.freeze_mask and self.frozen is None and key in state_dict:
+            # not frozen yet here: take the checkpoint's mask rather than reject it
+            self.frozen = torch.zeros_like(state_dict[key], dtype=torch.bool)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def train(self, mode: bool = True):
         self._cache = None
@@ -60,12 +74,16 @@ class OneOfMMask(nn.Module):
         if self.freeze_mask:
             if self.frozen is None or self.frozen.shape != weight.shape:
                 self.frozen = one_of_m_mask(weight, self.M)
+            elif self.frozen.device != weight.device:  # loaded from a checkpoint on another device
+                self.frozen = self.frozen.to(weight.device)
             return self.frozen
         return one_of_m_mask(weight, self.M)
 
     def forward(self, weight: Tensor) -> Tensor:
         if not self.training and not torch.is_grad_enabled():
-            key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype)
+            frozen = self.frozen if self.freeze_mask and self.frozen is not None else None
+            key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype,
+                   None if frozen is None else (frozen.data_ptr(), frozen._version))
             if self._cache is None or self._cache_key != key:
                 self._cache = weight.detach() * self.mask(weight)
                 self._cache_key = key

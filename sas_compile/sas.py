@@ -10,19 +10,22 @@ import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
-from torch import nn
+import torch
+from torch import fx, nn
 
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
+from .passes.capture import CaptureError, capture
 from .passes.pipeline import SAS_REWRITE, analyze_model, run_passes
 from .passes.plan import Plan
-from .passes.rewrite_layers_to_sas import swap_sas_modules
+from .passes.rewrite_layers_to_sas import is_module_swap, swap_sas_modules
+from .runtime.layers import SAS_LAYERS
 from .runtime.projection import check_M, get_rule
 
 log = logging.getLogger("sas_compile")
 
-__all__ = ["SASConfig", "sasify", "apply_sas_plan", "INNER_COMPILERS"]
+__all__ = ["SASConfig", "sasify", "apply_sas_plan", "existing_sas_layers", "INNER_COMPILERS"]
 
 INNER_COMPILERS = ("inductor", "eager", "aot_eager")
 
@@ -63,18 +66,51 @@ class SASConfig:
 
 
 def apply_sas_plan(plan: Plan, config: SASConfig) -> nn.Module:
-    """Build the SAS model ``plan`` describes at ``config.M`` (the analysed model is untouched)."""
-    if plan.capture == "symbolic_trace":
+    """Build the SAS model ``plan`` describes at ``config.M`` (the analysed model is untouched).
+
+    A copy of the user's model with its layer modules swapped whenever that expresses the
+    whole rewrite (``is_module_swap``: always for a torch.export capture); otherwise the
+    rewritten GraphModule of a symbolic-trace capture.
+    """
+    if plan.capture == "symbolic_trace" and not is_module_swap(plan):
         gm = copy.deepcopy(plan.gm)
         run_passes(SAS_REWRITE, gm, plan, config)
         if plan.model is not None:
-            gm.train(plan.model.training)
+            gm.training = plan.model.training  # the root only: submodules keep their own flags
         return gm
     model = copy.deepcopy(plan.model)
     swapped = swap_sas_modules(model, plan, config)
-    plan.graph_after = f"# {plan.capture} capture: modules swapped in place, no graph rewrite\n" + "\n".join(
-        f"# {p} -> {type(model.get_submodule(p)).__name__}" for p in sorted(swapped))
+    lines = "\n".join(f"# {p} -> {type(model.get_submodule(p)).__name__}" for p in sorted(swapped))
+    plan.graph_after = f"# {plan.capture} capture: modules swapped in a copy of the model, no graph rewrite\n" + lines
+    if plan.capture == "symbolic_trace":
+        try:
+            plan.graph_after += "\n" + capture(model, allow_export=False).gm.code
+        except CaptureError:  # the list of swaps above is then the record
+            pass
     return model
+
+
+def existing_sas_layers(model: nn.Module) -> List[str]:
+    """The SAS layers already in ``model``: ``path (M=..)`` of each SAS module and ``sas::`` call.
+
+    What another conversion must not pass over silently: SWS and SWAT start from a dense model.
+    """
+    found = [f"{path} (M={mod.M})" for path, mod in model.named_modules() if isinstance(mod, SAS_LAYERS)]
+    for path, mod in model.named_modules():
+        if isinstance(mod, fx.GraphModule):
+            prefix = f"{path}." if path else ""
+            found += [f"{prefix}{node.name} ({node.target})" for node in mod.graph.nodes
+                      if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "sas"]
+    return found
+
+
+def _warn_existing_sas_layers(plan: Plan, M: int) -> None:
+    existing = [layer for layer in plan.layers if layer.sas_M]
+    if not existing:
+        return
+    listed = ", ".join(f"{layer.name} (M={layer.sas_M})" for layer in existing)
+    log.warning("sasify(M=%d): %d layer(s) are already SAS layers and stay at their own M: %s",
+                M, len(existing), listed)
 
 
 @register_handler(SASConfig)
@@ -82,8 +118,9 @@ def _convert(model: nn.Module, config: SASConfig, example_inputs) -> nn.Module:
     plan = analyze_model(model, example_inputs, config)
     new = apply_sas_plan(plan, config)
     for layer in plan.layers:
-        if not layer.eligible:
+        if not layer.eligible and not layer.sas_M:
             log.info("sasify: %s stays dense: %s", layer.name, layer.reason)
+    _warn_existing_sas_layers(plan, config.M)
     # the plan without its references to the original model (it would ride along in pickles)
     applied = dataclasses.replace(plan, M=config.M, gm=None, model=None, example_inputs=None, parameters={})
     for layer in applied.layers:
@@ -113,11 +150,22 @@ def sasify(model: nn.Module, *, M: int = 2, example_inputs=None, filter_fn: Opti
         rule: the projection's index rule (``sign_pattern``, or one added with ``register_rule``).
 
     Returns:
-        the SAS model: a ``torch.fx.GraphModule`` when the model was captured by symbolic
-        tracing (the graph itself changes where a ReLU folds into a projection), the user's
-        own class when it was captured by ``torch.export`` (modules swapped). Its ``sas_plan``
-        (also ``sparsify_plan``) is the :class:`~sas_compile.plan.Plan` that was applied:
-        which layers converted, which stayed dense and why.
+        the SAS model. The user's own class (a deep copy with modules swapped: ``len()``,
+        indexing, custom methods and ``isinstance`` keep working) whenever the rewrite is a
+        pure module swap: every converted layer is an ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``
+        module, and every folded ReLU an ``nn.ReLU`` module called once and read only by the
+        SAS layer (it becomes ``nn.Identity``, and the SAS layer computes ``layer(relu(x))``,
+        also when called on its own; ``fold_relu=False`` keeps every ReLU module as it is);
+        always for a ``torch.export`` capture. A ``torch.fx.GraphModule`` only where the
+        graph itself changes: a ReLU folded that a module swap cannot express (``F.relu``, a
+        ReLU module called twice or read elsewhere) or a functional ``F.linear``/``F.conv2d``
+        call rewritten. Either way every converted
+        parameter keeps its name, ``requires_grad``, dtype and device, and a weight shared by
+        several layers stays one shared (wide) Parameter, or the group stays dense when
+        something else also reads it (a tied embedding). Layers that already are SAS layers
+        stay at their own M (a warning lists them). Its ``sas_plan`` (also ``sparsify_plan``)
+        is the :class:`~sas_compile.plan.Plan` that was applied: which layers converted,
+        which stayed dense and why, and which share a weight (``shared_with``).
     """
     config = SASConfig(M=M, rule=rule, dense_input_layers=dense_input_layers, fold_relu=fold_relu)
     return sparsify(model, config, filter_fn=filter_fn, example_inputs=example_inputs)

@@ -31,9 +31,10 @@ from torch import Tensor, nn
 
 from .api import FilterFn, analyze, attach_result, check_filter_fn, register_handler, sparsify
 from .passes import costs
-from .passes.find_sas_layers import layer_plan_from_module
+from .passes.find_sas_layers import layer_plan_from_module, parameter_holders
 from .passes.plan import Plan
 from .runtime import swat as ops
+from .sas import existing_sas_layers
 
 __all__ = [
     "swatify",
@@ -295,32 +296,67 @@ class SWATConfig:
 
 @register_handler(SWATConfig)
 def _convert(model: nn.Module, config: SWATConfig, example_inputs) -> nn.Module:
+    sas_layers = existing_sas_layers(model)
+    if sas_layers:
+        raise ValueError(
+            f"swatify: {type(model).__name__} already has SAS layers: {', '.join(sas_layers)}. SWAT trains "
+            "nn.Linear / nn.Conv1d / nn.Conv2d layers of a dense model and has no SAS-layer version: call "
+            "swatify on the dense model instead."
+        )
     model = copy.deepcopy(model)
     names, first = discover_layers(model, example_inputs, config.filter_fn)
     modules = dict(model.named_modules())
+    paths = _paths_by_module(model)
     density = 1.0 - config.sparsity
     if config.distribution == "erk":
-        densities = erk_densities({n: tuple(modules[n].weight.shape) for n in names}, density)
+        densities = _erk_by_weight(names, modules, density)
     else:
         densities = {n: (1.0 if n == first else density) for n in names}
     for name in names:
         source = modules[name]
+        # the SWAT layer holds the source's own Parameters: frozen stays frozen, tied stays tied
         layer = _SWAT_CLASS[type(source)](
             source, weight_density=densities[name], activation_density=densities[name],
             structure=config.structure, period=config.period,
         )
         layer.train(source.training)
-        _set_submodule(model, name, layer)
+        for path in paths[id(source)]:  # a module registered under several names is swapped under all
+            _set_submodule(model, path, layer)
     if config.relu_bitmask:
-        for name in [n for n, m in model.named_modules() if type(m) is nn.ReLU]:
-            _set_submodule(model, name, BitmaskReLU())
+        relus = {id(m): m for m in model.modules() if type(m) is nn.ReLU}
+        for relu in relus.values():
+            bitmask = BitmaskReLU()
+            bitmask.train(relu.training)
+            for path in paths[id(relu)]:
+                _set_submodule(model, path, bitmask)
+    holders = parameter_holders(model)
     layers = []
     for fqn, mod in modules.items():
         if type(mod) in _SWAT_CLASS:
             converted = fqn in densities
             layer = layer_plan_from_module(fqn, fqn, mod, converted, None if converted else "excluded by filter_fn")
+            tied = holders.get(id(mod.weight), [layer.weight_target])
+            layer.weight_group = tied[0]
+            layer.shared_with = tuple(name for name in tied if name != layer.weight_target)
             layers.append(layer)
     return attach_result(model, config, Plan(layers=layers, capture="modules"))
+
+
+def _paths_by_module(model: nn.Module) -> Dict[int, List[str]]:
+    """Every name each module object is registered under (``named_modules`` lists only the first)."""
+    paths: Dict[int, List[str]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(mod), []).append(path)
+    return paths
+
+
+def _erk_by_weight(names: List[str], modules: Dict[str, nn.Module], density: float) -> Dict[str, float]:
+    """ERK densities with each weight tensor counted once: tied layers share one weight and its density."""
+    first_of: Dict[int, str] = {}
+    for n in names:
+        first_of.setdefault(id(modules[n].weight), n)
+    erk = erk_densities({n: tuple(modules[n].weight.shape) for n in first_of.values()}, density)
+    return {n: erk[first_of[id(modules[n].weight)]] for n in names}
 
 
 def swatify(
@@ -353,6 +389,10 @@ def swatify(
     ``torch.compile``: the number of kept activations is only known at run time, so compile
     with ``fullgraph=True`` (or set ``torch._dynamo.config.capture_dynamic_output_shape_ops``);
     otherwise dynamo breaks the graph at every SWAT layer (still correct).
+
+    A SWAT layer holds its source's own Parameters, so ``requires_grad``, names, dtypes and
+    ties (two layers sharing one weight) stay as they were; a module registered under several
+    names is swapped under all of them. A model that already has SAS layers is refused.
     """
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn={filter_fn!r}: expected a callable (module, fqn) -> bool")

@@ -24,21 +24,23 @@ chunk keeps one. This gives the paper's count ``ceil(in * out / M)`` exactly; wh
 ``fan_in % M != 0`` a chunk may straddle two rows (such a layer cannot be packed into
 2:4 rows; ``export_sws_weights`` says so). The mask is recomputed every forward in training
 with a straight-through gradient (the dense weight gets the gradient of the masked one),
-so masks follow weight updates; ``freeze_mask=True`` computes it once and trains only the
-kept weights. In eval mode, without autograd, the masked weight is cached until the weight
+so masks follow weight updates; ``freeze_mask=True`` computes it once, at build, keeps it in
+the state_dict (a reloaded checkpoint computes with the mask it was trained with) and trains
+only the kept weights. In eval mode, without autograd, the masked weight is cached until the weight
 changes or the model goes back to training.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import fx, nn
 
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
 from .passes.capture import capture_seeing_into_leaves, normalize_example_inputs, propagate_shapes, trainable_export_graph
+from .passes.find_sas_layers import parameter_holders
 from .passes.lower_sws_to_packed import PackedSWSLinear, lower_sws_to_packed
 from .passes.sws_width_rules import has_width_rule
 from .passes.tie_channel_widths import tie_channel_widths
@@ -47,6 +49,7 @@ from .runtime.packing import pack_sws_weight
 from .passes.plan import LayerPlan, Plan
 from .runtime.projection import check_M
 from .runtime.sws_mask import OneOfMMask, one_of_m_mask, sws_mask_of
+from .sas import existing_sas_layers
 
 __all__ = [
     "swsify",
@@ -78,16 +81,26 @@ def build_sws(
     ``dense_input_layers`` (default True, as ``sasify``) keeps the weight of a layer reading
     the raw network input dense (no mask) while its output width still widens; False masks
     it 1:M like the others.
-    Every module or parameter whose shape changes is freshly initialised (layer defaults);
-    the rest are copies of the original's. The result is a GraphModule whose ``sws_widths``
-    attribute holds the analysis (widths per layer with the reasons a width stays). For
-    inference on the sparse kernels, :func:`lower_sws` it.
+    Every module or parameter whose shape changes is freshly initialised (layer defaults),
+    keeping the ``requires_grad``, dtype and device of the one it replaces; the rest are
+    copies of the original's. Weights that were one Parameter (tied) widen as one and stay
+    one Parameter. With ``freeze_mask`` the masks are frozen now and saved in the state_dict.
+    A model that already has SAS layers is refused (ValueError naming them). The result is a
+    GraphModule whose ``sws_widths`` attribute holds the analysis (widths per layer with the
+    reasons a width stays). For inference on the sparse kernels, :func:`lower_sws` it.
     """
     M = check_M(M)
     if not isinstance(model, nn.Module):
         raise TypeError(f"swsify: model must be an nn.Module, got {type(model).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("swsify: filter_fn must be a callable (module, fqn) -> bool")
+    sas_layers = existing_sas_layers(model)
+    if sas_layers:
+        raise ValueError(
+            f"swsify: {type(model).__name__} already has SAS layers: {', '.join(sas_layers)}. SWS is the "
+            "baseline built from a dense model (sqrt(M) times wider, 1:M masked weights); a SAS layer's wide "
+            "weight and projection have no SWS equivalent. Call swsify on the dense model instead."
+        )
     example_inputs = normalize_example_inputs(example_inputs)
     # the width analysis must see inside every layer: export when tracing leaves opaque ones
     captured = capture_seeing_into_leaves(copy.deepcopy(model), example_inputs, sees_into=has_width_rule)
@@ -300,14 +313,18 @@ class SWSConfig:
 def _convert(model: nn.Module, config: SWSConfig, example_inputs) -> nn.Module:
     built = build_sws(model, M=config.M, example_inputs=example_inputs, filter_fn=config.filter_fn,
                       freeze_mask=config.freeze_mask, dense_input_layers=config.dense_input_layers)
+    holders = parameter_holders(built)
     layers = []
     for node_name, w in built.sws_widths.layers.items():
-        name = built.sws_layers[node_name]
-        name = name[: -len(".weight")] if name.endswith(".weight") else name
+        target = built.sws_layers[node_name]
+        name = target[: -len(".weight")] if target.endswith(".weight") else target
+        tied = next((group for group in holders.values() if target in group), [target])
         layers.append(LayerPlan(name, node_name, w.op, bool(w.sparse), w.reason, w.in_channels, w.out_channels,
-                                tuple(w.kernel_size), groups=w.groups, weight_target=built.sws_layers[node_name],
+                                tuple(w.kernel_size), groups=w.groups, weight_target=target,
+                                weight_group=tied[0], shared_with=tuple(t for t in tied if t != target),
                                 sws_M=config.M if w.sparse else None))
     return attach_result(built, config, Plan(layers=layers, capture="symbolic_trace"))
+
 
 
 def swsify(
