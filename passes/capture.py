@@ -124,6 +124,27 @@ def _user_frame(err: BaseException) -> str:
     return where
 
 
+def _propagate_on_meta(gm: fx.GraphModule, example_inputs) -> bool:
+    """Shapes from the graph run on meta tensors (parameters swapped for meta stand-ins, nothing
+    copied or computed); False when some op has no meta kernel, so fake tensors take over.
+
+    Why: the same shapes as fake tensors in a fraction of the time (no fake-tensor start-up),
+    and the user's tensors are never touched.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    stand_ins = {name: torch.empty_like(t, device="meta")
+                 for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
+    inputs = [x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    try:
+        with torch.no_grad(), _reparametrize_module(gm, stand_ins), quiet_torch_logs():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception:  # noqa: BLE001 - an op without a meta kernel, or inputs that do not fit
+        return False
+    return True
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs, *, run_for_real: bool = False) -> None:
     """Shapes on every node (``meta["tensor_meta"]``), computed on fake tensors: the user's model
     (BatchNorm statistics included) is never run for real.
@@ -136,6 +157,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, *, run_for_real: bool =
     from torch.fx.passes.shape_prop import ShapeProp
 
     if not run_for_real:
+        if _propagate_on_meta(gm, example_inputs):
+            return
         with torch.no_grad():
             ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
         return

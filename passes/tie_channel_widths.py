@@ -202,10 +202,25 @@ def _guess_inputs(gm: fx.GraphModule) -> Optional[tuple]:
     return tuple(guesses)
 
 
+def _shapes_match(gm: fx.GraphModule, inputs) -> bool:
+    """Whether ``gm``'s placeholders already carry the shapes of ``inputs``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    if len(placeholders) != len(tensors):
+        return False
+    for node, x in zip(placeholders, tensors):
+        meta = node.meta.get("tensor_meta")
+        if meta is None or tuple(meta.shape) != tuple(x.shape) or meta.dtype != x.dtype:
+            return False
+    return all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr"))
+
+
 def _shapes(gm: fx.GraphModule, example_inputs) -> List[str]:
     """Put shapes on ``gm`` (from ``example_inputs``, else from a guess); notes on what was guessed."""
     if example_inputs is not None and not _has_fake_values(gm):
-        propagate_shapes(gm, normalize_example_inputs(example_inputs))
+        inputs = normalize_example_inputs(example_inputs)
+        if not _shapes_match(gm, inputs):  # the capture already propagated these very inputs
+            propagate_shapes(gm, inputs)
         return []
     if _has_shapes(gm):
         return []

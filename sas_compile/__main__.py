@@ -1,4 +1,4 @@
 """``python -m sas_compile``: the ``sas-compile`` command line."""
-from .cli import main
+from .cli import run
 
-raise SystemExit(main())
+run()

@@ -10,6 +10,7 @@ line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
     rep.add_argument("--max-depth", type=_non_negative_int, default=None, help="nest the table at most this deep (>= 0)")
     rep.add_argument("--exact", action="store_true", help="exact counts in the table (default: 1.81G style)")
+    rep.add_argument("--symbolic", action="store_true",
+                     help="also give each layer's mults as a formula in the input sizes (slower)")
 
     ins = sub.add_parser("inspect", help="per-layer plan: eligibility, reasons, ReLU folding, mults; the graph")
     common(ins)
@@ -151,7 +154,7 @@ def _emit(text: str, path: Optional[str]) -> None:
 
 
 def _run_report(args) -> int:
-    from .accounting import check_M_values
+    from .passes.costs import check_M_values
     from .reporting import report
 
     try:
@@ -165,7 +168,8 @@ def _run_report(args) -> int:
     except ValueError as exc:
         raise UsageError(f"--swat: {exc}") from exc
     model, inputs, _ = _load(args)
-    rep = report(model, inputs, M=Ms, dense_input_layers=not args.convert_input_layers, swat=sparsities or None)
+    rep = report(model, inputs, M=Ms, dense_input_layers=not args.convert_input_layers, swat=sparsities or None,
+                 symbolic=args.symbolic)
     if args.format == "table":
         text = rep.table(exact=args.exact, max_depth=args.max_depth)
     elif args.format == "markdown":
@@ -231,5 +235,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The ``sas-compile`` console entry: :func:`main`, then exit without interpreter teardown.
+
+    Why: unloading torch takes about a second at exit; once the output is flushed and closed,
+    nothing is left for that teardown to do.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    run()

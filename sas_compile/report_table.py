@@ -11,7 +11,7 @@ import csv
 import io
 import json
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .accounting import sum_costs
 from .passes.costs import LAYER_OPS, format_count
@@ -75,20 +75,45 @@ class Report:
         notes: Optional[List[str]] = None,
         swat: Sequence[float] = (),
         parameters: Optional[List[Dict[str, Any]]] = None,
+        formulas: Optional[Callable[[], Tuple[Dict[str, int], Optional[str]]]] = None,
     ):
-        self.layers = layers
+        self._layers = layers
         self.parameters = list(parameters or [])
         self.M = tuple(M)
         self.per_position = per_position
         self.input_shapes = input_shapes
-        self.symbols = dict(symbols or {})
-        self.symbolic_total = symbolic_total
+        self._symbols = dict(symbols or {})
+        self._symbolic_total = symbolic_total
+        self._formulas = formulas
         self.plan = plan
-        self.notes = list(notes or [])
+        self.notes = notes if notes is not None else []  # formulas read later add their notes here
         self.swat = tuple(float(s) for s in swat)
         self.totals = sum_costs(layers + self.parameters, self.M)
         if self.swat:
             self.totals.update(sum_swat(layers + self.parameters, self.swat))
+
+    def _resolve_formulas(self) -> None:
+        if self._formulas is not None:
+            formulas, self._formulas = self._formulas, None
+            self._symbols, self._symbolic_total = formulas()
+
+    @property
+    def layers(self) -> List[Dict[str, Any]]:
+        """The conv/linear rows (their ``symbolic.base_mults`` formulas filled on first read)."""
+        self._resolve_formulas()
+        return self._layers
+
+    @property
+    def symbols(self) -> Dict[str, int]:
+        """The example value of each size symbol of the formulas."""
+        self._resolve_formulas()
+        return self._symbols
+
+    @property
+    def symbolic_total(self) -> Optional[str]:
+        """Total base mults as a formula in the input sizes (None without example inputs)."""
+        self._resolve_formulas()
+        return self._symbolic_total
 
     # --- machine-readable -------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
@@ -296,7 +321,7 @@ class Report:
 
     def _title(self) -> str:
         n_sas = sum(r["eligible"] for r in self.layers)
-        n_layers = len(self.layers)
+        n_layers = len(self._layers)
         if self.per_position:
             scope = "mults per output position (no example inputs)"
         else:
@@ -317,4 +342,4 @@ class Report:
 
     def __repr__(self) -> str:
         t = self.totals["base"]
-        return f"Report({len(self.layers)} layers, M={self.M}, base mults={t['mults']}, params={t['params']})"
+        return f"Report({len(self._layers)} layers, M={self.M}, base mults={t['mults']}, params={t['params']})"

@@ -215,7 +215,8 @@ def report(
     ``sasify``, and to the SWS width analysis, as in ``swsify``: the SWS columns count what
     ``swsify(model, M=m, filter_fn=..., dense_input_layers=...)`` builds (by default the
     layer reading the raw network input widens its output but keeps a dense weight).
-    ``symbolic=False`` skips the formulas (faster on large graphs).
+    The formulas are computed when first read (the table, ``to_dict``, ``symbolic_total``), as
+    they cost more than the counts; ``symbolic=False`` leaves them out.
 
     ``swat`` (a sparsity in [0, 1) or a sequence, e.g. ``(0.8, 0.9)``) adds SWAT training
     mults per sparsity at the densities ``swatify(model, sparsity=s, example_inputs=...,
@@ -251,16 +252,6 @@ def report(
         if example_inputs is not None:
             raise
         plan = module_plan(model, _Options(filter_fn, dense_input_layers), error)
-    symbols: Dict[str, int] = {}
-    if example_inputs is not None and symbolic and plan.gm is not None:
-        from .passes.propagate_symbolic_shapes import propagate_symbolic_shapes
-
-        try:
-            symbols = propagate_symbolic_shapes(plan, example_inputs)
-        except Exception as exc:  # noqa: BLE001 - numbers still come from the example shapes
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            log.info("symbolic shapes unavailable: %s", first_line)
-            notes.append(f"symbolic formulas unavailable: {first_line}")
     # one SWS width analysis of the graph, decided per M
     widths, why = _sws_widths(plan, Ms, example_inputs, filter_fn, dense_input_layers)
     notes.extend(w for w in why if w not in notes)
@@ -273,8 +264,7 @@ def report(
                      "nonzero weights (" + ", ".join(masked[:4]) + (", ..." if len(masked) > 4 else "") + ")")
     rows = []
     per_position = example_inputs is None
-    # total formula: weights summed per distinct positions formula
-    by_positions: Optional[Dict[str, int]] = {}
+    counted_layers: List[Tuple[Dict[str, Any], LayerPlan, LayerPlan]] = []
     # every parameter is counted once: by the first conv/linear row that uses it, else by a
     # parameters-only row of its module
     names_by_id = {id(p): n for n, p in model.named_parameters()}
@@ -305,16 +295,8 @@ def report(
             _zero_params(row)  # a module called twice, or a weight tied to a counted one
             shared_rows.append(layer.name)
         counted |= own
-        sym_pos = _symbolic_positions(layer) if not per_position else (1, "1")
-        if sym_pos is None:
-            by_positions = None
-            row["symbolic"]["base_mults"] = str(row["base"]["mults"])
-        else:
-            per_pos = -(-resolved.weight_numel // resolved.sws_M) if resolved.sws_M else resolved.weight_numel
-            weight = sym_pos[0] * per_pos
-            row["symbolic"]["base_mults"] = f"{weight}*{sym_pos[1]}" if sym_pos[1] != "1" else str(weight)
-            if by_positions is not None:
-                by_positions[sym_pos[1]] = by_positions.get(sym_pos[1], 0) + weight
+        row["symbolic"]["base_mults"] = str(row["base"]["mults"])
+        counted_layers.append((row, layer, resolved))
         rows.append(row)
 
     if shared_rows:
@@ -331,15 +313,47 @@ def report(
     input_shapes = None
     if example_inputs is not None:
         input_shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
-    total_text = None
-    if by_positions and not per_position:
-        total_text = " + ".join(f"{w}*{p}" if p != "1" else str(w) for p, w in by_positions.items())
-        used = set().union(*(_free_names(r["symbolic"]["base_mults"]) for r in rows)) if rows else set()
-        symbols = {k: v for k, v in symbols.items() if k in used}
-        if not used:
-            total_text = None
-    return Report(rows, Ms, per_position=per_position, input_shapes=input_shapes, symbols=symbols,
-                  symbolic_total=total_text, plan=plan, notes=notes, swat=sparsities, parameters=leftover)
+    formulas = None
+    if symbolic and not per_position and plan.gm is not None:
+        def formulas():  # noqa: E306 - run the first time the report's formulas are read
+            return _symbolic_formulas(plan, example_inputs, counted_layers, notes)
+    return Report(rows, Ms, per_position=per_position, input_shapes=input_shapes, plan=plan, notes=notes,
+                  swat=sparsities, parameters=leftover, formulas=formulas)
+
+
+def _symbolic_formulas(plan: Plan, example_inputs, counted_layers, notes: List[str]) -> Tuple[Dict[str, int], Optional[str]]:
+    """Each row's base mults as a formula in the input sizes, and the total; fills the rows.
+
+    Symbolic shape propagation is the slowest part of a report, so it runs only when a report's
+    formulas are read (its table, dict, CSV, ``symbolic_total``).
+    """
+    from .passes.propagate_symbolic_shapes import propagate_symbolic_shapes
+
+    try:
+        symbols = propagate_symbolic_shapes(plan, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - numbers still come from the example shapes
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.info("symbolic shapes unavailable: %s", first_line)
+        notes.append(f"symbolic formulas unavailable: {first_line}")
+        return {}, None
+    by_positions: Optional[Dict[str, int]] = {}
+    for row, layer, resolved in counted_layers:
+        sym_pos = _symbolic_positions(layer)
+        if sym_pos is None:
+            by_positions = None
+            continue
+        per_pos = -(-resolved.weight_numel // resolved.sws_M) if resolved.sws_M else resolved.weight_numel
+        weight = sym_pos[0] * per_pos
+        row["symbolic"]["base_mults"] = f"{weight}*{sym_pos[1]}" if sym_pos[1] != "1" else str(weight)
+        if by_positions is not None:
+            by_positions[sym_pos[1]] = by_positions.get(sym_pos[1], 0) + weight
+    if not by_positions:
+        return {}, None
+    total_text = " + ".join(f"{w}*{p}" if p != "1" else str(w) for p, w in by_positions.items())
+    used = set().union(*(_free_names(row["symbolic"]["base_mults"]) for row, _, _ in counted_layers))
+    if not used:
+        return {}, None
+    return {k: v for k, v in symbols.items() if k in used}, total_text
 
 
 def _parameter_tensor(module: nn.Module, attr: str):
