@@ -251,7 +251,7 @@ class Report:
                     sas = "no"
                 line = [indent + name, r["op"], sas]
             else:
-                line = [indent + name, "", f"{sum(r['eligible'] for r in rows)}/{len(rows)}"]
+                line = [indent + name, "", f"{sum(r['eligible'] for r in rows)}/{sum(r['op'] in LAYER_OPS for r in rows)}"]
             line += [fmt(tot["base"]["mults"]), fmt(tot["base"]["params"])]
             for m in self.M:
                 s = tot["sws"][m]
