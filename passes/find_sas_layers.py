@@ -225,8 +225,8 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
         layer.weight_kind = kind
         layer.call = call
         if kind == "placeholder":
-            layer.parameter_sources = tuple(sources[n.name] for n in (call.weight, call.bias)
-                                            if isinstance(n, fx.Node) and n.name in sources)
+            layer.parameter_sources = tuple(sources.get(n.name) if isinstance(n, fx.Node) else None
+                                            for n in (call.weight, call.bias))
         layer.eligible, layer.reason = _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm,
                                                     plan.capture, plan.model)
         layers.append(layer)

@@ -52,7 +52,8 @@ class LayerPlan:
     fold_relu_reason: Optional[str] = None  # why the ReLU does not fold (None when it does or there is none)
     sas_M: Optional[int] = None  # already a SAS layer with this M
     sws_M: Optional[int] = None  # the weight carries an SWS 1:M mask
-    parameter_sources: Tuple[str, ...] = ()  # dynamo graphs: the user's paths of the weight and bias
+    # dynamo graphs: the user's paths of (weight, bias), None where the graph does not say
+    parameter_sources: Tuple[Optional[str], ...] = ()
     input_shape: Optional[Tuple[int, ...]] = None
     output_shape: Optional[Tuple[int, ...]] = None
     symbolic_input_shape: Optional[Tuple[str, ...]] = None

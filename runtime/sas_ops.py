@@ -21,7 +21,7 @@ from . import autotune
 from .autocast import register_autocast_like_linear
 from .matmul import sas_matmul, select_target
 from .projection import (
-    SignPatternRule,
+    _is_plain_sign_rule,
     dead_slots_to_mask,
     expand_dense_weight,
     fold_wide_grad,
@@ -47,7 +47,7 @@ def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Ten
     """d/dx of S(x): the wide gradient at each value's slot, times sign(x) (d|x|/dx, 0 at 0)."""
     per_slot = grad_wide.unflatten(dim, (x.shape[dim], M))
     index_rule = get_rule(rule, M)
-    if isinstance(index_rule, SignPatternRule) and M == 2:
+    if _is_plain_sign_rule(index_rule):
         return per_slot.select(dim + 1, 0) * (x > 0) - per_slot.select(dim + 1, 1) * (x < 0)
     slot = index_rule.slot(x, dim)
     grad = per_slot.select(dim + 1, 0) * (slot == 0)

@@ -15,13 +15,14 @@ layer's mults as a formula in the input sizes (``batch``, ``height``, ``width``,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import types
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import sympy
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .accounting import layer_costs
@@ -291,10 +292,18 @@ def report(
         if sparsities:
             _add_swat_costs(row, resolved, int(positions), sparsities, swat_modules, swat_sparse)
         own = _layer_parameter_names(layer, model, names_by_id)
-        if own and own <= counted:
-            _zero_params(row)  # a module called twice, or a weight tied to a counted one
+        reused = {role for role, name in own.items() if name is not None and name in counted}
+        if reused:
+            # a module called twice, or a weight (or bias) tied to a counted one: only the
+            # tensors not counted yet count here
+            kept = None
+            if reused == {"weight"} and own["bias"] is not None:
+                kept = "bias"
+            elif reused == {"bias"} and own["weight"] is not None:
+                kept = "weight"
+            _keep_params_of(row, kept, resolved, Ms, positions, sws, built_sws)
             shared_rows.append(layer.name)
-        counted |= own
+        counted |= {name for name in own.values() if name is not None}
         row["symbolic"]["base_mults"] = str(row["base"]["mults"])
         counted_layers.append((row, layer, resolved))
         rows.append(row)
@@ -363,9 +372,10 @@ def _parameter_tensor(module: nn.Module, attr: str):
     return getattr(module, attr, None)
 
 
-def _layer_parameter_names(layer: LayerPlan, model: nn.Module, names_by_id: Dict[int, str]) -> set:
-    """The model's parameter names a conv/linear call multiplies with (weight, bias)."""
-    tensors = []
+def _layer_parameter_names(layer: LayerPlan, model: nn.Module, names_by_id: Dict[int, str]) -> Dict[str, Optional[str]]:
+    """The model's parameter names a conv/linear call multiplies with: ``{"weight": ..., "bias": ...}``
+    (None where the call has no such parameter, or it is not one of the model's)."""
+    tensors: List[Optional[Tensor]] = [None, None]
     if layer.module_target is not None:
         try:
             module = model.get_submodule(layer.module_target)
@@ -374,28 +384,52 @@ def _layer_parameter_names(layer: LayerPlan, model: nn.Module, names_by_id: Dict
         if module is not None:
             tensors = [_parameter_tensor(module, "weight"), _parameter_tensor(module, "bias")]
     elif layer.weight_kind == "placeholder":
-        return {name for name in layer.parameter_sources if name in names_by_id.values()}
+        known = set(names_by_id.values())
+        sources = (tuple(layer.parameter_sources) + (None, None))[:2]
+        return {role: (name if name in known else None) for role, name in zip(("weight", "bias"), sources)}
     elif layer.weight_kind == "attr":
-        targets = [layer.weight_target]
         bias = getattr(layer.call, "bias", None)
-        if getattr(bias, "op", None) == "get_attr":
-            targets.append(bias.target)
-        for target in targets:
+        targets = [layer.weight_target, bias.target if getattr(bias, "op", None) == "get_attr" else None]
+        for i, target in enumerate(targets):
+            if target is None:
+                continue
             owner, _, attr = target.rpartition(".")
             try:
                 module = model.get_submodule(owner) if owner else model
             except AttributeError:
                 continue
-            tensors.append(_parameter_tensor(module, attr))
-    return {names_by_id[id(t)] for t in tensors if t is not None and id(t) in names_by_id}
+            tensors[i] = _parameter_tensor(module, attr)
+    return {role: (names_by_id.get(id(t)) if t is not None else None) for role, t in zip(("weight", "bias"), tensors)}
 
 
-def _zero_params(row: Dict[str, Any]) -> None:
-    row["base"]["params"] = 0
+_PARAM_KEYS = ("params", "nonzero_params")
+
+
+def _param_cells(row: Dict[str, Any]):
+    """Every (column dict, key) of a row that holds a parameter count."""
+    yield row["base"], "params"
     for m in row["sas"]:
-        row["sas"][m]["params"] = 0
+        yield row["sas"][m], "params"
     for m in row["sws"]:
-        row["sws"][m]["params"] = row["sws"][m]["nonzero_params"] = 0
+        for key in _PARAM_KEYS:
+            if key in row["sws"][m]:
+                yield row["sws"][m], key
+
+
+def _keep_params_of(row: Dict[str, Any], kept: Optional[str], resolved: LayerPlan, Ms, positions, sws,
+                    built_sws: bool) -> None:
+    """Leave in ``row`` the parameter counts of only its ``kept`` tensor ("weight", "bias" or
+    None: nothing); the other one is counted at another row."""
+    if kept is None:
+        for cell, key in _param_cells(row):
+            cell[key] = 0
+        return
+    # the bias's share is what the row counts beyond the same layer without a bias
+    without_bias = layer_costs(dataclasses.replace(resolved, has_bias=False), Ms, positions=positions,
+                               sws_widths={m: w for m, w in sws.items() if w is not None},
+                               sws_dense=built_sws and not resolved.sws_M)
+    for (cell, key), (other, _) in zip(_param_cells(row), _param_cells(without_bias)):
+        cell[key] = cell[key] - other[key] if kept == "bias" else other[key]
 
 
 def _owner_path(name: str) -> str:

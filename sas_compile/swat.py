@@ -394,8 +394,7 @@ def swatify(
     ties (two layers sharing one weight) stay as they were; a module registered under several
     names is swapped under all of them. A model that already has SAS layers is refused.
     """
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"filter_fn={filter_fn!r}: expected a callable (module, fqn) -> bool")
+    check_filter_fn(filter_fn)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     config = SWATConfig(sparsity=sparsity, distribution=distribution, structure=structure, period=period,

@@ -92,8 +92,7 @@ def build_sws(
     M = check_M(M)
     if not isinstance(model, nn.Module):
         raise TypeError(f"swsify: model must be an nn.Module, got {type(model).__name__}")
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError("swsify: filter_fn must be a callable (module, fqn) -> bool")
+    check_filter_fn(filter_fn, "swsify: filter_fn")
     sas_layers = existing_sas_layers(model)
     if sas_layers:
         raise ValueError(

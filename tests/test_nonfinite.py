@@ -148,3 +148,31 @@ def test_property_random_stacks_with_nonfinite_inputs(widths, M, fold, seed, n_b
         flat[i] = (INF, -INF, NAN)[i % 3]
     with torch.no_grad():
         assert same_function(sas(x), model(x))
+
+
+@settings(max_examples=20, deadline=None)
+@given(widths=st.lists(st.integers(2, 6), min_size=3, max_size=4), tie=st.booleans(), twice=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_property_report_counts_every_parameter_once(widths, tie, twice, seed):
+    torch.manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(widths[0], widths[1])
+            self.mid = nn.Linear(widths[1], widths[1])
+            self.again = nn.Linear(widths[1], widths[1])
+            self.norm = nn.LayerNorm(widths[1])
+            self.head = nn.Linear(widths[1], widths[2])
+            if tie:
+                self.again.weight = self.mid.weight
+
+        def forward(self, x):
+            h = torch.relu(self.mid(torch.relu(self.first(x))))
+            if twice:
+                h = torch.relu(self.mid(h))
+            return self.head(self.norm(self.again(h)))
+
+    model = Net()
+    rep = sas_compile.report(model, (torch.randn(3, widths[0]),), M=(2,))
+    assert rep.totals["base"]["params"] == sum(p.numel() for p in model.parameters())

@@ -164,3 +164,57 @@ def test_compiled_backward_into_dense_weights_is_refused_when_it_runs():
     out = compiled(torch.randn(4, 16))  # the joint graph is traced: nothing raises yet
     with pytest.raises(SASTrainingError, match="sasify"):
         out.square().sum().backward()
+
+
+def test_a_registered_index_rule_reaches_sasify_and_the_backend():
+    from sas_compile.runtime import projection
+
+    class FlippedRule(projection.SignPatternRule):
+        """The sign rule with its slots swapped: slot 0 = max(-x, 0)."""
+
+        name = "flipped"
+
+        def slot(self, x, dim):
+            return 1 - super().slot(x, dim)
+
+        def encodes_positive(self, channels):
+            return ~super().encodes_positive(channels)
+
+    projection.register_rule("flipped", FlippedRule)
+    try:
+        model = mlp()
+        x = torch.randn(5, 16)
+        sas = sas_compile.sasify(model, M=2, rule="flipped", dense_input_layers=False)
+        assert {m.rule for m in sas.modules() if hasattr(m, "rule")} == {"flipped"}
+        torch.testing.assert_close(sas(x), model(x), rtol=1e-5, atol=1e-5)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out = torch.compile(model, backend="sas", options={"rule": "flipped", "inner": "eager",
+                                                               "dense_input_layers": False})(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    finally:
+        projection._RULES.pop("flipped", None)
+
+
+def test_a_sasified_training_step_keeps_only_narrow_activations():
+    """Autograd holds what the dense model holds: the projection is recomputed in the backward."""
+    def saved_activation_bytes(model, x):
+        params = {p.data_ptr() for p in model.parameters()}
+        seen = {}
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                seen[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x).square().mean().backward()
+        return sum(seen.values())
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    x = torch.randn(4, 3, 8, 8)
+    for M in (2, 4):
+        sas = sas_compile.sasify(dense, M=M)
+        assert saved_activation_bytes(sas, x) <= saved_activation_bytes(dense, x)
