@@ -4,7 +4,7 @@ weights, no download).
 
 For each model and inner compiler (eager, aot_eager, inductor), measured in one process:
 
-- capture s: the first call of ``torch.compile(model, backend=inner)`` (dense) and of
+- capture s (median (min-max) of ``--capture-repeats``, inductor's on-disk caches off): the first call of ``torch.compile(model, backend=inner)`` (dense) and of
   ``torch.compile(model, backend="sas", options={"inner": inner})`` on the same dense model,
   and the overhead of the second over the first;
 - steady ms: median (min-max) of later calls of both, and of the model ``sasify``-ed once and
@@ -68,8 +68,8 @@ def steady(fns: Dict[str, object], inputs, repeats: int) -> Dict[str, List[float
     return samples
 
 
-def spread(v: List[float]) -> str:
-    return f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"
+def spread(v: List[float], digits: int = 1) -> str:
+    return f"{statistics.median(v):.{digits}f} ({min(v):.{digits}f}-{max(v):.{digits}f})"
 
 
 def main(argv=None) -> int:
@@ -79,8 +79,15 @@ def main(argv=None) -> int:
                         choices=["eager", "aot_eager", "inductor"])
     parser.add_argument("--M", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--capture-repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
+    # every capture compiles from scratch: inductor's on-disk caches would let whichever graph
+    # was compiled in an earlier run skip its compile
+    import torch._inductor.config as inductor_config
+    inductor_config.fx_graph_cache = False
+    inductor_config.autotune_local_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     rows = []
     for name in args.models:
         model, inputs = build(name, args.quick)
@@ -90,10 +97,13 @@ def main(argv=None) -> int:
                 # one throwaway compile: one-time imports and initialisation count for neither side
                 torch._dynamo.reset()
                 torch.compile(model, backend=inner)(*inputs)
-                torch._dynamo.reset()
-                t_dense = first_call(torch.compile(model, backend=inner), inputs)
-                torch._dynamo.reset()
-                t_sas = first_call(torch.compile(model, backend="sas", options={"M": args.M, "inner": inner}), inputs)
+                t_dense, t_sas = [], []
+                for _ in range(args.capture_repeats):  # interleaved, like the steady calls
+                    torch._dynamo.reset()
+                    t_dense.append(first_call(torch.compile(model, backend=inner), inputs))
+                    torch._dynamo.reset()
+                    t_sas.append(first_call(torch.compile(model, backend="sas",
+                                                          options={"M": args.M, "inner": inner}), inputs))
                 # steady calls: the three compiled side by side (one cache entry each), warmed twice
                 torch._dynamo.reset()
                 fns = {"dense": torch.compile(model, backend=inner),
@@ -104,12 +114,14 @@ def main(argv=None) -> int:
                     fn(*inputs)
                 times = steady(fns, inputs, args.repeats)
             ratio = [a / b for a, b in zip(times["sas"], times["sasified"])]
-            rows.append([name, inner, f"{t_dense:.2f}", f"{t_sas:.2f}", f"{100 * (t_sas / t_dense - 1):+.0f}%",
+            overhead = [100 * (b / a - 1) for a, b in zip(t_dense, t_sas)]
+            rows.append([name, inner, spread(t_dense, 2), spread(t_sas, 2),
+                         f"{statistics.median(overhead):+.0f}% ({min(overhead):+.0f}..{max(overhead):+.0f})",
                          spread(times["dense"]), spread(times["sas"]), spread(times["sasified"]),
                          f"{statistics.median(ratio):.2f} ({min(ratio):.2f}-{max(ratio):.2f})"])
             print(f"  {name} {inner} done", file=sys.stderr, flush=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, M={args.M}, batch 1, "
-          f"steady ms as median (min-max) of {args.repeats} interleaved calls")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, M={args.M}, batch 1, inductor caches off; "
+          f"capture s as median (min-max) of {args.capture_repeats}, steady ms of {args.repeats} interleaved calls")
     print(tabulate(rows, headers=["model", "inner", "capture dense s", "capture sas s", "capture overhead",
                                   "steady dense ms", "steady backend=sas ms", "steady sasified ms",
                                   "backend=sas / sasified"], tablefmt="github"))

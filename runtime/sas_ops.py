@@ -23,6 +23,7 @@ from .matmul import sas_matmul, select_target
 from .projection import (
     _is_plain_sign_rule,
     dead_slots_to_mask,
+    zero_columns,
     expand_dense_weight,
     fold_wide_grad,
     get_rule,
@@ -35,12 +36,12 @@ __all__ = ["sas_linear", "sas_conv2d", "sas_linear_from_dense", "sas_conv2d_from
            "dense_conv2d_through", "wide_weight", "clear_wide_weight_cache", "SASTrainingError"]
 
 
-def _backward_dead_mask(x: Tensor, weight: Tensor) -> Optional[Tensor]:
+def _backward_dead_mask(x: Tensor, weight: Tensor, groups: int = 1) -> Optional[Tensor]:
     """The dead-slot mask for a backward's projection, in eager mode only: a traced backward
     (fake or functional tensors under torch.compile) cannot read data, and keeps the plain form."""
     if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, torch.nn.Parameter):
         return None
-    return dead_slots_to_mask(x, weight)
+    return dead_slots_to_mask(x, weight, groups)
 
 
 def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Tensor:
@@ -144,17 +145,17 @@ def _(x, weight, bias, stride, padding, dilation, groups, M, rule):
 
 def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule):
     """The PyTorch formulation: one projection pass, then the dense (cuDNN) conv on S(x)."""
-    out = F.conv2d(project(x, M, 1, rule, dead_slots_to_mask(x, weight)), weight, bias, stride, padding, dilation,
+    out = F.conv2d(project(x, M, 1, rule, dead_slots_to_mask(x, weight, groups)), weight, bias, stride, padding, dilation,
                    groups)
     return out.contiguous(memory_format=_conv_memory_format(x))
 
 
 # The PyTorch formulation written as plain aten ops (what a lowering pass puts in a graph so
 # that the compiler fuses the projection with its neighbours); padding as F.conv* take it.
-def _zero_dead_slots(wide_x: Tensor, weight: Tensor, dim: int) -> Tensor:
+def _zero_dead_slots(wide_x: Tensor, weight: Tensor, dim: int, groups: int = 1) -> Tensor:
     # slots whose weight column is all zero read 0, never inf (0 * inf would be NaN); plain
     # ops the compiler fuses into the projection
-    dead = (weight.detach() == 0).transpose(0, 1).reshape(weight.shape[1], -1).all(dim=1)
+    dead = zero_columns(weight.detach(), groups)
     shape = [1] * wide_x.dim()
     shape[dim] = dead.shape[0]
     return wide_x.masked_fill(dead.view(shape), 0)
@@ -167,13 +168,13 @@ def projected_linear(x, weight, bias, M: int, rule: str):
 
 def projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M: int, rule: str):
     """``F.conv2d(S(x), weight, ...)`` with the projection as out-of-place ops."""
-    return F.conv2d(_zero_dead_slots(project_aten(x, M, 1, rule), weight, 1), weight, bias, stride, padding,
+    return F.conv2d(_zero_dead_slots(project_aten(x, M, 1, rule), weight, 1, groups), weight, bias, stride, padding,
                     dilation, groups)
 
 
 def projected_conv1d(x, weight, bias, stride, padding, dilation, groups, M: int, rule: str):
     """``F.conv1d(S(x), weight, ...)`` with the projection as out-of-place ops."""
-    return F.conv1d(_zero_dead_slots(project_aten(x, M, 1, rule), weight, 1), weight, bias, stride, padding,
+    return F.conv1d(_zero_dead_slots(project_aten(x, M, 1, rule), weight, 1, groups), weight, bias, stride, padding,
                     dilation, groups)
 
 
@@ -255,7 +256,7 @@ def _conv_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conf
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    wide = project(x, ctx.M, 1, ctx.rule, _backward_dead_mask(x, weight))
+    wide = project(x, ctx.M, 1, ctx.rule, _backward_dead_mask(x, weight, groups))
     grad_wide, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad.contiguous(memory_format=_conv_memory_format(wide)),
         wide,
@@ -445,7 +446,7 @@ def _from_dense_conv_backward(ctx, grad):
     refuse = need_w and not train_dense
     need_w = need_w and train_dense
     wide = expand_dense_weight(weight, M, fold_relu=fold_relu, rule=rule, groups=groups)
-    projected = project(x, M, 1, rule, _backward_dead_mask(x, wide))
+    projected = project(x, M, 1, rule, _backward_dead_mask(x, wide, groups))
     grad_wide_x, grad_wide_w, grad_b = torch.ops.aten.convolution_backward(
         grad.contiguous(memory_format=_conv_memory_format(projected)), projected, wide,
         ctx.bias_sizes if need_b else None, stride, padding, dilation, False, [0, 0], groups,

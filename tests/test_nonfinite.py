@@ -176,3 +176,27 @@ def test_property_report_counts_every_parameter_once(widths, tie, twice, seed):
     model = Net()
     rep = sas_compile.report(model, (torch.randn(3, widths[0]),), M=(2,))
     assert rep.totals["base"]["params"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("M", [2, 4])
+def test_grouped_and_depthwise_convs_on_infinite_inputs(M):
+    """A grouped conv's dead slots are judged per group (a column is read by its group's rows only)."""
+    from sas_compile.runtime import sas_ops
+
+    torch.manual_seed(M)
+    dense = nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(6, 4, 1)).double()
+    gen = torch.Generator().manual_seed(M)
+    x = poisoned((2, 4, 5, 5), gen)
+    with torch.no_grad():
+        ref = dense(x)
+        assert same_function(sas_compile.sasify(dense, M=M)(x), ref)
+        torch._dynamo.reset()
+        compiled = torch.compile(dense, backend="sas", options={"M": M, "inner": "eager"})
+        assert same_function(compiled(x), ref)
+        # the aten form the GPU lowering writes, on one grouped layer after a ReLU
+        conv = dense[4]  # Conv2d(8, 6, groups=2), after a ReLU it folds
+        pre = poisoned((2, 8, 5, 5), gen)
+        wide = expand_dense_weight(conv.weight, M, fold_relu=True, groups=2)
+        out = sas_ops.projected_conv2d(pre, wide, conv.bias, [1, 1], [1, 1], [1, 1], 2, M, "sign_pattern")
+        assert same_function(out, conv(torch.relu(pre)))
