@@ -11,6 +11,9 @@ For each model and inner compiler (eager, aot_eager, inductor), measured in one 
   compiled with the same inner compiler: ``backend="sas"`` on a dense model should cost what
   the sasified model costs (its wide weights are expanded once per weight version, not per call).
 
+And the static analysis: ``sas_compile.report(model, x)`` at its default M = (2, 4, 8) against one
+``sasify(model, M)``, median (min-max) of ``--capture-repeats``.
+
 All under ``torch.no_grad()`` (inference). Run:
     python benchmarks/compile_overhead.py [--models resnet50 vit bert] [--inner eager aot_eager inductor]
     python benchmarks/compile_overhead.py --quick     # tiny configs, to check the script
@@ -88,10 +91,21 @@ def main(argv=None) -> int:
     inductor_config.fx_graph_cache = False
     inductor_config.autotune_local_cache = False
     torch._functorch.config.enable_autograd_cache = False
-    rows = []
+    rows, report_rows = [], []
     for name in args.models:
         model, inputs = build(name, args.quick)
         sas = sas_compile.sasify(model, M=args.M, example_inputs=inputs)
+        # the static analysis against one conversion: report at its default M = (2, 4, 8)
+        t_sasify, t_report = [], []
+        for _ in range(args.capture_repeats):
+            started = time.perf_counter()
+            sas_compile.sasify(model, M=args.M, example_inputs=inputs)
+            t_sasify.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            sas_compile.report(model, inputs)
+            t_report.append(time.perf_counter() - started)
+        ratio = [b / a for a, b in zip(t_sasify, t_report)]
+        report_rows.append([name, spread(t_sasify, 2), spread(t_report, 2), spread(ratio, 2)])
         for inner in args.inner:
             with torch.no_grad():
                 # one throwaway compile: one-time imports and initialisation count for neither side
@@ -125,6 +139,9 @@ def main(argv=None) -> int:
     print(tabulate(rows, headers=["model", "inner", "capture dense s", "capture sas s", "capture overhead",
                                   "steady dense ms", "steady backend=sas ms", "steady sasified ms",
                                   "backend=sas / sasified"], tablefmt="github"))
+    print()
+    print(tabulate(report_rows, headers=["model", f"sasify(M={args.M}) s", "report (M=2,4,8) s", "report / sasify"],
+                   tablefmt="github"))
     return 0
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "dead_slots",
     "dead_slots_to_mask",
     "zero_columns",
+    "is_builtin_sign_rule_m2",
     "PerWeightCache",
     "reference_project",
     "expand_dense_weight",
@@ -139,7 +140,7 @@ def slot_index(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -> 
     return get_rule(rule, M).slot(x, dim)
 
 
-def _is_plain_sign_rule(index_rule: IndexRule) -> bool:
+def is_builtin_sign_rule_m2(index_rule: IndexRule) -> bool:
     """The default rule at M = 2 (slot 0 = max(x, 0)): the fast paths hard-code exactly that,
     so a subclass that changes :meth:`~IndexRule.slot` goes through the generic path."""
     return type(index_rule) is SignPatternRule and index_rule.M == 2
@@ -168,7 +169,7 @@ def project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern", dead: 
     index_rule = get_rule(rule, M)
     if torch.is_grad_enabled() and x.requires_grad:
         # differentiable form (out= writes are not): the same planes, stacked
-        if _is_plain_sign_rule(index_rule):
+        if is_builtin_sign_rule_m2(index_rule):
             planes = [x.clamp_min(0), (-x).clamp_min(0)]
         else:
             slot, magnitude = index_rule.slot(x, dim), x.abs()
@@ -181,7 +182,7 @@ def project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern", dead: 
     shape = list(x.shape)
     shape.insert(dim + 1, M)
     wide = x.new_empty(shape)
-    if _is_plain_sign_rule(index_rule):
+    if is_builtin_sign_rule_m2(index_rule):
         # the reference convention: slot 0 = max(x, 0), slot 1 = max(-x, 0), one pass each
         torch.clamp_min(x, 0, out=wide.select(dim + 1, 0))
         torch.clamp_min(torch.neg(x), 0, out=wide.select(dim + 1, 1))
@@ -293,7 +294,7 @@ def project_aten(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -
     """
     dim = dim % x.dim()
     index_rule = get_rule(rule, M)
-    if _is_plain_sign_rule(index_rule):
+    if is_builtin_sign_rule_m2(index_rule):
         planes = [x.clamp_min(0), (-x).clamp_min(0)]
     else:
         slot, magnitude = index_rule.slot(x, dim), x.abs()

@@ -21,7 +21,7 @@ from . import autotune
 from .autocast import register_autocast_like_linear
 from .matmul import sas_matmul, select_target
 from .projection import (
-    _is_plain_sign_rule,
+    is_builtin_sign_rule_m2,
     dead_slots_to_mask,
     zero_columns,
     expand_dense_weight,
@@ -48,7 +48,7 @@ def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Ten
     """d/dx of S(x): the wide gradient at each value's slot, times sign(x) (d|x|/dx, 0 at 0)."""
     per_slot = grad_wide.unflatten(dim, (x.shape[dim], M))
     index_rule = get_rule(rule, M)
-    if _is_plain_sign_rule(index_rule):
+    if is_builtin_sign_rule_m2(index_rule):
         return per_slot.select(dim + 1, 0) * (x > 0) - per_slot.select(dim + 1, 1) * (x < 0)
     slot = index_rule.slot(x, dim)
     grad = per_slot.select(dim + 1, 0) * (slot == 0)

@@ -1,0 +1,37 @@
+"""The CPU benchmarks run (tiny configurations): the scripts README's tables come from must not rot.
+
+Not a timing test: nothing here asserts a speed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_compile_overhead_quick(capsys):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    assert load("compile_overhead").main(["--quick", "--models", "resnet50", "--inner", "eager", "--repeats", "2",
+                                          "--capture-repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| resnet50 | eager" in out and "report / sasify" in out
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_cpu_layers_quick(capsys):
+    load("cpu_layers").main(["--quick", "--repeats", "2"])
+    out = capsys.readouterr().out
+    assert "SAS/wide" in out and "project/copy" in out
