@@ -300,22 +300,9 @@ def section_kernels(dry: bool) -> dict:
 
 
 def _time_ms(torch, fn: Callable[[], object], iters: int, cuda: bool) -> List[float]:
-    for _ in range(2):
-        fn()
-    samples = []
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - began) * 1e3)
-    return samples
+    from sas_compile.runtime.autotune import time_ms
+
+    return time_ms(fn, "cuda" if cuda else "cpu", warmup=2, repeats=iters)
 
 
 def section_model(dry: bool, name: str) -> dict:

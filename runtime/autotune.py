@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Decision", "Autotuner", "choose", "explain", "decisions", "default_tuner", "ENV_FORCE",
-           "ENV_AUTOTUNE", "REFERENCE"]
+           "ENV_AUTOTUNE", "REFERENCE", "time_ms"]
 
 logger = logging.getLogger("sas_compile.runtime")
 
@@ -72,8 +72,9 @@ class Decision:
         return out
 
 
-def _device_timer(name: str, fn: Callable[[], object], device_type: str, warmup: int = 2, repeats: int = 5) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on a GPU, the wall clock elsewhere)."""
+def time_ms(fn: Callable[[], object], device_type: str, warmup: int = 2, repeats: int = 5) -> List[float]:
+    """Milliseconds of ``repeats`` calls of ``fn()`` after ``warmup`` (CUDA events on a GPU, the
+    wall clock elsewhere)."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -89,7 +90,12 @@ def _device_timer(name: str, fn: Callable[[], object], device_type: str, warmup:
             began = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(samples)
+    return samples
+
+
+def _device_timer(name: str, fn: Callable[[], object], device_type: str, warmup: int = 2, repeats: int = 5) -> float:
+    """Median milliseconds of ``fn()``."""
+    return statistics.median(time_ms(fn, device_type, warmup, repeats))
 
 
 def _environment(device: torch.device) -> Dict[str, str]:
