@@ -145,8 +145,8 @@ def _(x, weight, bias, stride, padding, dilation, groups, M, rule):
 
 def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule):
     """The PyTorch formulation: one projection pass, then the dense (cuDNN) conv on S(x)."""
-    out = F.conv2d(project(x, M, 1, rule, dead_slots_to_mask(x, weight, groups)), weight, bias, stride, padding, dilation,
-                   groups)
+    wide_x = project(x, M, 1, rule, dead_slots_to_mask(x, weight, groups))
+    out = F.conv2d(wide_x, weight, bias, stride, padding, dilation, groups)
     return out.contiguous(memory_format=_conv_memory_format(x))
 
 

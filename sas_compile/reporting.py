@@ -309,7 +309,8 @@ def report(
         rows.append(row)
 
     if shared_rows:
-        notes.append(f"{len(shared_rows)} call sites reuse a weight counted at another site: their params count 0 "
+        notes.append(f"{len(shared_rows)} call sites reuse a weight counted at another site: their params count only "
+                     "what no other site counts "
                      "(" + ", ".join(shared_rows[:4]) + (", ..." if len(shared_rows) > 4 else "") + ")")
     # a model swsify built is already wide: its other parameters are SWS as they are
     leftover = _parameters_only_rows(model, names_by_id, counted, opaque, Ms, {} if built_sws else widths, sparsities)
