@@ -86,6 +86,8 @@ def _analyze_dynamo_graphs(model: nn.Module, example_inputs, config, error: Capt
                              parameters=graph.parameters, sources=graph.sources)
         for layer in plan.layers:
             layer.call = None  # the graphs are not kept: the plan is for reading
+            if graph.resumes:
+                layer.input_is_graph_input = False  # its graph's inputs are activations
         layers += plan.layers
         code.append(f"# graph {index + 1} of {len(graphs)}\n{graph.gm.code}")
     plan = Plan(layers=layers, capture="dynamo", model=model, capture_error=error,

@@ -61,6 +61,12 @@ class LayerPlan:
     call: Any = field(default=None, repr=False, compare=False)  # the matched call (find_sas_layers.LayerCall)
 
     @property
+    def module_path(self) -> str:
+        """The module the call belongs to: its target for a module call, else its name (dynamo
+        graphs name a call after the module holding its weight)."""
+        return self.module_target or self.name
+
+    @property
     def cbar(self) -> int:
         return costs.fan_in(self)
 

@@ -240,11 +240,6 @@ def report(
             sparsities = (_own_sparsity(swat_modules),)
         notes.append(f"{len(swat_modules)} layers are SWAT layers: their SWAT columns count their own densities "
                      f"at every sparsity; other layers count dense")
-    swat_sparse: Dict[str, bool] = {}
-    if sparsities and not swat_modules:
-        # the layers swatify converts, and the raw-input layer its uniform rule keeps dense
-        names, first = swat_module.discover_layers(model, example_inputs, filter_fn)
-        swat_sparse = {n: n != first for n in names}
     # one analysis for every M: eligibility does not depend on M
     try:
         plan = analyze(model, example_inputs, filter_fn=filter_fn, dense_input_layers=dense_input_layers,
@@ -253,6 +248,11 @@ def report(
         if example_inputs is not None:
             raise
         plan = module_plan(model, _Options(filter_fn, dense_input_layers), error)
+    swat_sparse: Dict[str, bool] = {}
+    if sparsities and not swat_modules:
+        # the layers swatify converts, and the raw-input layer its uniform rule keeps dense
+        names, first = swat_module.discover_layers(model, example_inputs, filter_fn, plan)
+        swat_sparse = {n: n != first for n in names}
     # one SWS width analysis of the graph, decided per M
     widths, why = _sws_widths(plan, Ms, example_inputs, filter_fn, dense_input_layers)
     notes.extend(w for w in why if w not in notes)
@@ -274,7 +274,7 @@ def report(
     shared_rows: List[str] = []
     for layer in plan.layers:
         if layer.op not in costs.LAYER_OPS:
-            opaque[layer.module_target or layer.name] = layer
+            opaque[layer.module_path] = layer
             continue
         resolved, why = _resolved_layer(layer)
         if resolved is None:
@@ -505,5 +505,5 @@ def _add_swat_costs(row: Dict[str, Any], layer: LayerPlan, positions: int, spars
         if own is not None:
             row["swat"][s] = counts(own.weight_density, own.activation_density, own.structure)
         else:
-            density = 1.0 - s if swat_sparse.get(layer.module_target, False) else 1.0
+            density = 1.0 - s if swat_sparse.get(layer.module_path, False) else 1.0
             row["swat"][s] = counts(density, density, "unstructured")

@@ -254,19 +254,21 @@ def erk_densities(shapes: Dict[str, Sequence[int]], density: float) -> Dict[str,
 
 
 def discover_layers(
-    model: nn.Module, example_inputs, filter_fn
+    model: nn.Module, example_inputs, filter_fn, plan: Optional[Plan] = None
 ) -> Tuple[List[str], Optional[str]]:
     """Names of the conv/linear modules to convert, and the one reading the raw input (if known).
 
-    With ``example_inputs`` the analysis plan says which layer reads the raw input;
-    otherwise it is the first conv/linear module in registration order.
+    The analysis plan of the model (``plan``, or one captured from ``example_inputs``) says
+    which layer reads the raw input; without either it is the first conv/linear module in
+    registration order.
     """
     names = [n for n, m in model.named_modules() if type(m) in _SWAT_CLASS]
     first: Optional[str] = names[0] if names else None
-    if example_inputs is not None:
+    if plan is None and example_inputs is not None:
         plan = analyze(model, example_inputs, fold_relu=False)
-        inputs = [layer.module_target for layer in plan.layers
-                  if layer.input_is_graph_input and layer.module_target in names]
+    if plan is not None and plan.capture != "modules":
+        inputs = [layer.module_path for layer in plan.layers
+                  if layer.input_is_graph_input and layer.module_path in names]
         first = inputs[0] if inputs else None
     if filter_fn is not None:
         modules = dict(model.named_modules())

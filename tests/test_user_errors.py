@@ -87,6 +87,10 @@ def test_report_and_inspect_fall_back_to_dynamo_with_graph_breaks(capfd):
     assert rep.totals["base"]["mults"] == counter.get_total_flops() // 2
     plan = sas_compile.inspect_model(model, (x,))
     assert "graph breaks" in str(plan) and [layer.name for layer in plan.eligible()] == ["b", "c"]
+    # SWAT columns from the same analysis: the raw-input layer dense, the others sparse
+    swat = {r["name"]: r["swat"][0.9]["forward_mults"] for r in sas_compile.report(model, (x,), M=(2,), swat=0.9).layers}
+    dense = {r["name"]: r["base"]["mults"] for r in rep.layers}
+    assert swat["a"] == dense["a"] and swat["b"] < dense["b"] and swat["c"] < dense["c"]
     assert capfd.readouterr().err == ""
 
 
