@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .packing import PackedSparseWeight, unpack_sws_weight
-from .projection import dead_slots_to_mask, project
+from .projection import dead_slots_to_mask, infinite_meets_dead_slots, project
 
 __all__ = ["TargetStatus", "Capability", "KERNEL_CAPABILITIES", "TARGET_NAMES", "get_target", "targets",
            "tf32_allowed", "TorchTarget", "KernelTarget"]
@@ -59,8 +59,19 @@ KERNEL_CAPABILITIES: Dict[str, Capability] = {
 
 
 def tf32_allowed() -> bool:
-    """Whether PyTorch would run a float32 matmul in tf32 now (its switches, not ours)."""
-    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+    """Whether PyTorch would run a float32 CUDA matmul in tf32 now (its switches, not ours).
+
+    ``torch.backends.cuda.matmul.fp32_precision`` ("ieee", "tf32", or "none": inherit the
+    global ``torch.backends.fp32_precision``) reflects the legacy switches too
+    (``allow_tf32``, ``set_float32_matmul_precision``); reading a legacy switch after the new
+    API was used raises, so the legacy ones are read only on a torch without it.
+    """
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if matmul is None:
+        return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+    if matmul == "none":
+        matmul = getattr(torch.backends, "fp32_precision", "none")
+    return matmul == "tf32"
 
 
 class TorchTarget:
@@ -132,7 +143,7 @@ class KernelTarget:
         if cap.rules is not None and rule is not None and rule not in cap.rules:
             reasons.append(f"index rule {rule!r} has no kernel (kernels compute {cap.rules[0]!r})")
         if op == "sas_linear" and others and others[0] is not None and not reasons:
-            if dead_slots_to_mask(x, others[0]) is not None:
+            if infinite_meets_dead_slots(x, others[0]):
                 reasons.append("infinite inputs meet all-zero weight columns: the tensor cores would form "
                                "0 * inf = NaN where the dense layer gives 0")
         return reasons

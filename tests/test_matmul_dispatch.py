@@ -323,6 +323,40 @@ def test_float32_takes_full_precision_unless_tf32_is_allowed(op, caplog, monkeyp
     assert 1e-6 < error < 2e-3, f"tf32 rounding expected, got relative error {error}"
 
 
+def test_tf32_allowed_follows_both_of_pytorchs_precision_apis():
+    """The legacy switches and the fp32_precision API (reading a legacy switch after the new
+    API was used raises, so tf32_allowed must not)."""
+    from sas_compile.runtime.execution_targets import tf32_allowed
+
+    matmul = torch.backends.cuda.matmul
+    assert not tf32_allowed()  # PyTorch's defaults
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert tf32_allowed()
+        torch.set_float32_matmul_precision("highest")
+        matmul.allow_tf32 = True
+        assert tf32_allowed()
+        matmul.allow_tf32 = False
+        assert not tf32_allowed()
+        if hasattr(matmul, "fp32_precision"):
+            matmul.fp32_precision = "tf32"
+            assert tf32_allowed()
+            matmul.fp32_precision = "ieee"
+            assert not tf32_allowed()
+            matmul.fp32_precision = "none"  # inherits the global setting
+            torch.backends.fp32_precision = "tf32"
+            assert tf32_allowed()
+            torch.backends.fp32_precision = "ieee"
+            assert not tf32_allowed()
+    finally:
+        if hasattr(matmul, "fp32_precision"):
+            torch.backends.fp32_precision = "none"
+            matmul.fp32_precision = "none"
+        torch.set_float32_matmul_precision("highest")
+        matmul.allow_tf32 = False
+    assert not tf32_allowed()
+
+
 # ------------------------------------------------------------------------- GPU
 
 
