@@ -165,6 +165,7 @@ def test_sas_launches_through_a_fake_driver(fake_gpu, tile, dtype):
     w = torch.randn(29, 2 * 40, generator=g).to(dtype)
     b = torch.randn(29, generator=g).to(dtype)
     fake = RecordingDriver()
+    fake.current_context = "the caller's context"  # e.g. another device's, current in this thread
     plan = prepare_sas(x, w, b, 2, out_dtype=torch.float32, tile=tile, arch="sm_90")
     out = _launch(plan, fake)
 
@@ -184,6 +185,9 @@ def test_sas_launches_through_a_fake_driver(fake_gpu, tile, dtype):
             assert "cuFuncSetAttribute" in fake.calls
     assert fake.calls[:3] == ["cuInit", "cuDeviceGet", "cuDevicePrimaryCtxRetain"]
     assert fake.calls[fake.calls.index("cuLaunchKernel") - 1] == "cuCtxSetCurrent"
+    # every launch in the device's primary context, the caller's context current again after
+    assert {record["context"] for record in fake.launches} == {("emulator-context", 0)}
+    assert fake.current_context == "the caller's context"
     assert rel_err(out, sas_reference(x, w, b, 2)) < 1e-5
 
 

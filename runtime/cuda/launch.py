@@ -11,6 +11,7 @@ failure raises :class:`CudaError` naming the call.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 from dataclasses import dataclass
@@ -95,48 +96,62 @@ class Launcher:
         self._modules: Dict[str, object] = {}
         self._functions: Dict[str, KernelFunction] = {}
 
-    def _make_current(self) -> None:
-        if self._context is not None:
-            check(self.api, self.api.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
+    @contextlib.contextmanager
+    def _current(self):
+        """The launcher's context made current for the block, the caller's put back after it
+        (PyTorch reads its current device from the thread's current context)."""
+        if self._context is None:
+            yield
+            return
+        api = self.api
+        previous = check(api, api.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        check(api, api.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
+        try:
+            yield
+        finally:
+            check(api, api.cuCtxSetCurrent(previous), "cuCtxSetCurrent")
 
     def function(self, kernel: str) -> KernelFunction:
         """The kernel's handle, threads per block and dynamic shared memory (loaded once)."""
         with self._lock:
             if kernel in self._functions:
                 return self._functions[kernel]
-            api = self.api
-            self._make_current()
-            module_name = module_of(kernel)
-            if module_name not in self._modules:
-                self._modules[module_name] = check(
-                    api, api.cuModuleLoadData(self._image(module_name)), f"cuModuleLoadData({module_name})")
-            module = self._modules[module_name]
-            func = check(api, api.cuModuleGetFunction(module, kernel.encode()), f"cuModuleGetFunction({kernel})")
-            ptr, size = check(api, api.cuModuleGetGlobal(module, f"{kernel}_launch".encode()),
-                              f"cuModuleGetGlobal({kernel}_launch)")
-            geometry = (ctypes.c_int * 2)()
-            if int(size) != ctypes.sizeof(geometry):
-                raise CudaError(f"{kernel}_launch has {int(size)} bytes, expected {ctypes.sizeof(geometry)}")
-            check(api, api.cuMemcpyDtoH(ctypes.addressof(geometry), ptr, ctypes.sizeof(geometry)),
-                  f"cuMemcpyDtoH({kernel}_launch)")
-            threads, smem = int(geometry[0]), int(geometry[1])
-            if smem > STATIC_SMEM_LIMIT:
-                check(api, api.cuFuncSetAttribute(
-                    func, api.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
-                    f"cuFuncSetAttribute({kernel}, MAX_DYNAMIC_SHARED_SIZE_BYTES={smem})")
-            self._functions[kernel] = KernelFunction(func, threads, smem)
+            with self._current():
+                self._functions[kernel] = self._load(kernel)
             return self._functions[kernel]
+
+    def _load(self, kernel: str) -> KernelFunction:
+        api = self.api
+        module_name = module_of(kernel)
+        if module_name not in self._modules:
+            self._modules[module_name] = check(
+                api, api.cuModuleLoadData(self._image(module_name)), f"cuModuleLoadData({module_name})")
+        module = self._modules[module_name]
+        func = check(api, api.cuModuleGetFunction(module, kernel.encode()), f"cuModuleGetFunction({kernel})")
+        ptr, size = check(api, api.cuModuleGetGlobal(module, f"{kernel}_launch".encode()),
+                          f"cuModuleGetGlobal({kernel}_launch)")
+        geometry = (ctypes.c_int * 2)()
+        if int(size) != ctypes.sizeof(geometry):
+            raise CudaError(f"{kernel}_launch has {int(size)} bytes, expected {ctypes.sizeof(geometry)}")
+        check(api, api.cuMemcpyDtoH(ctypes.addressof(geometry), ptr, ctypes.sizeof(geometry)),
+              f"cuMemcpyDtoH({kernel}_launch)")
+        threads, smem = int(geometry[0]), int(geometry[1])
+        if smem > STATIC_SMEM_LIMIT:
+            check(api, api.cuFuncSetAttribute(
+                func, api.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
+                f"cuFuncSetAttribute({kernel}, MAX_DYNAMIC_SHARED_SIZE_BYTES={smem})")
+        return KernelFunction(func, threads, smem)
 
     def launch(self, prepared: Launch, stream: int) -> None:
         """Launch ``prepared`` on the stream with handle ``stream``."""
         fn = self.function(prepared.kernel)
         api = self.api
-        self._make_current()
         params = kernel_params(prepared.params)
         gx, gy = prepared.grid
-        check(api, api.cuLaunchKernel(fn.handle, gx, gy, 1, fn.threads, 1, 1, fn.smem, api.CUstream(stream),
-                                      ctypes.addressof(params), 0),
-              f"cuLaunchKernel({prepared.kernel}, grid=({gx}, {gy}), block={fn.threads}, smem={fn.smem})")
+        with self._current():
+            check(api, api.cuLaunchKernel(fn.handle, gx, gy, 1, fn.threads, 1, 1, fn.smem, api.CUstream(stream),
+                                          ctypes.addressof(params), 0),
+                  f"cuLaunchKernel({prepared.kernel}, grid=({gx}, {gy}), block={fn.threads}, smem={fn.smem})")
 
 
 def run(launcher: Launcher, plan: Plan, stream: int) -> torch.Tensor:

@@ -76,6 +76,7 @@ class EmulatorDriver:
         self._on_launch = on_launch
         self._modules: List[_Module] = []
         self.last_error = ""
+        self.current_context = None  # the calling thread's current context (one thread here)
 
     # ---- errors, devices and contexts: one device, one context
     def cuGetErrorName(self, status):
@@ -91,7 +92,11 @@ class EmulatorDriver:
     def cuDevicePrimaryCtxRetain(self, device):
         return (CUDA_SUCCESS, ("emulator-context", device))
 
+    def cuCtxGetCurrent(self):
+        return (CUDA_SUCCESS, self.current_context)
+
     def cuCtxSetCurrent(self, context):
+        self.current_context = context
         return (CUDA_SUCCESS,)
 
     # ---- modules
@@ -165,7 +170,7 @@ class EmulatorDriver:
         if self._on_launch is not None:
             self._on_launch(dict(function=f.name, grid=(grid_x, grid_y, grid_z), block=(block_x, block_y, block_z),
                                  shared_bytes=shared_bytes, stream=int(stream), kernel_params=kernel_params,
-                                 extra=extra))
+                                 extra=extra, context=self.current_context))
         lib = self._library()
         error = ctypes.create_string_buffer(512)
         status = lib.sas_emu_launch_kernel(
