@@ -136,7 +136,7 @@ class Autotuner:
         self._timer = timer or _device_timer
         self._persist = persist
         self._lock = threading.Lock()
-        self._memory: Dict[str, Decision] = {}
+        self._memory: Dict[tuple, Decision] = {}
         self._disk: Optional[Dict[str, dict]] = None
         self._log: List[Decision] = []
 
@@ -177,7 +177,7 @@ class Autotuner:
         except OSError as error:  # a read-only cache costs a re-measurement next process, nothing more
             logger.warning("could not write the autotune cache %s: %s", self.path, error)
 
-    def _remember(self, key: str, decision: Decision) -> Decision:
+    def _remember(self, key: tuple, decision: Decision) -> Decision:
         self._memory[key] = decision
         self._log.append(decision)
         logger.info("autotune: %s", decision.describe())
@@ -194,13 +194,15 @@ class Autotuner:
             raise ValueError(f"autotune: the candidates of {op} must include {REFERENCE!r}")
         fields = dict(fields)
         rejected = dict(rejected or {})
-        key_payload = {"op": op, "fields": fields, "env": _environment(device)}
-        key = hashlib.sha256(json.dumps(key_payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
         forced = os.environ.get(ENV_FORCE, "").strip()
-        memory_key = f"{key}:forced={forced}" if forced else key
+        # a hit in this process costs a dict lookup: the environment (versions, kernel sources)
+        # does not change within a process, so it enters only the disk cache's key
+        memory_key = (op, json.dumps(fields, sort_keys=True, default=str), str(device), forced)
         with self._lock:
             if memory_key in self._memory:
                 return self._memory[memory_key]
+            key_payload = {"op": op, "fields": fields, "env": _environment(device)}
+            key = hashlib.sha256(json.dumps(key_payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
             if forced in candidates:
                 return self._remember(memory_key, Decision(op, fields, forced, f"forced by {ENV_FORCE}", {}, rejected))
             if forced:

@@ -36,6 +36,7 @@ __all__ = [
     "project_aten",
     "dead_slots",
     "dead_slots_to_mask",
+    "infinite_meets_dead_slots",
     "zero_columns",
     "is_builtin_sign_rule_m2",
     "PerWeightCache",
@@ -271,12 +272,23 @@ def zero_columns(weight: Tensor, groups: int = 1) -> Tensor:
 
 
 def dead_slots_to_mask(x: Tensor, weight: Tensor, groups: int = 1) -> Optional[Tensor]:
-    """The ``dead`` argument of :func:`project` when it matters: the weight has all-zero columns
-    and ``x`` holds infinite values (for finite ones the zero columns already give 0)."""
+    """The ``dead`` argument of :func:`project` when it may matter: the weight has all-zero
+    columns and ``x`` may hold infinite values (for finite ones the zero columns already give 0).
+
+    On the CPU ``x`` is checked (one sum); on an accelerator the check would stop the host at
+    every layer until the device caught up, so the slots are masked without asking (exact for
+    every input, one more elementwise pass).
+    """
     dead = dead_slots(weight, groups)
-    if dead is None or _all_finite(x):
+    if dead is None or (x.device.type == "cpu" and _all_finite(x)):
         return None
     return dead
+
+
+def infinite_meets_dead_slots(x: Tensor, weight: Tensor, groups: int = 1) -> bool:
+    """Whether ``x`` holds a non-finite value and the weight an all-zero column: then a GEMM
+    on ``S(x)`` would form ``0 * inf = NaN`` where the dense layer gives 0."""
+    return dead_slots(weight, groups) is not None and not _all_finite(x)
 
 
 def _all_finite(x: Tensor) -> bool:

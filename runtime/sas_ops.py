@@ -9,9 +9,7 @@ saved narrow input, so autograd holds only the narrow activation.
 """
 from __future__ import annotations
 
-import threading
-import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +20,8 @@ from .autocast import register_autocast_like_linear
 from .matmul import sas_matmul, select_target
 from .projection import (
     is_builtin_sign_rule_m2,
+    PerWeightCache,
+    SignPatternRule,
     dead_slots_to_mask,
     zero_columns,
     expand_dense_weight,
@@ -68,8 +68,10 @@ def sas_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: 
 
 @sas_linear.register_kernel("cuda")
 def _(x, weight, bias, M, rule):
-    # autograd is this op's (register_autograd below): the GEMM targets see plain tensors
-    return sas_matmul(x.detach(), weight.detach(), None if bias is None else bias.detach(), M=M, rule=rule)
+    # autograd is this op's (register_autograd below); the tensors go as they are (not
+    # detached copies: the per-weight caches key on the tensor itself)
+    with torch.no_grad():
+        return sas_matmul(x, weight, bias, M=M, rule=rule)
 
 
 @sas_linear.register_fake
@@ -181,7 +183,8 @@ def projected_conv1d(x, weight, bias, stride, padding, dilation, groups, M: int,
 def _sas_conv2d_accelerated(x, weight, bias, stride, padding, dilation, groups, M, rule):
     """A SAS conv on a GPU: projection + cuDNN, unless the unfolded Sparse Tensor Core GEMM
     measures faster for this shape (``runtime/autotune.py``; never a slower path)."""
-    return sas_conv2d_choice(x, weight, bias, stride, padding, dilation, groups, M, rule)[1]()
+    with torch.no_grad():  # autograd is the op's
+        return sas_conv2d_choice(x, weight, bias, stride, padding, dilation, groups, M, rule)[1]()
 
 
 def sas_conv2d_choice(x, weight, bias, stride, padding, dilation, groups, M, rule):
@@ -189,10 +192,8 @@ def sas_conv2d_choice(x, weight, bias, stride, padding, dilation, groups, M, rul
 
     ``None`` when only the PyTorch formulation (projection + dense conv) applies.
     """
-    x, weight = x.detach(), weight.detach()
-    bias = None if bias is None else bias.detach()
     dense = lambda: _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)  # noqa: E731
-    if groups != 1 or x.shape[1] % (M.bit_length() - 1) != 0:
+    if not _unfoldable(x, groups, M, rule):
         return None, dense  # not one unfolded SAS GEMM
     if select_target("sas::conv2d", "auto", x, weight, bias, M=M, rule=rule).name == "torch":
         return None, dense
@@ -210,6 +211,27 @@ def sas_conv2d_choice(x, weight, bias, stride, padding, dilation, groups, M, rul
     return decision, candidates[decision.impl]
 
 
+def _unfoldable(x: Tensor, groups: int, M: int, rule: str) -> bool:
+    """Whether the conv is one SAS GEMM over im2col rows: K is ordered kernel position, then
+    channel, so the sign pattern's channel groups must not straddle kernel positions."""
+    index_rule = get_rule(rule, M)
+    return groups == 1 and isinstance(index_rule, SignPatternRule) and x.shape[1] % index_rule.bits == 0
+
+
+_unfolded_cache = PerWeightCache()
+
+
+def _unfolded_weight(weight: Tensor, M: int) -> Tensor:
+    """A wide conv weight in the unfolded GEMM's K order (kernel position, channel, slot);
+    cached per weight version, so the GEMM's own per-weight caches see one tensor."""
+    def make():
+        out_channels, wide_in, kh, kw = weight.shape
+        permuted = weight.detach().view(out_channels, wide_in // M, M, kh * kw).permute(0, 3, 1, 2)
+        return permuted.reshape(out_channels, kh * kw * wide_in)
+
+    return _unfolded_cache.get(weight, ("unfolded", M), make)
+
+
 def _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, rule, target="auto"):
     """Accelerator path: unfold (im2col) so the layer is one ``sas_matmul`` on the GEMM targets.
 
@@ -220,24 +242,19 @@ def _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, 
     import logging
 
     channels = x.shape[1]
-    bits = M.bit_length() - 1
-    if groups != 1 or channels % bits != 0:
+    if not _unfoldable(x, groups, M, rule):
         logging.getLogger("sas_compile.runtime").info(
             "sas::conv2d on %s: groups=%d, channels=%d, M=%d cannot be unfolded into one SAS "
             "GEMM; using the projected dense convolution", x.device, groups, channels, M,
         )
-        out = F.conv2d(project(x, M, 1, rule), weight, bias, stride, padding, dilation, groups)
-        return out.contiguous(memory_format=_conv_memory_format(x))
+        return _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
     batch, _, height, width = x.shape
     out_channels, _, kh, kw = weight.shape
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
     positions = cols.shape[-1]
     rows = cols.view(batch, channels, kh * kw, positions).permute(0, 3, 2, 1)
     rows = rows.reshape(batch * positions, kh * kw * channels)
-    wide = weight.view(out_channels, channels, M, kh * kw).permute(0, 3, 1, 2)
-    wide = wide.reshape(out_channels, kh * kw * channels * M)
-    out = sas_matmul(rows.detach(), wide.detach(), None if bias is None else bias.detach(), M=M, rule=rule,
-                     target=target)
+    out = sas_matmul(rows, _unfolded_weight(weight, M), bias, M=M, rule=rule, target=target)
     out_h = conv2d_output_size(height, kh, stride[0], padding[0], dilation[0])
     out_w = conv2d_output_size(width, kw, stride[1], padding[1], dilation[1])
     out = out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
@@ -289,16 +306,7 @@ class SASTrainingError(RuntimeError):
     """A backward would train dense weights through their SAS expansion without being asked to."""
 
 
-_wide_cache_lock = threading.RLock()  # a dying weight's callback may run while it is held
-# id(weight) -> (a weak reference to it, {options: (version, wide)}); identity, never tensor ==
-_wide_cache: Dict[int, Tuple[weakref.ref, Dict[tuple, Tuple[tuple, Tensor]]]] = {}
-
-
-def _forget(key: int):
-    def callback(_ref):
-        with _wide_cache_lock:
-            _wide_cache.pop(key, None)
-    return callback
+_wide_cache = PerWeightCache()
 
 
 def wide_weight(weight: Tensor, M: int, fold_relu: bool, rule: str, groups: int = 1) -> Tensor:
@@ -309,29 +317,14 @@ def wide_weight(weight: Tensor, M: int, fold_relu: bool, rule: str, groups: int 
     ``.data`` bypass the counter, as they bypass autograd's checks: call
     :func:`clear_wide_weight_cache` after such writes.
     """
-    options = (M, bool(fold_relu), rule, groups)
-    version = (weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
-    with _wide_cache_lock:
-        entry = _wide_cache.get(id(weight))
-        if entry is None or entry[0]() is not weight:
-            try:
-                entry = (weakref.ref(weight, _forget(id(weight))), {})
-            except TypeError:  # a tensor that cannot be weakly referenced: no cache
-                entry = (lambda: None, {})
-            else:
-                _wide_cache[id(weight)] = entry
-        hit = entry[1].get(options)
-        if hit is None or hit[0] != version:
-            with torch.no_grad():
-                wide = expand_dense_weight(weight.detach(), M, fold_relu=fold_relu, rule=rule, groups=groups)
-            hit = entry[1][options] = (version, wide)
-        return hit[1]
+    return _wide_cache.get(weight, ("wide", M, bool(fold_relu), rule, groups),
+                           lambda: expand_dense_weight(weight.detach(), M, fold_relu=fold_relu, rule=rule,
+                                                       groups=groups))
 
 
 def clear_wide_weight_cache() -> None:
     """Forget every cached expansion (after writing weights through ``.data``)."""
-    with _wide_cache_lock:
-        _wide_cache.clear()
+    _wide_cache.clear()
 
 
 def _training_refusal() -> SASTrainingError:
@@ -370,7 +363,8 @@ def sas_linear_from_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: 
 @sas_linear_from_dense.register_kernel("cuda")
 def _(x, weight, bias, M, fold_relu, rule, train_dense):
     wide = wide_weight(weight, M, fold_relu, rule)
-    return sas_matmul(x.detach(), wide, None if bias is None else bias.detach(), M=M, rule=rule)
+    with torch.no_grad():  # autograd is the op's
+        return sas_matmul(x, wide, bias, M=M, rule=rule)
 
 
 @sas_linear_from_dense.register_fake
