@@ -30,7 +30,7 @@ from .plan import LayerPlan, Plan
 
 __all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layers_from_modules",
            "OPAQUE_PROJECTION_MODULES", "layer_plan_from_module", "already_sas_reason", "parameter_holders",
-           "LINEAR_FUNCTIONS", "CONV_FUNCTIONS"]
+           "LINEAR_FUNCTIONS", "CONV_FUNCTIONS", "SASOp", "SAS_OPS", "sas_op"]
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 CONV_FUNCTIONS = {
@@ -208,7 +208,7 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), OPAQUE_PROJECTION_MODULES):
             layers.append(_opaque_module_layer(node, gm.get_submodule(node.target)))
             continue
-        existing = _existing_sas_call(node, gm)
+        existing = _existing_sas_call(node, gm, sources)
         if existing is not None:
             layers.append(existing)
             continue
@@ -310,26 +310,60 @@ def _opaque_module_layer(node: fx.Node, mod: nn.Module) -> LayerPlan:
     return layer
 
 
-# the sas:: ops a rewritten graph calls on its own wide weights, and where their M argument is
-_SAS_OPS = {torch.ops.sas.linear.default: ("linear", 3), torch.ops.sas.conv2d.default: ("conv2d", 7)}
+@dataclass(frozen=True)
+class SASOp:
+    """One ``sas::`` op: the layer it computes and where its ``M`` argument is."""
+
+    kind: str  # linear | conv2d | linear_from_dense | conv2d_from_dense
+    op: str  # the layer op: linear | conv2d
+    m_index: int  # position of M among the op's arguments
+    wide_weight: bool  # its weight argument is already the wide (M times) weight, not a dense one
 
 
-def _existing_sas_call(node: fx.Node, gm: fx.GraphModule) -> Optional[LayerPlan]:
-    """A LayerPlan (not eligible, ``sas_M`` set) for a ``sas::linear`` / ``sas::conv2d`` call, else None."""
-    if node.op != "call_function" or node.target not in _SAS_OPS:
+# Every sas:: op, keyed by its overload packet: a graph may call the packet (dynamo records
+# ``torch.ops.sas.linear``, the spelling SASLinear.forward uses) or an overload (the rewrite
+# writes ``torch.ops.sas.linear.default``); ``sas_op`` finds the entry for either.
+SAS_OPS: Dict[object, SASOp] = {
+    torch.ops.sas.linear: SASOp("linear", "linear", 3, True),
+    torch.ops.sas.conv2d: SASOp("conv2d", "conv2d", 7, True),
+    torch.ops.sas.linear_from_dense: SASOp("linear_from_dense", "linear", 3, False),
+    torch.ops.sas.conv2d_from_dense: SASOp("conv2d_from_dense", "conv2d", 7, False),
+}
+
+
+def sas_op(target) -> Optional[SASOp]:
+    """The ``sas::`` op a ``call_function`` target calls, whichever spelling (packet or overload), else None."""
+    try:
+        return SAS_OPS.get(getattr(target, "overloadpacket", target))
+    except TypeError:  # an unhashable target is no sas:: op
         return None
-    op, m_index = _SAS_OPS[node.target]
-    M = int(_arg(node, m_index, "M"))
+
+
+def _existing_sas_call(node: fx.Node, gm: fx.GraphModule, sources: Optional[Dict[str, str]] = None
+                       ) -> Optional[LayerPlan]:
+    """A LayerPlan (not eligible, ``sas_M`` set) for a ``sas::linear`` / ``sas::conv2d`` call on its own
+    wide weight, else None. ``sources`` names a dynamo graph's lifted parameters by their user paths."""
+    spec = sas_op(node.target) if node.op == "call_function" else None
+    if spec is None or not spec.wide_weight:
+        return None
+    op, sources = spec.op, sources or {}
+    M = int(_arg(node, spec.m_index, "M"))
     w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
-    target = w.target if isinstance(w, fx.Node) and w.op == "get_attr" else getattr(w, "name", str(w))
-    tensor = _graph_tensor(gm, w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+    is_attr = isinstance(w, fx.Node) and w.op == "get_attr"
+    is_placeholder = isinstance(w, fx.Node) and w.op == "placeholder"
+    target = w.target if is_attr else getattr(w, "name", str(w))
+    tensor = _graph_tensor(gm, w.target) if is_attr else None
     shape = tuple(tensor.shape) if tensor is not None else _shape(w)
-    name = target[: -len(".weight")] if target.endswith(".weight") else target
+    name = sources.get(target, target) if is_placeholder else target
+    name = name[: -len(".weight")] if name.endswith(".weight") else name
     groups = int(_arg(node, 6, "groups", 1)) if op == "conv2d" else 1
     out_c, in_c = (shape[0], shape[1] // M * groups) if shape else (-1, -1)
     kernel = tuple(shape[2:]) if shape and op == "conv2d" else ()
     layer = LayerPlan(name, node.name, op, False, already_sas_reason(M), in_c, out_c, kernel, groups=groups,
-                      has_bias=b is not None, weight_target=target, weight_kind="attr", sas_M=M)
+                      has_bias=b is not None, weight_target=target,
+                      weight_kind="placeholder" if is_placeholder else "attr", sas_M=M)
+    if is_placeholder:
+        layer.parameter_sources = tuple(sources.get(n.name) if isinstance(n, fx.Node) else None for n in (w, b))
     layer.input_shape, layer.output_shape = _shape(node.args[0]), _shape(node)
     return layer
 

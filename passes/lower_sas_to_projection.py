@@ -22,23 +22,24 @@ from sas_compile.runtime import sas_ops
 from sas_compile.runtime.matmul import sas_linear_choice
 from sas_compile.runtime.projection import expand_dense_weight
 
+from .find_sas_layers import SAS_OPS, sas_op
 from .plan import Plan
 
 log = logging.getLogger("sas_compile.passes")
 
 __all__ = ["lower_sas_to_projection", "graph_device"]
 
-# op -> (kind, the same call as plain aten ops); every replacement takes the op's arguments.
+# kind of sas:: op (``find_sas_layers.SAS_OPS``, which finds the op whichever spelling the graph
+# calls) -> the same call as plain aten ops; every replacement takes the op's arguments.
 # A layer computed from a dense weight is the dense layer's function exactly (Wt S(x) = W x,
 # W relu(z) when folded): its plain form is the dense op itself.
 _LOWERINGS = {
-    torch.ops.sas.linear: ("linear", sas_ops.projected_linear),
-    torch.ops.sas.linear.default: ("linear", sas_ops.projected_linear),
-    torch.ops.sas.conv2d: ("conv2d", sas_ops.projected_conv2d),
-    torch.ops.sas.conv2d.default: ("conv2d", sas_ops.projected_conv2d),
-    torch.ops.sas.linear_from_dense.default: ("linear_from_dense", sas_ops.dense_linear_through),
-    torch.ops.sas.conv2d_from_dense.default: ("conv2d_from_dense", sas_ops.dense_conv2d_through),
+    "linear": sas_ops.projected_linear,
+    "conv2d": sas_ops.projected_conv2d,
+    "linear_from_dense": sas_ops.dense_linear_through,
+    "conv2d_from_dense": sas_ops.dense_conv2d_through,
 }
+assert set(_LOWERINGS) == {spec.kind for spec in SAS_OPS.values()}, "every sas:: op needs its lowering"
 
 
 def _example(arg) -> Optional[torch.Tensor]:
@@ -105,9 +106,10 @@ def lower_sas_to_projection(gm: fx.GraphModule, plan: Plan, config) -> Plan:
     measure = getattr(config, "measure_kernels", True)
     lowered = kept = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _LOWERINGS or node.kwargs:
+        spec = sas_op(node.target) if node.op == "call_function" else None
+        if spec is None or node.kwargs:
             continue
-        kind, replacement = _LOWERINGS[node.target]
+        kind, replacement = spec.kind, _LOWERINGS[spec.kind]
         if measure and _kernel_is_faster(node, kind, device):
             kept += 1
             continue

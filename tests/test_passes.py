@@ -129,3 +129,74 @@ def test_sasified_linear_module_swap_equals_dense(M):
     layer = sas_module(dense, M, False, "sign_pattern")
     assert isinstance(layer, SASLinear)
     torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+def _sasified_mlp():
+    import sas_compile
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    return sas_compile.sasify(dense, M=2)
+
+
+def test_backend_lists_the_sas_layers_of_a_sasified_model(monkeypatch, capsys):
+    # SASLinear.forward calls the packet torch.ops.sas.linear, the spelling dynamo records
+    from sas_compile import backend
+
+    sas = _sasified_mlp()
+    plans = []
+    explain = backend._explain
+    monkeypatch.setattr(backend, "_explain", lambda plan, *a: plans.append(plan) or explain(plan, *a))
+    torch._dynamo.reset()
+    x = torch.randn(2, 4)
+    compiled = torch.compile(sas, backend="sas", options={"inner": "eager", "explain": True})
+    torch.testing.assert_close(compiled(x), sas(x))
+    torch._dynamo.reset()
+    (plan,) = plans
+    assert any(n.target is torch.ops.sas.linear for n in plan.gm.graph.nodes if n.op == "call_function")
+    existing = [(layer.name, layer.op, layer.sas_M, layer.in_channels, layer.out_channels)
+                for layer in plan.layers if layer.sas_M]
+    assert existing == [("2", "linear", 2, 8, 8), ("4", "linear", 2, 8, 3)]
+    assert all(not layer.eligible and "already a SAS layer (M=2)" in layer.reason
+               for layer in plan.layers if layer.sas_M)
+    assert all(layer.parameter_sources == (f"{layer.name}.weight", f"{layer.name}.bias")
+               for layer in plan.layers if layer.sas_M)
+    out = capsys.readouterr().out
+    assert "0 of 3 conv/linear layers" in out and "dense      4 (linear): already a SAS layer" in out
+
+
+@pytest.mark.parametrize("spelling", ["packet", "default"])
+def test_find_sas_layers_and_the_lowering_read_either_spelling_of_a_sas_op(spelling):
+    from sas_compile.passes.find_sas_layers import sas_op
+    from sas_compile.passes.lower_sas_to_projection import lower_sas_to_projection
+    from sas_compile.runtime import sas_ops
+
+    def spelled(packet):
+        return packet if spelling == "packet" else packet.default
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(5, 12))
+            self.dense_w = nn.Parameter(torch.randn(4, 5))
+
+        def forward(self, x):
+            y = spelled(torch.ops.sas.linear)(x, self.w, None, 2, "sign_pattern")
+            return spelled(torch.ops.sas.linear_from_dense)(y, self.dense_w, None, 2, False, "sign_pattern", False)
+
+    model = Functional()
+    gm = fx.symbolic_trace(model)
+    x = torch.randn(3, 6)
+    want = model(x)
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert calls == [spelled(torch.ops.sas.linear), spelled(torch.ops.sas.linear_from_dense)]
+    assert [sas_op(target).kind for target in calls] == ["linear", "linear_from_dense"]
+    plan = find_sas_layers(gm, Plan(layers=[], capture="symbolic_trace", model=model), CONFIG)
+    assert [(layer.name, layer.sas_M, layer.in_channels, layer.out_channels) for layer in plan.layers] == \
+        [("w", 2, 6, 5)]  # the from-dense call is a rewrite's output, not an existing wide weight
+    # the lowering only retargets the calls: it runs on this machine when told the graph's device
+    plan = lower_sas_to_projection(gm, plan, SimpleNamespace(device="cuda", measure_kernels=False))
+    assert plan.lowered == 2
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets == [sas_ops.projected_linear, sas_ops.dense_linear_through]
+    torch.testing.assert_close(gm(x), want, rtol=1e-5, atol=1e-5)
