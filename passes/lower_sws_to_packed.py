@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, fx, nn
@@ -41,6 +41,9 @@ log = logging.getLogger("sas_compile.passes")
 
 __all__ = ["PackedSWSLinear", "SWSLowering", "lower_sws_to_packed"]
 
+# the default bias argument of PackedSWSLinear: "the module's own bias" (None means no bias, as in F.linear)
+MODULE_BIAS = object()
+
 CONV_STAYS = ("convolution: stays on the masked dense weight (the packed SWS kernel is a GEMM; "
               "lowering a convolution to it needs im2col, which lower_sws_to_packed does not do)")
 
@@ -52,7 +55,9 @@ class PackedSWSLinear(nn.Module):
     buffers; ``kept`` is the number of weights the 1:M mask kept (``ceil(N*K/M)``); ``source`` the
     weight it was packed from (its target in the SWS model). ``target``
     ("auto" | "cpu" | "cuda" | "emulator") may be changed at any time. A functional call site
-    passes its graph's bias as the second argument.
+    passes its graph's bias as the second argument, ``None`` included: a weight shared by a
+    module call and ``F.linear(x, W)`` must not lend the module's bias to the functional call, so
+    only the default (:data:`MODULE_BIAS`, a module call's) means ``self.bias``.
     """
 
     def __init__(self, packed: PackedSparseWeight, bias: Optional[Tensor], kept: int, target: str = "auto",
@@ -79,8 +84,8 @@ class PackedSWSLinear(nn.Module):
         """The dense (masked) weight the packed one stores, ``[out, in]`` (for counting and checks)."""
         return unpack_sws_weight(self.packed_weight())
 
-    def forward(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        return sws_matmul(x, self.packed_weight(), self.bias if bias is None else bias, target=self.target)
+    def forward(self, x: Tensor, bias: Any = MODULE_BIAS) -> Tensor:
+        return sws_matmul(x, self.packed_weight(), self.bias if bias is MODULE_BIAS else bias, target=self.target)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, M={self.M}, "
@@ -165,7 +170,9 @@ def lower_sws_to_packed(gm: fx.GraphModule, *, target: str = "auto") -> SWSLower
         else:
             summary.kept[node_name] = why
     packed_by_weight: Dict[str, str] = {}  # weight target -> path of its packed module
-    for node_name, weight_target, call in todo:
+    # module calls first: the swapped module then serves the functional calls of its weight too; a
+    # functional call first would pack beside the module and leave its call on the dropped weight
+    for node_name, weight_target, call in sorted(todo, key=lambda item: item[2].module is None):
         path = packed_by_weight.get(weight_target)
         if path is None:
             if call.module is not None:
@@ -180,6 +187,7 @@ def lower_sws_to_packed(gm: fx.GraphModule, *, target: str = "auto") -> SWSLower
             _call_packed(gm, call, path)
         summary.lowered[node_name] = path
         gm.sws_layers[node_name] = f"{path}.weight"
+    summary.lowered = {node_name: summary.lowered[node_name] for node_name, _, _ in todo}  # graph order
     if any(call.module is None for _, _, call in todo):
         _drop_unread_weights(gm, packed_by_weight)
         gm.graph.lint()
@@ -191,19 +199,26 @@ def lower_sws_to_packed(gm: fx.GraphModule, *, target: str = "auto") -> SWSLower
 
 def _call_packed(gm: fx.GraphModule, call, path: str) -> None:
     """Make a functional linear node a call of the packed module, in place (its name, which keys the
-    SWS layer, stays); the graph's bias is passed along."""
+    SWS layer, stays); the graph's bias is passed along, ``None`` too (the packed module may be a
+    swapped ``nn.Linear`` whose own bias this call does not add)."""
     node = call.node
     node.op, node.target = "call_module", path
-    node.args, node.kwargs = ((call.x,) if call.bias is None else (call.x, call.bias)), {}
+    node.args, node.kwargs = (call.x, call.bias), {}
     if isinstance(call.weight, fx.Node) and not call.weight.users:
         gm.graph.erase_node(call.weight)
 
 
 def _drop_unread_weights(gm: fx.GraphModule, packed_by_weight: Dict[str, str]) -> None:
-    """A functional layer's dense parameter goes once no graph node reads it (the packed copy replaces it)."""
+    """A functional layer's dense parameter goes once no graph node reads it (the packed copy replaces it).
+
+    A call of a module that owns the parameter (one not lowered) reads it too, without a get_attr node.
+    """
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = [f"{n.target}." for n in gm.graph.nodes if n.op == "call_module"]
     for weight_target, path in packed_by_weight.items():
         if weight_target in read or weight_target == f"{path}.weight":  # still read, or a swapped module's
+            continue
+        if any(weight_target.startswith(prefix) for prefix in called):  # its module's call reads it
             continue
         owner, attr = _owner(gm, weight_target)
         if parametrize.is_parametrized(owner, attr):

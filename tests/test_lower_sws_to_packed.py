@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import sas_compile
 from sas_compile.passes import lower_sws_to_packed as lowering
@@ -147,6 +148,44 @@ def test_functional_linears_of_an_exported_model():
     for node in packed_before:
         assert torch.equal(packed_before[node].values, packed_after[node].values)
         assert torch.equal(packed_before[node].meta, packed_after[node].meta)
+
+
+class SharedWeight(nn.Module):
+    """``fc.weight`` read by the module call ``fc(h)`` and by ``F.linear(h, fc.weight[, bias])``, in either order."""
+
+    def __init__(self, functional_first, functional_bias):
+        super().__init__()
+        self.functional_first, self.functional_bias = functional_first, functional_bias
+        self.embed, self.fc, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.embed(x))
+        for functional in (self.functional_first, not self.functional_first):
+            if functional:
+                h = F.linear(h, self.fc.weight, self.fc.bias if self.functional_bias else None)
+            else:
+                h = self.fc(h)
+            h = torch.relu(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("functional_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("functional_first", [True, False], ids=["functional_then_module", "module_then_functional"])
+def test_a_weight_read_by_a_module_call_and_a_functional_call(functional_first, functional_bias):
+    # the module call is lowered first whatever the graph order (functional first used to pack beside
+    # the module, leave its call on the dropped weight and fail), and the functional call adds only
+    # its own bias (it used to add the module's when it had none)
+    x = torch.randn(5, 8)
+    s = sas_compile.swsify(SharedWeight(functional_first, functional_bias), M=4, example_inputs=x).eval()
+    low = lower_sws(s, target="cpu")
+    with torch.no_grad():
+        for shape in ((5, 8), (2, 3, 8)):
+            xi = torch.randn(*shape)
+            torch.testing.assert_close(low(xi), s(xi), rtol=0, atol=1e-6)
+    summary = low.sws_lowering
+    assert set(summary.lowered) == _sparse_layers(s) and len(summary.lowered) == 3
+    assert {path for node, path in summary.lowered.items() if s.sws_layers[node] == "fc.weight"} == {"fc"}
+    assert isinstance(low.get_submodule("fc"), PackedSWSLinear)  # one packed copy, in the module's place
 
 
 def test_a_model_whose_own_weights_are_masked_lowers_in_place():
