@@ -342,6 +342,21 @@ class DynamoGraph:
     resumes: bool  # captured after a graph break
 
 
+def _graph_break_reasons() -> list:
+    """Dynamo's graph breaks of the last compile, one line each: the reason and the user's line.
+
+    torch 2.13 counts them under "unimplemented" (with hints, many lines), older ones under
+    "graph_break"."""
+    counters = torch._dynamo.utils.counters
+    reasons = list(counters.get("graph_break", {})) or list(counters.get("unimplemented", {}))
+    lines_out = []
+    for reason in reasons:
+        lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+        where = next((line[2:] for line in lines if line.startswith("# File")), None)
+        lines_out.append(lines[0] + (f" at {where}" if where else ""))
+    return sorted(lines_out)
+
+
 def capture_with_dynamo(model: nn.Module, example_inputs) -> Tuple[list, list]:
     """Every graph dynamo captures when ``model`` runs on ``example_inputs``, and the graph breaks.
 
@@ -370,7 +385,7 @@ def capture_with_dynamo(model: nn.Module, example_inputs) -> Tuple[list, list]:
     try:
         with torch.no_grad(), quiet_torch_logs():
             torch.compile(work, backend=record)(*example_inputs)
-        breaks = sorted(str(reason) for reason in torch._dynamo.utils.counters["graph_break"])
+        breaks = _graph_break_reasons()
     finally:
         torch._dynamo.reset()
     return graphs, breaks

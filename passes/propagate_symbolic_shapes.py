@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 
 log = logging.getLogger(__name__)
 
-__all__ = ["input_dim_names", "symbolic_node_shapes", "propagate_symbolic_shapes"]
+__all__ = ["input_dim_names", "symbolic_node_shapes", "propagate_symbolic_shapes", "try_propagate_symbolic_shapes"]
 
 
 def input_dim_names(x: torch.Tensor, index: int = 0) -> Tuple[str, ...]:
@@ -287,3 +287,14 @@ def propagate_symbolic_shapes(plan, example_inputs: Sequence[Any]) -> Dict[str, 
             filled += 1
     log.debug("propagate_symbolic_shapes: %d of %d layers", filled, len(plan.layers))
     return values
+
+
+def try_propagate_symbolic_shapes(plan, example_inputs: Sequence[Any]) -> Tuple[Optional[Dict[str, int]], Optional[str]]:
+    """:func:`propagate_symbolic_shapes`, or ``(None, why)`` where it fails: formulas are a bonus
+    (the numbers stand on the example shapes), and ``why`` is one line (torch's errors from
+    C++ carry a whole stack trace, which no user wants on stderr)."""
+    try:
+        return propagate_symbolic_shapes(plan, example_inputs), None
+    except Exception as exc:  # noqa: BLE001 - any failure only costs the formulas
+        text = str(exc).strip()
+        return None, text.splitlines()[0] if text else type(exc).__name__

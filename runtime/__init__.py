@@ -6,6 +6,7 @@ machine can run. Importing this package registers the ``sas::`` torch ops.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 _EXPORTS = {
     "project": "sas_compile.runtime.projection",
@@ -26,8 +27,11 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name):
     module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sas_compile.runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
+    # submodules are attributes too (``sas_compile.runtime.autotune.explain()`` after ``import sas_compile``)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'sas_compile.runtime' has no attribute {name!r}")

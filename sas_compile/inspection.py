@@ -57,12 +57,11 @@ def inspect_model(
             raise
         plan = module_plan(model, config, error)
     if example_inputs is not None and symbolic and plan.gm is not None:
-        from .passes.propagate_symbolic_shapes import propagate_symbolic_shapes
+        from .passes.propagate_symbolic_shapes import try_propagate_symbolic_shapes
 
-        try:
-            propagate_symbolic_shapes(plan, example_inputs)
-        except Exception as exc:  # noqa: BLE001 - formulas are a bonus; numbers still stand
-            log.warning("inspect_model: symbolic shapes unavailable: %s", exc)
+        _, why = try_propagate_symbolic_shapes(plan, example_inputs)
+        if why is not None:
+            log.info("inspect_model: symbolic shapes unavailable: %s", why)
     if plan.capture in ("symbolic_trace", "export") and plan.eligible():
         apply_sas_plan(plan, config)
     elif plan.capture == "dynamo":

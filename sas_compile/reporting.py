@@ -248,6 +248,9 @@ def report(
         if example_inputs is not None:
             raise
         plan = module_plan(model, _Options(filter_fn, dense_input_layers), error)
+    if plan.capture == "dynamo":
+        notes.append("captured by dynamo around graph breaks, the layers of every graph counted: "
+                     + "; ".join(plan.graph_breaks))
     swat_sparse: Dict[str, bool] = {}
     if sparsities and not swat_modules:
         # the layers swatify converts, and the raw-input layer its uniform rule keeps dense
@@ -337,14 +340,12 @@ def _symbolic_formulas(plan: Plan, example_inputs, counted_layers, notes: List[s
     Symbolic shape propagation is the slowest part of a report, so it runs only when a report's
     formulas are read (its table, dict, CSV, ``symbolic_total``).
     """
-    from .passes.propagate_symbolic_shapes import propagate_symbolic_shapes
+    from .passes.propagate_symbolic_shapes import try_propagate_symbolic_shapes
 
-    try:
-        symbols = propagate_symbolic_shapes(plan, example_inputs)
-    except Exception as exc:  # noqa: BLE001 - numbers still come from the example shapes
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.info("symbolic shapes unavailable: %s", first_line)
-        notes.append(f"symbolic formulas unavailable: {first_line}")
+    symbols, why = try_propagate_symbolic_shapes(plan, example_inputs)
+    if why is not None:
+        log.info("symbolic shapes unavailable: %s", why)
+        notes.append(f"symbolic formulas unavailable: {why}")
         return {}, None
     by_positions: Optional[Dict[str, int]] = {}
     for row, layer, resolved in counted_layers:

@@ -102,3 +102,13 @@ def run_plan(plan) -> Tensor:
     from .launch import launch
 
     return launch(plan)
+
+
+def __getattr__(name):
+    # submodules are attributes too (``sas_compile.runtime.cuda.static_facts`` after ``import sas_compile``)
+    import importlib
+    import importlib.util
+
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
