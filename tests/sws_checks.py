@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 import sas_compile
 from sas_compile.sws import measure_sws_model
@@ -76,6 +77,21 @@ def bias_numel(s, node):
     return 0 if b is None else b.numel()
 
 
+def built_param_counts(s: nn.Module):
+    """(params, nonzero params) of the built SWS model ``s``, counted from its tensors alone
+    (no mask object, no ``measure_sws_model``): every parameter once (a shared one once), all
+    its entries; a 1:M-masked (parametrized) weight's nonzero params are the nonzero entries of
+    its masked value (random weights: exactly the kept ones). Other parameters count all their
+    entries as nonzero, as the report does (a norm's zero-initialized bias is still stored)."""
+    masked = {}
+    for module in s.modules():
+        if parametrize.is_parametrized(module):
+            for attr, plist in module.parametrizations.items():
+                masked[id(plist.original)] = int(torch.count_nonzero(getattr(module, attr).detach()))
+    params = list(s.parameters())
+    return sum(p.numel() for p in params), sum(masked.get(id(p), p.numel()) for p in params)
+
+
 def assert_report_agrees(model, x, M, dense_input_layers):
     """Every SWS column of report == what the built model costs, layer by layer and in total."""
     rep = sas_compile.report(model, (x,), M=(M,), dense_input_layers=dense_input_layers, symbolic=False)
@@ -100,5 +116,11 @@ def assert_report_agrees(model, x, M, dense_input_layers):
         total_mults += got["mults"]
         total_nnz += got["nonzeros"] + bias if first else 0
     assert rep.totals["sws"][M]["mults"] == total_mults
-    assert sum(r["sws"][M]["nonzero_params"] for r in rep.layers) == total_nnz
+    # the report's totals (conv/linear rows plus parameters-only rows: norms, embeddings, ...)
+    # against the built model's own parameters
+    params, nonzero_params = built_param_counts(s)
+    assert rep.totals["sws"][M]["nonzero_params"] == nonzero_params
+    assert rep.totals["sws"][M]["params"] == params
+    if not rep.parameters:  # every parameter is a conv/linear row's: the rows' sum is the total
+        assert total_nnz == nonzero_params
     return rep, s, built

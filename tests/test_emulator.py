@@ -31,8 +31,78 @@ REL_TOL = 1e-5
 
 
 def tf32_round(t: torch.Tensor) -> torch.Tensor:
-    """cvt.rna.tf32.f32 in torch: keep 10 mantissa bits, ties away from zero."""
-    return operands.tf32_round(t)
+    """cvt.rna.tf32.f32 in torch: keep 10 mantissa bits, round to nearest, ties away from zero
+    (the magnitude rounds up at exactly half an ulp); inf and NaN are returned as they are.
+
+    Written apart from ``operands.tf32_round`` (which pre-rounds the float32 operands the
+    kernels read), so a rounding mistake there does not cancel out of the references below:
+    the 13 dropped mantissa bits are compared with half a tf32 ulp one by one."""
+    bits = t.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    sign = bits & 0x80000000
+    magnitude = bits & 0x7FFFFFFF
+    dropped = magnitude & 0x1FFF  # the 13 low mantissa bits tf32 does not keep
+    kept = magnitude - dropped
+    # half an ulp (0x1000) or more rounds the magnitude up; a carry into the exponent is the
+    # right answer (up to +-inf past the largest tf32 value)
+    magnitude = torch.where(dropped >= 0x1000, kept + 0x2000, kept)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    out = torch.where(finite, sign | magnitude, bits)
+    out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+    return out.view(torch.float32)
+
+
+# float32 bits -> tf32 bits under round to nearest, ties away from zero (hand-worked)
+TF32_KNOWN_ANSWERS = [
+    (0x3F800000, 0x3F800000),  # 1.0
+    (0x3F801000, 0x3F802000),  # 1 + 2^-11: a tie, away from zero (to nearest even would give 1.0)
+    (0xBF801000, 0xBF802000),  # its negative: the magnitude rounds up too
+    (0x3F803000, 0x3F804000),  # 1 + 3 * 2^-11: a tie whose lower neighbour is odd
+    (0x3F800FFF, 0x3F800000),  # just below the tie: down
+    (0xBF800FFF, 0xBF800000),
+    (0x3F801001, 0x3F802000),  # just above the tie: up
+    (0x3F7FFFFF, 0x3F800000),  # 0.99999994: up into the next exponent, 1.0
+    (0xBFFFF000, 0xC0000000),  # -(2 - 2^-11): a tie carried into the exponent, -2.0
+    (0x3DCCCCCD, 0x3DCCC000),  # 0.1
+    (0xC0490FDB, 0xC0490000),  # -pi
+    (0x7F7FEFFF, 0x7F7FE000),  # largest tf32 value
+    (0x7F7FFFFF, 0x7F800000),  # the largest float32 is past its half ulp: +inf
+    (0xFF7FF000, 0xFF800000),  # a tie at the top: -inf
+    (0x00001000, 0x00002000),  # a subnormal tie
+    (0x80000FFF, 0x80000000),  # a negative subnormal below the tie: -0.0
+    (0x00000000, 0x00000000), (0x80000000, 0x80000000),  # +-0
+    (0x7F800000, 0x7F800000), (0xFF800000, 0xFF800000),  # +-inf
+]
+
+
+def _from_bits(values) -> torch.Tensor:
+    b = torch.tensor(values, dtype=torch.int64)
+    return torch.where(b >= 2**31, b - 2**32, b).to(torch.int32).view(torch.float32)
+
+
+def _bits(t: torch.Tensor) -> list:
+    return [v & 0xFFFFFFFF for v in t.contiguous().view(torch.int32).tolist()]
+
+
+def test_tf32_round_known_answers_and_agreement_with_operands():
+    """The reference above and ``operands.tf32_round`` (the kernels' pre-rounding) against
+    hand-worked answers, then against each other on every class of float32 bit pattern."""
+    x = _from_bits([a for a, _ in TF32_KNOWN_ANSWERS])
+    want = [b for _, b in TF32_KNOWN_ANSWERS]
+    assert _bits(tf32_round(x)) == want
+    assert _bits(operands.tf32_round(x)) == want
+    # NaN stays NaN, of either sign, also one whose payload lies only in the 13 dropped bits
+    nans = _from_bits([0x7FC00000, 0xFFC00000, 0x7FBFFFFF, 0xFF802000, 0x7F800001, 0xFF801001])
+    assert torch.isnan(tf32_round(nans)).all() and torch.isnan(operands.tf32_round(nans)).all()
+    # random bit patterns (every exponent, both signs, ties and subnormals mixed in)
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 2**32, (1 << 16,), generator=g, dtype=torch.int64)
+    bits[::7] = (bits[::7] & ~0x1FFF) | 0x1000  # exact ties
+    bits[1::7] &= 0x807FFFFF  # subnormals and zeros
+    y = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+    ref, got = tf32_round(y), operands.tf32_round(y)
+    nan = torch.isnan(y)
+    assert torch.equal(ref[~nan].view(torch.int32), got[~nan].view(torch.int32))
+    assert torch.isnan(got[nan]).all() and torch.isnan(ref[nan]).all()
 
 
 def rounded(t: torch.Tensor) -> torch.Tensor:

@@ -96,10 +96,13 @@ def layout(rows: int, wide: int, dtype: torch.dtype):
 
 def tf32_round(t: Tensor) -> Tensor:
     """``cvt.rna.tf32.f32``: keep 10 mantissa bits, round to nearest, ties away from zero;
-    inf and NaN keep their class."""
+    inf and NaN keep their class (a NaN whose payload sits only in the dropped bits gets the
+    quiet bit, or truncation would make it inf)."""
     bits = t.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     special = (bits & 0x7F800000) == 0x7F800000
+    nan = special & ((bits & 0x007FFFFF) != 0)
     rounded = torch.where(special, bits, bits + 0x1000) & 0xFFFFE000
+    rounded = torch.where(nan, rounded | 0x00400000, rounded)
     rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded)
     return rounded.to(torch.int32).view(torch.float32)
 

@@ -388,6 +388,13 @@ inline u32 float_to_bits(float f) {
     return b;
 }
 
+// The 19 bits of a tf32 (sign, exponent, 10 mantissa bits); a NaN whose payload sits only in
+// the dropped bits keeps the quiet bit, so it stays a NaN rather than becoming inf.
+inline u32 tf32_truncate(u32 b) {
+    const bool nan = (b & 0x7f800000u) == 0x7f800000u && (b & 0x007fffffu) != 0;
+    return (b & 0xffffe000u) | (nan ? 0x00400000u : 0u);
+}
+
 inline float half_to_float(u16 h) {
     const u32 sign = u32(h & 0x8000u) << 16;
     const u32 exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
@@ -429,7 +436,7 @@ inline u16 float_to_bf16(float f) {
 inline double decode_operand(u32 bits, SpKind kind) {
     if (kind == SpKind::F16) return half_to_float(u16(bits));
     if (kind == SpKind::BF16) return bits_to_float(bits << 16);
-    return bits_to_float(bits & 0xffffe000u);  // the tensor core reads 19 bits of a tf32
+    return bits_to_float(tf32_truncate(bits));  // the tensor core reads 19 bits of a tf32
 }
 
 // ---- mma.sp ------------------------------------------------------------------------------
@@ -719,7 +726,7 @@ inline void stg32(void* p, u32 v) {
 
 inline u32 cvt_rna_tf32(float x) {
     const u32 b = sas_emu::float_to_bits(x);
-    if ((b & 0x7f800000u) == 0x7f800000u) return b & 0xffffe000u;  // inf / nan keep their class
+    if ((b & 0x7f800000u) == 0x7f800000u) return sas_emu::tf32_truncate(b);  // inf / nan keep their class
     return (b + 0x1000u) & 0xffffe000u;  // ties away from zero: the magnitude rounds up
 }
 
