@@ -160,12 +160,24 @@ def test_sws_of_attention_with_a_fused_qkv_projection():
 
 
 @pytest.mark.parametrize("mode", ["max-autotune-no-cudagraphs", "reduce-overhead", "default"])
-def test_compile_accepts_torch_compile_modes(mode):
+def test_compile_accepts_torch_compile_modes(mode, monkeypatch):
+    import torch._inductor.compile_fx as compile_fx_module
+    from torch._inductor import list_mode_options
+
+    real, patches = compile_fx_module.compile_fx, []
+
+    def recording(gm, example_inputs, config_patches=None, **kwargs):
+        patches.append(config_patches or {})
+        return real(gm, example_inputs, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", recording)
     torch._dynamo.reset()
     model = mlp()
     compiled = torch.compile(model, backend="sas", mode=mode)
     x = torch.randn(3, 16)
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    # the mode reaches inductor, the backend's inner compiler, as the options it stands for
+    assert patches and patches[0] == ({} if mode == "default" else list_mode_options(mode))
 
 
 def test_eval_inference_without_no_grad_is_not_refused():
