@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
@@ -54,7 +54,6 @@ from .sas import existing_sas_layers
 __all__ = [
     "swsify",
     "SWSConfig",
-    "build_sws",
     "lower_sws",
     "OneOfMMask",
     "one_of_m_mask",
@@ -63,36 +62,9 @@ __all__ = [
 ]
 
 
-def build_sws(
-    model: nn.Module,
-    *,
-    M: int = 2,
-    example_inputs=None,
-    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
-    freeze_mask: bool = False,
-    dense_input_layers: bool = True,
-) -> fx.GraphModule:
-    """Build the SWS baseline of ``model``: sqrt(M) times wider, 1:M sparse weights.
-
-    ``model`` is not modified. ``example_inputs`` (a tensor or tuple) gives exact shapes and
-    lets models that ``symbolic_trace`` cannot trace be captured with ``torch.export``; the
-    built model is run on them once as a check. ``filter_fn(module, fqn) -> bool`` keeps a
-    conv/linear out of SWS (its widths stay, its weight stays dense) when it returns False.
-    ``dense_input_layers`` (default True, as ``sasify``) keeps the weight of a layer reading
-    the raw network input dense (no mask) while its output width still widens; False masks
-    it 1:M like the others.
-    Every module or parameter whose shape changes is freshly initialised (layer defaults),
-    keeping the ``requires_grad``, dtype and device of the one it replaces; the rest are
-    copies of the original's. Weights that were one Parameter (tied) widen as one and stay
-    one Parameter. With ``freeze_mask`` the masks are frozen now and saved in the state_dict.
-    A model that already has SAS layers is refused (ValueError naming them). The result is a
-    GraphModule whose ``sws_widths`` attribute holds the analysis (widths per layer with the
-    reasons a width stays). For inference on the sparse kernels, :func:`lower_sws` it.
-    """
-    M = check_M(M)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"swsify: model must be an nn.Module, got {type(model).__name__}")
-    check_filter_fn(filter_fn, "swsify: filter_fn")
+def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs) -> Tuple[fx.GraphModule, str]:
+    """The SWS model :func:`swsify` documents, and how the model was captured (the arguments
+    were checked by ``SWSConfig`` and ``sparsify``)."""
     sas_layers = existing_sas_layers(model)
     if sas_layers:
         raise ValueError(
@@ -104,13 +76,13 @@ def build_sws(
     # the width analysis must see inside every layer: export when tracing leaves opaque ones
     captured = capture_seeing_into_leaves(copy.deepcopy(model), example_inputs, sees_into=has_width_rule)
     gm = trainable_export_graph(captured.gm) if captured.method == "export" else captured.gm
-    widths = tie_channel_widths(gm, M, example_inputs, filter_fn=filter_fn,
-                                dense_input_layers=bool(dense_input_layers))
-    widen_for_sws(gm, widths, freeze_mask=freeze_mask)
+    widths = tie_channel_widths(gm, config.M, example_inputs, filter_fn=config.filter_fn,
+                                dense_input_layers=config.dense_input_layers)
+    widen_for_sws(gm, widths, freeze_mask=config.freeze_mask)
     gm.train(model.training)
     if example_inputs is not None:
         _check_runs(gm, example_inputs, model)
-    return gm
+    return gm, captured.method
 
 
 def lower_sws(model: fx.GraphModule, *, target: str = "auto", inplace: bool = False) -> fx.GraphModule:
@@ -310,8 +282,7 @@ class SWSConfig:
 
 @register_handler(SWSConfig)
 def _convert(model: nn.Module, config: SWSConfig, example_inputs) -> nn.Module:
-    built = build_sws(model, M=config.M, example_inputs=example_inputs, filter_fn=config.filter_fn,
-                      freeze_mask=config.freeze_mask, dense_input_layers=config.dense_input_layers)
+    built, capture_method = _build_sws(model, config, example_inputs)
     holders = parameter_holders(built)
     layers = []
     for node_name, w in built.sws_widths.layers.items():
@@ -322,7 +293,7 @@ def _convert(model: nn.Module, config: SWSConfig, example_inputs) -> nn.Module:
                                 tuple(w.kernel_size), groups=w.groups, weight_target=target,
                                 weight_group=tied[0], shared_with=tuple(t for t in tied if t != target),
                                 sws_M=config.M if w.sparse else None))
-    return attach_result(built, config, Plan(layers=layers, capture="symbolic_trace"))
+    return attach_result(built, config, Plan(layers=layers, capture=capture_method))
 
 
 
@@ -344,10 +315,14 @@ def swsify(
     SWS (its widths stay, its weight stays dense) when it returns False. ``dense_input_layers``
     (default True, as ``sasify``) keeps the weight of a layer reading the raw network input
     dense (no mask) while its output width still widens; False masks it 1:M like the others.
-    Every module or parameter whose shape changes is freshly initialised (layer defaults);
-    the rest are copies of the original's. The result is a GraphModule whose ``sws_widths``
-    attribute holds the width analysis and whose ``sparsify_plan`` lists the layers (sparse
-    or why not).
+    Every module or parameter whose shape changes is freshly initialised (layer defaults),
+    keeping the ``requires_grad``, dtype and device of the one it replaces; the rest are
+    copies of the original's. Weights that were one Parameter (tied) widen as one and stay
+    one Parameter. With ``freeze_mask`` the masks are frozen now and saved in the state_dict.
+    A model that already has SAS layers is refused (ValueError naming them). The result is a
+    GraphModule whose ``sws_widths`` attribute holds the width analysis and whose
+    ``sparsify_plan`` lists the layers (sparse or why not). For inference on the sparse
+    kernels, :func:`lower_sws` it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swsify: model must be an nn.Module, got {type(model).__name__}")

@@ -522,3 +522,12 @@ def test_widths_agree_between_symbolic_and_exported_graphs():
     exported = sws_layer_widths(torch.export.export(model, (x,), strict=False).module(), 4)
     pick = lambda ws: [(w.in_channels, w.out_channels, w.in_features, w.groups, w.widened) for w in ws.values()]
     assert pick(traced) == pick(exported)
+
+
+def test_swsify_plan_says_how_the_model_was_captured():
+    x = torch.randn(2, 3, 8)
+    opaque = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
+                           nn.Linear(16, 4))
+    assert sas_compile.swsify(opaque, M=4, example_inputs=x).sparsify_plan.capture == "export"
+    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    assert sas_compile.swsify(plain, M=4).sparsify_plan.capture == "symbolic_trace"
