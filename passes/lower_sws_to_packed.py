@@ -113,11 +113,6 @@ def _owner(gm: nn.Module, target: str) -> Tuple[nn.Module, str]:
     return (gm.get_submodule(parent) if parent else gm), attr
 
 
-def _set_submodule(gm: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)
-
-
 def _packable(call, weight_target: str, gm: fx.GraphModule, M: int) -> Optional[str]:
     """Why this layer cannot be lowered, or None."""
     if call is not None and call.op in ("conv1d", "conv2d"):
@@ -181,7 +176,7 @@ def lower_sws_to_packed(gm: fx.GraphModule, *, target: str = "auto") -> SWSLower
                 parent, _, attr = weight_target.rpartition(".")
                 path, bias = (f"{parent}.{attr}_packed" if parent else f"{attr}_packed"), None
             packed = _packed_module(gm, weight_target, bias, M, target)
-            _set_submodule(gm, path, packed)
+            gm.set_submodule(path, packed)
             packed_by_weight[weight_target] = path
         if call.module is None:
             _call_packed(gm, call, path)

@@ -38,13 +38,7 @@ from .plan import LayerPlan, Plan
 
 log = logging.getLogger("sas_compile.passes")
 
-__all__ = ["rewrite_layers_to_sas", "swap_sas_modules", "is_module_swap", "sas_module", "set_submodule"]
-
-
-def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)
+__all__ = ["rewrite_layers_to_sas", "swap_sas_modules", "is_module_swap", "sas_module"]
 
 
 def sas_module(dense: nn.Module, M: int, fold: bool, rule: str, wide: Optional[nn.Parameter] = None) -> nn.Module:
@@ -89,7 +83,9 @@ def _emit_sas_call(graph: fx.Graph, layer: LayerPlan, call, x, weight, M: int, r
     """The ``sas::`` op calls of one layer, written as graph nodes (ops only, no Python helpers).
 
     A convolution's padding is resolved here: ``'same'`` with an odd total padding becomes an
-    explicit ``F.pad``; a conv1d runs as a conv2d of height 1 (``unsqueeze`` / ``squeeze``).
+    explicit ``F.pad``; a conv1d runs as a conv2d of height 1 (``unsqueeze`` / ``squeeze`` of
+    the activation; the op takes the 3-D weight itself as the kernel of height 1, since a
+    per-call view of it would miss the op's per-weight caches on every call).
     ``from_dense``: the weight is the dense parameter (a dynamo graph input), expanded inside the op.
     """
     extra = (fold, rule, train_dense) if from_dense else (rule,)
@@ -103,7 +99,6 @@ def _emit_sas_call(graph: fx.Graph, layer: LayerPlan, call, x, weight, M: int, r
         padding = call.padding if isinstance(call.padding, str) else (0, call.padding[0])
         kernel = [1, *kernel]
         x = graph.call_method("unsqueeze", (x, 2))
-        weight = graph.call_method("unsqueeze", (weight, 2))
     else:
         stride, dilation, padding = list(call.stride), list(call.dilation), call.padding
     padding, pad = sas_ops.resolve_conv_padding(padding, kernel, dilation, stride)
@@ -140,7 +135,7 @@ def rewrite_layers_to_sas(gm: fx.GraphModule, plan: Plan, config) -> Plan:
                 if id(call.module) not in built:
                     built[id(call.module)] = sas_module(call.module, M, fold, rule, wide)
                     wide = built[id(call.module)].weight
-                    set_submodule(gm, call.module_path, built[id(call.module)])
+                    gm.set_submodule(call.module_path, built[id(call.module)])
                 node.args = (x, *node.args[1:])
                 changed += 1
                 continue
@@ -221,7 +216,7 @@ def swap_sas_modules(model: nn.Module, plan: Plan, config) -> List[str]:
         built[id(dense)] = new = sas_module(dense, M, layer.fold_relu, rule, wide.get(key))
         wide.setdefault(key, new.weight)
         for path in paths[id(dense)]:
-            set_submodule(model, path, new)
+            model.set_submodule(path, new)
             swapped.append(path)
     for relu in relus:
         if id(relu) in built:
@@ -229,6 +224,6 @@ def swap_sas_modules(model: nn.Module, plan: Plan, config) -> List[str]:
         # exact: this ReLU's one call feeds only the SAS layer, which now reads its input
         built[id(relu)] = identity = nn.Identity().train(relu.training)
         for path in paths[id(relu)]:
-            set_submodule(model, path, identity)
+            model.set_submodule(path, identity)
             swapped.append(path)
     return swapped

@@ -104,7 +104,7 @@ def _widen(gm: fx.GraphModule, widths: ChannelWidths) -> None:
             done.add(node.target)
             new = _rebuild_module(gm, node, widths)
             if new is not None:
-                _set_submodule(gm, node.target, new)
+                gm.set_submodule(node.target, new)
                 changed += 1
         elif node.op == "get_attr" and node.target not in done:
             done.add(node.target)
@@ -181,12 +181,6 @@ def _rebuild_module(gm, node, widths: ChannelWidths) -> Optional[nn.Module]:
         if new_shape is not None and tuple(new_shape) != tuple(p.shape):  # pragma: no cover - analysis fixes these
             raise RuntimeError(f"widen_for_sws: cannot resize {type(mod).__name__} '{t}'")
     return None
-
-
-def _set_submodule(gm, target: str, new: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    owner = gm.get_submodule(parent) if parent else gm
-    setattr(owner, name, new)
 
 
 # --------------------------------------------------------------------------- graph parameters

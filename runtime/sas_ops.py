@@ -9,6 +9,7 @@ saved narrow input, so autograd holds only the narrow activation.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -32,7 +33,7 @@ from .projection import (
 )
 
 __all__ = ["sas_linear", "sas_conv2d", "sas_linear_from_dense", "sas_conv2d_from_dense", "conv2d_output_size",
-           "sas_conv2d_choice", "projected_linear", "projected_conv2d", "projected_conv1d", "dense_linear_through",
+           "sas_conv2d_choice", "projected_linear", "projected_conv2d", "dense_linear_through",
            "dense_conv2d_through", "wide_weight", "clear_wide_weight_cache", "SASTrainingError"]
 
 
@@ -109,6 +110,16 @@ def conv2d_output_size(size: int, kernel: int, stride: int, padding: int, dilati
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _kernel_2d(weight: Tensor) -> Tensor:
+    """A conv weight as ``F.conv2d`` takes it: a conv1d weight ``(out, in, k)`` is the kernel ``(out, in, 1, k)``.
+
+    The conv ops take a conv1d layer's weight itself (3-D, beside an input of height 1) and make
+    this view only after their per-weight cache lookups (expansion, dead slots, unfolded
+    weight): a view is a new tensor on every call, and those caches key on the tensor itself.
+    """
+    return weight.unsqueeze(2) if weight.dim() == 3 else weight
+
+
 def _conv_memory_format(x: Tensor) -> torch.memory_format:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -127,7 +138,10 @@ def sas_conv2d(
     M: int,
     rule: str,
 ) -> Tensor:
-    """``F.conv2d(S(x), weight, bias, ...)`` with ``S`` along channels; ``weight`` is wide."""
+    """``F.conv2d(S(x), weight, bias, ...)`` with ``S`` along channels; ``weight`` is wide.
+
+    A 3-D ``weight`` is a conv1d weight, the kernel of height 1 (``x`` then has height 1).
+    """
     return _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
 
 
@@ -138,7 +152,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, M, rule):
 
 @sas_conv2d.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, M, rule):
-    kh, kw = weight.shape[-2:]
+    kh, kw = _kernel_2d(weight).shape[-2:]
     h = conv2d_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
     w = conv2d_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
     out = x.new_empty((x.shape[0], weight.shape[0], h, w))
@@ -148,7 +162,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, M, rule):
 def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule):
     """The PyTorch formulation: one projection pass, then the dense (cuDNN) conv on S(x)."""
     wide_x = project(x, M, 1, rule, dead_slots_to_mask(x, weight, groups))
-    out = F.conv2d(wide_x, weight, bias, stride, padding, dilation, groups)
+    out = F.conv2d(wide_x, _kernel_2d(weight), bias, stride, padding, dilation, groups)
     return out.contiguous(memory_format=_conv_memory_format(x))
 
 
@@ -170,14 +184,8 @@ def projected_linear(x, weight, bias, M: int, rule: str):
 
 def projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M: int, rule: str):
     """``F.conv2d(S(x), weight, ...)`` with the projection as out-of-place ops."""
-    return F.conv2d(_zero_dead_slots(project_aten(x, M, 1, rule), weight, 1, groups), weight, bias, stride, padding,
-                    dilation, groups)
-
-
-def projected_conv1d(x, weight, bias, stride, padding, dilation, groups, M: int, rule: str):
-    """``F.conv1d(S(x), weight, ...)`` with the projection as out-of-place ops."""
-    return F.conv1d(_zero_dead_slots(project_aten(x, M, 1, rule), weight, 1, groups), weight, bias, stride, padding,
-                    dilation, groups)
+    return F.conv2d(_zero_dead_slots(project_aten(x, M, 1, rule), weight, 1, groups), _kernel_2d(weight), bias,
+                    stride, padding, dilation, groups)
 
 
 def _sas_conv2d_accelerated(x, weight, bias, stride, padding, dilation, groups, M, rule):
@@ -204,9 +212,9 @@ def sas_conv2d_choice(x, weight, bias, stride, padding, dilation, groups, M, rul
     }
     batch = x.shape[0]
     fields = {"dtype": str(x.dtype).replace("torch.", ""), "M": M, "x": [max(1, 1 << (batch - 1).bit_length()),
-              *x.shape[1:]], "weight": list(weight.shape), "stride": list(stride), "padding": list(padding),
-              "dilation": list(dilation), "channels_last": _conv_memory_format(x) == torch.channels_last,
-              "bias": bias is not None}
+              *x.shape[1:]], "weight": list(_kernel_2d(weight).shape), "stride": list(stride),
+              "padding": list(padding), "dilation": list(dilation),
+              "channels_last": _conv_memory_format(x) == torch.channels_last, "bias": bias is not None}
     decision = autotune.choose("sas_conv2d", fields, candidates, x.device)
     return decision, candidates[decision.impl]
 
@@ -222,12 +230,14 @@ _unfolded_cache = PerWeightCache()
 
 
 def _unfolded_weight(weight: Tensor, M: int) -> Tensor:
-    """A wide conv weight in the unfolded GEMM's K order (kernel position, channel, slot);
-    cached per weight version, so the GEMM's own per-weight caches see one tensor."""
+    """A wide conv weight (4-D, or a conv1d's 3-D) in the unfolded GEMM's K order (kernel
+    position, channel, slot); cached per weight version, so the GEMM's own per-weight caches
+    see one tensor."""
     def make():
-        out_channels, wide_in, kh, kw = weight.shape
-        permuted = weight.detach().view(out_channels, wide_in // M, M, kh * kw).permute(0, 3, 1, 2)
-        return permuted.reshape(out_channels, kh * kw * wide_in)
+        out_channels, wide_in = weight.shape[:2]
+        taps = math.prod(weight.shape[2:])
+        permuted = weight.detach().view(out_channels, wide_in // M, M, taps).permute(0, 3, 1, 2)
+        return permuted.reshape(out_channels, taps * wide_in)
 
     return _unfolded_cache.get(weight, ("unfolded", M), make)
 
@@ -249,7 +259,7 @@ def _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, 
         )
         return _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
     batch, _, height, width = x.shape
-    out_channels, _, kh, kw = weight.shape
+    out_channels, _, kh, kw = _kernel_2d(weight).shape
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
     positions = cols.shape[-1]
     rows = cols.view(batch, channels, kh * kw, positions).permute(0, 3, 2, 1)
@@ -277,7 +287,7 @@ def _conv_backward(ctx, grad):
     grad_wide, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad.contiguous(memory_format=_conv_memory_format(wide)),
         wide,
-        weight,
+        _kernel_2d(weight),
         ctx.bias_sizes if need_b else None,
         stride,
         padding,
@@ -288,6 +298,8 @@ def _conv_backward(ctx, grad):
         [need_x, need_w, need_b and ctx.bias_sizes is not None],
     )
     grad_x = _slot_grad(grad_wide, x, ctx.M, ctx.rule, 1) if need_x else None
+    if grad_w is not None and weight.dim() == 3:
+        grad_w = grad_w.squeeze(2)  # a conv1d weight's gradient has its shape
     return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
@@ -404,7 +416,11 @@ sas_linear_from_dense.register_autograd(_from_dense_linear_backward, setup_conte
 def sas_conv2d_from_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
                           dilation: List[int], groups: int, M: int, fold_relu: bool, rule: str,
                           train_dense: bool) -> Tensor:
-    """``sas::conv2d`` with the wide weight expanded (and cached) from the dense ``weight``."""
+    """``sas::conv2d`` with the wide weight expanded (and cached) from the dense ``weight``.
+
+    A 3-D ``weight`` is a conv1d weight, the kernel of height 1: the graph passes the dense
+    parameter itself, so the cache sees one tensor per parameter (never a per-call view).
+    """
     wide = wide_weight(weight, M, fold_relu, rule, groups)
     return _projected_conv2d(x, wide, bias, stride, padding, dilation, groups, M, rule)
 
@@ -417,7 +433,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, M, fold_relu, rule, tr
 
 @sas_conv2d_from_dense.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, M, fold_relu, rule, train_dense):
-    kh, kw = weight.shape[-2:]
+    kh, kw = _kernel_2d(weight).shape[-2:]
     h = conv2d_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
     w = conv2d_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
     out = x.new_empty((x.shape[0], weight.shape[0], h, w))
@@ -442,11 +458,13 @@ def _from_dense_conv_backward(ctx, grad):
     wide = expand_dense_weight(weight, M, fold_relu=fold_relu, rule=rule, groups=groups)
     projected = project(x, M, 1, rule, _backward_dead_mask(x, wide, groups))
     grad_wide_x, grad_wide_w, grad_b = torch.ops.aten.convolution_backward(
-        grad.contiguous(memory_format=_conv_memory_format(projected)), projected, wide,
+        grad.contiguous(memory_format=_conv_memory_format(projected)), projected, _kernel_2d(wide),
         ctx.bias_sizes if need_b else None, stride, padding, dilation, False, [0, 0], groups,
         [need_x, need_w, need_b and ctx.bias_sizes is not None],
     )
     grad_x = _slot_grad(grad_wide_x, x, M, rule, 1) if need_x else None
+    if need_w and weight.dim() == 3:
+        grad_wide_w = grad_wide_w.squeeze(2)  # back to the conv1d weight's shape
     grad_w = fold_wide_grad(grad_wide_w, M, fold_relu=fold_relu, rule=rule, groups=groups) if need_w else None
     if refuse:
         grad_w = torch.ops.sas.refuse_dense_training(weight)
@@ -464,7 +482,7 @@ def dense_linear_through(x, weight, bias, M: int, fold_relu: bool, rule: str, tr
 def dense_conv2d_through(x, weight, bias, stride, padding, dilation, groups, M: int, fold_relu: bool, rule: str,
                          train_dense: bool):
     """What ``sas::conv2d_from_dense`` computes, as the dense convolution."""
-    return F.conv2d(torch.relu(x) if fold_relu else x, weight, bias, stride, padding, dilation, groups)
+    return F.conv2d(torch.relu(x) if fold_relu else x, _kernel_2d(weight), bias, stride, padding, dilation, groups)
 
 
 def resolve_conv_padding(
@@ -505,15 +523,19 @@ def sas_conv2d_call(x, weight, bias, stride, padding, dilation, groups, M: int, 
 
 
 def sas_conv1d_call(x, weight, bias, stride, padding, dilation, groups, M: int, rule: str):
-    """A 1-D SAS convolution as a 2-D one of height 1 (same projection, same weights)."""
+    """A 1-D SAS convolution as a 2-D one of height 1 (same projection, same weights).
+
+    The op takes the 3-D weight itself (the kernel of height 1): a per-call ``unsqueeze`` view
+    would miss the per-weight caches (dead slots, unfolded weight) on every call.
+    """
     first = lambda v: v if isinstance(v, (int, str)) else v[0]  # noqa: E731
-    pad = first(padding)
-    pad2 = pad if isinstance(pad, str) else (0, pad)
-    out = sas_conv2d_call(
-        x.unsqueeze(2), weight.unsqueeze(2), bias, (1, first(stride)), pad2, (1, first(dilation)),
-        groups, M, rule,
-    )
-    return out.squeeze(2)
+    stride, dilation, pad = [1, first(stride)], [1, first(dilation)], first(padding)
+    padding, extra = resolve_conv_padding(pad if isinstance(pad, str) else (0, pad), (1, weight.shape[-1]), dilation,
+                                          stride)
+    x = x.unsqueeze(2)
+    if extra is not None:
+        x = F.pad(x, extra)
+    return torch.ops.sas.conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule).squeeze(2)
 
 # under torch.autocast, x, weight and bias are cast to the region's dtype, as for aten::linear
 _autocast_library = torch.library.Library("sas", "IMPL")

@@ -408,8 +408,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     if name == "":
         raise ValueError("model: swatify converts the layers inside a model; wrap a bare "
                          "nn.Linear / nn.Conv2d in nn.Sequential")
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+    model.set_submodule(name, module)
 
 
 def swat_layers(model: nn.Module) -> Dict[str, SWATLayer]:

@@ -333,3 +333,94 @@ def test_backward_into_a_dense_weight_is_refused_unless_asked():
     xg = torch.randn(3, 4, requires_grad=True)
     torch.ops.sas.linear_from_dense(xg, w.detach(), None, 2, False, RULE, False).sum().backward()
     assert xg.grad is not None
+
+
+def _counting(monkeypatch, module, name):
+    """Replace ``module.name`` by a wrapper that counts its calls; returns the count (a list)."""
+    calls, original = [0], getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_conv1d_under_the_backend_expands_its_dense_weight_once_per_version(monkeypatch):
+    """A compiled dense Conv1d is expanded (and its dead slots found) once per weight version,
+    as a Conv2d is: the op gets the dense parameter itself, never a per-call view of it."""
+    from sas_compile.runtime import projection
+
+    torch._dynamo.reset()
+    expansions = _counting(monkeypatch, sas_ops, "expand_dense_weight")
+    dead_slot_scans = _counting(monkeypatch, projection, "zero_columns")
+    torch.manual_seed(0)
+    # the first conv reads the network input and stays dense; the folded ReLU leaves dead slots
+    model = nn.Sequential(nn.Conv1d(3, 4, 1), nn.ReLU(), nn.Conv1d(4, 6, 3, padding=1)).eval()
+    compiled = torch.compile(model, backend="sas", options={"inner": "eager"})
+    x = torch.randn(2, 3, 11)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), model(x))
+        assert expansions[0] == 1 and dead_slot_scans[0] == 1
+        model[2].weight.add_(1)  # an optimizer-like in-place step bumps the version counter
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), model(x))
+    assert expansions[0] == 2 and dead_slot_scans[0] == 2  # exactly one re-expansion
+    torch._dynamo.reset()
+
+
+def test_sasified_conv1d_finds_its_dead_slots_once_per_version(monkeypatch):
+    """A SASConv1d passes its wide weight itself to sas::conv2d: the dead-slot cache hits,
+    eagerly and under the backend (which keeps the SAS layer)."""
+    from sas_compile.runtime import projection
+
+    torch._dynamo.reset()
+    scans = _counting(monkeypatch, projection, "zero_columns")
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv1d(3, 4, 1), nn.ReLU(), nn.Conv1d(4, 6, 3, padding=1)).eval()
+    model = sas_compile.sasify(dense, M=2)  # the folded ReLU leaves dead slots
+    assert isinstance(model[2], SASConv1d)
+    compiled = torch.compile(model, backend="sas", options={"inner": "eager"})
+    x = torch.randn(2, 3, 11)
+    x[0, 0, 0] = float("inf")  # the SAS layer's input holds infinities: its dead slots are masked
+    with torch.no_grad():
+        for _ in range(3):
+            for run in (model, compiled):
+                torch.testing.assert_close(run(x), dense(x), equal_nan=True)
+        assert scans[0] == 1
+        model[2].weight.mul_(2)  # an optimizer-like in-place step: one new scan
+        dense[2].weight.mul_(2)
+        for _ in range(3):
+            for run in (model, compiled):
+                torch.testing.assert_close(run(x), dense(x), equal_nan=True)
+    assert scans[0] == 2
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("M", [2, 4])
+def test_conv_ops_take_a_conv1d_weight_as_a_kernel_of_height_one(M):
+    """sas::conv2d / sas::conv2d_from_dense with a 3-D (conv1d) weight: the conv1d's function and
+    gradients (the weight's gradient in its own shape), opcheck-clean."""
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(2, 6, 1, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    wide = torch.randn(4, 3 * M, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    dense_w = torch.randn(4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    conf = ([1, 2], [0, 1], [1, 1], 2)
+    out = torch.ops.sas.conv2d(x, wide, b, *conf, M, RULE)
+    ref = F.conv1d(project(x.detach().squeeze(2), M, 1), wide.detach(), b.detach(), 2, 1, 1, 2)
+    torch.testing.assert_close(out.squeeze(2), ref)
+    assert torch.autograd.gradcheck(lambda x, w, b: torch.ops.sas.conv2d(x, w, b, *conf, M, RULE),
+                                    (x, wide, b), fast_mode=True)
+    args = (x, dense_w, b, *conf, M, True, RULE, True)
+    dense = lambda: F.conv1d(x.squeeze(2).relu(), dense_w, b, 2, 1, 1, 2)  # noqa: E731
+    torch.testing.assert_close(torch.ops.sas.conv2d_from_dense(*args).squeeze(2), dense())
+    upstream = torch.randn_like(dense(), dtype=torch.float64)
+    got = torch.autograd.grad(torch.ops.sas.conv2d_from_dense(*args).squeeze(2), (x, dense_w, b), upstream)
+    want = torch.autograd.grad(dense(), (x, dense_w, b), upstream)
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c)
+    torch.library.opcheck(torch.ops.sas.conv2d.default, (x, wide, b, *conf, M, RULE))
+    torch.library.opcheck(torch.ops.sas.conv2d_from_dense.default, args)
