@@ -200,3 +200,52 @@ def test_grouped_and_depthwise_convs_on_infinite_inputs(M):
         wide = expand_dense_weight(conv.weight, M, fold_relu=True, groups=2)
         out = sas_ops.projected_conv2d(pre, wide, conv.bias, [1, 1], [1, 1], [1, 1], 2, M, "sign_pattern")
         assert same_function(out, conv(torch.relu(pre)))
+
+
+@settings(max_examples=20, deadline=None)
+@given(width=st.integers(2, 6), M=st.sampled_from([2, 4]), tie=st.booleans(), freeze=st.booleans(),
+       twice=st.booleans(), n_bad=st.integers(0, 3), seed=st.integers(0, 2**31 - 1))
+def test_property_ties_frozen_parts_calls_twice_and_nonfinite_inputs(width, M, tie, freeze, twice, n_bad, seed):
+    """The issue's property, all at once: the converted model equals the dense one (NaN where it
+    is NaN, the same infinities), report's parameter total is the model's, frozen parameters stay
+    frozen, and a state_dict round trip into a freshly converted model gives the same outputs."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(3, width)
+            self.mid = nn.Linear(width, width)
+            self.again = nn.Linear(width, width)
+            self.head = nn.Linear(width, 2)
+            if tie:
+                self.again.weight = self.mid.weight
+            if freeze:
+                self.first.requires_grad_(False)
+
+        def forward(self, x):
+            h = torch.relu(self.mid(torch.relu(self.first(x))))
+            if twice:
+                h = torch.relu(self.mid(h))
+            return self.head(torch.relu(self.again(h)))
+
+    torch.manual_seed(seed)
+    model = Net().double().eval()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    flat = x.view(-1)
+    for i in torch.randint(0, flat.numel(), (n_bad,), generator=g).tolist():
+        flat[i] = (INF, -INF, NAN)[i % 3]
+
+    sas = sas_compile.sasify(model, M=M, example_inputs=(x,))
+    with torch.no_grad():
+        assert same_function(sas(x), model(x))
+    rep = sas_compile.report(model, (x,), M=(M,))
+    assert rep.totals["base"]["params"] == sum(p.numel() for p in model.parameters())
+    frozen = {n for n, p in sas.named_parameters() if not p.requires_grad}
+    assert bool(frozen) == freeze and all(n.startswith("first.") for n in frozen)
+    if tie:  # one wide Parameter serves both call sites, or the group stays dense with a reason
+        assert sas.mid.weight is sas.again.weight
+    torch.manual_seed(seed + 1)  # a differently initialised model of the same architecture
+    fresh = sas_compile.sasify(Net().double().eval(), M=M, example_inputs=(x,))
+    fresh.load_state_dict(sas.state_dict())
+    with torch.no_grad():
+        assert same_function(fresh(x), sas(x))
