@@ -33,6 +33,9 @@ __all__ = [
     "check_M",
     "slot_index",
     "project",
+    "project_transient",
+    "release_workspace",
+    "WORKSPACE_LIMIT_BYTES",
     "project_aten",
     "dead_slots",
     "dead_slots_to_mask",
@@ -157,16 +160,62 @@ def project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern", dead: 
     """The projected activation ``S(x)``: ``x`` widened M times along ``dim``, channel-major.
 
     Each slot plane of the wide tensor is written once, straight into its final layout: no
-    zero-filled tensor and no scatter, and never ``0 * inf`` (an infinite value stays in its
-    slot, every other slot is exactly 0). ``dead`` (bool, one entry per wide index along
-    ``dim``, from :func:`dead_slots`) zeroes the slots whose weight column is all zero: their
-    product is 0 for finite values, and the same 0 instead of ``0 * inf = NaN`` for infinite
-    ones, which is what the dense layer gives (``W relu(-inf) = 0``). A channels_last 4-D input
-    gives a channels_last output.
+    zero-filled tensor, no scatter and no temporary of ``x``'s size, and never ``0 * inf`` (an
+    infinite value stays in its slot, every other slot is exactly 0). ``dead`` (bool, one entry
+    per wide index along ``dim``, from :func:`dead_slots`) zeroes the slots whose weight column
+    is all zero: their product is 0 for finite values, and the same 0 instead of
+    ``0 * inf = NaN`` for infinite ones, which is what the dense layer gives
+    (``W relu(-inf) = 0``). A channels_last 4-D input gives a channels_last output.
     """
+    return _project(x, M, dim, rule, dead, x.new_empty)
+
+
+def project_transient(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern",
+                      dead: Optional[Tensor] = None) -> Tensor:
+    """:func:`project` for one kernel call that reads the wide tensor and lets it go.
+
+    Why: a SAS layer's wide activation lives for one GEMM or convolution (the backward
+    recomputes it from the narrow input). A fresh allocation of that size costs page faults
+    on every call (the allocator returns large blocks to the OS), as much as the projection
+    itself on a busy machine; here the planes are written into a per-thread CPU workspace,
+    kept at the largest size seen (at most ``WORKSPACE_LIMIT_BYTES``; larger projections are
+    allocated as by :func:`project`). The result is overwritten by the thread's next call:
+    callers must not return it, save it or let it escape. :func:`release_workspace` frees it.
+    Without autograd only (the differentiable form allocates).
+    """
+    return _project(x, M, dim, rule, dead, lambda shape: _workspace_empty(shape, x))
+
+
+WORKSPACE_LIMIT_BYTES = 1 << 30
+_workspace = threading.local()
+
+
+def _workspace_empty(shape, like: Tensor) -> Tensor:
+    numel = math.prod(shape)
+    if (like.device.type != "cpu" or type(like) not in (Tensor, torch.nn.Parameter)
+            or numel * like.element_size() > WORKSPACE_LIMIT_BYTES):
+        return like.new_empty(shape)
+    buffers = getattr(_workspace, "buffers", None)
+    if buffers is None:
+        buffers = _workspace.buffers = {}
+    buffer = buffers.get(like.dtype)
+    if buffer is None or buffer.numel() < numel:
+        buffers.pop(like.dtype, None)  # free the old block before allocating the larger one
+        with torch.inference_mode(False):  # a normal tensor, usable inside and outside inference mode
+            buffer = buffers[like.dtype] = torch.empty(numel, dtype=like.dtype)
+    return buffer[:numel].view(shape)
+
+
+def release_workspace() -> None:
+    """Free this thread's projection workspace (:func:`project_transient`); the next SAS layer
+    call allocates it again."""
+    _workspace.buffers = {}
+
+
+def _project(x: Tensor, M: int, dim: int, rule: str, dead: Optional[Tensor], empty) -> Tensor:
     dim = dim % x.dim()
     if dim == 1 and _is_channels_last(x):
-        return project(x.permute(0, 2, 3, 1), M, -1, rule, dead).permute(0, 3, 1, 2)
+        return _project(x.permute(0, 2, 3, 1), M, -1, rule, dead, empty).permute(0, 3, 1, 2)
     index_rule = get_rule(rule, M)
     if torch.is_grad_enabled() and x.requires_grad:
         # differentiable form (out= writes are not): the same planes, stacked
@@ -182,11 +231,15 @@ def project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern", dead: 
         return wide.flatten(dim, dim + 1)
     shape = list(x.shape)
     shape.insert(dim + 1, M)
-    wide = x.new_empty(shape)
+    wide = empty(shape)
     if is_builtin_sign_rule_m2(index_rule):
-        # the reference convention: slot 0 = max(x, 0), slot 1 = max(-x, 0), one pass each
+        # the reference convention: slot 0 = max(x, 0), slot 1 = max(-x, 0); the second plane
+        # negated in place (no temporary of x's size: one more allocation per call is as
+        # costly as a pass)
         torch.clamp_min(x, 0, out=wide.select(dim + 1, 0))
-        torch.clamp_min(torch.neg(x), 0, out=wide.select(dim + 1, 1))
+        negative = wide.select(dim + 1, 1)
+        torch.neg(x, out=negative)
+        negative.clamp_min_(0)
     else:
         slot = index_rule.slot(x, dim)
         magnitude = x.abs()

@@ -424,3 +424,106 @@ def test_conv_ops_take_a_conv1d_weight_as_a_kernel_of_height_one(M):
         torch.testing.assert_close(a, c)
     torch.library.opcheck(torch.ops.sas.conv2d.default, (x, wide, b, *conf, M, RULE))
     torch.library.opcheck(torch.ops.sas.conv2d_from_dense.default, args)
+
+
+@pytest.mark.parametrize("M", [2, 4])
+def test_gradient_at_exact_zeros_is_the_dense_gradient(M):
+    """At x = 0 the projection's derivative is the one from the left (0 is filed as nonpositive):
+    a function-preserving SAS layer fed exact zeros (a ReLU's output, padding) back-propagates
+    exactly the dense layer's input gradient, not 0."""
+    torch.manual_seed(M)
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64).clamp_min(0)  # about half exact zeros
+    x[0, :, 0, 0] = 0.0  # a whole sign-pattern group at zero
+    w = torch.randn(3, 6, 3, 3, dtype=torch.float64)
+    g = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    wide = expand_dense_weight(w, M)
+    xs = x.clone().requires_grad_()
+    torch.ops.sas.conv2d(xs, wide, None, [1, 1], [1, 1], [1, 1], 1, M, RULE).backward(g)
+    xd = x.clone().requires_grad_()
+    F.conv2d(xd, w, None, 1, 1).backward(g)
+    assert torch.allclose(xs.grad, xd.grad, rtol=1e-12, atol=1e-12)
+    lin_x = x.permute(0, 2, 3, 1).reshape(-1, 6)
+    lin_w = torch.randn(3, 6, dtype=torch.float64)
+    xs, xd = lin_x.clone().requires_grad_(), lin_x.clone().requires_grad_()
+    gl = torch.randn(lin_x.shape[0], 3, dtype=torch.float64)
+    torch.ops.sas.linear(xs, expand_dense_weight(lin_w, M), None, M, RULE).backward(gl)
+    F.linear(xd, lin_w).backward(gl)
+    assert torch.allclose(xs.grad, xd.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("M", [2, 4])
+def test_input_gradient_equals_the_slow_rule_everywhere(M):
+    """The input gradient (threshold_backward and gather, no masks) against the rule applied
+    element by element: the wide gradient at the value's slot, +1 for x > 0, -1 otherwise."""
+    torch.manual_seed(10 + M)
+    x = torch.randn(7, 9, dtype=torch.float64)
+    x[::3, ::2] = 0.0
+    w = torch.randn(5, 9 * M, dtype=torch.float64)
+    g = torch.randn(7, 5, dtype=torch.float64)
+    xs = x.clone().requires_grad_()
+    torch.ops.sas.linear(xs, w, None, M, RULE).backward(g)
+    grad_wide = g @ w
+    slot = slot_index(x, M).long()
+    expected = torch.empty_like(x)
+    for r in range(7):
+        for c in range(9):
+            value = grad_wide[r, c * M + slot[r, c]]
+            expected[r, c] = value if x[r, c] > 0 else -value
+    assert torch.equal(xs.grad, expected)
+
+
+def test_transient_projection_is_the_projection_in_one_reused_workspace():
+    from sas_compile.runtime.projection import dead_slots, project_transient, release_workspace
+
+    torch.manual_seed(3)
+    release_workspace()
+    cases = [
+        (torch.randn(5, 11), -1, None),
+        (torch.randn(2, 6, 4, 3), 1, None),
+        (torch.randn(2, 6, 4, 3).to(memory_format=torch.channels_last), 1, None),
+        (torch.randn(3, 4, 5), 1, dead_slots(torch.cat([torch.zeros(2, 1), torch.randn(2, 7)], 1))),
+    ]
+    big = project_transient(torch.randn(8, 64), 4)  # grows the workspace past every case below
+    pointers = {big.untyped_storage().data_ptr()}
+    for M in (2, 4):
+        for x, dim, dead in cases:
+            if dead is not None and dead.shape[0] != x.shape[dim] * M:
+                continue
+            got = project_transient(x, M, dim, RULE, dead)
+            assert torch.equal(got, project(x, M, dim, RULE, dead))
+            assert got.is_contiguous(memory_format=torch.channels_last) == (x.dim() == 4 and not x.is_contiguous())
+            pointers.add(got.untyped_storage().data_ptr())
+    assert len(pointers) == 1  # every projection above lived in the same block
+    # a workspace first made under inference_mode serves a training step afterwards
+    release_workspace()
+    w = torch.randn(4, 11 * 2, requires_grad=True)
+    x = torch.randn(5, 11, requires_grad=True)
+    with torch.inference_mode():
+        torch.ops.sas.linear(x.detach(), w.detach(), None, 2, RULE)
+    torch.ops.sas.linear(x, w, None, 2, RULE).sum().backward()
+    assert torch.allclose(w.grad, project(x.detach(), 2).sum(0).expand(4, -1))
+
+
+def test_transient_projection_is_per_thread():
+    """Concurrent SAS layers on several threads never share a workspace."""
+    import threading
+
+    torch.manual_seed(4)
+    inputs = [torch.randn(64, 33, dtype=torch.float64) for _ in range(4)]
+    w = torch.randn(7, 66, dtype=torch.float64)
+    expected = [_slow_projection(x, 2) @ w.T for x in inputs]
+    failures = []
+
+    def work(i):
+        for _ in range(50):
+            out = torch.ops.sas.linear(inputs[i], w, None, 2, RULE)
+            if not torch.allclose(out, expected[i], rtol=1e-12, atol=1e-12):
+                failures.append(i)
+                return
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
