@@ -168,8 +168,11 @@ def _run_report(args) -> int:
     except ValueError as exc:
         raise UsageError(f"--swat: {exc}") from exc
     model, inputs, _ = _load(args)
-    rep = report(model, inputs, M=Ms, dense_input_layers=not args.convert_input_layers, swat=sparsities or None,
-                 symbolic=args.symbolic)
+    from .passes.capture import shapes_from_real_runs
+
+    with shapes_from_real_runs():  # the model is ours (random weights) and _load ran it already
+        rep = report(model, inputs, M=Ms, dense_input_layers=not args.convert_input_layers, swat=sparsities or None,
+                     symbolic=args.symbolic)
     if args.format == "table":
         text = rep.table(exact=args.exact, max_depth=args.max_depth)
     elif args.format == "markdown":

@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import os
+import contextlib
 import subprocess
 import sys
 
@@ -145,3 +146,38 @@ def test_python_dash_m_subprocess():
                         capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["totals"]["base"]["mults"] == 784 * 256 + 256 * 256 + 256 * 10
+
+
+def test_the_default_report_does_not_import_dynamo_for_its_shapes():
+    """`sas-compile report` is a 2.5 s command (issue 14): its shapes come from the real run the
+    CLI makes anyway, not from torch's Python meta kernels, whose first call imports
+    torch._dynamo (0.6-0.9 s)."""
+    code = ("import sys, io, contextlib\n"
+            "from sas_compile.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    assert main(['report']) == 0\n"
+            "assert 'layer1.0.conv1' in out.getvalue()\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_shapes_from_real_runs_leave_the_model_as_it_was_and_catch_misfits():
+    import torch
+    from torch import nn
+
+    from sas_compile.passes.capture import ExampleInputsError, capture, shapes_from_real_runs
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1)).train()
+    stats = model[1].running_mean.clone()
+    with shapes_from_real_runs():
+        captured = capture(model, (torch.randn(2, 3, 8, 8),))
+    nodes = {n.name: n for n in captured.gm.graph.nodes}
+    assert tuple(nodes["_3"].meta["tensor_meta"].shape) == (2, 5, 6, 6)
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(model[1].running_mean, stats)
+    for real in (False, True):  # a BatchNorm of the wrong width is caught with or without a real run
+        bad = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(6))
+        with pytest.raises(ExampleInputsError, match="1"), (shapes_from_real_runs() if real else contextlib.nullcontext()):
+            capture(bad, (torch.randn(2, 3, 8, 8),))
