@@ -161,14 +161,17 @@ def rewrite_layers_to_sas(gm: fx.GraphModule, plan: Plan, config) -> Plan:
         if not relu.users:
             gm.graph.erase_node(relu)
             nodes.pop(layer.relu_node)
-        elif relu_input(relu, gm)[1]:
-            # the SAS layer now reads z too: an in-place ReLU must no longer overwrite it
+        elif not (relu.op == "call_function" and relu.target is F.threshold):
+            # Other readers keep relu(z). Written as threshold(z, 0, 0), the same values and
+            # gradient (0 at z = 0), whose backward reads z, which the SAS layer saves anyway: a
+            # ReLU saves its output, a second tensor of z's size kept until the backward. And
+            # the SAS layer now reads z too: an in-place ReLU must no longer overwrite it.
             with gm.graph.inserting_before(relu):
-                out_of_place = gm.graph.call_function(torch.relu, (relu.args[0],))
-            out_of_place.meta.update(relu.meta)
-            relu.replace_all_uses_with(out_of_place)
+                kept = gm.graph.call_function(F.threshold, (relu.args[0], 0.0, 0.0))
+            kept.meta.update(relu.meta)
+            relu.replace_all_uses_with(kept)
             gm.graph.erase_node(relu)
-            nodes[layer.relu_node] = out_of_place
+            nodes[layer.relu_node] = kept
     gm.graph.lint()
     gm.recompile()
     plan.graph_after = gm.code

@@ -28,8 +28,10 @@ from .projection import (
     expand_dense_weight,
     fold_wide_grad,
     get_rule,
+    project,
     project_aten,
     project_transient,
+    release_workspace,
 )
 
 __all__ = ["sas_linear", "sas_conv2d", "sas_linear_from_dense", "sas_conv2d_from_dense", "conv2d_output_size",
@@ -45,6 +47,13 @@ def _backward_dead_mask(x: Tensor, weight: Tensor, groups: int = 1) -> Optional[
     return dead_slots_to_mask(x, weight, groups)
 
 
+def _keep_no_workspace_in_training() -> None:
+    """Called by the ops' ``setup_context``, which runs only when autograd records the op: a
+    training step frees the projection workspace after each layer's forward, so the step's peak
+    memory (at the end of the forward) holds no wide tensor; inference keeps it between calls."""
+    release_workspace()
+
+
 def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Tensor:
     """d/dx of S(x): the wide gradient at each value's slot, times d|x|/dx.
 
@@ -54,17 +63,20 @@ def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Ten
 
     Written with ``threshold_backward`` (``g`` where ``x > 0``, else 0: relu's backward, one
     vectorised pass) and exact subtractions (one side is always 0): ``torch.where`` and
-    bool-mask products are 3-4x slower on the CPU.
+    bool-mask products are 3-4x slower on the CPU. ``grad_wide`` is the caller's fresh product
+    and is overwritten.
     """
     threshold_backward = torch.ops.aten.threshold_backward
     per_slot = grad_wide.unflatten(dim, (x.shape[dim], M))
     index_rule = get_rule(rule, M)
     if is_builtin_sign_rule_m2(index_rule):
         positive, negative = per_slot.select(dim + 1, 0), per_slot.select(dim + 1, 1)
-        # -negative where x <= 0: negative - (negative where x > 0)
-        negative_part = threshold_backward(negative, x, 0)
-        torch.sub(negative, negative_part, out=negative_part)
-        return threshold_backward(positive, x, 0).sub_(negative_part)
+        # one narrow tensor beside the wide gradient: the result, first holding negative where
+        # x <= 0 (negative minus its part where x > 0); the positive plane is thresholded in place
+        result = threshold_backward(negative, x, 0)
+        torch.sub(negative, result, out=result)
+        threshold_backward_into = torch.ops.aten.threshold_backward.grad_input
+        return torch.sub(threshold_backward_into(positive, x, 0, grad_input=positive), result, out=result)
     slot = index_rule.slot(x, dim).to(torch.int64).unsqueeze(dim + 1)
     grad = per_slot.gather(dim + 1, slot).squeeze(dim + 1)
     # grad where x > 0, -grad elsewhere: kept - (grad - kept), kept = grad where x > 0
@@ -96,6 +108,7 @@ def _(x, weight, bias, M, rule):
 
 def _linear_setup(ctx, inputs, output):
     x, weight, bias, M, rule = inputs
+    _keep_no_workspace_in_training()
     ctx.save_for_backward(x, weight)
     ctx.M, ctx.rule = M, rule
 
@@ -107,7 +120,7 @@ def _linear_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_x = _slot_grad(grad.matmul(weight), x, M, rule, x.dim() - 1)
     if ctx.needs_input_grad[1]:
-        wide = project_transient(x, M, -1, rule, _backward_dead_mask(x, weight))
+        wide = project(x, M, -1, rule, _backward_dead_mask(x, weight))
         grad_w = grad.reshape(-1, grad.shape[-1]).t().matmul(wide.reshape(-1, wide.shape[-1]))
     if ctx.needs_input_grad[2]:
         grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
@@ -287,33 +300,50 @@ def _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, 
 
 def _conv_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, groups, M, rule = inputs
+    _keep_no_workspace_in_training()
     ctx.save_for_backward(x, weight)
     ctx.conf = (list(stride), list(padding), list(dilation), groups)
     ctx.M, ctx.rule = M, rule
     ctx.bias_sizes = None if bias is None else list(bias.shape)
 
 
+def _projected_conv_grads(grad, x, wide_weight, bias_sizes, conf, M, rule, need_x, need_w, need_b):
+    """``(grad_x, grad of the wide weight, grad_bias)`` of ``conv2d(S(x), wide_weight, ...)``.
+
+    The input gradient first, from the weight and the wide input's shape alone; its wide
+    gradient is folded to the narrow one and freed before the projection is recomputed for the
+    weight gradient, so at most one wide tensor exists at a time (a training step's peak memory
+    holds one wide activation, not two).
+    """
+    stride, padding, dilation, groups = conf
+    kernel = _kernel_2d(wide_weight)
+    grad = grad.contiguous(memory_format=_conv_memory_format(x))
+    wide_shape = (x.shape[0], x.shape[1] * M, *x.shape[2:])
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        shape_only = grad.new_empty(1).expand(wide_shape)  # convolution_backward reads its sizes only
+        grad_wide = torch.ops.aten.convolution_backward(grad, shape_only, kernel, None, stride, padding, dilation,
+                                                        False, [0, 0], groups, [True, False, False])[0]
+        grad_x = _slot_grad(grad_wide, x, M, rule, 1)
+        del grad_wide
+    need_b = need_b and bias_sizes is not None
+    if need_w:
+        wide = project(x, M, 1, rule, _backward_dead_mask(x, wide_weight, groups))
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, wide, kernel, bias_sizes if need_b else None, stride, padding, dilation, False, [0, 0], groups,
+            [False, True, need_b])
+        if wide_weight.dim() == 3:
+            grad_w = grad_w.squeeze(2)  # a conv1d weight's gradient has its shape
+    elif need_b:
+        grad_b = grad.sum((0, 2, 3))
+    return grad_x, grad_w, grad_b
+
+
 def _conv_backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conf
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    wide = project_transient(x, ctx.M, 1, ctx.rule, _backward_dead_mask(x, weight, groups))
-    grad_wide, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad.contiguous(memory_format=_conv_memory_format(wide)),
-        wide,
-        _kernel_2d(weight),
-        ctx.bias_sizes if need_b else None,
-        stride,
-        padding,
-        dilation,
-        False,
-        [0, 0],
-        groups,
-        [need_x, need_w, need_b and ctx.bias_sizes is not None],
-    )
-    grad_x = _slot_grad(grad_wide, x, ctx.M, ctx.rule, 1) if need_x else None
-    if grad_w is not None and weight.dim() == 3:
-        grad_w = grad_w.squeeze(2)  # a conv1d weight's gradient has its shape
+    grad_x, grad_w, grad_b = _projected_conv_grads(grad, x, weight, ctx.bias_sizes, ctx.conf, ctx.M, ctx.rule,
+                                                   need_x, need_w, need_b)
     return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
@@ -400,6 +430,7 @@ def _(x, weight, bias, M, fold_relu, rule, train_dense):
 
 def _from_dense_linear_setup(ctx, inputs, output):
     x, weight, bias, M, fold_relu, rule, train_dense = inputs
+    _keep_no_workspace_in_training()
     ctx.save_for_backward(x, weight)
     ctx.conf = (M, fold_relu, rule, train_dense)
 
@@ -415,7 +446,7 @@ def _from_dense_linear_backward(ctx, grad):
     if ctx.needs_input_grad[1] and not train_dense:
         grad_w = torch.ops.sas.refuse_dense_training(weight)
     elif ctx.needs_input_grad[1]:
-        projected = project_transient(x, M, -1, rule, _backward_dead_mask(x, wide))
+        projected = project(x, M, -1, rule, _backward_dead_mask(x, wide))
         grad_wide = grad.reshape(-1, grad.shape[-1]).t().matmul(projected.reshape(-1, projected.shape[-1]))
         grad_w = fold_wide_grad(grad_wide, M, fold_relu=fold_relu, rule=rule)
     if ctx.needs_input_grad[2]:
@@ -456,6 +487,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, M, fold_relu, rule, tr
 
 def _from_dense_conv_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, groups, M, fold_relu, rule, train_dense = inputs
+    _keep_no_workspace_in_training()
     ctx.save_for_backward(x, weight)
     ctx.conf = (list(stride), list(padding), list(dilation), groups)
     ctx.sas = (M, fold_relu, rule, train_dense)
@@ -464,21 +496,14 @@ def _from_dense_conv_setup(ctx, inputs, output):
 
 def _from_dense_conv_backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conf
     M, fold_relu, rule, train_dense = ctx.sas
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     refuse = need_w and not train_dense
     need_w = need_w and train_dense
+    groups = ctx.conf[3]
     wide = expand_dense_weight(weight, M, fold_relu=fold_relu, rule=rule, groups=groups)
-    projected = project_transient(x, M, 1, rule, _backward_dead_mask(x, wide, groups))
-    grad_wide_x, grad_wide_w, grad_b = torch.ops.aten.convolution_backward(
-        grad.contiguous(memory_format=_conv_memory_format(projected)), projected, _kernel_2d(wide),
-        ctx.bias_sizes if need_b else None, stride, padding, dilation, False, [0, 0], groups,
-        [need_x, need_w, need_b and ctx.bias_sizes is not None],
-    )
-    grad_x = _slot_grad(grad_wide_x, x, M, rule, 1) if need_x else None
-    if need_w and weight.dim() == 3:
-        grad_wide_w = grad_wide_w.squeeze(2)  # back to the conv1d weight's shape
+    grad_x, grad_wide_w, grad_b = _projected_conv_grads(grad, x, wide, ctx.bias_sizes, ctx.conf, M, rule,
+                                                        need_x, need_w, need_b)
     grad_w = fold_wide_grad(grad_wide_w, M, fold_relu=fold_relu, rule=rule, groups=groups) if need_w else None
     if refuse:
         grad_w = torch.ops.sas.refuse_dense_training(weight)

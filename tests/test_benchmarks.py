@@ -35,3 +35,10 @@ def test_cpu_layers_quick(capsys):
     load("cpu_layers").main(["--quick", "--repeats", "2"])
     out = capsys.readouterr().out
     assert "SAS/wide" in out and "project/copy" in out
+
+
+@pytest.mark.slow
+def test_train_memory_quick(capsys):
+    assert load("train_memory").main(["--quick", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| dense" in out and "| sas:2" in out and "extra peak / extra state" in out

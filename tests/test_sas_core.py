@@ -137,10 +137,22 @@ def test_relu_folded_and_other_consumers_still_see_relu():
     sas = sas_compile.sasify(model, M=2)
     layer = {l.name: l for l in sas.sas_plan.layers}["b"]
     assert layer.fold_relu
-    assert "relu" in sas.code  # still there for the add
+    assert "threshold(a, 0.0, 0.0)" in sas.code  # relu(z), still there for the add
     assert _rel(sas(x), model(x)) < 1e-6
     # b reads the pre-ReLU tensor: its negative slots start at exactly zero
     assert torch.all(sas.b.weight[:, 1::2] == 0)
+    # the kept ReLU's backward reads z, which the SAS layer saves anyway: autograd keeps one
+    # tensor of that size where a ReLU would add its output
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = sas(x.requires_grad_())
+    storages = {t.untyped_storage().data_ptr() for t in saved if t.shape == (5, 8)}
+    assert len(storages) == 1
+    xd = x.detach().clone().requires_grad_()
+    xs = x.detach().clone().requires_grad_()
+    (model(xd) * torch.arange(8.0)).sum().backward()
+    (sas(xs) * torch.arange(8.0)).sum().backward()
+    assert _rel(xs.grad, xd.grad) < 1e-6  # the same gradient through the kept ReLU and the fold
 
 
 def test_input_layer_policy_and_filter_fn():

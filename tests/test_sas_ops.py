@@ -527,3 +527,44 @@ def test_transient_projection_is_per_thread():
     for t in threads:
         t.join()
     assert not failures
+
+
+def test_training_keeps_no_projection_workspace_and_inference_does():
+    """The workspace serves inference; a recorded (training) forward frees it after each layer,
+    so a training step's peak memory holds no wide tensor beyond the layer being computed."""
+    from sas_compile.runtime import projection
+
+    torch.manual_seed(5)
+    x = torch.randn(4, 6, 5, 5)
+    w = torch.randn(3, 12, 3, 3, requires_grad=True)
+    projection.release_workspace()
+    with torch.no_grad():
+        torch.ops.sas.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, 2, RULE)
+    assert projection._workspace.buffers  # kept for the next inference call
+    out = torch.ops.sas.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, 2, RULE)
+    assert not projection._workspace.buffers
+    out.sum().backward()
+    assert not projection._workspace.buffers
+    assert w.grad is not None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)])
+def test_conv_backward_in_two_halves_equals_autograd_through_the_projection(channels_last, needs):
+    torch.manual_seed(6)
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(4, 12, 3, 3, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    g = torch.randn(2, 4, 4, 5, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(need) for t, need in zip((x, w, b), needs)]
+    torch.ops.sas.conv2d(*leaves, [2, 1], [1, 2], [1, 2], 1, 2, RULE).backward(g)
+    refs = [t.clone().requires_grad_(need) for t, need in zip((x, w, b), needs)]
+    F.conv2d(_slow_projection(refs[0].permute(0, 2, 3, 1).reshape(-1, 6), 2).view(2, 7, 5, 12).permute(0, 3, 1, 2),
+             refs[1], refs[2], [2, 1], [1, 2], [1, 2]).backward(g)
+    for got, ref, need in zip(leaves, refs, needs):
+        if need:
+            assert torch.allclose(got.grad, ref.grad, rtol=1e-12, atol=1e-12)
+        else:
+            assert got.grad is None
