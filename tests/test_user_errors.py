@@ -264,10 +264,15 @@ def test_a_sasified_training_step_keeps_only_narrow_activations():
             model(x).square().mean().backward()
         return sum(seen.values())
 
+    from sas_compile.models import resnet18
+
     torch.manual_seed(0)
-    dense = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    sequential = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                               nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    # residual blocks: a ReLU folded into the next block's conv is still read by the identity path
+    residual = resnet18(width=8)
     x = torch.randn(4, 3, 8, 8)
-    for M in (2, 4):
-        sas = sas_compile.sasify(dense, M=M)
-        assert saved_activation_bytes(sas, x) <= saved_activation_bytes(dense, x)
+    for dense in (sequential, residual):
+        for M in (2, 4):
+            sas = sas_compile.sasify(dense, M=M)
+            assert saved_activation_bytes(sas, x) <= saved_activation_bytes(dense, x)
