@@ -550,7 +550,7 @@ def test_training_keeps_no_projection_workspace_and_inference_does():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)])
-def test_conv_backward_in_two_halves_equals_autograd_through_the_projection(channels_last, needs):
+def test_conv_backward_equals_autograd_through_the_projection(channels_last, needs):
     torch.manual_seed(6)
     x = torch.randn(2, 6, 7, 5, dtype=torch.float64)
     if channels_last:
