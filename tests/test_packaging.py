@@ -20,7 +20,7 @@ def test_wheel_installs_everything_under_one_namespace(tmp_path):
                      "sas_compile/runtime/cuda/spmma.cu", "sas_compile/runtime/cuda/spwgmma.cu",
                      "sas_compile/runtime/cuda/sas_compress.cu", "sas_compile/runtime/cuda/sparse_common.cuh",
                      "sas_compile/runtime/cuda/sas_ptx.cuh", "sas_compile/runtime/cuda/sas_wgmma.cuh",
-                     "sas_compile/runtime/emulator/sas_emulator.hpp"):
+                     "sas_compile/runtime/emulator/sas_emulator.hpp", "sas_compile/runtime/host_kernels.c"):
         assert expected in names, expected
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -1,0 +1,88 @@
+/* Host (CPU) kernels for the M = 2 sign rule on interleaved pairs, float32 and float64.
+ *
+ * The channel-major wide tensor of a linear layer (or of a channels_last convolution) puts
+ * the two slots of a value side by side: wide[2i] = max(x[i], 0), wide[2i + 1] = max(-x[i], 0).
+ * Written as two strided planes by PyTorch, every cache line of the wide tensor is touched
+ * twice and no store vectorises; here one pass reads x and writes each pair once, and the
+ * compiler vectorises the interleaving (runtime/host_kernels.py builds this file with -O3).
+ *
+ * Semantics are the PyTorch formulation's (runtime/projection.py, runtime/sas_ops.py):
+ * NaN stays NaN in both slots, +-inf lands in its own slot; the input gradient of a pair is
+ * g0 where x > 0 (or x is NaN) and -g1 where x <= 0.
+ */
+#include <pthread.h>
+#include <stdint.h>
+
+#define MAX_THREADS 64
+
+#define PAIR_KERNELS(T, SUFFIX)                                                              \
+    static void project_##SUFFIX(const T *restrict x, T *restrict out, int64_t begin,          \
+                                 int64_t end) {                                               \
+        for (int64_t i = begin; i < end; ++i) {                                               \
+            T v = x[i];                                                                       \
+            out[2 * i] = v < 0 ? (T)0 : v;                                                    \
+            out[2 * i + 1] = v > 0 ? (T)0 : -v;                                               \
+        }                                                                                     \
+    }                                                                                         \
+    static void slot_grad_##SUFFIX(const T *restrict x, const T *restrict g, T *restrict out, \
+                                   int64_t begin, int64_t end) {                              \
+        for (int64_t i = begin; i < end; ++i) {                                               \
+            T positive = g[2 * i], negative = g[2 * i + 1];                                   \
+            out[i] = x[i] <= 0 ? -negative : positive;                                        \
+        }                                                                                     \
+    }
+
+PAIR_KERNELS(float, f32)
+PAIR_KERNELS(double, f64)
+
+typedef struct {
+    int kind; /* 0 project, 1 slot gradient */
+    int dtype; /* 0 float32, 1 float64 */
+    const void *x, *g;
+    void *out;
+    int64_t begin, end;
+} task_t;
+
+static void *run(void *arg) {
+    const task_t *t = (const task_t *)arg;
+    if (t->kind == 0) {
+        if (t->dtype == 0) project_f32(t->x, t->out, t->begin, t->end);
+        else project_f64(t->x, t->out, t->begin, t->end);
+    } else {
+        if (t->dtype == 0) slot_grad_f32(t->x, t->g, t->out, t->begin, t->end);
+        else slot_grad_f64(t->x, t->g, t->out, t->begin, t->end);
+    }
+    return 0;
+}
+
+/* n values split into `threads` contiguous ranges (the caller decides when threads pay off) */
+static int split(task_t base, int64_t n, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > n) threads = n < 1 ? 1 : (int)n;
+    task_t tasks[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int i = 0; i < threads; ++i) {
+        tasks[i] = base;
+        tasks[i].begin = n * i / threads;
+        tasks[i].end = n * (i + 1) / threads;
+    }
+    for (int i = 1; i < threads; ++i) started[i] = pthread_create(&ids[i], 0, run, &tasks[i]) == 0;
+    run(&tasks[0]);
+    for (int i = 1; i < threads; ++i) {
+        if (started[i]) pthread_join(ids[i], 0);
+        else run(&tasks[i]); /* no thread to be had: its range runs here */
+    }
+    return 0;
+}
+
+int sas_host_project_m2_pairs(int dtype, const void *x, void *out, int64_t n, int threads) {
+    task_t t = {0, dtype, x, 0, out, 0, 0};
+    return split(t, n, threads);
+}
+
+int sas_host_slot_grad_m2_pairs(int dtype, const void *x, const void *g, void *out, int64_t n, int threads) {
+    task_t t = {1, dtype, x, g, out, 0, 0};
+    return split(t, n, threads);
+}

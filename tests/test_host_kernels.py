@@ -1,0 +1,120 @@
+"""The C host kernels (interleaved M = 2 pairs) against the PyTorch formulation they replace."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from sas_compile.runtime import host_kernels, sas_ops  # noqa: F401  (sas_ops registers torch.ops.sas.*)
+from sas_compile.runtime.projection import project
+
+RULE = "sign_pattern"
+
+needs_compiler = pytest.mark.skipif(host_kernels._compiler() is None,
+                                    reason="no host C compiler: the PyTorch formulation is used (tested elsewhere)")
+
+
+def _special(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    flat = x.view(-1)
+    flat[::97] = 0.0
+    flat[1::101] = -0.0
+    flat[2::103] = float("inf")
+    flat[3::107] = float("-inf")
+    flat[4::109] = float("nan")
+    return x
+
+
+def _torch_formulation(monkeypatch, fn):
+    with monkeypatch.context() as m:
+        m.setenv("SAS_COMPILE_HOST_KERNELS", "0")
+        return fn()
+
+
+@needs_compiler
+def test_the_library_builds_and_loads_here():
+    ok, where = host_kernels.available()
+    assert ok, where
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(4099,), (37, 131), (3, 29, 71)])
+@pytest.mark.parametrize("threads", [None, 1, 3])
+def test_projection_pairs_equal_the_torch_formulation(monkeypatch, dtype, shape, threads):
+    x = _special(shape, dtype, seed=len(shape))
+    expected = _torch_formulation(monkeypatch, lambda: project(x, 2))
+    out = torch.empty(*shape, 2, dtype=dtype)
+    assert host_kernels.project_m2_pairs(x, out, threads=threads)
+    torch.testing.assert_close(out.flatten(-2), expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(project(x, 2), expected, rtol=0, atol=0, equal_nan=True)  # project() uses it
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [None, 1, 4])
+def test_slot_gradient_pairs_equal_the_torch_formulation(monkeypatch, dtype, threads):
+    x = _special((53, 97), dtype, seed=7)
+    g = torch.randn(53, 2 * 97, dtype=dtype)
+    expected = _torch_formulation(monkeypatch, lambda: sas_ops._slot_grad(g.clone(), x, 2, RULE, 1))
+    got = host_kernels.slot_grad_m2_pairs(g, x, threads=threads)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    slow = torch.where(x <= 0, -g[:, 1::2], g[:, 0::2])  # NaN is not <= 0: slot 0, as the rule files it
+    torch.testing.assert_close(got, slow, rtol=0, atol=0)
+
+
+@needs_compiler
+def test_the_ops_use_the_kernels_and_match_float64(monkeypatch):
+    calls = {"project": 0, "grad": 0}
+    real_project, real_grad = host_kernels.project_m2_pairs, host_kernels.slot_grad_m2_pairs
+
+    def project_spy(*args, **kwargs):
+        done = real_project(*args, **kwargs)
+        calls["project"] += done
+        return done
+
+    def grad_spy(*args, **kwargs):
+        out = real_grad(*args, **kwargs)
+        calls["grad"] += out is not None
+        return out
+
+    monkeypatch.setattr(host_kernels, "project_m2_pairs", project_spy)
+    monkeypatch.setattr(host_kernels, "slot_grad_m2_pairs", grad_spy)
+    torch.manual_seed(0)
+    x = torch.randn(70, 90, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 180, dtype=torch.float64, requires_grad=True)
+    out = torch.ops.sas.linear(x, w, None, 2, RULE)
+    out.backward(torch.ones_like(out))
+    wide = torch.stack([x.detach().clamp_min(0), (-x.detach()).clamp_min(0)], -1).flatten(-2)
+    torch.testing.assert_close(out, wide @ w.detach().T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w.grad, torch.ones(70, 11, dtype=torch.float64).T @ wide, rtol=1e-12, atol=1e-12)
+    assert calls == {"project": 2, "grad": 1}  # forward, the backward's recomputation, the input gradient
+    # a channels_last convolution's pairs too
+    xc = torch.randn(2, 48, 9, 10, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
+    wc = torch.randn(5, 96, 3, 3, dtype=torch.float64, requires_grad=True)
+    torch.ops.sas.conv2d(xc, wc, None, [1, 1], [1, 1], [1, 1], 1, 2, RULE).sum().backward()
+    assert calls["project"] == 4 and calls["grad"] == 2
+    assert torch.autograd.gradcheck(lambda a, b: torch.ops.sas.conv2d(a, b, None, [1, 1], [1, 1], [1, 1], 1, 2, RULE),
+                                    (xc.detach()[:1, :, :5, :5].clone().requires_grad_(), wc.detach().clone()
+                                     .requires_grad_()), fast_mode=True)
+
+
+def test_a_failed_build_leaves_the_torch_formulation(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("SAS_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None})
+    x = torch.randn(64, 80)
+    with caplog.at_level(logging.WARNING, logger="sas_compile.runtime"):
+        out = project(x, 2)
+    assert "host kernels unavailable" in caplog.text
+    ok, reason = host_kernels.available()
+    assert not ok and "failed" in reason
+    torch.testing.assert_close(out, torch.stack([x.clamp_min(0), (-x).clamp_min(0)], -1).flatten(-2), rtol=0, atol=0)
+
+
+def test_disabled_by_the_environment(monkeypatch):
+    monkeypatch.setenv("SAS_COMPILE_HOST_KERNELS", "0")
+    assert host_kernels.available() == (False, "disabled by SAS_COMPILE_HOST_KERNELS=0")
+    assert not host_kernels.project_m2_pairs(torch.randn(5000), torch.empty(5000, 2))
