@@ -28,7 +28,6 @@ from .projection import (
     expand_dense_weight,
     fold_wide_grad,
     get_rule,
-    project,
     project_aten,
     project_transient,
     release_workspace,
@@ -49,8 +48,11 @@ def _backward_dead_mask(x: Tensor, weight: Tensor, groups: int = 1) -> Optional[
 
 def _keep_no_workspace_in_training() -> None:
     """Called by the ops' ``setup_context``, which runs only when autograd records the op: a
-    training step frees the projection workspace after each layer's forward, so the step's peak
-    memory (at the end of the forward) holds no wide tensor; inference keeps it between calls."""
+    training forward frees the projection workspace after each layer, so the step's peak memory
+    (at the end of the forward) holds no wide tensor. The backward's recomputed projections use
+    the workspace (one allocation per step, not one per layer: blocks above 32 MB cost page faults
+    on every fresh allocation) and the next step's first recorded layer frees it, while memory is
+    low; inference keeps it between calls."""
     release_workspace()
 
 
@@ -136,7 +138,7 @@ def _linear_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_x = _slot_grad(grad.matmul(weight), x, M, rule, x.dim() - 1)
     if ctx.needs_input_grad[1]:
-        wide = project(x, M, -1, rule, _backward_dead_mask(x, weight))
+        wide = project_transient(x, M, -1, rule, _backward_dead_mask(x, weight))
         grad_w = grad.reshape(-1, grad.shape[-1]).t().matmul(wide.reshape(-1, wide.shape[-1]))
     if ctx.needs_input_grad[2]:
         grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
@@ -332,7 +334,7 @@ def _projected_conv_grads(grad, x, wide_weight, bias_sizes, conf, M, rule, need_
     """
     stride, padding, dilation, groups = conf
     need_b = need_b and bias_sizes is not None
-    wide = project(x, M, 1, rule, _backward_dead_mask(x, wide_weight, groups))
+    wide = project_transient(x, M, 1, rule, _backward_dead_mask(x, wide_weight, groups))
     grad_wide, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad.contiguous(memory_format=_conv_memory_format(wide)), wide, _kernel_2d(wide_weight),
         bias_sizes if need_b else None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, need_b])
@@ -450,7 +452,7 @@ def _from_dense_linear_backward(ctx, grad):
     if ctx.needs_input_grad[1] and not train_dense:
         grad_w = torch.ops.sas.refuse_dense_training(weight)
     elif ctx.needs_input_grad[1]:
-        projected = project(x, M, -1, rule, _backward_dead_mask(x, wide))
+        projected = project_transient(x, M, -1, rule, _backward_dead_mask(x, wide))
         grad_wide = grad.reshape(-1, grad.shape[-1]).t().matmul(projected.reshape(-1, projected.shape[-1]))
         grad_w = fold_wide_grad(grad_wide, M, fold_relu=fold_relu, rule=rule)
     if ctx.needs_input_grad[2]:

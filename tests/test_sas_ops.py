@@ -529,9 +529,10 @@ def test_transient_projection_is_per_thread():
     assert not failures
 
 
-def test_training_keeps_no_projection_workspace_and_inference_does():
-    """The workspace serves inference; a recorded (training) forward frees it after each layer,
-    so a training step's peak memory holds no wide tensor beyond the layer being computed."""
+def test_training_keeps_no_projection_workspace_at_its_peak_and_inference_does():
+    """The workspace serves inference and the backward; a recorded (training) forward frees it
+    after each layer, so a training step's peak memory (the end of its forward) holds no wide
+    tensor beyond the layer being computed."""
     from sas_compile.runtime import projection
 
     torch.manual_seed(5)
@@ -544,6 +545,8 @@ def test_training_keeps_no_projection_workspace_and_inference_does():
     out = torch.ops.sas.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, 2, RULE)
     assert not projection._workspace.buffers
     out.sum().backward()
+    assert projection._workspace.buffers  # the backward's recomputed projection
+    torch.ops.sas.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, 2, RULE)  # the next step's forward
     assert not projection._workspace.buffers
     assert w.grad is not None
 
