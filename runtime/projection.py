@@ -234,8 +234,8 @@ def _project(x: Tensor, M: int, dim: int, rule: str, dead: Optional[Tensor], emp
     shape = list(x.shape)
     shape.insert(dim + 1, M)
     wide = empty(shape)
-    if is_builtin_sign_rule_m2(index_rule) and dim == x.dim() - 1 and host_kernels.project_m2_pairs(x, wide):
-        pass  # interleaved pairs, one vectorised pass in C (runtime/host_kernels.py)
+    if is_builtin_sign_rule_m2(index_rule) and host_kernels.project_m2(x, wide, dim):
+        pass  # one vectorised pass in C (runtime/host_kernels.py)
     elif is_builtin_sign_rule_m2(index_rule):
         # the reference convention: slot 0 = max(x, 0), slot 1 = max(-x, 0); the second plane
         # negated in place (no temporary of x's size: one more allocation per call is as

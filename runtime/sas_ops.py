@@ -56,17 +56,15 @@ def _keep_no_workspace_in_training() -> None:
     release_workspace()
 
 
-def _slot_grad_pairs(grad_wide: Tensor, x: Tensor, dim: int) -> Optional[Tensor]:
-    """:func:`_slot_grad` at M = 2 by the host kernel, where the two slots of a value sit side by
-    side in memory: the channel axis is the last one (a linear layer), or a channels_last
-    convolution's (read as NHWC); None elsewhere (NCHW planes are already vectorised)."""
-    if dim == x.dim() - 1:
-        return host_kernels.slot_grad_m2_pairs(grad_wide, x)
-    if dim == 1 and x.dim() == 4 and _conv_memory_format(x) == torch.channels_last \
-            and _conv_memory_format(grad_wide) == torch.channels_last:
-        nhwc = host_kernels.slot_grad_m2_pairs(grad_wide.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1))
+def _slot_grad_m2_host(grad_wide: Tensor, x: Tensor, dim: int) -> Optional[Tensor]:
+    """:func:`_slot_grad` at M = 2 by the host kernel (``runtime/host_kernels.py``); a
+    channels_last convolution is read as NHWC; None where the kernel does not apply."""
+    if dim == 1 and x.dim() == 4 and _conv_memory_format(x) == torch.channels_last:
+        if _conv_memory_format(grad_wide) != torch.channels_last:
+            return None
+        nhwc = host_kernels.slot_grad_m2(grad_wide.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1), -1)
         return None if nhwc is None else nhwc.permute(0, 3, 1, 2)
-    return None
+    return host_kernels.slot_grad_m2(grad_wide, x, dim)
 
 
 def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Tensor:
@@ -85,9 +83,9 @@ def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Ten
     per_slot = grad_wide.unflatten(dim, (x.shape[dim], M))
     index_rule = get_rule(rule, M)
     if is_builtin_sign_rule_m2(index_rule):
-        pairs = _slot_grad_pairs(grad_wide, x, dim)
-        if pairs is not None:
-            return pairs
+        done = _slot_grad_m2_host(grad_wide, x, dim)
+        if done is not None:
+            return done
         positive, negative = per_slot.select(dim + 1, 0), per_slot.select(dim + 1, 1)
         # one narrow tensor beside the wide gradient: the result, first holding negative where
         # x <= 0 (negative minus its part where x > 0); the positive plane is thresholded in place

@@ -1,4 +1,4 @@
-"""The C host kernels (interleaved M = 2 pairs) against the PyTorch formulation they replace."""
+"""The C host kernels (M = 2: interleaved pairs and NCHW planes) against the PyTorch formulation they replace."""
 from __future__ import annotations
 
 import logging
@@ -39,36 +39,48 @@ def test_the_library_builds_and_loads_here():
     assert ok, where
 
 
+CASES = [((4099,), -1), ((37, 131), -1), ((3, 29, 71), -1), ((3, 29, 71), 1), ((4, 33, 7, 5), 1), ((5, 1, 3000), 1),
+         ((2, 3, 4, 700), 2)]
+
+
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(4099,), (37, 131), (3, 29, 71)])
+@pytest.mark.parametrize("shape, dim", CASES)
 @pytest.mark.parametrize("threads", [None, 1, 3])
-def test_projection_pairs_equal_the_torch_formulation(monkeypatch, dtype, shape, threads):
-    x = _special(shape, dtype, seed=len(shape))
-    expected = _torch_formulation(monkeypatch, lambda: project(x, 2))
-    out = torch.empty(*shape, 2, dtype=dtype)
-    assert host_kernels.project_m2_pairs(x, out, threads=threads)
-    torch.testing.assert_close(out.flatten(-2), expected, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(project(x, 2), expected, rtol=0, atol=0, equal_nan=True)  # project() uses it
+def test_projection_equals_the_torch_formulation(monkeypatch, dtype, shape, dim, threads):
+    x = _special(shape, dtype, seed=len(shape) + dim)
+    expected = _torch_formulation(monkeypatch, lambda: project(x, 2, dim))
+    wide_shape = list(shape)
+    wide_shape.insert(dim % len(shape) + 1, 2)
+    out = torch.empty(wide_shape, dtype=dtype)
+    assert host_kernels.project_m2(x, out, dim, threads=threads)
+    torch.testing.assert_close(out.flatten(dim % len(shape), dim % len(shape) + 1), expected, rtol=0, atol=0,
+                               equal_nan=True)
+    torch.testing.assert_close(project(x, 2, dim), expected, rtol=0, atol=0, equal_nan=True)  # project() uses it
 
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, dim", CASES)
 @pytest.mark.parametrize("threads", [None, 1, 4])
-def test_slot_gradient_pairs_equal_the_torch_formulation(monkeypatch, dtype, threads):
-    x = _special((53, 97), dtype, seed=7)
-    g = torch.randn(53, 2 * 97, dtype=dtype)
-    expected = _torch_formulation(monkeypatch, lambda: sas_ops._slot_grad(g.clone(), x, 2, RULE, 1))
-    got = host_kernels.slot_grad_m2_pairs(g, x, threads=threads)
+def test_slot_gradient_equals_the_torch_formulation(monkeypatch, dtype, shape, dim, threads):
+    x = _special(shape, dtype, seed=7 + dim)
+    d = dim % len(shape)
+    wide_shape = list(shape)
+    wide_shape[d] *= 2
+    g = torch.randn(wide_shape, dtype=dtype)
+    expected = _torch_formulation(monkeypatch, lambda: sas_ops._slot_grad(g.clone(), x, 2, RULE, d))
+    got = host_kernels.slot_grad_m2(g, x, dim, threads=threads)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    slow = torch.where(x <= 0, -g[:, 1::2], g[:, 0::2])  # NaN is not <= 0: slot 0, as the rule files it
+    per_slot = g.unflatten(d, (shape[d], 2))
+    slow = torch.where(x <= 0, -per_slot.select(d + 1, 1), per_slot.select(d + 1, 0))  # NaN is not <= 0: slot 0
     torch.testing.assert_close(got, slow, rtol=0, atol=0)
 
 
 @needs_compiler
 def test_the_ops_use_the_kernels_and_match_float64(monkeypatch):
     calls = {"project": 0, "grad": 0}
-    real_project, real_grad = host_kernels.project_m2_pairs, host_kernels.slot_grad_m2_pairs
+    real_project, real_grad = host_kernels.project_m2, host_kernels.slot_grad_m2
 
     def project_spy(*args, **kwargs):
         done = real_project(*args, **kwargs)
@@ -80,8 +92,8 @@ def test_the_ops_use_the_kernels_and_match_float64(monkeypatch):
         calls["grad"] += out is not None
         return out
 
-    monkeypatch.setattr(host_kernels, "project_m2_pairs", project_spy)
-    monkeypatch.setattr(host_kernels, "slot_grad_m2_pairs", grad_spy)
+    monkeypatch.setattr(host_kernels, "project_m2", project_spy)
+    monkeypatch.setattr(host_kernels, "slot_grad_m2", grad_spy)
     torch.manual_seed(0)
     x = torch.randn(70, 90, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 180, dtype=torch.float64, requires_grad=True)
@@ -96,6 +108,13 @@ def test_the_ops_use_the_kernels_and_match_float64(monkeypatch):
     wc = torch.randn(5, 96, 3, 3, dtype=torch.float64, requires_grad=True)
     torch.ops.sas.conv2d(xc, wc, None, [1, 1], [1, 1], [1, 1], 1, 2, RULE).sum().backward()
     assert calls["project"] == 4 and calls["grad"] == 2
+    # and an NCHW one's planes
+    xn = xc.detach().contiguous().requires_grad_()
+    out = torch.ops.sas.conv2d(xn, wc, None, [1, 1], [1, 1], [1, 1], 1, 2, RULE)
+    out.sum().backward()
+    assert calls["project"] == 6 and calls["grad"] == 3
+    reference = torch.nn.functional.conv2d(project(xn.detach(), 2, 1), wc.detach(), None, 1, 1)
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda a, b: torch.ops.sas.conv2d(a, b, None, [1, 1], [1, 1], [1, 1], 1, 2, RULE),
                                     (xc.detach()[:1, :, :5, :5].clone().requires_grad_(), wc.detach().clone()
                                      .requires_grad_()), fast_mode=True)
@@ -117,4 +136,4 @@ def test_a_failed_build_leaves_the_torch_formulation(monkeypatch, tmp_path, capl
 def test_disabled_by_the_environment(monkeypatch):
     monkeypatch.setenv("SAS_COMPILE_HOST_KERNELS", "0")
     assert host_kernels.available() == (False, "disabled by SAS_COMPILE_HOST_KERNELS=0")
-    assert not host_kernels.project_m2_pairs(torch.randn(5000), torch.empty(5000, 2))
+    assert not host_kernels.project_m2(torch.randn(5000), torch.empty(5000, 2), -1)
