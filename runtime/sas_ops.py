@@ -3,9 +3,10 @@
 Why ops and not plain Python: dynamo, AOT autograd and inductor see one opaque call per
 layer (with a fake implementation for tracing and an autograd formula), and the runtime
 can pick a target per device behind it. The CPU implementation writes the projected
-activation plane by plane into a reused workspace (``projection.project_transient``), never
-a zero-filled tensor plus scatter, and calls the dense kernel on it; the backward recomputes
-the projection from the saved narrow input, so autograd holds only the narrow activation.
+activation into a reused workspace (``projection.project_transient``; one pass by the host
+kernels at M = 2), never a zero-filled tensor plus scatter, and calls the dense kernel on it;
+the backward recomputes the projection from the saved narrow input, so autograd holds only the
+narrow activation.
 """
 from __future__ import annotations
 
