@@ -75,7 +75,7 @@ def library_path() -> Path:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no host C compiler found (tried $CC, cc, gcc, clang)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     h = hashlib.sha256()
     for part in (SOURCE.read_bytes(), cc.encode(), version.encode(), " ".join(FLAGS).encode(),
                  _cpu_signature().encode()):
@@ -89,16 +89,22 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
     os.close(fd)
     cmd = [_compiler(), *FLAGS, str(SOURCE), "-o", tmp]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        os.unlink(tmp)
-        raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}): {done.stderr.strip()[:500]}")
-    os.replace(tmp, target)  # atomic: a concurrent process never loads a half-written library
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}): {done.stderr.strip()[:500]}")
+        os.replace(tmp, target)  # atomic: a concurrent process never loads a half-written library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _library() -> Optional[ctypes.CDLL]:
     if os.environ.get("SAS_COMPILE_HOST_KERNELS", "1") == "0":
         return None
+    lib = _state["lib"]
+    if lib is not None:  # every SAS layer call after the first: no lock
+        return lib
     with _lock:
         if _state["lib"] is None and _state["error"] is None:
             try:

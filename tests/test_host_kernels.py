@@ -137,3 +137,11 @@ def test_disabled_by_the_environment(monkeypatch):
     monkeypatch.setenv("SAS_COMPILE_HOST_KERNELS", "0")
     assert host_kernels.available() == (False, "disabled by SAS_COMPILE_HOST_KERNELS=0")
     assert not host_kernels.project_m2(torch.randn(5000), torch.empty(5000, 2), -1)
+
+
+def test_a_failed_build_leaves_no_partial_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAS_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None})
+    assert not host_kernels.available()[0]
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
