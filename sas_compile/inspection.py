@@ -63,7 +63,7 @@ def inspect_model(
         if why is not None:
             log.info("inspect_model: symbolic shapes unavailable: %s", why)
     if plan.capture in ("symbolic_trace", "export") and plan.eligible():
-        apply_sas_plan(plan, config)
+        apply_sas_plan(plan, config, weights_on_meta=True)
     elif plan.capture == "dynamo":
         plan.graph_after = ("# captured by dynamo around graph breaks: torch.compile(model, backend='sas') "
                             "rewrites each graph when it runs")
