@@ -138,3 +138,33 @@ def test_cuda_autocast_follows_float32(kind, dtype):
         reference = train_losses(kind, "cuda")
     mixed = train_losses(kind, "cuda", dtype)
     assert max_rel_dev(mixed, reference) < 5e-2, (mixed, reference)
+
+
+def test_inference_under_autocast_casts_each_weight_once(monkeypatch):
+    """Without autograd a parameter's cast is reused across calls, so the per-weight caches
+    (dead slots here) hit: a fresh cast per call rescanned every weight on every call (and on
+    a GPU synchronised with the host at every layer). Training still casts per call."""
+    from sas_compile.runtime import projection
+
+    torch.manual_seed(0)
+    model = sas_compile.sasify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)), M=2,
+                               dense_input_layers=False)
+    x = torch.randn(4, 16)
+    scans = []
+    real = projection.zero_columns
+    monkeypatch.setattr(projection, "zero_columns", lambda *a, **k: scans.append(1) or real(*a, **k))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = model(x)
+        assert first.dtype == torch.bfloat16
+        scanned = len(scans)
+        for _ in range(3):
+            torch.testing.assert_close(model(x), first, rtol=0, atol=0)
+    assert scanned == 2 and len(scans) == scanned  # one scan per weight, none on later calls
+    with torch.no_grad():
+        model[-1].weight.mul_(0.5)  # a new version: cast and scanned again
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+    assert len(scans) == scanned + 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training: gradients reach the float32 weights
+        model(x).float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
