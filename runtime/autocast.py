@@ -29,7 +29,8 @@ _inference_casts = PerWeightCache()
 def _cast(value, device_type: str, dtype: torch.dtype):
     if (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64
             and value.device.type == device_type and value.dtype != dtype):
-        if isinstance(value, torch.nn.Parameter) and not (torch.is_grad_enabled() and value.requires_grad):
+        # eager parameters only: under a compiler's tracing a parameter is a fake tensor (no data)
+        if type(value) is torch.nn.Parameter and not (torch.is_grad_enabled() and value.requires_grad):
             return _inference_cast(value, dtype)
         return value.to(dtype)
     return value

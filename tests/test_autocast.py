@@ -168,3 +168,18 @@ def test_inference_under_autocast_casts_each_weight_once(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # training: gradients reach the float32 weights
         model(x).float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_inference_under_autocast(backend):
+    """Under a compiler's tracing the parameters are fake tensors: the inference cast cache is
+    for eager parameters only (it read a fake tensor's data pointer and failed the compile)."""
+    torch.manual_seed(0)
+    model = sas_compile.sasify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)), M=2,
+                               dense_input_layers=False)
+    x = torch.randn(4, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+    torch._dynamo.reset()
