@@ -226,6 +226,19 @@ struct KCursor {
     }
 };
 
+// One pipeline step of the copy side: k-tile `at` into the stage at `stage` (B, A, metadata in
+// the layout of Cfg's stage) while k-tiles remain, one cp.async group committed either way (the
+// wait counts groups), then the cursor moves on.
+template <bool VEC, class Cfg, class Loader>
+__device__ __forceinline__ void issue_ktile(const Loader& loader, const SpGemmParams& p, KCursor& at, u32 stage,
+                                            int tid) {
+    if (at.kt < p.ktiles)
+        loader.template load<VEC>(p, at.kt, at.kb, stage + Cfg::kBStage, stage, stage + Cfg::kBStage + Cfg::kAStage,
+                                  tid);
+    cp_async_commit();
+    at.next(p.b_ktiles);
+}
+
 // ---- epilogue -----------------------------------------------------------------------------
 // The CTA's accumulators go through shared memory so that global stores are 16-byte vectors
 // along the output rows, in both orientations:
@@ -361,3 +374,11 @@ __device__ __forceinline__ void store_staged(const SpGemmParams& p, u32 stage, i
 #define SAS_PUBLISH_LAUNCH(NAME, PARAMS, THREADS, SMEM) \
     extern "C" __device__ const int NAME##_launch[2] = {(THREADS), (SMEM)};
 #endif
+
+// A sparse GEMM kernel: BODY<TR, CFG, TRANSPOSED>(p) under CFG's launch bounds, published.
+#define SAS_SPARSE_GEMM_KERNEL(NAME, BODY, TR, CFG, TRANSPOSED)                           \
+    extern "C" __global__ void __launch_bounds__(CFG::kThreads, CFG::kMinBlocks)          \
+        NAME(const SpGemmParams p) {                                                      \
+        BODY<TR, CFG, TRANSPOSED>(p);                                                     \
+    }                                                                                     \
+    SAS_PUBLISH_LAUNCH(NAME, SpGemmParams, CFG::kThreads, CFG::kSmem)

@@ -89,25 +89,13 @@ __device__ __forceinline__ void spmma_body(const SpGemmParams& p) {
         KCursor load_at;  // next k-tile to copy
 #pragma unroll
         for (int s = 0; s < STAGES - 1; ++s) {
-            if (load_at.kt < ktiles) {
-                const u32 st = smem + s * Cfg::kStage;
-                loader.template load<VEC>(p, load_at.kt, load_at.kb, st + Cfg::kBStage, st,
-                                          st + Cfg::kBStage + Cfg::kAStage, ln.tid);
-            }
-            cp_async_commit();
-            load_at.next(p.b_ktiles);
+            issue_ktile<VEC, Cfg>(loader, p, load_at, smem + s * Cfg::kStage, ln.tid);
         }
         int read_stage = 0, write_stage = STAGES - 1;
         for (int kt = 0; kt < ktiles; ++kt) {
             cp_async_wait<STAGES - 2>();  // k-tile kt has landed (this thread's copies) ...
             __syncthreads();              // ... and everyone's; stage write_stage is free again
-            if (load_at.kt < ktiles) {
-                const u32 st = smem + write_stage * Cfg::kStage;
-                loader.template load<VEC>(p, load_at.kt, load_at.kb, st + Cfg::kBStage, st,
-                                          st + Cfg::kBStage + Cfg::kAStage, ln.tid);
-            }
-            cp_async_commit();
-            load_at.next(p.b_ktiles);
+            issue_ktile<VEC, Cfg>(loader, p, load_at, smem + write_stage * Cfg::kStage, ln.tid);
 
             const u32 base = smem + read_stage * Cfg::kStage;
             u32x2 meta[MT];  // both k-steps of the k-tile, one load per m-tile
@@ -147,12 +135,7 @@ __device__ __forceinline__ void spmma_body(const SpGemmParams& p) {
     store_staged<Tr, BM, BN, Cfg::kThreads, TRANSPOSED>(p, smem, tile_a, tile_b, ln.tid);
 }
 
-#define SPMMA_KERNEL(NAME, TR, CFG, TRANSPOSED)                                             \
-    extern "C" __global__ void __launch_bounds__(CFG::kThreads, CFG::kMinBlocks)            \
-        NAME(const SpGemmParams p) {                                                        \
-        spmma_body<TR, CFG, TRANSPOSED>(p);                                                 \
-    }                                                                                       \
-    SAS_PUBLISH_LAUNCH(NAME, SpGemmParams, CFG::kThreads, CFG::kSmem)
+#define SPMMA_KERNEL(NAME, TR, CFG, TRANSPOSED) SAS_SPARSE_GEMM_KERNEL(NAME, spmma_body, TR, CFG, TRANSPOSED)
 
 SPMMA_KERNEL(spmma_f16_64x64_sas, F16, MmaTile64x64, false)
 SPMMA_KERNEL(spmma_bf16_64x64_sas, BF16, MmaTile64x64, false)

@@ -87,26 +87,14 @@ __device__ __forceinline__ void spwgmma_body(const SpGemmParams& p) {
         KCursor load_at;  // next k-tile to copy
 #pragma unroll
         for (int s = 0; s < STAGES - 2; ++s) {
-            if (load_at.kt < ktiles) {
-                const u32 st = smem + s * Cfg::kStage;
-                loader.template load<VEC>(p, load_at.kt, load_at.kb, st + Cfg::kBStage, st,
-                                          st + Cfg::kBStage + Cfg::kAStage, ln.tid);
-            }
-            cp_async_commit();
-            load_at.next(p.b_ktiles);
+            issue_ktile<VEC, Cfg>(loader, p, load_at, smem + s * Cfg::kStage, ln.tid);
         }
         int read_stage = 0, write_stage = STAGES - 2;
         for (int kt = 0; kt < ktiles; ++kt) {
             cp_async_wait<STAGES - 3>();  // k-tile kt has landed (this thread's copies)
             fence_proxy_async();          // ... and is visible to the tensor cores' async proxy
             __syncthreads();              // everyone's copies; every wgmma group <= kt-2 completed
-            if (load_at.kt < ktiles) {
-                const u32 st = smem + write_stage * Cfg::kStage;
-                loader.template load<VEC>(p, load_at.kt, load_at.kb, st + Cfg::kBStage, st,
-                                          st + Cfg::kBStage + Cfg::kAStage, ln.tid);
-            }
-            cp_async_commit();
-            load_at.next(p.b_ktiles);
+            issue_ktile<VEC, Cfg>(loader, p, load_at, smem + write_stage * Cfg::kStage, ln.tid);
 
             const u32 base = smem + read_stage * Cfg::kStage;
             const u32x2 meta = lds64(base + m_off);
@@ -141,12 +129,7 @@ __device__ __forceinline__ void spwgmma_body(const SpGemmParams& p) {
     store_staged<Tr, BM, BN, Cfg::kThreads, TRANSPOSED>(p, smem, tile_a, tile_b, ln.tid);
 }
 
-#define SPWGMMA_KERNEL(NAME, TR, CFG, TRANSPOSED)                                  \
-    extern "C" __global__ void __launch_bounds__(CFG::kThreads, CFG::kMinBlocks)   \
-        NAME(const SpGemmParams p) {                                               \
-        spwgmma_body<TR, CFG, TRANSPOSED>(p);                                      \
-    }                                                                              \
-    SAS_PUBLISH_LAUNCH(NAME, SpGemmParams, CFG::kThreads, CFG::kSmem)
+#define SPWGMMA_KERNEL(NAME, TR, CFG, TRANSPOSED) SAS_SPARSE_GEMM_KERNEL(NAME, spwgmma_body, TR, CFG, TRANSPOSED)
 
 SPWGMMA_KERNEL(spwgmma_f16_128x128_sas, F16, WgTile128x128, false)
 SPWGMMA_KERNEL(spwgmma_bf16_128x128_sas, BF16, WgTile128x128, false)
