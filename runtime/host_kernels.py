@@ -18,20 +18,18 @@ values (tests compare the two); the reason is logged once on ``sas_compile.runti
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import math
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .host_build import build_library, cached_library_path, find_compiler
 
 __all__ = ["available", "library_path", "project_m2", "slot_grad_m2", "MIN_VALUES"]
 
@@ -47,10 +45,7 @@ _state = {"lib": None, "error": None}
 
 
 def _compiler() -> Optional[str]:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    return find_compiler("CC", ("cc", "gcc", "clang"))
 
 
 def _cpu_signature() -> str:
@@ -70,33 +65,14 @@ def _cpu_signature() -> str:
 
 def library_path() -> Path:
     """Where the library for this source, compiler and CPU is cached (raises without a compiler)."""
-    from .cuda.nvrtc_build import cache_dir
-
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no host C compiler found (tried $CC, cc, gcc, clang)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cc.encode(), version.encode(), " ".join(FLAGS).encode(),
-                 _cpu_signature().encode()):
-        h.update(part)
-        h.update(b"\0")
-    return cache_dir() / "host" / f"libsas_host-{h.hexdigest()[:32]}.so"
+    return cached_library_path("host", "libsas_host", cc, FLAGS, [SOURCE], extra=_cpu_signature())
 
 
 def _build(target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    os.close(fd)
-    cmd = [_compiler(), *FLAGS, str(SOURCE), "-o", tmp]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}): {done.stderr.strip()[:500]}")
-        os.replace(tmp, target)  # atomic: a concurrent process never loads a half-written library
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    build_library([_compiler(), *FLAGS, str(SOURCE)], target, SOURCE.name)
 
 
 def _library() -> Optional[ctypes.CDLL]:

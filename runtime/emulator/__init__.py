@@ -16,11 +16,6 @@ arch="sm_90"))`` runs the sm_90a one (wgmma.mma_async.sp).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -31,7 +26,8 @@ from torch import Tensor
 from ..cuda.kernel_params import Plan, prepare_sas, prepare_sws
 from ..cuda.launch import Launcher
 from ..cuda.launch import run as _run_launch
-from ..cuda.nvrtc_build import KERNEL_DIR, cache_dir
+from ..cuda.nvrtc_build import KERNEL_DIR
+from ..host_build import build_library, cached_library_path, find_compiler
 from .driver import EmulatorDriver, EmulatorError
 
 __all__ = ["available", "library_path", "sas_gemm", "sws_gemm", "run", "launcher", "struct_layout",
@@ -46,10 +42,7 @@ _lib: Optional[ctypes.CDLL] = None
 
 
 def _compiler() -> Optional[str]:
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    return find_compiler("CXX", ("g++", "c++", "clang++"))
 
 
 def available() -> Tuple[bool, str]:
@@ -71,27 +64,16 @@ def library_path() -> Path:
     ok, cxx = available()
     if not ok:
         raise EmulatorError(cxx)
-    h = hashlib.sha256()
-    for path in _sources():
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    h.update("\0".join([cxx, version, *CXX_FLAGS]).encode())
-    return cache_dir() / "emulator" / f"libsas_emulator-{h.hexdigest()[:32]}.so"
+    return cached_library_path("emulator", "libsas_emulator", cxx, CXX_FLAGS, _sources())
 
 
 def _build(target: Path) -> None:
     _, cxx = available()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    os.close(fd)
-    cmd = [cxx, *CXX_FLAGS, f"-I{EMULATOR_DIR}", f"-I{KERNEL_DIR}",
-           str(EMULATOR_DIR / "sas_emulator_kernels.cpp"), "-o", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise EmulatorError(f"building the emulator failed ({' '.join(cmd)}):\n{proc.stderr}")
-    os.replace(tmp, target)  # atomic: a concurrent process sees no half-written library
+    try:
+        build_library([cxx, *CXX_FLAGS, f"-I{EMULATOR_DIR}", f"-I{KERNEL_DIR}",
+                       str(EMULATOR_DIR / "sas_emulator_kernels.cpp")], target, "the emulator")
+    except RuntimeError as exc:
+        raise EmulatorError(str(exc)) from None
 
 
 def _library() -> ctypes.CDLL:
