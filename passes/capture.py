@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 log = logging.getLogger("sas_compile.passes")
 
@@ -145,16 +146,12 @@ def _norm_output_on_meta(module: nn.Module, x) -> Optional[torch.Tensor]:
     return torch.empty_like(x) if fits else None
 
 
-def _meta_shape_prop(gm: fx.GraphModule):
+class _MetaShapeProp(ShapeProp):
     """``ShapeProp`` for meta tensors, normalisations answered by :func:`_norm_output_on_meta`."""
-    from torch.fx.passes.shape_prop import ShapeProp
 
-    class MetaShapeProp(ShapeProp):
-        def call_module(self, target, args, kwargs):
-            out = None if kwargs or len(args) != 1 else _norm_output_on_meta(self.fetch_attr(target), args[0])
-            return super().call_module(target, args, kwargs) if out is None else out
-
-    return MetaShapeProp(gm)
+    def call_module(self, target, args, kwargs):
+        out = None if kwargs or len(args) != 1 else _norm_output_on_meta(self.fetch_attr(target), args[0])
+        return super().call_module(target, args, kwargs) if out is None else out
 
 
 def _propagate_on_meta(gm: fx.GraphModule, example_inputs) -> bool:
@@ -171,7 +168,7 @@ def _propagate_on_meta(gm: fx.GraphModule, example_inputs) -> bool:
     inputs = [x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs]
     try:
         with torch.no_grad(), _reparametrize_module(gm, stand_ins), quiet_torch_logs():
-            _meta_shape_prop(gm).propagate(*inputs)
+            _MetaShapeProp(gm).propagate(*inputs)
     except Exception:  # noqa: BLE001 - an op without a meta kernel, or inputs that do not fit
         return False
     return True
@@ -206,8 +203,6 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, *, run_for_real: bool =
     parameters carry a parametrization (a built SWS model); so does every call inside
     :func:`shapes_from_real_runs`.
     """
-    from torch.fx.passes.shape_prop import ShapeProp
-
     if not (run_for_real or _real_runs.get()):
         if _propagate_on_meta(gm, example_inputs):
             return

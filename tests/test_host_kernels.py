@@ -113,7 +113,8 @@ def test_the_ops_use_the_kernels_and_match_float64(monkeypatch):
     out = torch.ops.sas.conv2d(xn, wc, None, [1, 1], [1, 1], [1, 1], 1, 2, RULE)
     out.sum().backward()
     assert calls["project"] == 6 and calls["grad"] == 3
-    reference = torch.nn.functional.conv2d(project(xn.detach(), 2, 1), wc.detach(), None, 1, 1)
+    planes = torch.stack([xn.detach().clamp_min(0), (-xn.detach()).clamp_min(0)], 2).flatten(1, 2)
+    reference = torch.nn.functional.conv2d(planes, wc.detach(), None, 1, 1)
     torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda a, b: torch.ops.sas.conv2d(a, b, None, [1, 1], [1, 1], [1, 1], 1, 2, RULE),
                                     (xc.detach()[:1, :, :5, :5].clone().requires_grad_(), wc.detach().clone()
