@@ -13,10 +13,7 @@
  * NaN stays NaN in both slots, +-inf lands in its own slot; the input gradient of a pair is
  * g0 where x > 0 (or x is NaN) and -g1 where x <= 0.
  */
-#include <pthread.h>
 #include <stdint.h>
-
-#define MAX_THREADS 64
 
 /* x is [rows][R], the wide tensor [rows][2][R]: R = 1 is interleaved pairs (a linear layer, a
  * channels_last convolution), R > 1 two planes per row (an NCHW convolution: R = H * W). Per
@@ -88,7 +85,27 @@ static void *run(void *arg) {
     return 0;
 }
 
-/* rows split into `threads` contiguous ranges (the caller decides when threads pay off) */
+/* Rows split into `threads` contiguous ranges (the caller decides when threads pay off). Built
+ * with OpenMP (-fopenmp), the ranges run on the OpenMP team of the calling thread: PyTorch's own
+ * libgomp (its soname is the one this library needs), whose workers are already running and
+ * spin-wait after every PyTorch op. Threads of our own measured 2x slower than that on two
+ * cores: they compete with those spinning workers. Without OpenMP, pthreads. */
+#ifdef _OPENMP
+static int split(task_t base, int64_t n, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > n) threads = n < 1 ? 1 : (int)n;
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int i = 0; i < threads; ++i) {
+        task_t t = base;
+        t.begin = n * i / threads;
+        t.end = n * (i + 1) / threads;
+        run(&t);
+    }
+    return 0;
+}
+#else
+#include <pthread.h>
+#define MAX_THREADS 64
 static int split(task_t base, int64_t n, int threads) {
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -108,6 +125,16 @@ static int split(task_t base, int64_t n, int threads) {
         else run(&tasks[i]); /* no thread to be had: its range runs here */
     }
     return 0;
+}
+#endif
+
+/* 1 when built with OpenMP (host_kernels.py reports it) */
+int sas_host_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 int sas_host_project_m2(int dtype, const void *x, void *out, int64_t rows, int64_t R, int threads) {

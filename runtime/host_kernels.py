@@ -11,7 +11,10 @@ against 4 x 7 ms; the projection of [8, 1024, 14, 14] in 0.67 ms against 1.07 ms
 
 The library is built at first use with the host C compiler (``$CC``, ``cc``, ``gcc`` or
 ``clang``; ``-O3 -march=native``) and cached on disk, keyed by the source, the compiler and its
-flags and this CPU's model and feature flags. Without a compiler, when the build fails, or with
+flags and this CPU's model and feature flags. Where PyTorch runs on libgomp (its Linux wheels) the
+library is built with ``-fopenmp`` and shares PyTorch's OpenMP workers (already running, so a
+pass splits across threads at a few microseconds' cost; threads of its own competed with those
+workers and ran 2x slower on two cores); elsewhere, or when that build fails, with pthreads. Without a compiler, when the build fails, or with
 ``SAS_COMPILE_HOST_KERNELS=0``, the callers keep the PyTorch formulation, which computes the same
 values (tests compare the two); the reason is logged once on ``sas_compile.runtime``.
 """
@@ -34,14 +37,15 @@ from .host_build import build_library, cached_library_path, find_compiler
 __all__ = ["available", "library_path", "project_m2", "slot_grad_m2", "MIN_VALUES"]
 
 SOURCE = Path(__file__).resolve().with_name("host_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=c11"]
+COMMON_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
+OPENMP_FLAGS = [*COMMON_FLAGS, "-fopenmp"]
+PTHREAD_FLAGS = [*COMMON_FLAGS, "-pthread"]
 MIN_VALUES = 4096  # below this a ctypes call costs more than the passes it saves
-VALUES_PER_THREAD = 1 << 18  # a thread start (tens of microseconds) pays off above this
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 
 log = logging.getLogger("sas_compile.runtime")
 _lock = threading.Lock()
-_state = {"lib": None, "error": None}
+_state = {"lib": None, "error": None, "values_per_thread": 1 << 18}
 
 
 def _compiler() -> Optional[str]:
@@ -63,16 +67,49 @@ def _cpu_signature() -> str:
     return "\0".join([platform.machine(), platform.processor(), *sorted(f"{k}={v}" for k, v in wanted.items())])
 
 
-def library_path() -> Path:
-    """Where the library for this source, compiler and CPU is cached (raises without a compiler)."""
+def torch_uses_libgomp() -> bool:
+    """Whether this process already has ``libgomp.so.1`` loaded (PyTorch's OpenMP runtime on
+    Linux), so a library built with ``-fopenmp`` joins PyTorch's workers instead of starting a
+    second OpenMP runtime."""
+    if not torch.backends.openmp.is_available() or not hasattr(os, "RTLD_NOLOAD"):
+        return False
+    try:
+        ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+    except OSError:
+        return False
+    return True
+
+
+def _flag_sets():
+    return [OPENMP_FLAGS, PTHREAD_FLAGS] if torch_uses_libgomp() else [PTHREAD_FLAGS]
+
+
+def library_path(flags=None) -> Path:
+    """Where the library for this source, compiler, flags (default: the first this process
+    would try) and CPU is cached (raises without a compiler)."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no host C compiler found (tried $CC, cc, gcc, clang)")
-    return cached_library_path("host", "libsas_host", cc, FLAGS, [SOURCE], extra=_cpu_signature())
+    return cached_library_path("host", "libsas_host", cc, flags or _flag_sets()[0], [SOURCE], extra=_cpu_signature())
 
 
-def _build(target: Path) -> None:
-    build_library([_compiler(), *FLAGS, str(SOURCE)], target, SOURCE.name)
+def _build(target: Path, flags) -> None:
+    build_library([_compiler(), *flags, str(SOURCE)], target, SOURCE.name)
+
+
+def _load() -> ctypes.CDLL:
+    """Build (once per cache) and load the library: with OpenMP where PyTorch's libgomp is loaded,
+    else (or when that build fails) with pthreads; raises the last failure."""
+    error = None
+    for flags in _flag_sets():
+        try:
+            path = library_path(flags)
+            if not path.exists():
+                _build(path, flags)
+            return ctypes.CDLL(str(path))
+        except Exception as exc:  # noqa: BLE001 - the next flag set may still build
+            error = exc
+    raise error
 
 
 def _library() -> Optional[ctypes.CDLL]:
@@ -84,15 +121,15 @@ def _library() -> Optional[ctypes.CDLL]:
     with _lock:
         if _state["lib"] is None and _state["error"] is None:
             try:
-                path = library_path()
-                if not path.exists():
-                    _build(path)
-                lib = ctypes.CDLL(str(path))
+                lib = _load()
                 for name, pointers in (("sas_host_project_m2", 2), ("sas_host_slot_grad_m2", 3)):
                     fn = getattr(lib, name)
                     fn.restype = ctypes.c_int
                     fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * pointers, ctypes.c_int64, ctypes.c_int64,
                                    ctypes.c_int]
+                lib.sas_host_openmp.restype = ctypes.c_int
+                lib.sas_host_openmp.argtypes = []
+                _state["values_per_thread"] = 1 << 15 if lib.sas_host_openmp() else 1 << 18
                 _state["lib"] = lib
             except Exception as exc:  # noqa: BLE001 - any failure leaves the PyTorch formulation in place
                 _state["error"] = f"{type(exc).__name__}: {exc}"
@@ -102,7 +139,8 @@ def _library() -> Optional[ctypes.CDLL]:
 
 
 def available() -> Tuple[bool, str]:
-    """``(True, library path)`` when the kernels are built and loaded, else ``(False, reason)``."""
+    """``(True, library path)`` when the kernels are built and loaded, else ``(False, reason)``
+    (the library is built with OpenMP when ``lib.sas_host_openmp()`` is 1)."""
     if os.environ.get("SAS_COMPILE_HOST_KERNELS", "1") == "0":
         return False, "disabled by SAS_COMPILE_HOST_KERNELS=0"
     lib = _library()
@@ -116,7 +154,9 @@ def _fits(t: Tensor) -> bool:
 
 
 def _threads(n: int, rows: int, threads: Optional[int]) -> int:
-    wanted = threads if threads is not None else min(torch.get_num_threads(), n // VALUES_PER_THREAD)
+    # values a thread must have to pay for itself (set at load): a few microseconds to wake a
+    # spinning OpenMP worker, tens to start a pthread
+    wanted = threads if threads is not None else min(torch.get_num_threads(), n // _state["values_per_thread"])
     return max(1, min(wanted, rows))
 
 

@@ -124,7 +124,7 @@ def test_the_ops_use_the_kernels_and_match_float64(monkeypatch):
 def test_a_failed_build_leaves_the_torch_formulation(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("SAS_COMPILE_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
-    monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None})
+    monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None, "values_per_thread": 1 << 18})
     x = torch.randn(64, 80)
     with caplog.at_level(logging.WARNING, logger="sas_compile.runtime"):
         out = project(x, 2)
@@ -143,6 +143,57 @@ def test_disabled_by_the_environment(monkeypatch):
 def test_a_failed_build_leaves_no_partial_file(monkeypatch, tmp_path):
     monkeypatch.setenv("SAS_COMPILE_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")
-    monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None})
+    monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None, "values_per_thread": 1 << 18})
     assert not host_kernels.available()[0]
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def _gomp_libraries():
+    with open("/proc/self/maps") as f:
+        return {line.split()[-1] for line in f if "libgomp" in line}
+
+
+@needs_compiler
+@pytest.mark.skipif(not host_kernels.torch_uses_libgomp(), reason="PyTorch here does not run on libgomp")
+def test_built_with_openmp_on_pytorchs_own_runtime():
+    before = _gomp_libraries()
+    assert host_kernels.available()[0]
+    assert host_kernels._library().sas_host_openmp() == 1
+    assert _gomp_libraries() == before and len(before) == 1  # no second OpenMP runtime was loaded
+
+
+def _fresh_library(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAS_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None, "values_per_thread": 1 << 18})
+
+
+def _check_threaded_kernels(monkeypatch):
+    x = _special((6, 40, 9, 11), torch.float32, seed=5)
+    g = torch.randn(6, 80, 9, 11)
+    expected = _torch_formulation(monkeypatch, lambda: project(x, 2, 1))
+    expected_grad = _torch_formulation(monkeypatch, lambda: sas_ops._slot_grad(g.clone(), x, 2, RULE, 1))
+    out = torch.empty(6, 40, 2, 9, 11)
+    assert host_kernels.project_m2(x, out, 1, threads=2)
+    torch.testing.assert_close(out.flatten(1, 2), expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(host_kernels.slot_grad_m2(g, x, 1, threads=2), expected_grad, rtol=0, atol=0,
+                               equal_nan=True)
+
+
+@needs_compiler
+def test_pthreads_where_pytorch_has_no_libgomp(monkeypatch, tmp_path):
+    _fresh_library(monkeypatch, tmp_path)
+    monkeypatch.setattr(host_kernels, "torch_uses_libgomp", lambda: False)
+    assert host_kernels.available()[0]
+    assert host_kernels._library().sas_host_openmp() == 0
+    assert host_kernels._state["values_per_thread"] == 1 << 18
+    _check_threaded_kernels(monkeypatch)
+
+
+@needs_compiler
+@pytest.mark.skipif(not host_kernels.torch_uses_libgomp(), reason="PyTorch here does not run on libgomp")
+def test_a_failed_openmp_build_falls_back_to_pthreads(monkeypatch, tmp_path):
+    _fresh_library(monkeypatch, tmp_path)
+    monkeypatch.setattr(host_kernels, "OPENMP_FLAGS", [*host_kernels.OPENMP_FLAGS, "-fno-such-option-sas"])
+    assert host_kernels.available()[0]
+    assert host_kernels._library().sas_host_openmp() == 0
+    _check_threaded_kernels(monkeypatch)
