@@ -39,6 +39,9 @@ def test_cpu_layers_quick(capsys):
 
 @pytest.mark.slow
 def test_train_memory_quick(capsys):
-    assert load("train_memory").main(["--quick", "--steps", "1"]) == 0
+    bench = load("train_memory")
+    assert bench.main(["--quick", "--steps", "1", "--zero-grad", "none"]) == 0
     out = capsys.readouterr().out
-    assert "| dense" in out and "| sas:2" in out and "extra peak / extra state" in out
+    assert "| dense" in out and "| sas:2" in out and "extra peak / extra state" in out and "zero_grad()" in out
+    kept = bench.child("sas:2", 2, 32, 1, True, "zeros")  # gradients kept and zero-filled, in this process
+    assert kept["zero_grad"] == "zeros" and kept["state"] > 2 * kept["params"] and len(kept["times"]) == 1
