@@ -237,7 +237,6 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
         group.append(layer)
     _resolve_shared_weights(sites, _other_weight_uses(gm, plan.model, sites))
     plan.layers = layers
-    plan.graph_before = gm.code
     return plan
 
 

@@ -56,7 +56,16 @@ def test_find_sas_layers_lists_every_call_with_its_reason():
     assert layers["conv"].eligible and layers["conv"].weight_kind == "module"
     assert layers["head_w"].eligible and layers["head_w"].weight_kind == "attr" and layers["head_w"].op == "linear"
     assert layers["conv"].call.module is not None  # the matched call is kept by the plan
-    assert plan.graph_before and plan.M is None  # the analysis knows no M
+    assert plan.M is None  # the analysis knows no M
+    assert plan.graph_before is None  # the pass writes no code (the torch.compile backend has no reader for it)
+
+
+def test_analyze_graph_keeps_the_code_before_the_rewrite():
+    from sas_compile.passes.pipeline import analyze_graph
+
+    model, gm = traced()
+    plan = analyze_graph(gm, "symbolic_trace", CONFIG, model=model)
+    assert plan.graph_before == gm.code and "conv" in plan.graph_before
 
 
 def test_find_sas_layers_reads_filter_fn_and_the_input_policy_from_config():
