@@ -4,7 +4,8 @@ weights, no download).
 
 For each model and inner compiler (eager, aot_eager, inductor), measured in one process:
 
-- capture s (median (min-max) of ``--capture-repeats``, inductor's on-disk caches off): the first call of ``torch.compile(model, backend=inner)`` (dense) and of
+- capture s (median (min-max) of ``--capture-repeats``, inductor's on-disk caches off, garbage
+  collection paused): the first call of ``torch.compile(model, backend=inner)`` (dense) and of
   ``torch.compile(model, backend="sas", options={"inner": inner})`` on the same dense model,
   and the overhead of the second over the first;
 - steady ms: median (min-max) of later calls of both, and of the model ``sasify``-ed once and
@@ -12,7 +13,7 @@ For each model and inner compiler (eager, aot_eager, inductor), measured in one 
   the sasified model costs (its wide weights are expanded once per weight version, not per call).
 
 And the static analysis: ``sas_compile.report(model, x)`` at its default M = (2, 4, 8) against one
-``sasify(model, M)``, median (min-max) of ``--capture-repeats``.
+``sasify(model, M)``, median (min-max) of ``--capture-repeats`` (garbage collection paused too).
 
 All under ``torch.no_grad()`` (inference). Run:
     python benchmarks/compile_overhead.py [--models resnet50 vit bert] [--inner eager aot_eager inductor]
@@ -21,6 +22,7 @@ All under ``torch.no_grad()`` (inference). Run:
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -55,10 +57,23 @@ def build(name: str, quick: bool):
     raise ValueError(f"unknown model {name!r}")
 
 
+def timed(fn) -> float:
+    """Seconds of ``fn()`` with Python's garbage collector paused (as ``timeit`` does): a full
+    collection, 0.04-0.4 s with a transformers model and dynamo's objects alive, falls into one
+    capture or another by chance and was the largest part of the spread between identical
+    captures; it runs before and after, outside the timing."""
+    gc.collect()
+    gc.disable()
+    try:
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
+    finally:
+        gc.enable()
+
+
 def first_call(compiled, inputs) -> float:
-    started = time.perf_counter()
-    compiled(*inputs)
-    return time.perf_counter() - started
+    return timed(lambda: compiled(*inputs))
 
 
 def steady(fns: Dict[str, object], inputs, repeats: int) -> Dict[str, List[float]]:
@@ -98,12 +113,8 @@ def main(argv=None) -> int:
         # the static analysis against one conversion: report at its default M = (2, 4, 8)
         t_sasify, t_report = [], []
         for _ in range(args.capture_repeats):
-            started = time.perf_counter()
-            sas_compile.sasify(model, M=args.M, example_inputs=inputs)
-            t_sasify.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            sas_compile.report(model, inputs)
-            t_report.append(time.perf_counter() - started)
+            t_sasify.append(timed(lambda: sas_compile.sasify(model, M=args.M, example_inputs=inputs)))
+            t_report.append(timed(lambda: sas_compile.report(model, inputs)))
         ratio = [b / a for a, b in zip(t_sasify, t_report)]
         report_rows.append([name, spread(t_sasify, 2), spread(t_report, 2), spread(ratio, 2)])
         for inner in args.inner:
