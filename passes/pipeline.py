@@ -26,8 +26,8 @@ from .rewrite_layers_to_sas import rewrite_layers_to_sas
 
 log = logging.getLogger("sas_compile.passes")
 
-__all__ = ["Pass", "ANALYSIS", "SAS_REWRITE", "GPU_LOWERING", "run_passes", "analyze_graph", "analyze_model",
-           "module_plan"]
+__all__ = ["Pass", "ANALYSIS", "SAS_REWRITE", "GPU_LOWERING", "run_passes", "config_for_graph", "analyze_graph",
+           "analyze_model", "module_plan"]
 
 Pass = Callable[[fx.GraphModule, Plan, Any], Plan]
 
@@ -45,6 +45,14 @@ def run_passes(passes: Sequence[Pass], gm: fx.GraphModule, plan: Plan, config) -
         plan = pass_(gm, plan, config)
         log.debug("pass %s: %d layers, %d eligible", pass_.__name__, len(plan.layers), len(plan.eligible()))
     return plan
+
+
+def config_for_graph(config, *, resumes: bool):
+    """``config`` for one dynamo graph: a graph that resumes after a graph break takes
+    activations, not the network's input, so no layer of it is an input layer to keep dense."""
+    if resumes and getattr(config, "dense_input_layers", False) and dataclasses.is_dataclass(config):
+        return dataclasses.replace(config, dense_input_layers=False)
+    return config
 
 
 def analyze_graph(gm: fx.GraphModule, capture_method: str, config, *, model: Optional[nn.Module] = None,
@@ -82,9 +90,7 @@ def _analyze_dynamo_graphs(model: nn.Module, example_inputs, config, error: Capt
     graphs, breaks = capture_with_dynamo(model, example_inputs)
     layers, code = [], []
     for index, graph in enumerate(graphs):
-        # after a graph break the graph's inputs are activations, not the network's input
-        graph_config = dataclasses.replace(config, dense_input_layers=False) if (
-            graph.resumes and getattr(config, "dense_input_layers", True) and dataclasses.is_dataclass(config)) else config
+        graph_config = config_for_graph(config, resumes=graph.resumes)
         plan = analyze_graph(graph.gm, "dynamo", graph_config, model=model, example_inputs=graph.example_inputs,
                              parameters=graph.parameters, sources=graph.sources)
         for layer in plan.layers:

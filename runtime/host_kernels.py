@@ -5,9 +5,8 @@ each value side by side. PyTorch writes them as two strided planes: no store vec
 every cache line is written twice, so ``project()`` cost 2-3.6x a same-size copy and the input
 gradient, which reads the planes back, 4 passes of that kind. An NCHW convolution's slots are
 planes of H * W values, which PyTorch writes in three passes (no single op computes
-max(-x, 0)). ``host_kernels.c`` does each in one vectorised pass (measured here, float32: the
-projection of [1576, 3072] in 3.2 ms against 6.2 ms, a copy 3.0 ms; its gradient in 3.7 ms
-against 4 x 7 ms; the projection of [8, 1024, 14, 14] in 0.67 ms against 1.07 ms).
+max(-x, 0)). ``host_kernels.c`` does each in one vectorised pass, at the speed of a same-size
+``torch.cat`` (``benchmarks/cpu_layers.py`` prints both; README quotes a run).
 
 The library is built at first use with the host C compiler (``$CC``, ``cc``, ``gcc`` or
 ``clang``; ``-O3 -march=native``) and cached on disk, keyed by the source, the compiler and its

@@ -121,13 +121,20 @@ class SignPatternRule(IndexRule):
 _RULES: Dict[str, Callable[[int], IndexRule]] = {}
 
 
+_RULE_INSTANCES: Dict[Tuple[str, int], Tuple[Callable[[int], IndexRule], IndexRule]] = {}
+
+
 def register_rule(name: str, factory: Callable[[int], IndexRule]) -> None:
-    """Make an index rule available to the ops under ``name`` (``factory(M) -> IndexRule``)."""
+    """Make an index rule available to the ops under ``name`` (``factory(M) -> IndexRule``; rules
+    are immutable, so each ``(name, M)`` is made once per factory)."""
     _RULES[name] = factory
 
 
 def get_rule(name: str, M: int) -> IndexRule:
     """The index rule called ``name`` for ``M`` slots."""
+    made = _RULE_INSTANCES.get((name, M)) if type(M) is int else None  # 2.0 == 2: checked below
+    if made is not None and _RULES.get(name) is made[0]:  # every SAS layer call asks for its rule
+        return made[1]
     check_M(M)
     try:
         factory = _RULES[name]
@@ -135,7 +142,9 @@ def get_rule(name: str, M: int) -> IndexRule:
         raise ValueError(
             f"unknown SAS index rule {name!r}; registered rules: {sorted(_RULES)}"
         ) from None
-    return factory(M)
+    rule = factory(M)
+    _RULE_INSTANCES[(name, M)] = (factory, rule)
+    return rule
 
 
 register_rule("sign_pattern", SignPatternRule)

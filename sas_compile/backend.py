@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from .passes.capture import dynamo_placeholder_sources, in_resume_frame
-from .passes.pipeline import ANALYSIS, GPU_LOWERING, SAS_REWRITE, run_passes
+from .passes.pipeline import ANALYSIS, GPU_LOWERING, SAS_REWRITE, config_for_graph, run_passes
 from .passes.plan import Plan
 from .runtime.sas_ops import SASTrainingError
 from .sas import SASConfig
@@ -82,10 +82,7 @@ def sas_backend(gm: fx.GraphModule, example_inputs: List[Any], options: Optional
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     parameters = {node.name: value for node, value in zip(placeholders, example_inputs)
                   if isinstance(value, torch.nn.Parameter)}
-    # after a graph break the graph's inputs are activations, not the network's input
-    analysis_config = config
-    if config.dense_input_layers and in_resume_frame():
-        analysis_config = dataclasses.replace(config, dense_input_layers=False)
+    analysis_config = config_for_graph(config, resumes=in_resume_frame())
     plan = Plan(layers=[], capture="dynamo", gm=gm, example_inputs=tuple(example_inputs), parameters=parameters,
                 sources=dynamo_placeholder_sources(gm))
     plan = run_passes(ANALYSIS, gm, plan, analysis_config)
