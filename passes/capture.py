@@ -31,8 +31,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 log = logging.getLogger("sas_compile.passes")
 
 __all__ = ["Captured", "CaptureError", "ExampleInputsError", "quiet_torch_logs", "capture_with_dynamo",
-           "DynamoGraph", "dynamo_placeholder_sources", "in_resume_frame", "capture", "capture_seeing_into_leaves", "trainable_export_graph",
-           "normalize_example_inputs", "propagate_shapes", "shapes_from_real_runs", "shape_tree", "SASTracer"]
+           "DynamoGraph", "dynamo_placeholder_sources", "layer_owner", "in_resume_frame", "capture",
+           "capture_seeing_into_leaves", "trainable_export_graph", "normalize_example_inputs", "propagate_shapes", "shapes_from_real_runs", "shape_tree", "SASTracer"]
 
 
 class ExampleInputsError(ValueError):
@@ -269,6 +269,22 @@ def clean_module_path(path: str) -> str:
     path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
     parts = [p for p in path.split(".") if p and p not in ("_modules", "_parameters", "_buffers")]
     return ".".join(parts)
+
+
+def layer_owner(model: Optional[nn.Module], fqn: str, fallback: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The module of the user's ``model`` that a layer named ``fqn`` belongs to, for
+    ``filter_fn(module, fqn)``: the module at ``fqn`` (an ``nn.Linear`` whose weight a graph
+    reads as an attribute), else the module holding the parameter ``fqn`` (``inner.w``), else
+    ``fallback``. A traced graph holds stand-in modules for attributes it reads: a filter must
+    see the module the user wrote, whatever the graph calls it."""
+    if model is None:
+        return fallback
+    for path in (fqn, fqn.rpartition(".")[0]):
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    return fallback
 
 
 def shape_tree(node: fx.Node):

@@ -25,7 +25,7 @@ from torch import fx, nn
 from sas_compile.runtime import sas_ops  # noqa: F401  (registers torch.ops.sas.*)
 from sas_compile.runtime.layers import SAS_LAYERS
 
-from .capture import clean_module_path
+from .capture import clean_module_path, layer_owner
 from .plan import LayerPlan, Plan
 
 __all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layers_from_modules",
@@ -406,6 +406,8 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
             owner = gm.get_submodule(layer.weight_target.rsplit(".", 1)[0])
         elif owner is None and kind == "attr":
             owner = gm
+        if kind != "placeholder":  # a dynamo graph's parameters are inputs: no module path to follow
+            owner = layer_owner(model, layer.name, owner)
         if not filter_fn(owner, layer.name):
             return False, "excluded by filter_fn"
     if capture == "export" and call.module is None and kind == "attr":

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import fx, nn
 
-from .capture import shape_tree
+from .capture import layer_owner, shape_tree
 from .find_sas_layers import LayerCall, match_layer_call
 from .sws_width_model import Dim, LayerSite, WidthUnionFind
 
@@ -109,12 +109,15 @@ class WidthWalk:
     of those for a multi-output node, a :class:`Dim` for an int that is a size, None for what
     is not tracked. ``params`` holds the dims of parameters and buffers by target, ``layers``
     every conv/linear call (:class:`LayerSite`). ``filter_fn(module, fqn)`` returning False keeps
-    a layer's widths.
+    a layer's widths; ``module`` is the one of the user's ``model`` where given
+    (``capture.layer_owner``), else the graph's.
     """
 
-    def __init__(self, gm: fx.GraphModule, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None):
+    def __init__(self, gm: fx.GraphModule, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+                 model: Optional[nn.Module] = None):
         self.gm = gm
         self.filter_fn = filter_fn
+        self.model = model
         self.uf = WidthUnionFind()
         self.env: Dict[str, Any] = {}
         self.params: Dict[str, List[Dim]] = {}
@@ -220,7 +223,7 @@ class WidthWalk:
         fqn = node.target if node.op == "call_module" else (
             wt[: -len(".weight")] if wt and wt.endswith(".weight") else (wt or node.name))
         if self.filter_fn is not None:
-            owner = self.module(node) or _owner(self.gm, wt)
+            owner = layer_owner(self.model, fqn, self.module(node) or _owner(self.gm, wt))
             if not self.filter_fn(owner, fqn):
                 excluded = f"excluded by filter_fn ({fqn})"
                 self.uf.fix(din, excluded)

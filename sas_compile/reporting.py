@@ -54,7 +54,7 @@ def _sws_widths(plan: Plan, Ms, example_inputs, filter_fn=None,
         return {m: None for m in Ms}, ["SWS widths: the plan has no graph; standalone per-layer rule used"]
     try:
         analysis = analyze_channel_widths(plan.gm, example_inputs, filter_fn=filter_fn,
-                                          dense_input_layers=dense_input_layers)
+                                          dense_input_layers=dense_input_layers, model=plan.model)
     except Exception as exc:  # noqa: BLE001 - a report must not die on the baseline column
         log.info("SWS width analysis failed: %s", exc)
         return {m: None for m in Ms}, [f"SWS widths: whole-graph analysis failed ({exc}); standalone per-layer rule used"]

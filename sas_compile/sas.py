@@ -155,7 +155,9 @@ def sasify(model: nn.Module, *, M: int = 2, example_inputs=None, filter_fn: Opti
         M: slots per value; a power of two >= 2 (2, 4, 8, ...).
         example_inputs: a tensor or tuple; needed only for models that ``torch.fx.symbolic_trace``
             cannot trace (they are then captured with ``torch.export``).
-        filter_fn: ``filter_fn(module, fqn) -> bool``; False keeps that layer dense.
+        filter_fn: ``filter_fn(module, fqn) -> bool``; False keeps that layer dense. ``module`` is
+            the layer's module in ``model`` itself (for a functional call, the module holding the
+            weight; the root for a root parameter), ``fqn`` its path.
         dense_input_layers: keep layers reading the raw network input dense (default, as the
             reference code keeps the first convolution dense).
         fold_relu: a SAS layer whose input is a ReLU reads the pre-ReLU tensor instead.

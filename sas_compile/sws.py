@@ -77,7 +77,7 @@ def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs) -> Tuple[f
     captured = capture_seeing_into_leaves(copy.deepcopy(model), example_inputs, sees_into=has_width_rule)
     gm = trainable_export_graph(captured.gm) if captured.method == "export" else captured.gm
     widths = tie_channel_widths(gm, config.M, example_inputs, filter_fn=config.filter_fn,
-                                dense_input_layers=config.dense_input_layers)
+                                dense_input_layers=config.dense_input_layers, model=model)
     widen_for_sws(gm, widths, freeze_mask=config.freeze_mask)
     gm.train(model.training)
     if example_inputs is not None:
@@ -312,7 +312,8 @@ def swsify(
     not modified. ``example_inputs`` (a tensor or tuple) gives exact shapes and lets models
     that ``symbolic_trace`` cannot trace be captured with ``torch.export``; the built model is
     run on them once as a check. ``filter_fn(module, fqn) -> bool`` keeps a conv/linear out of
-    SWS (its widths stay, its weight stays dense) when it returns False. ``dense_input_layers``
+    SWS (its widths stay, its weight stays dense) when it returns False; it sees the modules of
+    ``model`` itself, as in ``sasify``, and is asked about input layers too. ``dense_input_layers``
     (default True, as ``sasify``) keeps the weight of a layer reading the raw network input
     dense (no mask) while its output width still widens; False masks it 1:M like the others.
     Every module or parameter whose shape changes is freshly initialised (layer defaults),

@@ -169,6 +169,46 @@ def test_input_layer_policy_and_filter_fn():
     assert all(l.reason for l in only_head.sas_plan.layers if not l.eligible)
 
 
+class _OwnedLayers(nn.Module):
+    """Layers reached four ways: module calls, a submodule's weight read functionally, a bare
+    parameter of a submodule and one of the root."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(8, 16)
+        self.inner = nn.Module()
+        self.inner.lin = nn.Linear(16, 16)
+        self.inner.w = nn.Parameter(torch.randn(16, 16) / 4)
+        self.fc = nn.Linear(16, 16)
+        self.head_w = nn.Parameter(torch.randn(4, 16) / 4)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = F.relu(F.linear(F.relu(self.inner.lin(h)), self.inner.w))
+        h = F.relu(F.linear(h, self.fc.weight, self.fc.bias))
+        return F.linear(h, self.head_w)
+
+
+def test_filter_fn_sees_the_users_own_modules_in_sasify_and_swsify():
+    model = _OwnedLayers()
+    expected = {"inner.lin": model.inner.lin, "inner.w": model.inner, "fc": model.fc, "head_w": model}
+    builds = {"sasify": lambda f: sas_compile.sasify(model, M=2, filter_fn=f),
+              "swsify": lambda f: sas_compile.swsify(model, M=4, filter_fn=f, example_inputs=torch.randn(2, 8))}
+    for name, build in builds.items():
+        seen = {}
+
+        def keep_all_but_fc(owner, fqn, seen=seen):
+            seen[fqn] = owner
+            return not isinstance(owner, nn.Linear) or owner is not model.fc
+
+        built = build(keep_all_but_fc)
+        seen.pop("stem", None)  # swsify asks about the input layer too: its output width still widens
+        assert seen.keys() == expected.keys(), name
+        assert all(seen[fqn] is owner for fqn, owner in expected.items()), (name, seen)  # not graph stand-ins
+        if name == "sasify":
+            assert [l.name for l in built.sas_plan.eligible()] == ["inner.lin", "inner.w", "head_w"]
+
+
 def test_shared_weight_converts_once():
     model, x = _build("shared_linear")
     sas = sas_compile.sasify(model, M=4)
