@@ -257,7 +257,6 @@ class ChannelWidths:
 
     M: int
     widths: Dict[int, int]  # group root -> widened width (== size when it stays)
-    reasons: Dict[int, Optional[str]]  # group root -> why it stays (None when it widens)
     node_dims: Dict[str, Any]  # node name -> list[Dim] | tuple of those | Dim (int values) | None
     layers: Dict[str, SWSLayerWidths]
     layer_params: Dict[str, Tuple[Optional[str], Optional[str]]]  # node -> (weight, bias) targets

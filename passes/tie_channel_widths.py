@@ -101,13 +101,9 @@ class ChannelWidthAnalysis:
         uf = walk.uf.copy()  # the decision fixes groups; the analysis stays as it is for other M
         widths = _group_widths(uf, self._dims, M)
         layers: Dict[str, SWSLayerWidths] = {}
-        result = ChannelWidths(M, widths, {}, walk.env, layers,
+        result = ChannelWidths(M, widths, walk.env, layers,
                                {n: (s.weight_target, s.bias_target) for n, s in walk.layers.items()},
                                walk.params, list(self.notes), uf)
-        for root in range(len(uf.groups)):
-            if uf.find(root) == root:
-                g = uf.groups[root]
-                result.reasons[root] = g.reason if g.fixed else (None if g.width else "no conv/linear width")
         for name, site in walk.layers.items():
             shape = sws_layer_shape(site.base_in, site.base_out, M, groups=site.groups,
                                     kernel=math.prod(site.kernel_size),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import types
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import sympy
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .accounting import layer_costs
-from .api import analyze, check_filter_fn
+from .api import AnalysisOptions, analyze, check_filter_fn
 from .passes import costs
 from .passes.costs import check_M_values
 from .passes.capture import CaptureError, normalize_example_inputs
@@ -247,7 +246,7 @@ def report(
     except CaptureError as error:
         if example_inputs is not None:
             raise
-        plan = module_plan(model, _Options(filter_fn, dense_input_layers), error)
+        plan = module_plan(model, AnalysisOptions(filter_fn, dense_input_layers, fold_relu=False), error)
     if plan.capture == "dynamo":
         notes.append("captured by dynamo around graph breaks, the layers of every graph counted: "
                      + "; ".join(plan.graph_breaks))
@@ -483,11 +482,6 @@ def _numel(shape) -> int:
     for d in shape:
         n *= int(d)
     return n
-
-
-class _Options(types.SimpleNamespace):
-    def __init__(self, filter_fn, dense_input_layers):
-        super().__init__(filter_fn=filter_fn, dense_input_layers=dense_input_layers, fold_relu=False)
 
 
 def _add_swat_costs(row: Dict[str, Any], layer: LayerPlan, positions: int, sparsities: Tuple[float, ...],
