@@ -1,4 +1,4 @@
-"""Host kernels: the M = 2 projection and its input gradient, one pass each, in C.
+"""Host kernels: the sign rule's projection and its input gradient, one pass each, in C.
 
 Why: a linear layer's wide tensor (and a channels_last convolution's) holds the two slots of
 each value side by side. PyTorch writes them as two strided planes: no store vectorises and
@@ -6,14 +6,17 @@ every cache line is written twice, so ``project()`` cost 2-3.6x a same-size copy
 gradient, which reads the planes back, 4 passes of that kind. An NCHW convolution's slots are
 planes of H * W values, which PyTorch writes in three passes (no single op computes
 max(-x, 0)). ``host_kernels.c`` does each in one vectorised pass, at the speed of a same-size
-``torch.cat`` (``benchmarks/cpu_layers.py`` prints both; README quotes a run).
+``torch.cat`` (``benchmarks/cpu_layers.py`` prints both; README quotes a run). At M = 4 ... 128
+(the sign pattern over groups of log2(M) channels) PyTorch computes the slots and then one
+``torch.where`` per slot, 5-21x a copy; the pattern kernels write each group once.
 
 The library is built at first use with the host C compiler (``$CC``, ``cc``, ``gcc`` or
 ``clang``; ``-O3 -march=native``) and cached on disk, keyed by the source, the compiler and its
 flags and this CPU's model and feature flags. Where PyTorch runs on libgomp (its Linux wheels) the
 library is built with ``-fopenmp`` and shares PyTorch's OpenMP workers (already running, so a
 pass splits across threads at a few microseconds' cost; threads of its own competed with those
-workers and ran 2x slower on two cores); elsewhere, or when that build fails, with pthreads. Without a compiler, when the build fails, or with
+workers and ran 2x slower on two cores); elsewhere, or when that build fails, with pthreads.
+Without a compiler, when the build fails, or with
 ``SAS_COMPILE_HOST_KERNELS=0``, the callers keep the PyTorch formulation, which computes the same
 values (tests compare the two); the reason is logged once on ``sas_compile.runtime``.
 """
@@ -33,13 +36,15 @@ from torch import Tensor
 
 from .host_build import build_library, cached_library_path, find_compiler
 
-__all__ = ["available", "library_path", "project_m2", "slot_grad_m2", "MIN_VALUES"]
+__all__ = ["available", "library_path", "project_sign", "slot_grad_sign", "project_m2", "slot_grad_m2",
+           "MAX_PATTERN_M", "MIN_VALUES"]
 
 SOURCE = Path(__file__).resolve().with_name("host_kernels.c")
 COMMON_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
 OPENMP_FLAGS = [*COMMON_FLAGS, "-fopenmp"]
 PTHREAD_FLAGS = [*COMMON_FLAGS, "-pthread"]
 MIN_VALUES = 4096  # below this a ctypes call costs more than the passes it saves
+MAX_PATTERN_M = 128  # the sign-pattern kernels keep a slot in a byte
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 
 log = logging.getLogger("sas_compile.runtime")
@@ -126,6 +131,12 @@ def _library() -> Optional[ctypes.CDLL]:
                     fn.restype = ctypes.c_int
                     fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * pointers, ctypes.c_int64, ctypes.c_int64,
                                    ctypes.c_int]
+                i64 = ctypes.c_int64
+                for name, pointers in (("sas_host_project_pattern", 2), ("sas_host_slot_grad_pattern", 3)):
+                    fn = getattr(lib, name)
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * pointers, i64, i64, i64, ctypes.c_int,
+                                   ctypes.c_int]
                 lib.sas_host_openmp.restype = ctypes.c_int
                 lib.sas_host_openmp.argtypes = []
                 _state["values_per_thread"] = 1 << 15 if lib.sas_host_openmp() else 1 << 18
@@ -198,3 +209,53 @@ def slot_grad_m2(grad_wide: Tensor, x: Tensor, dim: int, *, threads: Optional[in
     lib.sas_host_slot_grad_m2(_DTYPES[x.dtype], x.data_ptr(), grad_wide.data_ptr(), out.data_ptr(), rows, inner,
                               _threads(n, rows, threads))
     return out
+
+
+def _pattern_shape(x: Tensor, dim: int) -> Tuple[int, int, int]:
+    """``(outer, C, R)``: ``x`` as ``[outer][C][R]`` with ``C`` its ``dim`` axis."""
+    dim = dim % x.dim()
+    return math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1:])
+
+
+def _pattern_fits(M: int, x: Tensor, wide: Tensor) -> bool:
+    n = x.numel()
+    return (2 < M <= MAX_PATTERN_M and n >= MIN_VALUES and _fits(x) and _fits(wide) and wide.dtype == x.dtype
+            and wide.numel() == M * n)
+
+
+def project_sign(x: Tensor, out: Tensor, dim: int, M: int, *, threads: Optional[int] = None) -> bool:
+    """Write ``S(x)`` of the sign-pattern rule at ``M`` (2, 4, ..., 128) along ``dim`` into ``out``
+    (contiguous, ``x``'s shape with ``M`` inserted after ``dim``), as ``projection.project``
+    computes it; False, with ``out`` untouched, when the kernel does not apply."""
+    if M == 2:
+        return project_m2(x, out, dim, threads=threads)
+    if not _pattern_fits(M, x, out):
+        return False
+    lib = _library()
+    if lib is None:
+        return False
+    outer, channels, inner = _pattern_shape(x, dim)
+    bits = M.bit_length() - 1
+    units = outer * -(-channels // bits)
+    return lib.sas_host_project_pattern(_DTYPES[x.dtype], x.data_ptr(), out.data_ptr(), outer, channels, inner, bits,
+                                        _threads(M * x.numel(), units, threads)) == 0
+
+
+def slot_grad_sign(grad_wide: Tensor, x: Tensor, dim: int, M: int, *,
+                   threads: Optional[int] = None) -> Optional[Tensor]:
+    """The input gradient of the sign-pattern projection at ``M`` along ``dim``: the wide gradient
+    at each value's slot, negated where ``x <= 0``; None when the kernel does not apply."""
+    if M == 2:
+        return slot_grad_m2(grad_wide, x, dim, threads=threads)
+    if not _pattern_fits(M, x, grad_wide):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    outer, channels, inner = _pattern_shape(x, dim)
+    bits = M.bit_length() - 1
+    units = outer * -(-channels // bits)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    done = lib.sas_host_slot_grad_pattern(_DTYPES[x.dtype], x.data_ptr(), grad_wide.data_ptr(), out.data_ptr(), outer,
+                                          channels, inner, bits, _threads(M * x.numel(), units, threads))
+    return out if done == 0 else None

@@ -43,6 +43,7 @@ __all__ = [
     "dead_slots_to_mask",
     "infinite_meets_dead_slots",
     "zero_columns",
+    "is_builtin_sign_rule",
     "is_builtin_sign_rule_m2",
     "PerWeightCache",
     "reference_project",
@@ -155,6 +156,12 @@ def slot_index(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -> 
     return get_rule(rule, M).slot(x, dim)
 
 
+def is_builtin_sign_rule(index_rule: IndexRule) -> bool:
+    """The default rule itself (the host kernels hard-code it), not a subclass that may change
+    :meth:`~IndexRule.slot`: that one goes through the generic path."""
+    return type(index_rule) is SignPatternRule
+
+
 def is_builtin_sign_rule_m2(index_rule: IndexRule) -> bool:
     """The default rule at M = 2 (slot 0 = max(x, 0)): the fast paths hard-code exactly that,
     so a subclass that changes :meth:`~IndexRule.slot` goes through the generic path."""
@@ -244,7 +251,7 @@ def _project(x: Tensor, M: int, dim: int, rule: str, dead: Optional[Tensor], emp
     shape = list(x.shape)
     shape.insert(dim + 1, M)
     wide = empty(shape)
-    if is_builtin_sign_rule_m2(index_rule) and host_kernels.project_m2(x, wide, dim):
+    if is_builtin_sign_rule(index_rule) and host_kernels.project_sign(x, wide, dim, M):
         pass  # one vectorised pass in C (runtime/host_kernels.py)
     elif is_builtin_sign_rule_m2(index_rule):
         # the reference convention: slot 0 = max(x, 0), slot 1 = max(-x, 0); the second plane

@@ -21,6 +21,7 @@ from . import autotune, host_kernels
 from .autocast import register_autocast_like_linear
 from .matmul import sas_matmul, select_target
 from .projection import (
+    is_builtin_sign_rule,
     is_builtin_sign_rule_m2,
     PerWeightCache,
     SignPatternRule,
@@ -57,15 +58,15 @@ def _keep_no_workspace_in_training() -> None:
     release_workspace()
 
 
-def _slot_grad_m2_host(grad_wide: Tensor, x: Tensor, dim: int) -> Optional[Tensor]:
-    """:func:`_slot_grad` at M = 2 by the host kernel (``runtime/host_kernels.py``); a
-    channels_last convolution is read as NHWC; None where the kernel does not apply."""
+def _slot_grad_host(grad_wide: Tensor, x: Tensor, dim: int, M: int) -> Optional[Tensor]:
+    """:func:`_slot_grad` of the sign-pattern rule by the host kernels (``runtime/host_kernels.py``);
+    a channels_last convolution is read as NHWC; None where the kernels do not apply."""
     if dim == 1 and x.dim() == 4 and _conv_memory_format(x) == torch.channels_last:
         if _conv_memory_format(grad_wide) != torch.channels_last:
             return None
-        nhwc = host_kernels.slot_grad_m2(grad_wide.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1), -1)
+        nhwc = host_kernels.slot_grad_sign(grad_wide.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1), -1, M)
         return None if nhwc is None else nhwc.permute(0, 3, 1, 2)
-    return host_kernels.slot_grad_m2(grad_wide, x, dim)
+    return host_kernels.slot_grad_sign(grad_wide, x, dim, M)
 
 
 def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Tensor:
@@ -83,10 +84,11 @@ def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Ten
     threshold_backward = torch.ops.aten.threshold_backward
     per_slot = grad_wide.unflatten(dim, (x.shape[dim], M))
     index_rule = get_rule(rule, M)
-    if is_builtin_sign_rule_m2(index_rule):
-        done = _slot_grad_m2_host(grad_wide, x, dim)
+    if is_builtin_sign_rule(index_rule):
+        done = _slot_grad_host(grad_wide, x, dim, M)
         if done is not None:
             return done
+    if is_builtin_sign_rule_m2(index_rule):
         positive, negative = per_slot.select(dim + 1, 0), per_slot.select(dim + 1, 1)
         # one narrow tensor beside the wide gradient: the result, first holding negative where
         # x <= 0 (negative minus its part where x > 0); the positive plane is thresholded in place

@@ -77,6 +77,101 @@ def test_slot_gradient_equals_the_torch_formulation(monkeypatch, dtype, shape, d
     torch.testing.assert_close(got, slow, rtol=0, atol=0)
 
 
+def _pattern_by_definition(x: torch.Tensor, dim: int, M: int) -> torch.Tensor:
+    """The sign pattern written out from its definition, one group at a time (float64 loops):
+    bits b = log2(M); slot of every channel of group g = sum_j [x_(g*b+j) <= 0] 2^j."""
+    bits = M.bit_length() - 1
+    xm = x.movedim(dim, -1)
+    slot = torch.zeros(xm.shape, dtype=torch.int64)
+    for c0 in range(0, xm.shape[-1], bits):
+        pattern = sum((xm[..., c0 + j] <= 0).to(torch.int64) << j for j in range(min(bits, xm.shape[-1] - c0)))
+        slot[..., c0:c0 + bits] = pattern.unsqueeze(-1)
+    wide = torch.zeros(*xm.shape, M, dtype=x.dtype)
+    wide.scatter_(-1, slot.unsqueeze(-1), xm.abs().unsqueeze(-1))
+    return wide.movedim((-2, -1), (dim, dim + 1)), slot.movedim(-1, dim)
+
+
+@needs_compiler
+@pytest.mark.parametrize("M", [4, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, dim", CASES)
+@pytest.mark.parametrize("threads", [None, 1, 3])
+def test_sign_pattern_kernels_equal_the_torch_formulation(monkeypatch, M, dtype, shape, dim, threads):
+    """M >= 4: groups of log2(M) channels, partial last groups (131 channels at M = 8), planes
+    longer than the kernel's chunk (700 > 256), +-0, +-inf and NaN."""
+    x = _special(shape, dtype, seed=M + len(shape) + dim)
+    d = dim % len(shape)
+    wide_shape = list(shape)
+    wide_shape.insert(d + 1, M)
+    out = torch.full(wide_shape, 7.0, dtype=dtype)  # every value must be written
+    assert host_kernels.project_sign(x, out, dim, M, threads=threads)
+    expected = _torch_formulation(monkeypatch, lambda: project(x, M, dim))
+    torch.testing.assert_close(out.flatten(d, d + 1), expected, rtol=0, atol=0, equal_nan=True)
+    by_definition, slot = _pattern_by_definition(x, d, M)
+    torch.testing.assert_close(out, by_definition, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(project(x, M, dim), expected, rtol=0, atol=0, equal_nan=True)  # project() uses it
+
+    g = torch.randn(out.flatten(d, d + 1).shape, dtype=dtype)
+    got = host_kernels.slot_grad_sign(g, x, dim, M, threads=threads)
+    expected_grad = _torch_formulation(monkeypatch, lambda: sas_ops._slot_grad(g.clone(), x, M, RULE, d))
+    torch.testing.assert_close(got, expected_grad, rtol=0, atol=0)
+    at_slot = g.unflatten(d, (shape[d], M)).gather(d + 1, slot.unsqueeze(d + 1)).squeeze(d + 1)
+    torch.testing.assert_close(got, torch.where(x <= 0, -at_slot, at_slot), rtol=0, atol=0)
+
+
+@needs_compiler
+def test_sign_pattern_kernels_decline_what_they_do_not_cover():
+    x = torch.randn(64, 96)
+    assert not host_kernels.project_sign(x, torch.empty(64, 96 * 256), -1, 256)  # a slot needs more than a byte
+    assert not host_kernels.project_sign(x.to(torch.float16), torch.empty(64, 384, dtype=torch.float16), -1, 4)
+    assert not host_kernels.project_sign(x.t(), torch.empty(96, 256), -1, 4)  # not contiguous
+    assert not host_kernels.project_sign(torch.randn(10, 8), torch.empty(10, 32), -1, 4)  # too small to pay
+    assert host_kernels.slot_grad_sign(torch.randn(64, 96 * 4).t(), x, -1, 4) is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("M", [4, 8])
+def test_the_ops_use_the_sign_pattern_kernels_and_match_float64(monkeypatch, M):
+    calls = {"project": 0, "grad": 0}
+    real_project, real_grad = host_kernels.project_sign, host_kernels.slot_grad_sign
+
+    def project_spy(*args, **kwargs):
+        done = real_project(*args, **kwargs)
+        calls["project"] += done
+        return done
+
+    def grad_spy(*args, **kwargs):
+        out = real_grad(*args, **kwargs)
+        calls["grad"] += out is not None
+        return out
+
+    monkeypatch.setattr(host_kernels, "project_sign", project_spy)
+    monkeypatch.setattr(host_kernels, "slot_grad_sign", grad_spy)
+    torch.manual_seed(M)
+    x = torch.randn(70, 91, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 91 * M, dtype=torch.float64, requires_grad=True)
+    out = torch.ops.sas.linear(x, w, None, M, RULE)
+    out.backward(torch.ones_like(out))
+    wide = _pattern_by_definition(x.detach(), 1, M)[0].flatten(1, 2)
+    torch.testing.assert_close(out, wide @ w.detach().T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w.grad, torch.ones(70, 11, dtype=torch.float64).T @ wide, rtol=1e-12, atol=1e-12)
+    assert calls == {"project": 2, "grad": 1}  # forward, the backward's recomputation, the input gradient
+    for memory_format in (torch.contiguous_format, torch.channels_last):  # NCHW planes and NHWC groups
+        xc = torch.randn(2, 25, 9, 10, dtype=torch.float64).to(memory_format=memory_format).requires_grad_()
+        wc = torch.randn(5, 25 * M, 3, 3, dtype=torch.float64, requires_grad=True)
+        before = dict(calls)
+        out = torch.ops.sas.conv2d(xc, wc, None, [1, 1], [1, 1], [1, 1], 1, M, RULE)
+        out.sum().backward()
+        assert calls["project"] == before["project"] + 2 and calls["grad"] == before["grad"] + 1
+        planes = _pattern_by_definition(xc.detach(), 1, M)[0].flatten(1, 2)
+        torch.testing.assert_close(out, torch.nn.functional.conv2d(planes, wc.detach(), None, 1, 1), rtol=1e-12,
+                                   atol=1e-12)
+    small = (x.detach()[:4, :].clone().requires_grad_(), w.detach()[:3].clone().requires_grad_())
+    with monkeypatch.context() as m:
+        m.setattr(host_kernels, "MIN_VALUES", 1)  # gradcheck's small inputs through the kernels too
+        assert torch.autograd.gradcheck(lambda a, b: torch.ops.sas.linear(a, b, None, M, RULE), small, fast_mode=True)
+
+
 @needs_compiler
 def test_the_ops_use_the_kernels_and_match_float64(monkeypatch):
     calls = {"project": 0, "grad": 0}
