@@ -143,6 +143,7 @@
     static void slot_grad_pattern_##SUFFIX(const T *restrict x, const T *restrict g, T *restrict out, \
                                            int64_t C, int64_t R, int bits, int64_t begin, int64_t end) { \
         const int64_t M = (int64_t)1 << bits, groups = (C + bits - 1) / bits;                 \
+        const T sign[2] = {(T)1, (T)-1}; /* g * -1 is -g exactly, NaN and +-0 included */      \
         int64_t o = begin / groups, grp = begin % groups; /* no division per unit */        \
         for (int64_t unit = begin; unit < end; ++unit, ++grp == groups ? (grp = 0, ++o) : 0) { \
             const int64_t c0 = grp * bits, cn = C - c0 < bits ? C - c0 : bits;                \
@@ -152,10 +153,8 @@
             if (R == 1) {                                                                     \
                 int64_t slot = 0;                                                             \
                 for (int64_t j = 0; j < cn; ++j) slot |= (int64_t)(xg[j] <= 0) << j;          \
-                for (int64_t j = 0; j < cn; ++j) {                                            \
-                    T v = gg[j * M + slot];                                                   \
-                    og[j] = xg[j] <= 0 ? -v : v;                                              \
-                }                                                                             \
+                for (int64_t j = 0; j < cn; ++j) /* x's sign is random: no branch on it */ \
+                    og[j] = gg[j * M + slot] * sign[xg[j] <= 0];                              \
                 continue;                                                                     \
             }                                                                                 \
             int32_t pattern[CHUNK];                                                           \
