@@ -272,6 +272,15 @@ def _check_threaded_kernels(monkeypatch):
     torch.testing.assert_close(out.flatten(1, 2), expected, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(host_kernels.slot_grad_m2(g, x, 1, threads=2), expected_grad, rtol=0, atol=0,
                                equal_nan=True)
+    for layout in ((6, 40, 9, 11), (120, 40)):  # the sign pattern at M = 4: planes and groups
+        x4 = _special(layout, torch.float32, seed=9)
+        g4 = torch.randn(x4.shape[0], 160, *x4.shape[2:])
+        out4 = torch.empty(x4.shape[0], 40, 4, *x4.shape[2:])
+        assert host_kernels.project_sign(x4, out4, 1, 4, threads=2)
+        torch.testing.assert_close(out4.flatten(1, 2), _torch_formulation(monkeypatch, lambda: project(x4, 4, 1)),
+                                   rtol=0, atol=0, equal_nan=True)
+        expected4 = _torch_formulation(monkeypatch, lambda: sas_ops._slot_grad(g4.clone(), x4, 4, RULE, 1))
+        torch.testing.assert_close(host_kernels.slot_grad_sign(g4, x4, 1, 4, threads=2), expected4, rtol=0, atol=0)
 
 
 @needs_compiler
