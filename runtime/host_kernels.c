@@ -76,8 +76,8 @@
  * memset speed, then each |x| is stored at its slot (M = 4 and 8 without loops). R > 1 (an NCHW
  * convolution): the patterns of CHUNK positions are computed first (int32: a byte array beside
  * float selects did not vectorise, 4x slower on 7x7 planes), then every (channel, slot) plane of
- * the chunk is one vectorised select. The gradient reads the slot each value went to: g[I] where x > 0 (or
- * x is NaN), -g[I] where x <= 0, the same derivative as the M = 2 kernel. */
+ * the chunk is one vectorised select. The gradient reads the slot each value went to: g[I] where
+ * x > 0 (or x is NaN), -g[I] where x <= 0, the same derivative as the M = 2 kernel. */
 #define CHUNK 256
 #define UNIT_BLOCK 512
 #define PATTERN_KERNELS(T, SUFFIX, ABS)                                                       \
