@@ -81,6 +81,13 @@
 #define CHUNK 256
 #define UNIT_BLOCK 512
 #define PATTERN_KERNELS(T, SUFFIX, ABS)                                                       \
+    /* the slots of n positions of a group whose cn channel planes (stride R) start at xg */  \
+    static inline void chunk_pattern_##SUFFIX(const T *restrict xg, int64_t R, int64_t n, int64_t cn, \
+                                              int32_t *restrict pattern) {                    \
+        for (int64_t r = 0; r < n; ++r) pattern[r] = 0;                                       \
+        for (int64_t j = 0; j < cn; ++j)                                                      \
+            for (int64_t r = 0; r < n; ++r) pattern[r] |= (int32_t)(xg[j * R + r] <= 0) << j; \
+    }                                                                                         \
     static void project_pattern_##SUFFIX(const T *restrict x, T *restrict out, int64_t C, int64_t R, \
                                          int bits, int64_t begin, int64_t end) {              \
         const int64_t M = (int64_t)1 << bits, groups = (C + bits - 1) / bits;                 \
@@ -125,11 +132,7 @@
             int32_t pattern[CHUNK];                                                           \
             for (int64_t r0 = 0; r0 < R; r0 += CHUNK) {                                       \
                 const int64_t n = R - r0 < CHUNK ? R - r0 : CHUNK;                            \
-                for (int64_t r = 0; r < n; ++r) pattern[r] = 0;                               \
-                for (int64_t j = 0; j < cn; ++j) {                                            \
-                    const T *restrict xj = xg + j * R + r0;                                   \
-                    for (int64_t r = 0; r < n; ++r) pattern[r] |= (int32_t)(xj[r] <= 0) << j; \
-                }                                                                             \
+                chunk_pattern_##SUFFIX(xg + r0, R, n, cn, pattern);                           \
                 for (int64_t j = 0; j < cn; ++j) {                                            \
                     const T *restrict xj = xg + j * R + r0;                                   \
                     for (int64_t m = 0; m < M; ++m) {                                         \
@@ -160,11 +163,7 @@
             int32_t pattern[CHUNK];                                                           \
             for (int64_t r0 = 0; r0 < R; r0 += CHUNK) {                                       \
                 const int64_t n = R - r0 < CHUNK ? R - r0 : CHUNK;                            \
-                for (int64_t r = 0; r < n; ++r) pattern[r] = 0;                               \
-                for (int64_t j = 0; j < cn; ++j) {                                            \
-                    const T *restrict xj = xg + j * R + r0;                                   \
-                    for (int64_t r = 0; r < n; ++r) pattern[r] |= (int32_t)(xj[r] <= 0) << j; \
-                }                                                                             \
+                chunk_pattern_##SUFFIX(xg + r0, R, n, cn, pattern);                           \
                 for (int64_t j = 0; j < cn; ++j) {                                            \
                     const T *restrict xj = xg + j * R + r0;                                   \
                     T *restrict oj = og + j * R + r0;                                         \

@@ -217,10 +217,21 @@ def _pattern_shape(x: Tensor, dim: int) -> Tuple[int, int, int]:
     return math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1:])
 
 
-def _pattern_fits(M: int, x: Tensor, wide: Tensor) -> bool:
+def _pattern_layout(M: int, x: Tensor, wide: Tensor, dim: int, threads: Optional[int]):
+    """``(library, outer, C, R, bits, threads)`` for a sign-pattern kernel on ``x`` and its wide
+    tensor (the projection's output or the gradient's input), or None when the kernels do not
+    apply (M = 2 or above 128, too small, a dtype other than float32/float64, non-contiguous
+    tensors, no library)."""
     n = x.numel()
-    return (2 < M <= MAX_PATTERN_M and n >= MIN_VALUES and _fits(x) and _fits(wide) and wide.dtype == x.dtype
-            and wide.numel() == M * n)
+    if not (2 < M <= MAX_PATTERN_M and n >= MIN_VALUES and _fits(x) and _fits(wide) and wide.dtype == x.dtype
+            and wide.numel() == M * n):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    outer, channels, inner = _pattern_shape(x, dim)
+    bits = M.bit_length() - 1
+    return lib, outer, channels, inner, bits, _threads(M * n, outer * -(-channels // bits), threads)
 
 
 def project_sign(x: Tensor, out: Tensor, dim: int, M: int, *, threads: Optional[int] = None) -> bool:
@@ -229,16 +240,12 @@ def project_sign(x: Tensor, out: Tensor, dim: int, M: int, *, threads: Optional[
     computes it; False, with ``out`` untouched, when the kernel does not apply."""
     if M == 2:
         return project_m2(x, out, dim, threads=threads)
-    if not _pattern_fits(M, x, out):
+    layout = _pattern_layout(M, x, out, dim, threads)
+    if layout is None:
         return False
-    lib = _library()
-    if lib is None:
-        return False
-    outer, channels, inner = _pattern_shape(x, dim)
-    bits = M.bit_length() - 1
-    units = outer * -(-channels // bits)
+    lib, outer, channels, inner, bits, workers = layout
     return lib.sas_host_project_pattern(_DTYPES[x.dtype], x.data_ptr(), out.data_ptr(), outer, channels, inner, bits,
-                                        _threads(M * x.numel(), units, threads)) == 0
+                                        workers) == 0
 
 
 def slot_grad_sign(grad_wide: Tensor, x: Tensor, dim: int, M: int, *,
@@ -247,15 +254,11 @@ def slot_grad_sign(grad_wide: Tensor, x: Tensor, dim: int, M: int, *,
     at each value's slot, negated where ``x <= 0``; None when the kernel does not apply."""
     if M == 2:
         return slot_grad_m2(grad_wide, x, dim, threads=threads)
-    if not _pattern_fits(M, x, grad_wide):
+    layout = _pattern_layout(M, x, grad_wide, dim, threads)
+    if layout is None:
         return None
-    lib = _library()
-    if lib is None:
-        return None
-    outer, channels, inner = _pattern_shape(x, dim)
-    bits = M.bit_length() - 1
-    units = outer * -(-channels // bits)
+    lib, outer, channels, inner, bits, workers = layout
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     done = lib.sas_host_slot_grad_pattern(_DTYPES[x.dtype], x.data_ptr(), grad_wide.data_ptr(), out.data_ptr(), outer,
-                                          channels, inner, bits, _threads(M * x.numel(), units, threads))
+                                          channels, inner, bits, workers)
     return out if done == 0 else None

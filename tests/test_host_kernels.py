@@ -77,6 +77,26 @@ def test_slot_gradient_equals_the_torch_formulation(monkeypatch, dtype, shape, d
     torch.testing.assert_close(got, slow, rtol=0, atol=0)
 
 
+def _count_kernel_calls(monkeypatch, project_name: str, grad_name: str):
+    """Counts of the calls of ``host_kernels.<project_name>`` / ``<grad_name>`` that ran a kernel."""
+    calls = {"project": 0, "grad": 0}
+    real_project, real_grad = getattr(host_kernels, project_name), getattr(host_kernels, grad_name)
+
+    def project_spy(*args, **kwargs):
+        done = real_project(*args, **kwargs)
+        calls["project"] += done
+        return done
+
+    def grad_spy(*args, **kwargs):
+        out = real_grad(*args, **kwargs)
+        calls["grad"] += out is not None
+        return out
+
+    monkeypatch.setattr(host_kernels, project_name, project_spy)
+    monkeypatch.setattr(host_kernels, grad_name, grad_spy)
+    return calls
+
+
 def _pattern_by_definition(x: torch.Tensor, dim: int, M: int) -> torch.Tensor:
     """The sign pattern written out from its definition, one group at a time (float64 loops):
     bits b = log2(M); slot of every channel of group g = sum_j [x_(g*b+j) <= 0] 2^j."""
@@ -132,21 +152,7 @@ def test_sign_pattern_kernels_decline_what_they_do_not_cover():
 @needs_compiler
 @pytest.mark.parametrize("M", [4, 8])
 def test_the_ops_use_the_sign_pattern_kernels_and_match_float64(monkeypatch, M):
-    calls = {"project": 0, "grad": 0}
-    real_project, real_grad = host_kernels.project_sign, host_kernels.slot_grad_sign
-
-    def project_spy(*args, **kwargs):
-        done = real_project(*args, **kwargs)
-        calls["project"] += done
-        return done
-
-    def grad_spy(*args, **kwargs):
-        out = real_grad(*args, **kwargs)
-        calls["grad"] += out is not None
-        return out
-
-    monkeypatch.setattr(host_kernels, "project_sign", project_spy)
-    monkeypatch.setattr(host_kernels, "slot_grad_sign", grad_spy)
+    calls = _count_kernel_calls(monkeypatch, "project_sign", "slot_grad_sign")
     torch.manual_seed(M)
     x = torch.randn(70, 91, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 91 * M, dtype=torch.float64, requires_grad=True)
@@ -174,21 +180,7 @@ def test_the_ops_use_the_sign_pattern_kernels_and_match_float64(monkeypatch, M):
 
 @needs_compiler
 def test_the_ops_use_the_kernels_and_match_float64(monkeypatch):
-    calls = {"project": 0, "grad": 0}
-    real_project, real_grad = host_kernels.project_m2, host_kernels.slot_grad_m2
-
-    def project_spy(*args, **kwargs):
-        done = real_project(*args, **kwargs)
-        calls["project"] += done
-        return done
-
-    def grad_spy(*args, **kwargs):
-        out = real_grad(*args, **kwargs)
-        calls["grad"] += out is not None
-        return out
-
-    monkeypatch.setattr(host_kernels, "project_m2", project_spy)
-    monkeypatch.setattr(host_kernels, "slot_grad_m2", grad_spy)
+    calls = _count_kernel_calls(monkeypatch, "project_m2", "slot_grad_m2")
     torch.manual_seed(0)
     x = torch.randn(70, 90, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 180, dtype=torch.float64, requires_grad=True)
