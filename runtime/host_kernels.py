@@ -103,16 +103,27 @@ def _build(target: Path, flags) -> None:
 
 def _load() -> ctypes.CDLL:
     """Build (once per cache) and load the library: with OpenMP where PyTorch's libgomp is loaded,
-    else (or when that build fails) with pthreads; raises the last failure."""
+    else (or when that build fails) with pthreads; raises the last failure. A flag set whose build
+    failed leaves a ``.failed`` marker beside its cached path, so later processes go straight to
+    the next one instead of paying a failing compile at every start (a new compiler or source
+    is a new path, and is tried again)."""
     error = None
     for flags in _flag_sets():
+        path = library_path(flags)
+        failed = path.with_name(path.name + ".failed")
+        if not path.exists() and failed.exists():
+            error = RuntimeError(f"an earlier build with {' '.join(flags)} failed (see {failed})")
+            continue
         try:
-            path = library_path(flags)
             if not path.exists():
                 _build(path, flags)
             return ctypes.CDLL(str(path))
         except Exception as exc:  # noqa: BLE001 - the next flag set may still build
             error = exc
+            try:
+                failed.write_text(f"{type(exc).__name__}: {exc}\n")
+            except OSError:
+                pass
     raise error
 
 
