@@ -248,16 +248,17 @@ def _raw_inputs(gm: fx.GraphModule) -> set:
 
 def analyze_channel_widths(gm: fx.GraphModule, example_inputs=None, *,
                            filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
-                           dense_input_layers: bool = True, model: Optional[nn.Module] = None) -> ChannelWidthAnalysis:
+                           dense_input_layers: bool = True,
+                           model: Optional[nn.Module] = None) -> ChannelWidthAnalysis:
     """Walk ``gm`` once: tie its widths and find the ones that must stay; ``.at(M)`` decides them.
 
     Shapes come from the nodes' metadata (``val`` of export/dynamo graphs, ``tensor_meta`` of
     ``capture.propagate_shapes``); with ``example_inputs`` shapes are propagated first.
     ``filter_fn(module, fqn) -> bool`` keeps a layer out of SWS when it returns False (its widths
     stay); ``module`` is the layer's module in the user's ``model`` where given (the graph of a
-    copy holds stand-ins). ``dense_input_layers`` (sasify's policy, the default) keeps the weight of a layer
-    reading the raw network input dense: its output width still widens, but it has no 1:M
-    mask (``sparse=False``). ``False`` masks it like every other widened layer.
+    copy holds stand-ins). ``dense_input_layers`` (sasify's policy, the default) keeps the weight
+    of a layer reading the raw network input dense: its output width still widens, but it has no
+    1:M mask (``sparse=False``). ``False`` masks it like every other widened layer.
     """
     notes = _shapes(gm, example_inputs)
     walk = WidthWalk(gm, filter_fn, model).run()
