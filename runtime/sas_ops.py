@@ -205,9 +205,24 @@ def _(x, weight, bias, stride, padding, dilation, groups, M, rule):
     return out.contiguous(memory_format=_conv_memory_format(x))
 
 
+def _pointwise_subsample(x: Tensor, weight: Tensor, stride, padding):
+    """``(input to project, stride)``: a 1x1 convolution without padding reads only every
+    stride-th position, and ``S`` is elementwise, so a strided one (ResNet's downsample layers)
+    projects only those positions and convolves them with stride 1: 1/4 of the projection at
+    stride 2, and no copy of the wide input inside ``convolution_backward``, which makes one for
+    strided 1x1 kernels (a 4x-wide one at M = 4 was the peak of a ResNet-50 training step).
+    ``(x, stride)`` otherwise."""
+    kh, kw = _kernel_2d(weight).shape[-2:]
+    if kh == kw == 1 and list(padding) == [0, 0] and list(stride) != [1, 1]:
+        sub = x[:, :, ::stride[0], ::stride[1]]
+        return sub.contiguous(memory_format=_conv_memory_format(x)), [1, 1]
+    return x, stride
+
+
 def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule):
     """The PyTorch formulation: one projection pass, then the dense (cuDNN) conv on S(x)."""
-    wide_x = project_transient(x, M, 1, rule, dead_slots_to_mask(x, weight, groups))
+    x_read, stride = _pointwise_subsample(x, weight, stride, padding)
+    wide_x = project_transient(x_read, M, 1, rule, dead_slots_to_mask(x_read, weight, groups))
     out = F.conv2d(wide_x, _kernel_2d(weight), bias, stride, padding, dilation, groups)
     return out.contiguous(memory_format=_conv_memory_format(x))
 
@@ -335,12 +350,18 @@ def _projected_conv_grads(grad, x, wide_weight, bias_sizes, conf, M, rule, need_
     """
     stride, padding, dilation, groups = conf
     need_b = need_b and bias_sizes is not None
-    wide = project_transient(x, M, 1, rule, _backward_dead_mask(x, wide_weight, groups))
+    x_read, read_stride = _pointwise_subsample(x, wide_weight, stride, padding)
+    wide = project_transient(x_read, M, 1, rule, _backward_dead_mask(x_read, wide_weight, groups))
     grad_wide, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad.contiguous(memory_format=_conv_memory_format(wide)), wide, _kernel_2d(wide_weight),
-        bias_sizes if need_b else None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, need_b])
+        bias_sizes if need_b else None, read_stride, padding, dilation, False, [0, 0], groups,
+        [need_x, need_w, need_b])
     del wide
-    grad_x = _slot_grad(grad_wide, x, M, rule, 1) if need_x else None
+    grad_x = _slot_grad(grad_wide, x_read, M, rule, 1) if need_x else None
+    if grad_x is not None and x_read is not x:  # the positions the strided 1x1 kernel skips get 0
+        read = grad_x
+        grad_x = torch.zeros_like(x)
+        grad_x[:, :, ::stride[0], ::stride[1]] = read
     if grad_w is not None and wide_weight.dim() == 3:
         grad_w = grad_w.squeeze(2)  # a conv1d weight's gradient has its shape
     return grad_x, grad_w, grad_b

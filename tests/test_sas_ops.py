@@ -571,3 +571,57 @@ def test_conv_backward_equals_autograd_through_the_projection(channels_last, nee
             assert torch.allclose(got.grad, ref.grad, rtol=1e-12, atol=1e-12)
         else:
             assert got.grad is None
+
+
+@pytest.mark.parametrize("M", [2, 4])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("size, stride", [((7, 9), (2, 2)), ((8, 8), (2, 1)), ((5, 6), (3, 2))])
+def test_strided_pointwise_conv_projects_only_the_positions_it_reads(monkeypatch, M, memory_format, size, stride):
+    """A strided 1x1 SAS conv (ResNet's downsample) projects x[:, :, ::s, ::s] and convolves it
+    with stride 1: the same values and gradients as the reference formulation, in float64, on
+    ragged sizes; the skipped positions get a zero input gradient."""
+    seen = []
+    real = sas_ops.project_transient
+
+    def spy(x, *args, **kwargs):
+        seen.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(sas_ops, "project_transient", spy)
+    torch.manual_seed(M)
+    x = torch.randn(3, 10, *size, dtype=torch.float64).to(memory_format=memory_format).requires_grad_()
+    w = torch.randn(6, 10 * M, 1, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    out = torch.ops.sas.conv2d(x, w, b, list(stride), [0, 0], [1, 1], 1, M, RULE)
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    ref = F.conv2d(reference_project(xr, M, 1), wr, br, stride)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert out.is_contiguous(memory_format=memory_format)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    for got, want in ((x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    read = (3, 10, len(range(0, size[0], stride[0])), len(range(0, size[1], stride[1])))
+    assert seen == [read, read]  # the forward and the backward's recomputation: subsampled
+    skipped = torch.ones_like(x, dtype=torch.bool)
+    skipped[:, :, ::stride[0], ::stride[1]] = False
+    assert not x.grad[skipped].any()
+
+
+def test_strided_conv1d_pointwise_and_dense_weight_ops_take_the_same_path():
+    torch.manual_seed(0)
+    conv = nn.Conv1d(8, 5, 1, stride=2).double()
+    x = torch.randn(2, 8, 11, dtype=torch.float64, requires_grad=True)
+    sas = sas_compile.sasify(nn.Sequential(nn.ReLU(), conv), M=2, dense_input_layers=False)
+    torch.testing.assert_close(sas(x), conv(torch.relu(x)), rtol=1e-12, atol=1e-12)
+    sas(x).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    conv(torch.relu(xr)).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-12, atol=1e-12)
+    torch._dynamo.reset()
+    with torch.no_grad():  # a dense model's strided 1x1 conv under backend="sas": the from-dense op
+        down = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1, stride=2)).double()
+        xi = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+        out = torch.compile(down, backend="sas", options={"inner": "eager", "M": 4})(xi)
+    torch.testing.assert_close(out, down(xi), rtol=1e-10, atol=1e-10)
