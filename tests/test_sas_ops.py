@@ -625,3 +625,35 @@ def test_strided_conv1d_pointwise_and_dense_weight_ops_take_the_same_path():
         xi = torch.randn(2, 3, 9, 9, dtype=torch.float64)
         out = torch.compile(down, backend="sas", options={"inner": "eager", "M": 4})(xi)
     torch.testing.assert_close(out, down(xi), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("M", [2, 4])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (1, 2)])
+def test_a_large_backward_runs_in_batch_chunks_with_the_same_gradients(monkeypatch, M, memory_format, kernel, stride):
+    """Above BACKWARD_CHUNK_BYTES the backward recomputes and uses the projection a batch chunk at a
+    time (5 images in chunks of 2, 2, 1 here): the gradients equal the reference's in float64."""
+    torch.manual_seed(M + kernel)
+    pad = kernel // 2
+    x = torch.randn(5, 6, 9, 7, dtype=torch.float64).to(memory_format=memory_format).requires_grad_()
+    w = torch.randn(4, 6 * M, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    read = len(range(0, 9, stride)) * len(range(0, 7, stride))  # positions a strided 1x1 kernel reads
+    monkeypatch.setattr(sas_ops, "BACKWARD_CHUNK_BYTES", 2 * 6 * M * read * 8)  # two images' wide input
+    out = torch.ops.sas.conv2d(x, w, b, [stride, stride], [pad, pad], [1, 1], 1, M, RULE)
+    ref = F.conv2d(reference_project(xr, M, 1), wr, br, stride, pad)
+    g = torch.randn_like(ref)
+    with torch.profiler.profile() as prof:
+        out.backward(g)
+    ref.backward(g)
+    calls = [e for e in prof.events() if e.name == "aten::convolution_backward"]
+    assert len(calls) == 3
+    for got, want in ((x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert x.grad.is_contiguous(memory_format=memory_format)
+    small = (x.detach()[:3, :, :5, :5].clone().requires_grad_(), w.detach().clone().requires_grad_())
+    monkeypatch.setattr(sas_ops, "BACKWARD_CHUNK_BYTES", 1)  # one image per chunk
+    assert torch.autograd.gradcheck(
+        lambda a, c: torch.ops.sas.conv2d(a, c, None, [stride, stride], [pad, pad], [1, 1], 1, M, RULE), small,
+        fast_mode=True)
