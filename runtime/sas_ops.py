@@ -366,9 +366,9 @@ def _projected_conv_grads(grad, x, wide_weight, bias_sizes, conf, M, rule, need_
     if x_read.device.type == "cpu" and type(x_read) is torch.Tensor and batch > 1:  # eager only: a traced
         # backward (fake tensors under torch.compile) keeps one call, without shape-dependent loops
         chunks = min(batch, -(-x_read.numel() * M * x_read.element_size() // BACKWARD_CHUNK_BYTES))
-    step = -(-batch // chunks)
+    step = max(1, -(-batch // chunks))
     grad_x_parts, grad_w, grad_b = [], None, None
-    for start in range(0, batch, step):
+    for start in range(0, max(batch, 1), step):  # an empty batch still runs once (zero weight gradient)
         xs, gs = x_read[start:start + step], grad[start:start + step]
         wide = project_transient(xs, M, 1, rule, _backward_dead_mask(xs, wide_weight, groups))
         grad_wide, part_w, part_b = torch.ops.aten.convolution_backward(

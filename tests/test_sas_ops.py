@@ -657,3 +657,14 @@ def test_a_large_backward_runs_in_batch_chunks_with_the_same_gradients(monkeypat
     assert torch.autograd.gradcheck(
         lambda a, c: torch.ops.sas.conv2d(a, c, None, [stride, stride], [pad, pad], [1, 1], 1, M, RULE), small,
         fast_mode=True)
+
+
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (1, 2)])
+def test_an_empty_batch_has_empty_and_zero_gradients(kernel, stride):
+    x = torch.randn(0, 4, 5, 5, requires_grad=True)
+    w = torch.randn(3, 8, kernel, kernel, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    out = torch.ops.sas.conv2d(x, w, b, [stride, stride], [kernel // 2] * 2, [1, 1], 1, 2, RULE)
+    assert out.shape[0] == 0
+    out.sum().backward()
+    assert x.grad.shape == x.shape and not w.grad.any() and not b.grad.any()
