@@ -137,17 +137,15 @@ def _library() -> Optional[ctypes.CDLL]:
         if _state["lib"] is None and _state["error"] is None:
             try:
                 lib = _load()
-                for name, pointers in (("sas_host_project_m2", 2), ("sas_host_slot_grad_m2", 3)):
+                int_, ptr, i64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
+                # (dtype, tensors..., sizes..., [bits,] threads), as host_kernels.c declares them
+                for name, args in (("sas_host_project_m2", [ptr, ptr, i64, i64]),
+                                   ("sas_host_slot_grad_m2", [ptr, ptr, ptr, i64, i64]),
+                                   ("sas_host_project_pattern", [ptr, ptr, i64, i64, i64, int_]),
+                                   ("sas_host_slot_grad_pattern", [ptr, ptr, ptr, i64, i64, i64, int_])):
                     fn = getattr(lib, name)
-                    fn.restype = ctypes.c_int
-                    fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * pointers, ctypes.c_int64, ctypes.c_int64,
-                                   ctypes.c_int]
-                i64 = ctypes.c_int64
-                for name, pointers in (("sas_host_project_pattern", 2), ("sas_host_slot_grad_pattern", 3)):
-                    fn = getattr(lib, name)
-                    fn.restype = ctypes.c_int
-                    fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * pointers, i64, i64, i64, ctypes.c_int,
-                                   ctypes.c_int]
+                    fn.restype = int_
+                    fn.argtypes = [int_, *args, int_]
                 lib.sas_host_openmp.restype = ctypes.c_int
                 lib.sas_host_openmp.argtypes = []
                 _state["values_per_thread"] = 1 << 15 if lib.sas_host_openmp() else 1 << 18
@@ -174,6 +172,13 @@ def _fits(t: Tensor) -> bool:
     return type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype in _DTYPES and t.is_contiguous()
 
 
+def _applies(x: Tensor, wide: Tensor, M: int) -> bool:
+    """Whether a kernel takes ``x`` and its wide tensor (``M`` values per value of ``x``): both
+    plain contiguous CPU tensors of one supported dtype, and enough values to pay for the call."""
+    n = x.numel()
+    return n >= MIN_VALUES and _fits(x) and _fits(wide) and wide.dtype == x.dtype and wide.numel() == M * n
+
+
 def _threads(n: int, rows: int, threads: Optional[int]) -> int:
     # values a thread must have to pay for itself (set at load): a few microseconds to wake a
     # spinning OpenMP worker, tens to start a pthread
@@ -193,7 +198,7 @@ def project_m2(x: Tensor, out: Tensor, dim: int, *, threads: Optional[int] = Non
     untouched, when the kernel does not apply (not built, too small, a dtype other than
     float32/float64, non-contiguous tensors)."""
     n = x.numel()
-    if n < MIN_VALUES or not (_fits(x) and _fits(out)) or out.dtype != x.dtype or out.numel() != 2 * n:
+    if not _applies(x, out, 2):
         return False
     lib = _library()
     if lib is None:
@@ -209,8 +214,7 @@ def slot_grad_m2(grad_wide: Tensor, x: Tensor, dim: int, *, threads: Optional[in
     with ``dim`` doubled, channel-major) beside a contiguous ``x``: ``g0`` where ``x > 0`` (or is
     NaN), ``-g1`` where ``x <= 0``; None when the kernel does not apply."""
     n = x.numel()
-    if (n < MIN_VALUES or not (_fits(x) and _fits(grad_wide)) or grad_wide.dtype != x.dtype
-            or grad_wide.numel() != 2 * n):
+    if not _applies(x, grad_wide, 2):
         return None
     lib = _library()
     if lib is None:
@@ -233,16 +237,14 @@ def _pattern_layout(M: int, x: Tensor, wide: Tensor, dim: int, threads: Optional
     tensor (the projection's output or the gradient's input), or None when the kernels do not
     apply (M = 2 or above 128, too small, a dtype other than float32/float64, non-contiguous
     tensors, no library)."""
-    n = x.numel()
-    if not (2 < M <= MAX_PATTERN_M and n >= MIN_VALUES and _fits(x) and _fits(wide) and wide.dtype == x.dtype
-            and wide.numel() == M * n):
+    if not (2 < M <= MAX_PATTERN_M and _applies(x, wide, M)):
         return None
     lib = _library()
     if lib is None:
         return None
     outer, channels, inner = _pattern_shape(x, dim)
     bits = M.bit_length() - 1
-    return lib, outer, channels, inner, bits, _threads(M * n, outer * -(-channels // bits), threads)
+    return lib, outer, channels, inner, bits, _threads(M * x.numel(), outer * -(-channels // bits), threads)
 
 
 def project_sign(x: Tensor, out: Tensor, dim: int, M: int, *, threads: Optional[int] = None) -> bool:

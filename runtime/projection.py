@@ -177,8 +177,8 @@ def _is_channels_last(x: Tensor) -> bool:
 def project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern", dead: Optional[Tensor] = None) -> Tensor:
     """The projected activation ``S(x)``: ``x`` widened M times along ``dim``, channel-major.
 
-    The slots are written straight into their final layout (at M = 2 in one pass by the host
-    kernels, ``runtime/host_kernels.py``, where they are built): no zero-filled tensor, no
+    The slots are written straight into their final layout (for the built-in sign rule in one
+    pass by the host kernels, ``runtime/host_kernels.py``, where they are built): no zero-filled tensor, no
     scatter and no temporary of ``x``'s size, and never ``0 * inf`` (an
     infinite value stays in its slot, every other slot is exactly 0). ``dead`` (bool, one entry
     per wide index along ``dim``, from :func:`dead_slots`) zeroes the slots whose weight column

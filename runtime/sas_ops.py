@@ -4,7 +4,7 @@ Why ops and not plain Python: dynamo, AOT autograd and inductor see one opaque c
 layer (with a fake implementation for tracing and an autograd formula), and the runtime
 can pick a target per device behind it. The CPU implementation writes the projected
 activation into a reused workspace (``projection.project_transient``; one pass by the host
-kernels at M = 2), never a zero-filled tensor plus scatter, and calls the dense kernel on it;
+kernels for the sign rule at any M), never a zero-filled tensor plus scatter, and calls the dense kernel on it;
 the backward recomputes the projection from the saved narrow input, so autograd holds only the
 narrow activation.
 """
@@ -50,8 +50,8 @@ def _backward_dead_mask(x: Tensor, weight: Tensor, groups: int = 1) -> Optional[
 
 def _keep_no_workspace_in_training() -> None:
     """Called by the ops' ``setup_context``, which runs only when autograd records the op: a
-    training forward frees the projection workspace after each layer, so the step's peak memory
-    (at the end of the forward) holds no wide tensor. The backward's recomputed projections use
+    training forward frees the projection workspace after each layer, so the forward holds no
+    wide tensor beyond the current layer's while its activations accumulate. The backward's recomputed projections use
     the workspace (one allocation per step, not one per layer: blocks above 32 MB cost page faults
     on every fresh allocation) and the next step's first recorded layer frees it, while memory is
     low; inference keeps it between calls."""
