@@ -44,7 +44,7 @@ COMMON_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
 OPENMP_FLAGS = [*COMMON_FLAGS, "-fopenmp"]
 PTHREAD_FLAGS = [*COMMON_FLAGS, "-pthread"]
 MIN_VALUES = 4096  # below this a ctypes call costs more than the passes it saves
-MAX_PATTERN_M = 128  # the sign-pattern kernels keep a slot in a byte
+MAX_PATTERN_M = 128  # host_kernels.c takes 2 <= log2(M) <= 7
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 
 log = logging.getLogger("sas_compile.runtime")
