@@ -71,117 +71,142 @@
  * groups of b neighbours, I = sum_j [x_(g*b+j) <= 0] * 2^j is the slot of every channel of the
  * group (a last partial group uses the bits it has), the slot holds |x| and the other M - 1 are
  * 0. NaN files under bit 0 (NaN <= 0 is false) and stays NaN in its slot, as torch.where puts it.
+ * The gradient reads the slot each value went to: g[I] where x > 0 (or x is NaN), -g[I] where
+ * x <= 0 (its sign bit flipped), the same derivative as the M = 2 kernel.
+ *
  * x is [outer][C][R], the wide tensor [outer][C][M][R]; a unit is one group at one outer index
- * (units are what the threads split). R = 1: a block of units' outputs is contiguous, zeroed at
- * memset speed, then each |x| is stored at its slot (M = 4 and 8 without loops). R > 1 (an NCHW
- * convolution): the patterns of CHUNK positions are computed first (int32: a byte array beside
- * float selects did not vectorise, 4x slower on 7x7 planes), then every (channel, slot) plane of
- * the chunk is one vectorised select. The gradient reads the slot each value went to: g[I] where
- * x > 0 (or x is NaN), -g[I] where x <= 0, the same derivative as the M = 2 kernel. */
+ * (units are what the threads split). Values are handled as their bits (U, an unsigned integer
+ * of T's size): a slot is selected by ANDing with an all-ones or all-zero mask. A select on the
+ * random slot compiled to branches and ran 5x slower; a multiply would turn inf into NaN.
+ * Every function below is compiled once per b (the switch at the end), so M and a full group's
+ * loops are constants and a group's M slots are vectors: compiled for a variable b they ran
+ * 2-3x slower. R = 1 (a linear layer, a channels_last convolution): a unit's slots are contiguous.
+ * R > 1 (an NCHW convolution): the patterns of CHUNK positions are computed first, then every
+ * (channel, slot) plane of the chunk is one vectorised pass. */
 #define CHUNK 256
-#define UNIT_BLOCK 512
-#define PATTERN_KERNELS(T, SUFFIX, ABS)                                                       \
+#define PATTERN_KERNELS(T, U, SUFFIX, ABS)                                                    \
+    static inline U bits_##SUFFIX(T v) {                                                      \
+        U u;                                                                                  \
+        memcpy(&u, &v, sizeof v);                                                             \
+        return u;                                                                             \
+    }                                                                                         \
+    /* the sign bit where v <= 0 (the gradient's negation), else 0 */                         \
+    static inline U flip_##SUFFIX(T v) { return (U)(v <= 0) << (8 * sizeof(U) - 1); }         \
     /* the slots of n positions of a group whose cn channel planes (stride R) start at xg */  \
     static inline void chunk_pattern_##SUFFIX(const T *restrict xg, int64_t R, int64_t n, int64_t cn, \
-                                              int32_t *restrict pattern) {                    \
+                                              U *restrict pattern) {                          \
         for (int64_t r = 0; r < n; ++r) pattern[r] = 0;                                       \
         for (int64_t j = 0; j < cn; ++j)                                                      \
-            for (int64_t r = 0; r < n; ++r) pattern[r] |= (int32_t)(xg[j * R + r] <= 0) << j; \
+            for (int64_t r = 0; r < n; ++r) pattern[r] |= (U)(xg[j * R + r] <= 0) << j;       \
     }                                                                                         \
-    static void project_pattern_##SUFFIX(const T *restrict x, T *restrict out, int64_t C, int64_t R, \
-                                         int bits, int64_t begin, int64_t end) {              \
-        const int64_t M = (int64_t)1 << bits, groups = (C + bits - 1) / bits;                 \
-        if (R == 1) { /* units in blocks: zero a block's outputs (contiguous), then place each |x| */ \
-            int64_t o = begin / groups, grp = begin % groups;                                 \
-            for (int64_t b0 = begin; b0 < end; b0 += UNIT_BLOCK) {                            \
-                const int64_t b1 = end - b0 < UNIT_BLOCK ? end : b0 + UNIT_BLOCK;             \
-                const int64_t first = (b0 / groups) * C + (b0 % groups) * bits;               \
-                const int64_t last = (b1 / groups) * C + (b1 % groups) * bits;                \
-                memset(out + first * M, 0, (size_t)((last - first) * M) * sizeof(T));         \
-                for (int64_t unit = b0; unit < b1; ++unit, ++grp == groups ? (grp = 0, ++o) : 0) { \
-                    const int64_t c0 = grp * bits;                                            \
-                    const T *restrict xg = x + o * C + c0;                                    \
-                    T *restrict og = out + (o * C + c0) * M;                                  \
-                    if (bits == 2 && c0 + 2 <= C) { /* M = 4, a full group: no loops */       \
-                        const int64_t slot = (int64_t)(xg[0] <= 0) | (int64_t)(xg[1] <= 0) << 1; \
-                        og[slot] = ABS(xg[0]);                                                \
-                        og[4 + slot] = ABS(xg[1]);                                            \
-                        continue;                                                             \
-                    }                                                                         \
-                    if (bits == 3 && c0 + 3 <= C) { /* M = 8 */                               \
-                        const int64_t slot = (int64_t)(xg[0] <= 0) | (int64_t)(xg[1] <= 0) << 1 | \
-                                             (int64_t)(xg[2] <= 0) << 2;                      \
-                        og[slot] = ABS(xg[0]);                                                \
-                        og[8 + slot] = ABS(xg[1]);                                            \
-                        og[16 + slot] = ABS(xg[2]);                                           \
-                        continue;                                                             \
-                    }                                                                         \
-                    const int64_t cn = C - c0 < bits ? C - c0 : bits;                         \
-                    int64_t slot = 0;                                                         \
-                    for (int64_t j = 0; j < cn; ++j) slot |= (int64_t)(xg[j] <= 0) << j;      \
-                    for (int64_t j = 0; j < cn; ++j) og[j * M + slot] = ABS(xg[j]);           \
-                }                                                                             \
+    /* one unit of cn channels: the projection into og ([cn][M][R]), or the gradient from gg  \
+     * into og ([cn][R]); inlined with constant cn and M for full groups */                   \
+    static inline __attribute__((always_inline)) void project_unit_##SUFFIX(                  \
+        const T *restrict xg, U *restrict og, int64_t cn, int64_t M, int64_t R) {             \
+        if (R == 1) {                                                                         \
+            U slot = 0;                                                                       \
+            for (int64_t j = 0; j < cn; ++j) slot |= (U)(xg[j] <= 0) << j;                    \
+            for (int64_t j = 0; j < cn; ++j) {                                                \
+                const U a = bits_##SUFFIX(ABS(xg[j]));                                        \
+                for (U m = 0; m < (U)M; ++m) og[j * M + m] = a & -(U)(m == slot);             \
             }                                                                                 \
             return;                                                                           \
         }                                                                                     \
-        int64_t o = begin / groups, grp = begin % groups; /* no division per unit */        \
-        for (int64_t unit = begin; unit < end; ++unit, ++grp == groups ? (grp = 0, ++o) : 0) { \
-            const int64_t c0 = grp * bits, cn = C - c0 < bits ? C - c0 : bits;                \
-            const T *restrict xg = x + (o * C + c0) * R;                                      \
-            T *restrict og = out + (o * C + c0) * M * R;                                      \
-            int32_t pattern[CHUNK];                                                           \
-            for (int64_t r0 = 0; r0 < R; r0 += CHUNK) {                                       \
-                const int64_t n = R - r0 < CHUNK ? R - r0 : CHUNK;                            \
-                chunk_pattern_##SUFFIX(xg + r0, R, n, cn, pattern);                           \
-                for (int64_t j = 0; j < cn; ++j) {                                            \
-                    const T *restrict xj = xg + j * R + r0;                                   \
-                    for (int64_t m = 0; m < M; ++m) {                                         \
-                        T *restrict plane = og + (j * M + m) * R + r0;                        \
-                        for (int64_t r = 0; r < n; ++r) plane[r] = pattern[r] == m ? ABS(xj[r]) : (T)0; \
-                    }                                                                         \
+        U pattern[CHUNK], magnitude[CHUNK];                                                   \
+        for (int64_t r0 = 0; r0 < R; r0 += CHUNK) {                                           \
+            const int64_t n = R - r0 < CHUNK ? R - r0 : CHUNK;                                \
+            chunk_pattern_##SUFFIX(xg + r0, R, n, cn, pattern);                               \
+            for (int64_t j = 0; j < cn; ++j) {                                                \
+                for (int64_t r = 0; r < n; ++r) magnitude[r] = bits_##SUFFIX(ABS(xg[j * R + r0 + r])); \
+                for (U m = 0; m < (U)M; ++m) {                                                \
+                    U *restrict plane = og + (j * M + m) * R + r0;                            \
+                    for (int64_t r = 0; r < n; ++r) plane[r] = magnitude[r] & -(U)(pattern[r] == m); \
                 }                                                                             \
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
-    static void slot_grad_pattern_##SUFFIX(const T *restrict x, const T *restrict g, T *restrict out, \
-                                           int64_t C, int64_t R, int bits, int64_t begin, int64_t end) { \
-        const int64_t M = (int64_t)1 << bits, groups = (C + bits - 1) / bits;                 \
-        const T sign[2] = {(T)1, (T)-1}; /* g * -1 is -g exactly, NaN and +-0 included */      \
-        int64_t o = begin / groups, grp = begin % groups; /* no division per unit */        \
-        for (int64_t unit = begin; unit < end; ++unit, ++grp == groups ? (grp = 0, ++o) : 0) { \
-            const int64_t c0 = grp * bits, cn = C - c0 < bits ? C - c0 : bits;                \
-            const T *restrict xg = x + (o * C + c0) * R;                                      \
-            const T *restrict gg = g + (o * C + c0) * M * R;                                  \
-            T *restrict og = out + (o * C + c0) * R;                                          \
-            if (R == 1) {                                                                     \
-                int64_t slot = 0;                                                             \
-                for (int64_t j = 0; j < cn; ++j) slot |= (int64_t)(xg[j] <= 0) << j;          \
-                for (int64_t j = 0; j < cn; ++j) /* x's sign is random: no branch on it */ \
-                    og[j] = gg[j * M + slot] * sign[xg[j] <= 0];                              \
-                continue;                                                                     \
-            }                                                                                 \
-            int32_t pattern[CHUNK];                                                           \
-            for (int64_t r0 = 0; r0 < R; r0 += CHUNK) {                                       \
-                const int64_t n = R - r0 < CHUNK ? R - r0 : CHUNK;                            \
-                chunk_pattern_##SUFFIX(xg + r0, R, n, cn, pattern);                           \
-                for (int64_t j = 0; j < cn; ++j) {                                            \
-                    const T *restrict xj = xg + j * R + r0;                                   \
-                    T *restrict oj = og + j * R + r0;                                         \
-                    for (int64_t r = 0; r < n; ++r) oj[r] = 0;                                \
-                    for (int64_t m = 0; m < M; ++m) {                                         \
-                        const T *restrict plane = gg + (j * M + m) * R + r0;                  \
-                        for (int64_t r = 0; r < n; ++r) oj[r] = pattern[r] == m ? plane[r] : oj[r]; \
-                    }                                                                         \
-                    for (int64_t r = 0; r < n; ++r) oj[r] = xj[r] <= 0 ? -oj[r] : oj[r];      \
+    static inline __attribute__((always_inline)) void grad_unit_##SUFFIX(                     \
+        const T *restrict xg, const U *restrict gg, U *restrict og, int64_t cn, int64_t M, int64_t R) { \
+        if (R == 1) {                                                                         \
+            U slot = 0;                                                                       \
+            for (int64_t j = 0; j < cn; ++j) slot |= (U)(xg[j] <= 0) << j;                    \
+            for (int64_t j = 0; j < cn; ++j) og[j] = gg[j * M + slot] ^ flip_##SUFFIX(xg[j]); \
+            return;                                                                           \
+        }                                                                                     \
+        U pattern[CHUNK];                                                                     \
+        for (int64_t r0 = 0; r0 < R; r0 += CHUNK) {                                           \
+            const int64_t n = R - r0 < CHUNK ? R - r0 : CHUNK;                                \
+            chunk_pattern_##SUFFIX(xg + r0, R, n, cn, pattern);                               \
+            for (int64_t j = 0; j < cn; ++j) {                                                \
+                U *restrict oj = og + j * R + r0;                                             \
+                const U *restrict gj = gg + j * M * R + r0;                                   \
+                for (int64_t r = 0; r < n; ++r) {                                             \
+                    U acc = flip_##SUFFIX(xg[j * R + r0 + r]);                                \
+                    for (U m = 0; m < (U)M; ++m) acc ^= gj[m * R + r] & -(U)(pattern[r] == m); \
+                    oj[r] = acc;                                                              \
                 }                                                                             \
             }                                                                                 \
         }                                                                                     \
+    }                                                                                         \
+    /* units [begin, end): pointers advance a group at a time (no division per unit); all     \
+     * groups are full but a row's last when b does not divide C */                           \
+    static inline __attribute__((always_inline)) void pattern_units_##SUFFIX(                 \
+        int grad, const T *restrict x, const U *restrict g, U *restrict out, int64_t C, int64_t R, \
+        const int bits, int64_t begin, int64_t end) {                                         \
+        const int64_t M = (int64_t)1 << bits, groups = (C + bits - 1) / bits;                 \
+        int64_t grp = begin % groups;                                                         \
+        const int64_t first = (begin / groups) * C + grp * bits; /* its first channel */      \
+        const T *restrict xg = x + first * R;                                                 \
+        const U *restrict gg = grad ? g + first * M * R : 0;                                  \
+        U *restrict og = out + (grad ? first * R : first * M * R);                            \
+        const int64_t step_x = grad ? 1 : M; /* og's stride per channel, in units of R */     \
+        for (int64_t unit = begin; unit < end; ++unit) {                                      \
+            if (++grp < groups || C % bits == 0) { /* a full group */                         \
+                grp = grp == groups ? 0 : grp;                                                \
+                if (grad) grad_unit_##SUFFIX(xg, gg, og, bits, M, R);                         \
+                else project_unit_##SUFFIX(xg, og, bits, M, R);                               \
+                xg += bits * R;                                                               \
+                if (grad) gg += bits * M * R;                                                 \
+                og += bits * step_x * R;                                                      \
+                continue;                                                                     \
+            }                                                                                 \
+            grp = 0; /* a row's last group, C % b channels */                                 \
+            const int64_t cn = C % bits;                                                      \
+            if (grad) grad_unit_##SUFFIX(xg, gg, og, cn, M, R);                               \
+            else project_unit_##SUFFIX(xg, og, cn, M, R);                                     \
+            xg += cn * R;                                                                     \
+            if (grad) gg += cn * M * R;                                                       \
+            og += cn * step_x * R;                                                            \
+        }                                                                                     \
+    }                                                                                         \
+    PATTERN_AT(T, U, SUFFIX, 2) PATTERN_AT(T, U, SUFFIX, 3) PATTERN_AT(T, U, SUFFIX, 4)       \
+    PATTERN_AT(T, U, SUFFIX, 5) PATTERN_AT(T, U, SUFFIX, 6) PATTERN_AT(T, U, SUFFIX, 7)       \
+    static void pattern_##SUFFIX(int grad, const void *x, const void *g, void *out, int64_t C, int64_t R, \
+                                 int bits, int64_t begin, int64_t end) {                      \
+        switch (bits) {                                                                       \
+        case 2: pattern_2_##SUFFIX(grad, x, g, out, C, R, begin, end); break;                 \
+        case 3: pattern_3_##SUFFIX(grad, x, g, out, C, R, begin, end); break;                 \
+        case 4: pattern_4_##SUFFIX(grad, x, g, out, C, R, begin, end); break;                 \
+        case 5: pattern_5_##SUFFIX(grad, x, g, out, C, R, begin, end); break;                 \
+        case 6: pattern_6_##SUFFIX(grad, x, g, out, C, R, begin, end); break;                 \
+        default: pattern_7_##SUFFIX(grad, x, g, out, C, R, begin, end);                       \
+        }                                                                                     \
+    }
+/* the projection (grad = 0) and the gradient (grad = 1) at one b, R = 1 and R > 1 apart: each a
+ * function of its own, with every size but C and R a constant */
+#define PATTERN_AT(T, U, SUFFIX, BITS)                                                        \
+    static __attribute__((noinline)) void pattern_##BITS##_##SUFFIX(                          \
+        int grad, const T *x, const void *g, void *out, int64_t C, int64_t R, int64_t begin, int64_t end) { \
+        if (grad && R == 1) pattern_units_##SUFFIX(1, x, g, out, C, 1, BITS, begin, end);     \
+        else if (grad) pattern_units_##SUFFIX(1, x, g, out, C, R, BITS, begin, end);          \
+        else if (R == 1) pattern_units_##SUFFIX(0, x, 0, out, C, 1, BITS, begin, end);        \
+        else pattern_units_##SUFFIX(0, x, 0, out, C, R, BITS, begin, end);                    \
     }
 
 KERNELS(float, f32)
 KERNELS(double, f64)
-PATTERN_KERNELS(float, f32, fabsf)
-PATTERN_KERNELS(double, f64, fabs)
+PATTERN_KERNELS(float, uint32_t, f32, fabsf)
+PATTERN_KERNELS(double, uint64_t, f64, fabs)
 
 typedef struct {
     int kind; /* 0 project, 1 slot gradient (M = 2); 2, 3 the same for the sign pattern at b >= 2 */
@@ -203,13 +228,9 @@ static void *run(void *arg) {
         if (t->dtype == 0) slot_grad_f32(t->x, t->g, t->out, t->R, t->begin, t->end);
         else slot_grad_f64(t->x, t->g, t->out, t->R, t->begin, t->end);
         break;
-    case 2:
-        if (t->dtype == 0) project_pattern_f32(t->x, t->out, t->C, t->R, t->bits, t->begin, t->end);
-        else project_pattern_f64(t->x, t->out, t->C, t->R, t->bits, t->begin, t->end);
-        break;
-    default:
-        if (t->dtype == 0) slot_grad_pattern_f32(t->x, t->g, t->out, t->C, t->R, t->bits, t->begin, t->end);
-        else slot_grad_pattern_f64(t->x, t->g, t->out, t->C, t->R, t->bits, t->begin, t->end);
+    default: /* 2 the projection, 3 the gradient */
+        if (t->dtype == 0) pattern_f32(t->kind == 3, t->x, t->g, t->out, t->C, t->R, t->bits, t->begin, t->end);
+        else pattern_f64(t->kind == 3, t->x, t->g, t->out, t->C, t->R, t->bits, t->begin, t->end);
     }
     return 0;
 }

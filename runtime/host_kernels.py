@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import os
 import platform
 import threading
@@ -166,17 +165,18 @@ def available() -> Tuple[bool, str]:
     return (True, lib._name) if lib is not None else (False, _state["error"])
 
 
-def _fits(t: Tensor) -> bool:
-    """A plain contiguous CPU tensor of a supported dtype (never a fake or functional tensor under
-    a compiler's tracing; autograd is the callers': they call these outside it)."""
-    return type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype in _DTYPES and t.is_contiguous()
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _applies(x: Tensor, wide: Tensor, M: int) -> bool:
     """Whether a kernel takes ``x`` and its wide tensor (``M`` values per value of ``x``): both
-    plain contiguous CPU tensors of one supported dtype, and enough values to pay for the call."""
+    plain contiguous CPU tensors of one supported dtype (never a fake or functional tensor under
+    a compiler's tracing; autograd is the callers': they call these outside it), and enough
+    values to pay for the call. Every SAS layer call asks, so the cheapest tests come first."""
     n = x.numel()
-    return n >= MIN_VALUES and _fits(x) and _fits(wide) and wide.dtype == x.dtype and wide.numel() == M * n
+    return (n >= MIN_VALUES and type(x) in _PLAIN and type(wide) in _PLAIN and x.is_cpu and wide.is_cpu
+            and x.dtype in _DTYPES and wide.dtype == x.dtype and wide.numel() == M * n
+            and x.is_contiguous() and wide.is_contiguous())
 
 
 def _threads(n: int, rows: int, threads: Optional[int]) -> int:
@@ -186,10 +186,12 @@ def _threads(n: int, rows: int, threads: Optional[int]) -> int:
     return max(1, min(wanted, rows))
 
 
-def _rows(x: Tensor, dim: int) -> Tuple[int, int]:
-    """``(rows, R)``: ``x`` as ``[rows][R]`` with its ``dim`` axis the last of the rows."""
-    dim = dim % x.dim()
-    return math.prod(x.shape[:dim + 1]), math.prod(x.shape[dim + 1:])
+def _inner(x: Tensor, dim: int) -> int:
+    """The number of values after ``x``'s ``dim`` axis (``dim`` non-negative)."""
+    inner = 1
+    for size in x.shape[dim + 1:]:
+        inner *= size
+    return inner
 
 
 def project_m2(x: Tensor, out: Tensor, dim: int, *, threads: Optional[int] = None) -> bool:
@@ -203,7 +205,9 @@ def project_m2(x: Tensor, out: Tensor, dim: int, *, threads: Optional[int] = Non
     lib = _library()
     if lib is None:
         return False
-    rows, inner = _rows(x, dim)
+    dim %= x.dim()
+    inner = _inner(x, dim)
+    rows = n // inner
     lib.sas_host_project_m2(_DTYPES[x.dtype], x.data_ptr(), out.data_ptr(), rows, inner,
                             _threads(n, rows, threads))
     return True
@@ -219,17 +223,13 @@ def slot_grad_m2(grad_wide: Tensor, x: Tensor, dim: int, *, threads: Optional[in
     lib = _library()
     if lib is None:
         return None
-    rows, inner = _rows(x, dim)
+    dim %= x.dim()
+    inner = _inner(x, dim)
+    rows = n // inner
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     lib.sas_host_slot_grad_m2(_DTYPES[x.dtype], x.data_ptr(), grad_wide.data_ptr(), out.data_ptr(), rows, inner,
                               _threads(n, rows, threads))
     return out
-
-
-def _pattern_shape(x: Tensor, dim: int) -> Tuple[int, int, int]:
-    """``(outer, C, R)``: ``x`` as ``[outer][C][R]`` with ``C`` its ``dim`` axis."""
-    dim = dim % x.dim()
-    return math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1:])
 
 
 def _pattern_layout(M: int, x: Tensor, wide: Tensor, dim: int, threads: Optional[int]):
@@ -242,7 +242,9 @@ def _pattern_layout(M: int, x: Tensor, wide: Tensor, dim: int, threads: Optional
     lib = _library()
     if lib is None:
         return None
-    outer, channels, inner = _pattern_shape(x, dim)
+    dim %= x.dim()
+    channels, inner = x.shape[dim], _inner(x, dim)
+    outer = x.numel() // (channels * inner)
     bits = M.bit_length() - 1
     return lib, outer, channels, inner, bits, _threads(M * x.numel(), outer * -(-channels // bits), threads)
 

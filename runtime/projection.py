@@ -249,27 +249,31 @@ def _project(x: Tensor, M: int, dim: int, rule: str, dead: Optional[Tensor], emp
             wide = wide.masked_fill(_dead_view(dead, wide, dim), 0)
         return wide.flatten(dim, dim + 1)
     shape = list(x.shape)
-    shape.insert(dim + 1, M)
-    wide = empty(shape)
+    shape[dim] *= M
+    wide = empty(shape)  # allocated flat: no reshape on the fast path
     if is_builtin_sign_rule(index_rule) and host_kernels.project_sign(x, wide, dim, M):
-        pass  # one vectorised pass in C (runtime/host_kernels.py)
-    elif is_builtin_sign_rule_m2(index_rule):
-        # the reference convention: slot 0 = max(x, 0), slot 1 = max(-x, 0); the second plane
-        # negated in place (no temporary of x's size: one more allocation per call is as
-        # costly as a pass)
-        torch.clamp_min(x, 0, out=wide.select(dim + 1, 0))
-        negative = wide.select(dim + 1, 1)
-        torch.neg(x, out=negative)
-        negative.clamp_min_(0)
+        if dead is None:
+            return wide  # one vectorised pass in C (runtime/host_kernels.py)
+        slots = wide.unflatten(dim, (x.shape[dim], M))
     else:
-        slot = index_rule.slot(x, dim)
-        magnitude = x.abs()
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        for m in range(M):
-            torch.where(slot == m, magnitude, zero, out=wide.select(dim + 1, m))
+        slots = wide.unflatten(dim, (x.shape[dim], M))
+        if is_builtin_sign_rule_m2(index_rule):
+            # the reference convention: slot 0 = max(x, 0), slot 1 = max(-x, 0); the second plane
+            # negated in place (no temporary of x's size: one more allocation per call is as
+            # costly as a pass)
+            torch.clamp_min(x, 0, out=slots.select(dim + 1, 0))
+            negative = slots.select(dim + 1, 1)
+            torch.neg(x, out=negative)
+            negative.clamp_min_(0)
+        else:
+            slot = index_rule.slot(x, dim)
+            magnitude = x.abs()
+            zero = torch.zeros((), dtype=x.dtype, device=x.device)
+            for m in range(M):
+                torch.where(slot == m, magnitude, zero, out=slots.select(dim + 1, m))
     if dead is not None:
-        wide.masked_fill_(_dead_view(dead, wide, dim), 0)
-    return wide.flatten(dim, dim + 1)
+        slots.masked_fill_(_dead_view(dead, slots, dim), 0)
+    return wide
 
 
 def _dead_view(dead: Tensor, wide: Tensor, dim: int) -> Tensor:

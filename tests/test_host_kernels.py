@@ -112,13 +112,14 @@ def _pattern_by_definition(x: torch.Tensor, dim: int, M: int) -> torch.Tensor:
 
 
 @needs_compiler
-@pytest.mark.parametrize("M", [4, 8, 16])
+@pytest.mark.parametrize("M", [4, 8, 16, 32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape, dim", CASES)
 @pytest.mark.parametrize("threads", [None, 1, 3])
 def test_sign_pattern_kernels_equal_the_torch_formulation(monkeypatch, M, dtype, shape, dim, threads):
-    """M >= 4: groups of log2(M) channels, partial last groups (131 channels at M = 8), planes
-    longer than the kernel's chunk (700 > 256), +-0, +-inf and NaN."""
+    """M >= 4 (each log2(M) has its own compiled function): groups of log2(M) channels, partial
+    last groups (131 channels at M = 8), planes longer than the kernel's chunk (700 > 256),
+    +-0, +-inf and NaN."""
     x = _special(shape, dtype, seed=M + len(shape) + dim)
     d = dim % len(shape)
     wide_shape = list(shape)
