@@ -95,8 +95,8 @@
     /* the slots of n positions of a group whose cn channel planes (stride R) start at xg */  \
     static inline void chunk_pattern_##SUFFIX(const T *restrict xg, int64_t R, int64_t n, int64_t cn, \
                                               U *restrict pattern) {                          \
-        for (int64_t r = 0; r < n; ++r) pattern[r] = 0;                                       \
-        for (int64_t j = 0; j < cn; ++j)                                                      \
+        for (int64_t r = 0; r < n; ++r) pattern[r] = (U)(xg[r] <= 0);                         \
+        for (int64_t j = 1; j < cn; ++j)                                                      \
             for (int64_t r = 0; r < n; ++r) pattern[r] |= (U)(xg[j * R + r] <= 0) << j;       \
     }                                                                                         \
     /* one unit of cn channels: the projection into og ([cn][M][R]), or the gradient from gg  \
@@ -112,15 +112,15 @@
             }                                                                                 \
             return;                                                                           \
         }                                                                                     \
-        U pattern[CHUNK], magnitude[CHUNK];                                                   \
+        U pattern[CHUNK];                                                                     \
         for (int64_t r0 = 0; r0 < R; r0 += CHUNK) {                                           \
             const int64_t n = R - r0 < CHUNK ? R - r0 : CHUNK;                                \
             chunk_pattern_##SUFFIX(xg + r0, R, n, cn, pattern);                               \
             for (int64_t j = 0; j < cn; ++j) {                                                \
-                for (int64_t r = 0; r < n; ++r) magnitude[r] = bits_##SUFFIX(ABS(xg[j * R + r0 + r])); \
+                const T *restrict xj = xg + j * R + r0;                                       \
                 for (U m = 0; m < (U)M; ++m) {                                                \
                     U *restrict plane = og + (j * M + m) * R + r0;                            \
-                    for (int64_t r = 0; r < n; ++r) plane[r] = magnitude[r] & -(U)(pattern[r] == m); \
+                    for (int64_t r = 0; r < n; ++r) plane[r] = bits_##SUFFIX(ABS(xj[r])) & -(U)(pattern[r] == m); \
                 }                                                                             \
             }                                                                                 \
         }                                                                                     \
