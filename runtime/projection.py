@@ -37,6 +37,7 @@ __all__ = [
     "project",
     "project_transient",
     "release_workspace",
+    "shrink_workspace",
     "WORKSPACE_LIMIT_BYTES",
     "project_aten",
     "dead_slots",
@@ -198,7 +199,8 @@ def project_transient(x: Tensor, M: int, dim: int = -1, rule: str = "sign_patter
     on every call (the allocator returns large blocks to the OS), as much as the projection
     itself on a busy machine; here the planes are written into a per-thread CPU workspace,
     kept at the largest size seen (at most ``WORKSPACE_LIMIT_BYTES``; larger projections are
-    allocated as by :func:`project`). The result is overwritten by the thread's next call:
+    allocated as by :func:`project`; a training forward shrinks it as the network narrows,
+    :func:`shrink_workspace`). The result is overwritten by the thread's next call:
     callers must not return it, save it or let it escape. :func:`release_workspace` frees it.
     Without autograd only (the differentiable form allocates).
     """
@@ -223,6 +225,14 @@ def _workspace_empty(shape, like: Tensor) -> Tensor:
         with torch.inference_mode(False):  # a normal tensor, usable inside and outside inference mode
             buffer = buffers[like.dtype] = torch.empty(numel, dtype=like.dtype)
     return buffer[:numel].view(shape)
+
+
+def shrink_workspace(numel: int, dtype: torch.dtype) -> None:
+    """Free this thread's ``dtype`` workspace when it holds more than 4x ``numel`` values (a
+    caller that now needs ``numel``: the next call allocates what it needs)."""
+    buffers = getattr(_workspace, "buffers", None)
+    if buffers and dtype in buffers and buffers[dtype].numel() > 4 * numel:
+        del buffers[dtype]
 
 
 def release_workspace() -> None:

@@ -529,25 +529,37 @@ def test_transient_projection_is_per_thread():
     assert not failures
 
 
-def test_training_keeps_no_projection_workspace_at_its_peak_and_inference_does():
-    """The workspace serves inference and the backward; a recorded (training) forward frees it
-    after each layer, so a training step's peak memory (the end of its forward) holds no wide
-    tensor beyond the layer being computed."""
+def test_a_training_forward_shrinks_the_workspace_as_the_network_narrows_and_inference_keeps_it():
+    """The workspace serves inference, the training forward and the backward. A recorded
+    (training) layer that needs under a quarter of it frees it, so a step's peak (the end of its
+    forward) holds no wide tensor of the wide early layers; layers of one size reuse it (no fresh
+    block, no page faults, per layer)."""
     from sas_compile.runtime import projection
 
     torch.manual_seed(5)
-    x = torch.randn(4, 6, 5, 5)
+    big, small = torch.randn(4, 6, 10, 10), torch.randn(4, 6, 4, 4)  # 2400 and 384 values: 6.25x
     w = torch.randn(3, 12, 3, 3, requires_grad=True)
+
+    def layer(x):
+        return torch.ops.sas.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, 2, RULE)
+
+    def held():
+        buffer = projection._workspace.buffers.get(torch.float32)
+        return None if buffer is None else buffer.numel()
+
     projection.release_workspace()
     with torch.no_grad():
-        torch.ops.sas.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, 2, RULE)
-    assert projection._workspace.buffers  # kept for the next inference call
-    out = torch.ops.sas.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, 2, RULE)
-    assert not projection._workspace.buffers
+        layer(big), layer(small)
+    assert held() == 2 * big.numel()  # inference keeps the largest
+    layer(big).sum().backward()
+    assert held() == 2 * big.numel()  # training at one size reuses it
+    block = projection._workspace.buffers[torch.float32].data_ptr()
+    layer(big)
+    assert projection._workspace.buffers[torch.float32].data_ptr() == block  # the same block, not a fresh one
+    out = layer(small)
+    assert held() is None  # a layer needing under a quarter freed it
     out.sum().backward()
-    assert projection._workspace.buffers  # the backward's recomputed projection
-    torch.ops.sas.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, 2, RULE)  # the next step's forward
-    assert not projection._workspace.buffers
+    assert held() == 2 * small.numel()  # the backward's recomputed projection
     assert w.grad is not None
 
 
