@@ -92,6 +92,12 @@
     }                                                                                         \
     /* the sign bit where v <= 0 (the gradient's negation), else 0 */                         \
     static inline U flip_##SUFFIX(T v) { return (U)(v <= 0) << (8 * sizeof(U) - 1); }         \
+    /* the slot of a group of cn adjacent channels (R = 1) */                                 \
+    static inline U group_slot_##SUFFIX(const T *restrict xg, int64_t cn) {                   \
+        U slot = 0;                                                                           \
+        for (int64_t j = 0; j < cn; ++j) slot |= (U)(xg[j] <= 0) << j;                        \
+        return slot;                                                                          \
+    }                                                                                         \
     /* the slots of n positions of a group whose cn channel planes (stride R) start at xg */  \
     static inline void chunk_pattern_##SUFFIX(const T *restrict xg, int64_t R, int64_t n, int64_t cn, \
                                               U *restrict pattern) {                          \
@@ -104,8 +110,7 @@
     static inline __attribute__((always_inline)) void project_unit_##SUFFIX(                  \
         const T *restrict xg, U *restrict og, int64_t cn, int64_t M, int64_t R) {             \
         if (R == 1) {                                                                         \
-            U slot = 0;                                                                       \
-            for (int64_t j = 0; j < cn; ++j) slot |= (U)(xg[j] <= 0) << j;                    \
+            const U slot = group_slot_##SUFFIX(xg, cn);                                       \
             for (int64_t j = 0; j < cn; ++j) {                                                \
                 const U a = bits_##SUFFIX(ABS(xg[j]));                                        \
                 for (U m = 0; m < (U)M; ++m) og[j * M + m] = a & -(U)(m == slot);             \
@@ -128,8 +133,7 @@
     static inline __attribute__((always_inline)) void grad_unit_##SUFFIX(                     \
         const T *restrict xg, const U *restrict gg, U *restrict og, int64_t cn, int64_t M, int64_t R) { \
         if (R == 1) {                                                                         \
-            U slot = 0;                                                                       \
-            for (int64_t j = 0; j < cn; ++j) slot |= (U)(xg[j] <= 0) << j;                    \
+            const U slot = group_slot_##SUFFIX(xg, cn);                                       \
             for (int64_t j = 0; j < cn; ++j) og[j] = gg[j * M + slot] ^ flip_##SUFFIX(xg[j]); \
             return;                                                                           \
         }                                                                                     \
@@ -158,8 +162,8 @@
         const int64_t first = (begin / groups) * C + grp * bits; /* its first channel */      \
         const T *restrict xg = x + first * R;                                                 \
         const U *restrict gg = grad ? g + first * M * R : 0;                                  \
-        U *restrict og = out + (grad ? first * R : first * M * R);                            \
-        const int64_t step_x = grad ? 1 : M; /* og's stride per channel, in units of R */     \
+        const int64_t out_per_channel = grad ? R : M * R;                                     \
+        U *restrict og = out + first * out_per_channel;                                       \
         for (int64_t unit = begin; unit < end; ++unit) {                                      \
             if (++grp < groups || C % bits == 0) { /* a full group */                         \
                 grp = grp == groups ? 0 : grp;                                                \
@@ -167,7 +171,7 @@
                 else project_unit_##SUFFIX(xg, og, bits, M, R);                               \
                 xg += bits * R;                                                               \
                 if (grad) gg += bits * M * R;                                                 \
-                og += bits * step_x * R;                                                      \
+                og += bits * out_per_channel;                                                 \
                 continue;                                                                     \
             }                                                                                 \
             grp = 0; /* a row's last group, C % b channels */                                 \
@@ -176,7 +180,7 @@
             else project_unit_##SUFFIX(xg, og, cn, M, R);                                     \
             xg += cn * R;                                                                     \
             if (grad) gg += cn * M * R;                                                       \
-            og += cn * step_x * R;                                                            \
+            og += cn * out_per_channel;                                                       \
         }                                                                                     \
     }                                                                                         \
     PATTERN_AT(T, U, SUFFIX, 2) PATTERN_AT(T, U, SUFFIX, 3) PATTERN_AT(T, U, SUFFIX, 4)       \
