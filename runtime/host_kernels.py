@@ -196,7 +196,8 @@ def _inner(x: Tensor, dim: int) -> int:
 
 def project_m2(x: Tensor, out: Tensor, dim: int, *, threads: Optional[int] = None) -> bool:
     """Write ``S(x)`` along ``dim`` at M = 2 into ``out`` (contiguous, ``x``'s shape with 2
-    inserted after ``dim``: slot 0 = max(x, 0), slot 1 = max(-x, 0)); False, with ``out``
+    inserted after ``dim``, or that axis doubled: only its layout counts; slot 0 = max(x, 0),
+    slot 1 = max(-x, 0)); False, with ``out``
     untouched, when the kernel does not apply (not built, too small, a dtype other than
     float32/float64, non-contiguous tensors)."""
     n = x.numel()
@@ -251,7 +252,7 @@ def _pattern_layout(M: int, x: Tensor, wide: Tensor, dim: int, threads: Optional
 
 def project_sign(x: Tensor, out: Tensor, dim: int, M: int, *, threads: Optional[int] = None) -> bool:
     """Write ``S(x)`` of the sign-pattern rule at ``M`` (2, 4, ..., 128) along ``dim`` into ``out``
-    (contiguous, ``x``'s shape with ``M`` inserted after ``dim``), as ``projection.project``
+    (contiguous, ``x``'s shape with ``M`` inserted after ``dim``, or that axis times ``M``), as ``projection.project``
     computes it; False, with ``out`` untouched, when the kernel does not apply."""
     if M == 2:
         return project_m2(x, out, dim, threads=threads)
