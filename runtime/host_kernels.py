@@ -48,7 +48,7 @@ _DTYPES = {torch.float32: 0, torch.float64: 1}
 
 log = logging.getLogger("sas_compile.runtime")
 _lock = threading.Lock()
-_state = {"lib": None, "error": None, "values_per_thread": 1 << 18}
+_state = {"lib": None, "error": None, "values_per_thread": 1 << 19}
 
 
 def _compiler() -> Optional[str]:
@@ -147,7 +147,7 @@ def _library() -> Optional[ctypes.CDLL]:
                     fn.argtypes = [int_, *args, int_]
                 lib.sas_host_openmp.restype = ctypes.c_int
                 lib.sas_host_openmp.argtypes = []
-                _state["values_per_thread"] = 1 << 15 if lib.sas_host_openmp() else 1 << 18
+                _state["values_per_thread"] = 1 << 16 if lib.sas_host_openmp() else 1 << 19
                 _state["lib"] = lib
             except Exception as exc:  # noqa: BLE001 - any failure leaves the PyTorch formulation in place
                 _state["error"] = f"{type(exc).__name__}: {exc}"
@@ -180,8 +180,8 @@ def _applies(x: Tensor, wide: Tensor, M: int) -> bool:
 
 
 def _threads(n: int, rows: int, threads: Optional[int]) -> int:
-    # values a thread must have to pay for itself (set at load): a few microseconds to wake a
-    # spinning OpenMP worker, tens to start a pthread
+    # wide values a thread must have to pay for itself (set at load): a few microseconds to wake
+    # a spinning OpenMP worker, tens to start a pthread
     wanted = threads if threads is not None else min(torch.get_num_threads(), n // _state["values_per_thread"])
     return max(1, min(wanted, rows))
 
@@ -194,51 +194,12 @@ def _inner(x: Tensor, dim: int) -> int:
     return inner
 
 
-def project_m2(x: Tensor, out: Tensor, dim: int, *, threads: Optional[int] = None) -> bool:
-    """Write ``S(x)`` along ``dim`` at M = 2 into ``out`` (contiguous, ``x``'s shape with 2
-    inserted after ``dim``, or that axis doubled: only its layout counts; slot 0 = max(x, 0),
-    slot 1 = max(-x, 0)); False, with ``out``
-    untouched, when the kernel does not apply (not built, too small, a dtype other than
-    float32/float64, non-contiguous tensors)."""
-    n = x.numel()
-    if not _applies(x, out, 2):
-        return False
-    lib = _library()
-    if lib is None:
-        return False
-    dim %= x.dim()
-    inner = _inner(x, dim)
-    rows = n // inner
-    lib.sas_host_project_m2(_DTYPES[x.dtype], x.data_ptr(), out.data_ptr(), rows, inner,
-                            _threads(n, rows, threads))
-    return True
-
-
-def slot_grad_m2(grad_wide: Tensor, x: Tensor, dim: int, *, threads: Optional[int] = None) -> Optional[Tensor]:
-    """The input gradient at M = 2 along ``dim`` from the wide gradient (contiguous, ``x``'s shape
-    with ``dim`` doubled, channel-major) beside a contiguous ``x``: ``g0`` where ``x > 0`` (or is
-    NaN), ``-g1`` where ``x <= 0``; None when the kernel does not apply."""
-    n = x.numel()
-    if not _applies(x, grad_wide, 2):
-        return None
-    lib = _library()
-    if lib is None:
-        return None
-    dim %= x.dim()
-    inner = _inner(x, dim)
-    rows = n // inner
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    lib.sas_host_slot_grad_m2(_DTYPES[x.dtype], x.data_ptr(), grad_wide.data_ptr(), out.data_ptr(), rows, inner,
-                              _threads(n, rows, threads))
-    return out
-
-
-def _pattern_layout(M: int, x: Tensor, wide: Tensor, dim: int, threads: Optional[int]):
-    """``(library, outer, C, R, bits, threads)`` for a sign-pattern kernel on ``x`` and its wide
-    tensor (the projection's output or the gradient's input), or None when the kernels do not
-    apply (M = 2 or above 128, too small, a dtype other than float32/float64, non-contiguous
-    tensors, no library)."""
-    if not (2 < M <= MAX_PATTERN_M and _applies(x, wide, M)):
+def _layout(M: int, x: Tensor, wide: Tensor, dim: int, threads: Optional[int]):
+    """``(library, outer, C, R, threads)`` for a kernel on ``x`` as ``[outer][C][R]`` (``C`` its
+    ``dim`` axis) and its wide tensor, or None when the kernels do not apply (M above 128, too
+    small, a dtype other than float32/float64, non-contiguous tensors, no library). Threads are
+    split over rows (M = 2: ``outer * C``) or groups of log2(M) channels (the sign pattern)."""
+    if not (M <= MAX_PATTERN_M and _applies(x, wide, M)):
         return None
     lib = _library()
     if lib is None:
@@ -247,7 +208,35 @@ def _pattern_layout(M: int, x: Tensor, wide: Tensor, dim: int, threads: Optional
     channels, inner = x.shape[dim], _inner(x, dim)
     outer = x.numel() // (channels * inner)
     bits = M.bit_length() - 1
-    return lib, outer, channels, inner, bits, _threads(M * x.numel(), outer * -(-channels // bits), threads)
+    units = outer * (channels if M == 2 else -(-channels // bits))
+    return lib, outer, channels, inner, _threads(M * x.numel(), units, threads)
+
+
+def project_m2(x: Tensor, out: Tensor, dim: int, *, threads: Optional[int] = None) -> bool:
+    """Write ``S(x)`` along ``dim`` at M = 2 into ``out`` (contiguous, ``x``'s shape with 2
+    inserted after ``dim``, or that axis doubled: only its layout counts; slot 0 = max(x, 0),
+    slot 1 = max(-x, 0)); False, with ``out`` untouched, when the kernel does not apply (not
+    built, too small, a dtype other than float32/float64, non-contiguous tensors)."""
+    layout = _layout(2, x, out, dim, threads)
+    if layout is None:
+        return False
+    lib, outer, channels, inner, workers = layout
+    lib.sas_host_project_m2(_DTYPES[x.dtype], x.data_ptr(), out.data_ptr(), outer * channels, inner, workers)
+    return True
+
+
+def slot_grad_m2(grad_wide: Tensor, x: Tensor, dim: int, *, threads: Optional[int] = None) -> Optional[Tensor]:
+    """The input gradient at M = 2 along ``dim`` from the wide gradient (contiguous, ``x``'s shape
+    with ``dim`` doubled, channel-major) beside a contiguous ``x``: ``g0`` where ``x > 0`` (or is
+    NaN), ``-g1`` where ``x <= 0``; None when the kernel does not apply."""
+    layout = _layout(2, x, grad_wide, dim, threads)
+    if layout is None:
+        return None
+    lib, outer, channels, inner, workers = layout
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    lib.sas_host_slot_grad_m2(_DTYPES[x.dtype], x.data_ptr(), grad_wide.data_ptr(), out.data_ptr(), outer * channels,
+                              inner, workers)
+    return out
 
 
 def project_sign(x: Tensor, out: Tensor, dim: int, M: int, *, threads: Optional[int] = None) -> bool:
@@ -256,12 +245,12 @@ def project_sign(x: Tensor, out: Tensor, dim: int, M: int, *, threads: Optional[
     computes it; False, with ``out`` untouched, when the kernel does not apply."""
     if M == 2:
         return project_m2(x, out, dim, threads=threads)
-    layout = _pattern_layout(M, x, out, dim, threads)
+    layout = _layout(M, x, out, dim, threads)
     if layout is None:
         return False
-    lib, outer, channels, inner, bits, workers = layout
-    return lib.sas_host_project_pattern(_DTYPES[x.dtype], x.data_ptr(), out.data_ptr(), outer, channels, inner, bits,
-                                        workers) == 0
+    lib, outer, channels, inner, workers = layout
+    return lib.sas_host_project_pattern(_DTYPES[x.dtype], x.data_ptr(), out.data_ptr(), outer, channels, inner,
+                                        M.bit_length() - 1, workers) == 0
 
 
 def slot_grad_sign(grad_wide: Tensor, x: Tensor, dim: int, M: int, *,
@@ -270,11 +259,11 @@ def slot_grad_sign(grad_wide: Tensor, x: Tensor, dim: int, M: int, *,
     at each value's slot, negated where ``x <= 0``; None when the kernel does not apply."""
     if M == 2:
         return slot_grad_m2(grad_wide, x, dim, threads=threads)
-    layout = _pattern_layout(M, x, grad_wide, dim, threads)
+    layout = _layout(M, x, grad_wide, dim, threads)
     if layout is None:
         return None
-    lib, outer, channels, inner, bits, workers = layout
+    lib, outer, channels, inner, workers = layout
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     done = lib.sas_host_slot_grad_pattern(_DTYPES[x.dtype], x.data_ptr(), grad_wide.data_ptr(), out.data_ptr(), outer,
-                                          channels, inner, bits, workers)
+                                          channels, inner, M.bit_length() - 1, workers)
     return out if done == 0 else None

@@ -212,7 +212,7 @@ def test_the_ops_use_the_kernels_and_match_float64(monkeypatch):
 def test_a_failed_build_leaves_the_torch_formulation(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("SAS_COMPILE_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
-    monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None, "values_per_thread": 1 << 18})
+    monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None, "values_per_thread": 1 << 19})
     x = torch.randn(64, 80)
     with caplog.at_level(logging.WARNING, logger="sas_compile.runtime"):
         out = project(x, 2)
@@ -231,7 +231,7 @@ def test_disabled_by_the_environment(monkeypatch):
 def test_a_failed_build_leaves_no_partial_file(monkeypatch, tmp_path):
     monkeypatch.setenv("SAS_COMPILE_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")
-    monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None, "values_per_thread": 1 << 18})
+    monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None, "values_per_thread": 1 << 19})
     assert not host_kernels.available()[0]
     # nothing loadable is left: only the markers that spare later processes the failing compile
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".failed")]
@@ -253,7 +253,7 @@ def test_built_with_openmp_on_pytorchs_own_runtime():
 
 def _fresh_library(monkeypatch, tmp_path):
     monkeypatch.setenv("SAS_COMPILE_CACHE", str(tmp_path))
-    monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None, "values_per_thread": 1 << 18})
+    monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None, "values_per_thread": 1 << 19})
 
 
 def _check_threaded_kernels(monkeypatch):
@@ -283,7 +283,7 @@ def test_pthreads_where_pytorch_has_no_libgomp(monkeypatch, tmp_path):
     monkeypatch.setattr(host_kernels, "torch_uses_libgomp", lambda: False)
     assert host_kernels.available()[0]
     assert host_kernels._library().sas_host_openmp() == 0
-    assert host_kernels._state["values_per_thread"] == 1 << 18
+    assert host_kernels._state["values_per_thread"] == 1 << 19
     _check_threaded_kernels(monkeypatch)
 
 
@@ -298,6 +298,6 @@ def test_a_failed_openmp_build_falls_back_to_pthreads(monkeypatch, tmp_path):
     # a later process neither retries the failed OpenMP build nor rebuilds the pthread one
     builds = []
     monkeypatch.setattr(host_kernels, "_build", lambda path, flags: builds.append(flags))
-    monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None, "values_per_thread": 1 << 18})
+    monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None, "values_per_thread": 1 << 19})
     assert host_kernels.available()[0] and host_kernels._library().sas_host_openmp() == 0
     assert builds == []
