@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .packing import PackedSparseWeight, unpack_sws_weight
-from .projection import dead_slots_to_mask, infinite_meets_dead_slots, project_transient
+from .projection import dead_slots, infinite_meets_dead_slots, project_transient
 
 __all__ = ["TargetStatus", "Capability", "KERNEL_CAPABILITIES", "TARGET_NAMES", "get_target", "targets",
            "tf32_allowed", "TorchTarget", "KernelTarget"]
@@ -87,7 +87,7 @@ class TorchTarget:
         return []
 
     def sas_linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: str) -> Tensor:
-        return F.linear(project_transient(x, M, -1, rule, dead_slots_to_mask(x, weight)), weight, bias)
+        return F.linear(project_transient(x, M, -1, rule, dead_slots(weight)), weight, bias)
 
     def sws_linear(self, x: Tensor, packed: PackedSparseWeight, bias: Optional[Tensor]) -> Tensor:
         return F.linear(x, unpack_sws_weight(packed), bias)

@@ -12,6 +12,11 @@
  * At M >= 4 PyTorch needs a slot computation and one torch.where per slot (5-21x a copy); the
  * pattern kernels below write each group's slots in one pass.
  *
+ * Every projection also reports whether x held a non-finite value (1, else 0), from the pass
+ * it already makes: a layer whose weight has all-zero columns must zero those slots when x
+ * holds +-inf or NaN (0 * inf would be NaN where the dense layer gives 0), and asking PyTorch
+ * that costs one more pass over x (a sum) per layer.
+ *
  * Semantics are the PyTorch formulation's (runtime/projection.py, runtime/sas_ops.py):
  * at M = 2 NaN stays NaN in both slots, +-inf lands in its own slot; the input gradient of a
  * pair is g0 where x > 0 (or x is NaN) and -g1 where x <= 0.
@@ -20,13 +25,25 @@
 #include <stdint.h>
 #include <string.h>
 
+/* v is +-inf or NaN: v - v is then NaN, which compares unequal to 0; finite v gives exactly 0 */
+#define NONFINITE(v) ((v) - (v) != 0)
+/* values of x a projection checks at a time, right after writing their slots (still in L1):
+ * a check inside the projection's own loop slowed the pattern kernels' groups by a third */
+#define SPAN 2048
+
 /* x is [rows][R], the wide tensor [rows][2][R]: R = 1 is interleaved pairs (a linear layer, a
  * channels_last convolution), R > 1 two planes per row (an NCHW convolution: R = H * W). Per
  * row, slot 0's plane and then slot 1's are written in two loops (x's row is read again from
  * L1): one fused loop over both output streams measured 2-3x slower. */
 #define KERNELS(T, SUFFIX)                                                                    \
-    static void project_##SUFFIX(const T *restrict x, T *restrict out, int64_t R, int64_t begin, \
-                                 int64_t end) {                                               \
+    /* 1 if one of the n values at x is not finite: one vectorised reduction */               \
+    static inline int nonfinite_##SUFFIX(const T *restrict x, int64_t n) {                    \
+        int nonfinite = 0;                                                                    \
+        for (int64_t i = 0; i < n; ++i) nonfinite |= NONFINITE(x[i]);                         \
+        return nonfinite;                                                                     \
+    }                                                                                         \
+    static void project_rows_##SUFFIX(const T *restrict x, T *restrict out, int64_t R, int64_t begin, \
+                                      int64_t end) {                                          \
         if (R == 1) {                                                                         \
             for (int64_t i = begin; i < end; ++i) {                                           \
                 T v = x[i];                                                                   \
@@ -49,7 +66,33 @@
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
-    static void slot_grad_##SUFFIX(const T *restrict x, const T *restrict g, T *restrict out,  \
+    /* rows [begin, end); with check, in blocks of about SPAN values of x, each block's x     \
+     * checked right after it is written: returns 1 if a value is not finite, else 0 */       \
+    static int project_##SUFFIX(const T *restrict x, T *restrict out, int64_t R, int64_t begin, \
+                                int64_t end, int check) {                                     \
+        if (!check) {                                                                         \
+            project_rows_##SUFFIX(x, out, R, begin, end);                                     \
+            return 0;                                                                         \
+        }                                                                                     \
+        int nonfinite = 0;                                                                    \
+        if (R == 1) { /* the pairs' loop takes the check at no measurable cost */             \
+            for (int64_t i = begin; i < end; ++i) {                                           \
+                T v = x[i];                                                                   \
+                out[2 * i] = v < 0 ? (T)0 : v;                                                \
+                out[2 * i + 1] = v > 0 ? (T)0 : -v;                                           \
+                nonfinite |= NONFINITE(v);                                                    \
+            }                                                                                 \
+            return nonfinite;                                                                 \
+        }                                                                                     \
+        const int64_t block = R < SPAN ? SPAN / R : 1;                                        \
+        for (int64_t b0 = begin; b0 < end; b0 += block) {                                     \
+            const int64_t b1 = end - b0 < block ? end : b0 + block;                           \
+            project_rows_##SUFFIX(x, out, R, b0, b1);                                         \
+            nonfinite |= nonfinite_##SUFFIX(x + b0 * R, (b1 - b0) * R);                       \
+        }                                                                                     \
+        return nonfinite;                                                                     \
+    }                                                                                         \
+    static void slot_grad_##SUFFIX(const T *restrict x, const T *restrict g, T *restrict out, \
                                    int64_t R, int64_t begin, int64_t end) {                   \
         if (R == 1) {                                                                         \
             for (int64_t i = begin; i < end; ++i) {                                           \
@@ -183,28 +226,51 @@
             og += cn * out_per_channel;                                                       \
         }                                                                                     \
     }                                                                                         \
+    /* the projection of units [begin, end) in blocks of about SPAN values of x (a unit's     \
+     * values are contiguous, and so are a block's), each block's x checked right after it is \
+     * written; returns 1 if a value is not finite */                                         \
+    static inline __attribute__((always_inline)) int project_blocks_##SUFFIX(                 \
+        const T *restrict x, U *restrict out, int64_t C, int64_t R, const int bits, int64_t begin, \
+        int64_t end) {                                                                        \
+        const int64_t groups = (C + bits - 1) / bits, per_block = SPAN / (bits * R);          \
+        const int64_t block = per_block > 0 ? per_block : 1;                                  \
+        int nonfinite = 0;                                                                    \
+        for (int64_t b0 = begin; b0 < end; b0 += block) {                                     \
+            const int64_t b1 = end - b0 < block ? end : b0 + block;                           \
+            pattern_units_##SUFFIX(0, x, 0, out, C, R, bits, b0, b1);                         \
+            const int64_t c0 = (b0 / groups) * C + (b0 % groups) * bits; /* first channels */ \
+            const int64_t c1 = (b1 / groups) * C + (b1 % groups) * bits;                      \
+            nonfinite |= nonfinite_##SUFFIX(x + c0 * R, (c1 - c0) * R);                       \
+        }                                                                                     \
+        return nonfinite;                                                                     \
+    }                                                                                         \
     PATTERN_AT(T, U, SUFFIX, 2) PATTERN_AT(T, U, SUFFIX, 3) PATTERN_AT(T, U, SUFFIX, 4)       \
     PATTERN_AT(T, U, SUFFIX, 5) PATTERN_AT(T, U, SUFFIX, 6) PATTERN_AT(T, U, SUFFIX, 7)       \
-    static void pattern_##SUFFIX(int grad, const void *x, const void *g, void *out, int64_t C, int64_t R, \
-                                 int bits, int64_t begin, int64_t end) {                      \
+    static int pattern_##SUFFIX(int grad, int check, const void *x, const void *g, void *out, int64_t C, \
+                                int64_t R, int bits, int64_t begin, int64_t end) {            \
         switch (bits) {                                                                       \
-        case 2: pattern_2_##SUFFIX(grad, x, g, out, C, R, begin, end); break;                 \
-        case 3: pattern_3_##SUFFIX(grad, x, g, out, C, R, begin, end); break;                 \
-        case 4: pattern_4_##SUFFIX(grad, x, g, out, C, R, begin, end); break;                 \
-        case 5: pattern_5_##SUFFIX(grad, x, g, out, C, R, begin, end); break;                 \
-        case 6: pattern_6_##SUFFIX(grad, x, g, out, C, R, begin, end); break;                 \
-        default: pattern_7_##SUFFIX(grad, x, g, out, C, R, begin, end);                       \
+        case 2: return pattern_2_##SUFFIX(grad, check, x, g, out, C, R, begin, end);          \
+        case 3: return pattern_3_##SUFFIX(grad, check, x, g, out, C, R, begin, end);          \
+        case 4: return pattern_4_##SUFFIX(grad, check, x, g, out, C, R, begin, end);          \
+        case 5: return pattern_5_##SUFFIX(grad, check, x, g, out, C, R, begin, end);          \
+        case 6: return pattern_6_##SUFFIX(grad, check, x, g, out, C, R, begin, end);          \
+        default: return pattern_7_##SUFFIX(grad, check, x, g, out, C, R, begin, end);         \
         }                                                                                     \
     }
-/* the projection (grad = 0) and the gradient (grad = 1) at one b, R = 1 and R > 1 apart: each a
- * function of its own, with every size but C and R a constant */
+/* the projection (grad = 0; with check, returning 1 if x holds a value that is not finite) and
+ * the gradient (grad = 1) at one b, R = 1 and R > 1 apart: each a function of its own, with every
+ * size but C and R a constant */
 #define PATTERN_AT(T, U, SUFFIX, BITS)                                                        \
-    static __attribute__((noinline)) void pattern_##BITS##_##SUFFIX(                          \
-        int grad, const T *x, const void *g, void *out, int64_t C, int64_t R, int64_t begin, int64_t end) { \
+    static __attribute__((noinline)) int pattern_##BITS##_##SUFFIX(                           \
+        int grad, int check, const T *x, const void *g, void *out, int64_t C, int64_t R, int64_t begin, \
+        int64_t end) {                                                                        \
         if (grad && R == 1) pattern_units_##SUFFIX(1, x, g, out, C, 1, BITS, begin, end);     \
         else if (grad) pattern_units_##SUFFIX(1, x, g, out, C, R, BITS, begin, end);          \
+        else if (check && R == 1) return project_blocks_##SUFFIX(x, out, C, 1, BITS, begin, end); \
+        else if (check) return project_blocks_##SUFFIX(x, out, C, R, BITS, begin, end);       \
         else if (R == 1) pattern_units_##SUFFIX(0, x, 0, out, C, 1, BITS, begin, end);        \
         else pattern_units_##SUFFIX(0, x, 0, out, C, R, BITS, begin, end);                    \
+        return 0;                                                                             \
     }
 
 KERNELS(float, f32)
@@ -219,22 +285,28 @@ typedef struct {
     void *out;
     int64_t C, R, begin, end; /* rows (M = 2) or units (pattern) [begin, end) */
     int bits;
+    int check;     /* a projection checks whether x is finite */
+    int nonfinite; /* out: it saw a value of x that is not finite */
 } task_t;
 
 static void *run(void *arg) {
-    const task_t *t = (const task_t *)arg;
+    task_t *t = (task_t *)arg;
     switch (t->kind) {
     case 0:
-        if (t->dtype == 0) project_f32(t->x, t->out, t->R, t->begin, t->end);
-        else project_f64(t->x, t->out, t->R, t->begin, t->end);
+        if (t->dtype == 0) t->nonfinite = project_f32(t->x, t->out, t->R, t->begin, t->end, t->check);
+        else t->nonfinite = project_f64(t->x, t->out, t->R, t->begin, t->end, t->check);
         break;
     case 1:
         if (t->dtype == 0) slot_grad_f32(t->x, t->g, t->out, t->R, t->begin, t->end);
         else slot_grad_f64(t->x, t->g, t->out, t->R, t->begin, t->end);
         break;
     default: /* 2 the projection, 3 the gradient */
-        if (t->dtype == 0) pattern_f32(t->kind == 3, t->x, t->g, t->out, t->C, t->R, t->bits, t->begin, t->end);
-        else pattern_f64(t->kind == 3, t->x, t->g, t->out, t->C, t->R, t->bits, t->begin, t->end);
+        if (t->dtype == 0)
+            t->nonfinite = pattern_f32(t->kind == 3, t->check, t->x, t->g, t->out, t->C, t->R, t->bits, t->begin,
+                                       t->end);
+        else
+            t->nonfinite = pattern_f64(t->kind == 3, t->check, t->x, t->g, t->out, t->C, t->R, t->bits, t->begin,
+                                       t->end);
     }
     return 0;
 }
@@ -243,19 +315,22 @@ static void *run(void *arg) {
  * with OpenMP (-fopenmp), the ranges run on the OpenMP team of the calling thread: PyTorch's own
  * libgomp (its soname is the one this library needs), whose workers are already running and
  * spin-wait after every PyTorch op. Threads of our own measured 2x slower than that on two
- * cores: they compete with those spinning workers. Without OpenMP, pthreads. */
+ * cores: they compete with those spinning workers. Without OpenMP, pthreads. Returns 1 if a
+ * projection saw a value of x that is not finite, else 0. */
 #ifdef _OPENMP
 static int split(task_t base, int64_t n, int threads) {
     if (threads < 1) threads = 1;
     if (threads > n) threads = n < 1 ? 1 : (int)n;
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    int nonfinite = 0;
+#pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(| : nonfinite)
     for (int i = 0; i < threads; ++i) {
         task_t t = base;
         t.begin = n * i / threads;
         t.end = n * (i + 1) / threads;
         run(&t);
+        nonfinite |= t.nonfinite;
     }
-    return 0;
+    return nonfinite;
 }
 #else
 #include <pthread.h>
@@ -274,11 +349,13 @@ static int split(task_t base, int64_t n, int threads) {
     }
     for (int i = 1; i < threads; ++i) started[i] = pthread_create(&ids[i], 0, run, &tasks[i]) == 0;
     run(&tasks[0]);
+    int nonfinite = tasks[0].nonfinite;
     for (int i = 1; i < threads; ++i) {
         if (started[i]) pthread_join(ids[i], 0);
         else run(&tasks[i]); /* no thread to be had: its range runs here */
+        nonfinite |= tasks[i].nonfinite;
     }
-    return 0;
+    return nonfinite;
 }
 #endif
 
@@ -291,28 +368,31 @@ int sas_host_openmp(void) {
 #endif
 }
 
-int sas_host_project_m2(int dtype, const void *x, void *out, int64_t rows, int64_t R, int threads) {
-    task_t t = {0, dtype, x, 0, out, 0, R, 0, 0, 1};
+/* With check = 1 the projections return 1 if x holds a value that is not finite, else 0; with
+ * check = 0 they return 0 and read x once (-1: bits out of range). The gradients return 0 (-1:
+ * bits out of range). */
+int sas_host_project_m2(int dtype, const void *x, void *out, int64_t rows, int64_t R, int check, int threads) {
+    task_t t = {0, dtype, x, 0, out, 0, R, 0, 0, 1, check, 0};
     return split(t, rows, threads);
 }
 
 int sas_host_slot_grad_m2(int dtype, const void *x, const void *g, void *out, int64_t rows, int64_t R,
                           int threads) {
-    task_t t = {1, dtype, x, g, out, 0, R, 0, 0, 1};
+    task_t t = {1, dtype, x, g, out, 0, R, 0, 0, 1, 0, 0};
     return split(t, rows, threads);
 }
 
 /* x is [outer][C][R]; 2 <= bits <= 7 (M <= 128, the slot fits a byte) */
 int sas_host_project_pattern(int dtype, const void *x, void *out, int64_t outer, int64_t C, int64_t R, int bits,
-                             int threads) {
+                             int check, int threads) {
     if (bits < 2 || bits > 7) return -1;
-    task_t t = {2, dtype, x, 0, out, C, R, 0, 0, bits};
+    task_t t = {2, dtype, x, 0, out, C, R, 0, 0, bits, check, 0};
     return split(t, outer * ((C + bits - 1) / bits), threads);
 }
 
 int sas_host_slot_grad_pattern(int dtype, const void *x, const void *g, void *out, int64_t outer, int64_t C,
                                int64_t R, int bits, int threads) {
     if (bits < 2 || bits > 7) return -1;
-    task_t t = {3, dtype, x, g, out, C, R, 0, 0, bits};
+    task_t t = {3, dtype, x, g, out, C, R, 0, 0, bits, 0, 0};
     return split(t, outer * ((C + bits - 1) / bits), threads);
 }

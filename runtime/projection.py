@@ -41,7 +41,6 @@ __all__ = [
     "WORKSPACE_LIMIT_BYTES",
     "project_aten",
     "dead_slots",
-    "dead_slots_to_mask",
     "infinite_meets_dead_slots",
     "zero_columns",
     "is_builtin_sign_rule",
@@ -203,8 +202,13 @@ def project_transient(x: Tensor, M: int, dim: int = -1, rule: str = "sign_patter
     :func:`shrink_workspace`). The result is overwritten by the thread's next call:
     callers must not return it, save it or let it escape. :func:`release_workspace` frees it.
     Without autograd only (the differentiable form allocates).
+
+    ``dead`` (from :func:`dead_slots`) is applied only where it changes the product: the host
+    kernels report whether ``x`` held an infinite or NaN value from the pass they make anyway,
+    and for finite values the dead slots' zero weight columns already give 0, so the dead slots
+    may keep ``|x|`` (where ``project`` writes 0) and no layer pays a finiteness check.
     """
-    return _project(x, M, dim, rule, dead, lambda shape: _workspace_empty(shape, x))
+    return _project(x, M, dim, rule, dead, lambda shape: _workspace_empty(shape, x), dead_if_nonfinite=True)
 
 
 WORKSPACE_LIMIT_BYTES = 1 << 30
@@ -241,10 +245,11 @@ def release_workspace() -> None:
     _workspace.buffers = {}
 
 
-def _project(x: Tensor, M: int, dim: int, rule: str, dead: Optional[Tensor], empty) -> Tensor:
+def _project(x: Tensor, M: int, dim: int, rule: str, dead: Optional[Tensor], empty,
+             dead_if_nonfinite: bool = False) -> Tensor:
     dim = dim % x.dim()
     if dim == 1 and _is_channels_last(x):
-        return _project(x.permute(0, 2, 3, 1), M, -1, rule, dead, empty).permute(0, 3, 1, 2)
+        return _project(x.permute(0, 2, 3, 1), M, -1, rule, dead, empty, dead_if_nonfinite).permute(0, 3, 1, 2)
     index_rule = get_rule(rule, M)
     if torch.is_grad_enabled() and x.requires_grad:
         # differentiable form (out= writes are not): the same planes, stacked
@@ -261,9 +266,11 @@ def _project(x: Tensor, M: int, dim: int, rule: str, dead: Optional[Tensor], emp
     shape = list(x.shape)
     shape[dim] *= M
     wide = empty(shape)  # allocated flat: no reshape on the fast path
-    if is_builtin_sign_rule(index_rule) and host_kernels.project_sign(x, wide, dim, M):
-        if dead is None:
-            return wide  # one vectorised pass in C (runtime/host_kernels.py)
+    finite = (host_kernels.project_sign(x, wide, dim, M, check_finite=dead is not None)
+              if is_builtin_sign_rule(index_rule) else None)
+    if finite is not None:  # one vectorised pass in C (runtime/host_kernels.py), which checks x if asked
+        if dead is None or (finite and dead_if_nonfinite):
+            return wide
         slots = wide.unflatten(dim, (x.shape[dim], M))
     else:
         slots = wide.unflatten(dim, (x.shape[dim], M))
@@ -281,6 +288,9 @@ def _project(x: Tensor, M: int, dim: int, rule: str, dead: Optional[Tensor], emp
             zero = torch.zeros((), dtype=x.dtype, device=x.device)
             for m in range(M):
                 torch.where(slot == m, magnitude, zero, out=slots.select(dim + 1, m))
+        if dead is not None and dead_if_nonfinite and x.is_cpu and _all_finite(x):
+            dead = None  # a sum over x is cheaper than the mask over the wide tensor; on an
+            # accelerator the check would stop the host until the device caught up: masked
     if dead is not None:
         slots.masked_fill_(_dead_view(dead, slots, dim), 0)
     return wide
@@ -357,20 +367,6 @@ def zero_columns(weight: Tensor, groups: int = 1) -> Tensor:
     (what a traced graph computes)."""
     per_group = weight.reshape(groups, weight.shape[0] // groups, weight.shape[1], -1)
     return (per_group == 0).all(dim=-1).all(dim=1).flatten()
-
-
-def dead_slots_to_mask(x: Tensor, weight: Tensor, groups: int = 1) -> Optional[Tensor]:
-    """The ``dead`` argument of :func:`project` when it may matter: the weight has all-zero
-    columns and ``x`` may hold infinite values (for finite ones the zero columns already give 0).
-
-    On the CPU ``x`` is checked (one sum); on an accelerator the check would stop the host at
-    every layer until the device caught up, so the slots are masked without asking (exact for
-    every input, one more elementwise pass).
-    """
-    dead = dead_slots(weight, groups)
-    if dead is None or (x.device.type == "cpu" and _all_finite(x)):
-        return None
-    return dead
 
 
 def infinite_meets_dead_slots(x: Tensor, weight: Tensor, groups: int = 1) -> bool:

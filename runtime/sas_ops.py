@@ -25,7 +25,7 @@ from .projection import (
     is_builtin_sign_rule_m2,
     PerWeightCache,
     SignPatternRule,
-    dead_slots_to_mask,
+    dead_slots,
     zero_columns,
     expand_dense_weight,
     fold_wide_grad,
@@ -41,11 +41,11 @@ __all__ = ["sas_linear", "sas_conv2d", "sas_linear_from_dense", "sas_conv2d_from
 
 
 def _backward_dead_mask(x: Tensor, weight: Tensor, groups: int = 1) -> Optional[Tensor]:
-    """The dead-slot mask for a backward's projection, in eager mode only: a traced backward
+    """The dead slots for a backward's projection, in eager mode only: a traced backward
     (fake or functional tensors under torch.compile) cannot read data, and keeps the plain form."""
     if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, torch.nn.Parameter):
         return None
-    return dead_slots_to_mask(x, weight, groups)
+    return dead_slots(weight, groups)
 
 
 def _fit_workspace_to_training(x: Tensor, M: int) -> None:
@@ -116,7 +116,7 @@ def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Ten
 @torch.library.custom_op("sas::linear", mutates_args=())
 def sas_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: str) -> Tensor:
     """``F.linear(S(x), weight, bias)``; ``x`` is narrow ``(..., K)``, ``weight`` is ``(N, M*K)``."""
-    return F.linear(project_transient(x, M, -1, rule, dead_slots_to_mask(x, weight)), weight, bias)
+    return F.linear(project_transient(x, M, -1, rule, dead_slots(weight)), weight, bias)
 
 
 @sas_linear.register_kernel("cuda")
@@ -229,7 +229,7 @@ def _pointwise_subsample(x: Tensor, weight: Tensor, stride, padding):
 def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule):
     """The PyTorch formulation: one projection pass, then the dense (cuDNN) conv on S(x)."""
     x_read, stride = _pointwise_subsample(x, weight, stride, padding)
-    wide_x = project_transient(x_read, M, 1, rule, dead_slots_to_mask(x_read, weight, groups))
+    wide_x = project_transient(x_read, M, 1, rule, dead_slots(weight, groups))
     out = F.conv2d(wide_x, _kernel_2d(weight), bias, stride, padding, dilation, groups)
     return out.contiguous(memory_format=_conv_memory_format(x))
 
@@ -474,7 +474,7 @@ def sas_linear_from_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: 
                           train_dense: bool) -> Tensor:
     """``sas::linear`` with the wide weight expanded (and cached) from the dense ``weight``."""
     wide = wide_weight(weight, M, fold_relu, rule)
-    return F.linear(project_transient(x, M, -1, rule, dead_slots_to_mask(x, wide)), wide, bias)
+    return F.linear(project_transient(x, M, -1, rule, dead_slots(wide)), wide, bias)
 
 
 @sas_linear_from_dense.register_kernel("cuda")

@@ -53,7 +53,7 @@ def test_projection_equals_the_torch_formulation(monkeypatch, dtype, shape, dim,
     wide_shape = list(shape)
     wide_shape.insert(dim % len(shape) + 1, 2)
     out = torch.empty(wide_shape, dtype=dtype)
-    assert host_kernels.project_m2(x, out, dim, threads=threads)
+    assert host_kernels.project_m2(x, out, dim, check_finite=True, threads=threads) is False  # x holds inf, NaN
     torch.testing.assert_close(out.flatten(dim % len(shape), dim % len(shape) + 1), expected, rtol=0, atol=0,
                                equal_nan=True)
     torch.testing.assert_close(project(x, 2, dim), expected, rtol=0, atol=0, equal_nan=True)  # project() uses it
@@ -84,7 +84,7 @@ def _count_kernel_calls(monkeypatch, project_name: str, grad_name: str):
 
     def project_spy(*args, **kwargs):
         done = real_project(*args, **kwargs)
-        calls["project"] += done
+        calls["project"] += done is not None
         return done
 
     def grad_spy(*args, **kwargs):
@@ -125,7 +125,7 @@ def test_sign_pattern_kernels_equal_the_torch_formulation(monkeypatch, M, dtype,
     wide_shape = list(shape)
     wide_shape.insert(d + 1, M)
     out = torch.full(wide_shape, 7.0, dtype=dtype)  # every value must be written
-    assert host_kernels.project_sign(x, out, dim, M, threads=threads)
+    assert host_kernels.project_sign(x, out, dim, M, check_finite=True, threads=threads) is False  # inf, NaN
     expected = _torch_formulation(monkeypatch, lambda: project(x, M, dim))
     torch.testing.assert_close(out.flatten(d, d + 1), expected, rtol=0, atol=0, equal_nan=True)
     by_definition, slot = _pattern_by_definition(x, d, M)
@@ -141,12 +141,47 @@ def test_sign_pattern_kernels_equal_the_torch_formulation(monkeypatch, M, dtype,
 
 
 @needs_compiler
+@pytest.mark.parametrize("M", [2, 4, 8, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, dim", [((37, 131), -1), ((3, 29, 71), 1), ((2, 3, 4, 700), 2)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_projection_reports_exactly_whether_x_is_finite(M, dtype, shape, dim, threads):
+    """The flag a layer with all-zero weight columns relies on (project_transient masks their
+    slots only when it is False): False for one +inf, -inf or NaN anywhere (first and last value,
+    inside a partial last group, in every thread's range, in every block of the check), True
+    for finite values up to the largest, whose sum would overflow. Unasked, no check: True."""
+    d = dim % len(shape)
+    wide_shape = list(shape)
+    wide_shape.insert(d + 1, M)
+    out = torch.empty(wide_shape, dtype=dtype)
+    x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(M + len(shape)))
+    assert host_kernels.project_sign(x, out, dim, M, check_finite=True, threads=threads) is True
+    huge = x.sign() * torch.finfo(dtype).max  # finite: a sum-based check would call it infinite
+    assert host_kernels.project_sign(huge, out, dim, M, check_finite=True, threads=threads) is True
+    n = x.numel()
+    for index in sorted({0, n - 1, n // 3, n // 2, 2 * n // 3, n - 2, 2047, 2048, 4095}):
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            y = x.clone()
+            y.view(-1)[index] = bad
+            assert host_kernels.project_sign(y, out, dim, M, check_finite=True, threads=threads) is False, (index, bad)
+            torch.testing.assert_close(out.flatten(d, d + 1), _pattern_or_pair(y, d, M), rtol=0, atol=0,
+                                       equal_nan=True)
+            assert host_kernels.project_sign(y, out, dim, M, threads=threads) is True  # not asked: not checked
+
+
+def _pattern_or_pair(x: torch.Tensor, dim: int, M: int) -> torch.Tensor:
+    if M == 2:
+        return torch.stack([x.clamp_min(0), (-x).clamp_min(0)], dim + 1).flatten(dim, dim + 1)
+    return _pattern_by_definition(x, dim, M)[0].flatten(dim, dim + 1)
+
+
+@needs_compiler
 def test_sign_pattern_kernels_decline_what_they_do_not_cover():
     x = torch.randn(64, 96)
-    assert not host_kernels.project_sign(x, torch.empty(64, 96 * 256), -1, 256)  # a slot needs more than a byte
-    assert not host_kernels.project_sign(x.to(torch.float16), torch.empty(64, 384, dtype=torch.float16), -1, 4)
-    assert not host_kernels.project_sign(x.t(), torch.empty(96, 256), -1, 4)  # not contiguous
-    assert not host_kernels.project_sign(torch.randn(10, 8), torch.empty(10, 32), -1, 4)  # too small to pay
+    assert host_kernels.project_sign(x, torch.empty(64, 96 * 256), -1, 256) is None  # a slot needs more than a byte
+    assert host_kernels.project_sign(x.to(torch.float16), torch.empty(64, 384, dtype=torch.float16), -1, 4) is None
+    assert host_kernels.project_sign(x.t(), torch.empty(96, 256), -1, 4) is None  # not contiguous
+    assert host_kernels.project_sign(torch.randn(10, 8), torch.empty(10, 32), -1, 4) is None  # too small to pay
     assert host_kernels.slot_grad_sign(torch.randn(64, 96 * 4).t(), x, -1, 4) is None
 
 
@@ -225,7 +260,7 @@ def test_a_failed_build_leaves_the_torch_formulation(monkeypatch, tmp_path, capl
 def test_disabled_by_the_environment(monkeypatch):
     monkeypatch.setenv("SAS_COMPILE_HOST_KERNELS", "0")
     assert host_kernels.available() == (False, "disabled by SAS_COMPILE_HOST_KERNELS=0")
-    assert not host_kernels.project_m2(torch.randn(5000), torch.empty(5000, 2), -1)
+    assert host_kernels.project_m2(torch.randn(5000), torch.empty(5000, 2), -1) is None
 
 
 def test_a_failed_build_leaves_no_partial_file(monkeypatch, tmp_path):
@@ -262,7 +297,7 @@ def _check_threaded_kernels(monkeypatch):
     expected = _torch_formulation(monkeypatch, lambda: project(x, 2, 1))
     expected_grad = _torch_formulation(monkeypatch, lambda: sas_ops._slot_grad(g.clone(), x, 2, RULE, 1))
     out = torch.empty(6, 40, 2, 9, 11)
-    assert host_kernels.project_m2(x, out, 1, threads=2)
+    assert host_kernels.project_m2(x, out, 1, check_finite=True, threads=2) is False  # x holds inf and NaN
     torch.testing.assert_close(out.flatten(1, 2), expected, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(host_kernels.slot_grad_m2(g, x, 1, threads=2), expected_grad, rtol=0, atol=0,
                                equal_nan=True)
@@ -270,7 +305,9 @@ def _check_threaded_kernels(monkeypatch):
         x4 = _special(layout, torch.float32, seed=9)
         g4 = torch.randn(x4.shape[0], 160, *x4.shape[2:])
         out4 = torch.empty(x4.shape[0], 40, 4, *x4.shape[2:])
-        assert host_kernels.project_sign(x4, out4, 1, 4, threads=2)
+        assert host_kernels.project_sign(x4, out4, 1, 4, check_finite=True, threads=2) is False
+        assert host_kernels.project_sign(x4.nan_to_num(), torch.empty_like(out4), 1, 4, check_finite=True,
+                                         threads=2) is True
         torch.testing.assert_close(out4.flatten(1, 2), _torch_formulation(monkeypatch, lambda: project(x4, 4, 1)),
                                    rtol=0, atol=0, equal_nan=True)
         expected4 = _torch_formulation(monkeypatch, lambda: sas_ops._slot_grad(g4.clone(), x4, 4, RULE, 1))
@@ -301,3 +338,82 @@ def test_a_failed_openmp_build_falls_back_to_pthreads(monkeypatch, tmp_path):
     monkeypatch.setattr(host_kernels, "_state", {"lib": None, "error": None, "values_per_thread": 1 << 19})
     assert host_kernels.available()[0] and host_kernels._library().sas_host_openmp() == 0
     assert builds == []
+
+
+@needs_compiler
+@pytest.mark.parametrize("M", [2, 4])
+@pytest.mark.parametrize("layer", ["linear", "conv", "conv_channels_last"])
+def test_all_zero_weight_columns_cost_no_finiteness_pass_and_stay_exact_on_nonfinite_inputs(monkeypatch, M, layer):
+    """A folded ReLU's negative slots start with all-zero weight columns. On finite inputs their
+    slots may keep |x| (0 * finite = 0): the kernels' own flag says so, with no second pass over x
+    (``_all_finite`` is never called). On +-inf and NaN the slots are zeroed, forward and in the
+    backward's recomputed projection, giving exactly what the PyTorch formulation gives."""
+    from sas_compile.runtime import projection
+    from sas_compile.runtime.projection import dead_slots, expand_dense_weight
+
+    g = torch.Generator().manual_seed(M)
+    if layer == "linear":
+        x = torch.randn(64, 96, dtype=torch.float64, generator=g)
+        w = expand_dense_weight(torch.randn(7, 96, dtype=torch.float64, generator=g), M, fold_relu=True)
+
+        def op(a, b):
+            return torch.ops.sas.linear(a, b, None, M, RULE)
+
+        def dense(a, b):
+            return torch.nn.functional.linear(a.relu(), b)
+    else:
+        x = torch.randn(4, 24, 9, 8, dtype=torch.float64, generator=g)
+        if layer == "conv_channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        w = expand_dense_weight(torch.randn(5, 24, 3, 3, dtype=torch.float64, generator=g), M, fold_relu=True)
+
+        def op(a, b):
+            return torch.ops.sas.conv2d(a, b, None, [1, 1], [1, 1], [1, 1], 1, M, RULE)
+
+        def dense(a, b):
+            return torch.nn.functional.conv2d(a.relu(), b, None, 1, 1)
+    dense_w = w.unflatten(1, (-1, M))[:, :, 0] if M == 2 else None
+    assert dead_slots(w) is not None
+    checks = []
+    real_all_finite = projection._all_finite
+    monkeypatch.setattr(projection, "_all_finite", lambda t: checks.append(t.shape) or real_all_finite(t))
+    calls = _count_kernel_calls(monkeypatch, "project_sign", "slot_grad_sign")
+
+    def run(inp):
+        a, b = inp.clone().requires_grad_(), w.clone().requires_grad_()
+        out = op(a, b)
+        out.backward(torch.ones_like(out))
+        return out.detach(), a.grad, b.grad
+
+    finite = run(x)
+    assert checks == [] and calls["project"] == 2  # forward and the backward's recomputation, no check
+    if dense_w is not None:  # at M = 2 the even columns are the dense weight: the dense layer's output
+        torch.testing.assert_close(finite[0], dense(x, dense_w), rtol=1e-12, atol=1e-12)
+    expected = _torch_formulation(monkeypatch, lambda: run(x))
+    for got, want in zip(finite, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    bad = x.clone()  # keeps x's memory format
+    for position, value in zip((5, x.numel() // 2, x.numel() - 1), (float("inf"), float("-inf"), float("nan"))):
+        bad[torch.unravel_index(torch.tensor(position), x.shape)] = value
+    poisoned = run(bad)
+    expected = _torch_formulation(monkeypatch, lambda: run(bad))
+    for got, want in zip(poisoned, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+    if dense_w is not None:
+        torch.testing.assert_close(poisoned[0], dense(bad, dense_w), rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert torch.isfinite(poisoned[2][:, dead_slots(w)]).all()  # the dead columns' gradient: 0 * inf never formed
+
+
+@needs_compiler
+def test_project_itself_still_zeroes_the_dead_slots_of_finite_values():
+    from sas_compile.runtime.projection import project_transient
+
+    x = torch.randn(64, 96)
+    dead = torch.zeros(96 * 4, dtype=torch.bool)
+    dead[1::4] = True
+    expected = project(x, 4, -1).view(64, 96, 4)
+    expected[:, :, 1] = 0
+    torch.testing.assert_close(project(x, 4, -1, RULE, dead).view(64, 96, 4), expected, rtol=0, atol=0)
+    # the transient form may leave them (its one reader multiplies them by zero columns)
+    torch.testing.assert_close(project_transient(x, 4, -1, RULE, dead), project(x, 4, -1), rtol=0, atol=0)

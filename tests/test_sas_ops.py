@@ -490,7 +490,14 @@ def test_transient_projection_is_the_projection_in_one_reused_workspace():
             if dead is not None and dead.shape[0] != x.shape[dim] * M:
                 continue
             got = project_transient(x, M, dim, RULE, dead)
-            assert torch.equal(got, project(x, M, dim, RULE, dead))
+            # finite values: the dead slots (zero weight columns) need no zeroing, and keep |x|
+            assert torch.equal(got, project(x, M, dim, RULE))
+            if dead is not None:  # an infinite value: they are zeroed, as project() zeroes them
+                poisoned = x.clone()
+                poisoned[0, 0, 0] = float("inf")  # slot 0 of channel 0: the dead column
+                assert torch.equal(project_transient(poisoned, M, dim, RULE, dead),
+                                   project(poisoned, M, dim, RULE, dead))
+                got = project_transient(x, M, dim, RULE, dead)
             assert got.is_contiguous(memory_format=torch.channels_last) == (x.dim() == 4 and not x.is_contiguous())
             pointers.add(got.untyped_storage().data_ptr())
     assert len(pointers) == 1  # every projection above lived in the same block
