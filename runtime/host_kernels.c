@@ -12,10 +12,11 @@
  * At M >= 4 PyTorch needs a slot computation and one torch.where per slot (5-21x a copy); the
  * pattern kernels below write each group's slots in one pass.
  *
- * Every projection also reports whether x held a non-finite value (1, else 0), from the pass
- * it already makes: a layer whose weight has all-zero columns must zero those slots when x
- * holds +-inf or NaN (0 * inf would be NaN where the dense layer gives 0), and asking PyTorch
- * that costs one more pass over x (a sum) per layer.
+ * Asked to (check = 1), a projection also reports whether x held a value that is not finite,
+ * reading each block of x again right after writing its slots, while it is in cache: a layer
+ * whose weight has all-zero columns must zero those slots when x holds +-inf or NaN (0 * inf
+ * would be NaN where the dense layer gives 0), and asking PyTorch that cost one more pass over
+ * x (a sum) and a handful of scalar ops per layer.
  *
  * Semantics are the PyTorch formulation's (runtime/projection.py, runtime/sas_ops.py):
  * at M = 2 NaN stays NaN in both slots, +-inf lands in its own slot; the input gradient of a
@@ -28,7 +29,7 @@
 /* v is +-inf or NaN: v - v is then NaN, which compares unequal to 0; finite v gives exactly 0 */
 #define NONFINITE(v) ((v) - (v) != 0)
 /* values of x a projection checks at a time, right after writing their slots (still in L1):
- * a check inside the projection's own loop slowed the pattern kernels' groups by a third */
+ * a check inside the pattern kernels' own loops slowed their groups (R = 1) by a third to a half */
 #define SPAN 2048
 
 /* x is [rows][R], the wide tensor [rows][2][R]: R = 1 is interleaved pairs (a linear layer, a

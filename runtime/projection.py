@@ -203,10 +203,11 @@ def project_transient(x: Tensor, M: int, dim: int = -1, rule: str = "sign_patter
     callers must not return it, save it or let it escape. :func:`release_workspace` frees it.
     Without autograd only (the differentiable form allocates).
 
-    ``dead`` (from :func:`dead_slots`) is applied only where it changes the product: the host
-    kernels report whether ``x`` held an infinite or NaN value from the pass they make anyway,
-    and for finite values the dead slots' zero weight columns already give 0, so the dead slots
-    may keep ``|x|`` (where ``project`` writes 0) and no layer pays a finiteness check.
+    ``dead`` (from :func:`dead_slots`) is applied only where it changes the product: for finite
+    values the dead slots' zero weight columns already give 0, so those slots may keep ``|x|``
+    (where ``project`` writes 0) and are zeroed only when ``x`` holds +-inf or NaN. The host
+    kernels check that as they project, a block of ``x`` at a time while it is in cache, and only
+    when ``dead`` is given; no layer pays a separate pass over ``x``.
     """
     return _project(x, M, dim, rule, dead, lambda shape: _workspace_empty(shape, x), dead_if_nonfinite=True)
 
@@ -266,8 +267,10 @@ def _project(x: Tensor, M: int, dim: int, rule: str, dead: Optional[Tensor], emp
     shape = list(x.shape)
     shape[dim] *= M
     wide = empty(shape)  # allocated flat: no reshape on the fast path
-    finite = (host_kernels.project_sign(x, wide, dim, M, check_finite=dead is not None)
-              if is_builtin_sign_rule(index_rule) else None)
+    check = dead is not None and dead_if_nonfinite
+    finite = None
+    if is_builtin_sign_rule(index_rule):
+        finite = host_kernels.project_sign(x, wide, dim, M, check_finite=check)
     if finite is not None:  # one vectorised pass in C (runtime/host_kernels.py), which checks x if asked
         if dead is None or (finite and dead_if_nonfinite):
             return wide
