@@ -271,12 +271,11 @@ def _project(x: Tensor, M: int, dim: int, rule: str, dead: Optional[Tensor], emp
     finite = None
     if is_builtin_sign_rule(index_rule):
         finite = host_kernels.project_sign(x, wide, dim, M, check_finite=check)
-    if finite is not None:  # one vectorised pass in C (runtime/host_kernels.py), which checks x if asked
-        if dead is None or (finite and dead_if_nonfinite):
-            return wide
-        slots = wide.unflatten(dim, (x.shape[dim], M))
-    else:
-        slots = wide.unflatten(dim, (x.shape[dim], M))
+    # one vectorised pass in C (runtime/host_kernels.py), which checks x if asked
+    if finite is not None and (dead is None or (check and finite)):
+        return wide
+    slots = wide.unflatten(dim, (x.shape[dim], M))
+    if finite is None:
         if is_builtin_sign_rule_m2(index_rule):
             # the reference convention: slot 0 = max(x, 0), slot 1 = max(-x, 0); the second plane
             # negated in place (no temporary of x's size: one more allocation per call is as
@@ -291,7 +290,7 @@ def _project(x: Tensor, M: int, dim: int, rule: str, dead: Optional[Tensor], emp
             zero = torch.zeros((), dtype=x.dtype, device=x.device)
             for m in range(M):
                 torch.where(slot == m, magnitude, zero, out=slots.select(dim + 1, m))
-        if dead is not None and dead_if_nonfinite and x.is_cpu and _all_finite(x):
+        if check and x.is_cpu and _all_finite(x):
             dead = None  # a sum over x is cheaper than the mask over the wide tensor; on an
             # accelerator the check would stop the host until the device caught up: masked
     if dead is not None:
