@@ -20,9 +20,10 @@ it keeps its class.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,59 @@ from .plan import LayerPlan, Plan
 
 log = logging.getLogger("sas_compile.passes")
 
-__all__ = ["rewrite_layers_to_sas", "swap_sas_modules", "is_module_swap", "sas_module"]
+__all__ = ["rewrite_layers_to_sas", "swap_sas_modules", "is_module_swap", "sas_module", "copy_for_rewrite",
+           "holds_stand_ins", "dense_source"]
+
+# the attribute by which a meta stand-in names the dense weight it stands for
+_SOURCE = "_sas_dense_source"
+
+
+def copy_for_rewrite(source: nn.Module, plan: Plan) -> nn.Module:
+    """A deep copy of ``source`` for the rewrite of ``plan``, without the weights it replaces.
+
+    Every dense weight of an eligible layer is replaced by the rewrite with a wide one, so the
+    copy gets a meta stand-in for it (no data) that names the original (:func:`dense_source`),
+    which the rewrite expands. A full copy held a second copy of every converted dense weight at
+    the peak of ``sasify`` (95 of ResNet-50's 97 MB). Everything else is copied as ``deepcopy``
+    copies it. :func:`holds_stand_ins` says whether one survived the rewrite (it must not).
+    """
+    memo: Dict[int, torch.Tensor] = {}
+    for layer in plan.eligible():
+        if layer.weight_kind == "placeholder" or not layer.weight_target:
+            continue
+        owner_path, _, name = layer.weight_target.rpartition(".")
+        try:
+            weight = getattr(source.get_submodule(owner_path) if owner_path else source, name)
+        except AttributeError:  # not an attribute of this module (a path of another capture): copied
+            continue
+        if isinstance(weight, torch.Tensor) and id(weight) not in memo:
+            stand_in = torch.empty_like(weight, device="meta")
+            if isinstance(weight, nn.Parameter):
+                stand_in = nn.Parameter(stand_in, requires_grad=weight.requires_grad)
+            setattr(stand_in, _SOURCE, weight)
+            memo[id(weight)] = stand_in
+    return copy.deepcopy(source, memo)
+
+
+def dense_source(weight: torch.Tensor) -> torch.Tensor:
+    """The dense weight to expand: ``weight`` itself, or the one a stand-in of :func:`copy_for_rewrite` names."""
+    return getattr(weight, _SOURCE, weight)
+
+
+def _tensors(value, depth: int = 2) -> Iterator[torch.Tensor]:
+    """The tensors in ``value`` and in the lists, tuples and dicts it holds, ``depth`` levels down."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth > 0 and isinstance(value, (list, tuple, dict)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _tensors(item, depth - 1)
+
+
+def holds_stand_ins(model: nn.Module) -> bool:
+    """Whether a stand-in of :func:`copy_for_rewrite` is still in ``model``: a parameter, a buffer,
+    or an attribute of one of its modules (a tensor, or one in a list, tuple or dict it holds)."""
+    return any(hasattr(tensor, _SOURCE) for module in model.modules() for value in vars(module).values()
+               for tensor in _tensors(value))
 
 
 def sas_module(dense: nn.Module, M: int, fold: bool, rule: str, wide: Optional[nn.Parameter] = None) -> nn.Module:
@@ -46,7 +99,11 @@ def sas_module(dense: nn.Module, M: int, fold: bool, rule: str, wide: Optional[n
 
     It keeps ``dense``'s bias Parameter itself and its train/eval flag; ``wide``, when given,
     is the wide weight of another SAS layer of the same dense weight, which it then shares.
+    A stand-in weight (:func:`copy_for_rewrite`) is expanded from the weight it names.
     """
+    source = dense_source(dense.weight)
+    if wide is None and source is not dense.weight:
+        wide = _wide_like(source, M, fold, rule, getattr(dense, "groups", 1))
     if isinstance(dense, nn.Linear):
         new = SASLinear.from_dense(dense, M, fold_relu=fold, rule=rule)
     elif isinstance(dense, nn.Conv2d):
@@ -143,7 +200,7 @@ def rewrite_layers_to_sas(gm: fx.GraphModule, plan: Plan, config) -> Plan:
                 owner_path, _, pname = layer.weight_target.rpartition(".")
                 owner = gm.get_submodule(owner_path) if owner_path else gm
                 if wide is None:
-                    wide = _wide_like(getattr(owner, pname), M, fold, rule, layer.groups)
+                    wide = _wide_like(dense_source(getattr(owner, pname)), M, fold, rule, layer.groups)
                 if getattr(owner, pname) is not wide:
                     _set_tensor(owner, pname, wide)
             with gm.graph.inserting_before(node):

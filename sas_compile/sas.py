@@ -19,7 +19,7 @@ from .api import FilterFn, attach_result, check_filter_fn, register_handler, spa
 from .passes.capture import CaptureError, capture
 from .passes.pipeline import SAS_REWRITE, analyze_model, run_passes
 from .passes.plan import Plan
-from .passes.rewrite_layers_to_sas import is_module_swap, swap_sas_modules
+from .passes.rewrite_layers_to_sas import copy_for_rewrite, holds_stand_ins, is_module_swap, swap_sas_modules
 from .runtime.layers import SAS_LAYERS
 from .runtime.projection import check_M, get_rule
 
@@ -74,7 +74,8 @@ def _meta_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def apply_sas_plan(plan: Plan, config: SASConfig, *, weights_on_meta: bool = False) -> nn.Module:
+def apply_sas_plan(plan: Plan, config: SASConfig, *, weights_on_meta: bool = False,
+                   copy_dense_weights: bool = False) -> nn.Module:
     """Build the SAS model ``plan`` describes at ``config.M`` (the analysed model is untouched).
 
     A copy of the user's model with its layer modules swapped whenever that expresses the
@@ -82,8 +83,28 @@ def apply_sas_plan(plan: Plan, config: SASConfig, *, weights_on_meta: bool = Fal
     rewritten GraphModule of a symbolic-trace capture. ``weights_on_meta`` builds it on meta
     stand-ins of every parameter and buffer: the same graph and modules without the M-times
     wider weights in memory (what inspection needs: 0.8 GB for ResNet-50 at M = 8 otherwise).
+    Otherwise the copy leaves out the dense weights that the rewrite replaces
+    (``copy_for_rewrite``: a full copy held a second copy of them at the peak), unless
+    ``copy_dense_weights``, or one of them is still held after the rewrite (then the
+    conversion is redone on a full copy).
     """
-    clone = _meta_copy if weights_on_meta else copy.deepcopy
+    if weights_on_meta:
+        clone = _meta_copy
+    elif copy_dense_weights:
+        clone = copy.deepcopy
+    else:  # the converted layers' dense weights are not copied: they are replaced
+        def clone(module):
+            return copy_for_rewrite(module, plan)
+    built = _apply_sas_plan(plan, config, clone)
+    if not weights_on_meta and not copy_dense_weights and holds_stand_ins(built):
+        # a replaced weight is still held where the plan does not rewrite (an attribute no call
+        # reads): that holder gets a copy, as a plain deepcopy gives it
+        log.debug("apply_sas_plan: a converted weight is also held elsewhere; copying every weight")
+        return apply_sas_plan(plan, config, copy_dense_weights=True)
+    return built
+
+
+def _apply_sas_plan(plan: Plan, config: SASConfig, clone) -> nn.Module:
     if plan.capture == "symbolic_trace" and not is_module_swap(plan):
         gm = clone(plan.gm)
         run_passes(SAS_REWRITE, gm, plan, config)

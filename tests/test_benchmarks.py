@@ -45,3 +45,13 @@ def test_train_memory_quick(capsys):
     assert "| dense" in out and "| sas:2" in out and "extra peak / extra state" in out and "zero_grad()" in out
     kept = bench.child("sas:2", 2, 32, 1, True, "zeros")  # gradients kept and zero-filled, in this process
     assert kept["zero_grad"] == "zeros" and kept["state"] > 2 * kept["params"] and len(kept["times"]) == 1
+
+
+@pytest.mark.slow
+def test_sasify_memory_quick(capsys):
+    bench = load("sasify_memory")
+    assert bench.main(["--quick", "--models", "resnet50", "--M", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| resnet50 |   2 | sasify |" in out and "| resnet50 |   2 | full   |" in out
+    row = bench.child("resnet50", 2, "sasify", True)  # in this process
+    assert row["converted"] == 53 and row["sas"] > 1.9 * row["dense"] and row["peak"] >= row["before"]

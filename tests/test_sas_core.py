@@ -35,9 +35,12 @@ def test_sasify_preserves_function(name, M):
     with torch.no_grad():
         ref, out = model(x), sas(x)
     assert _rel(out, ref) < 1e-5
-    # the original is untouched
+    # the original is untouched, and shares no tensor with the SAS model (no meta stand-in left either)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+    originals = {t.data_ptr() for t in [*model.parameters(), *model.buffers()] if t.numel()}
+    for t in [*sas.parameters(), *sas.buffers()]:
+        assert t.device.type == "cpu" and (t.numel() == 0 or t.data_ptr() not in originals)
     # something was converted, and every converted layer owns an M-times wider weight
     plan = sas.sas_plan
     assert plan.eligible(), [(l.name, l.reason) for l in plan.layers]
@@ -216,6 +219,50 @@ def test_shared_weight_converts_once():
     assert len(sites) == 2 and all(l.eligible for l in sites)
     assert not any(l.fold_relu for l in sites)  # one site reads tanh: no fold for the shared weight
     assert isinstance(sas.shared, SASLinear) and sas.shared.weight.shape == (10, 40)
+
+
+class _AliasedWeight(nn.Module):
+    """A converted layer whose weight is also kept in a plain list attribute that no call reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.act, self.fc = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5)
+        self.kept = [self.fc.weight]
+
+    def forward(self, x):
+        return self.fc(self.act(self.stem(x)))
+
+
+def test_sasify_copies_no_weight_it_replaces():
+    """The copy behind sasify leaves out the dense weights that the rewrite replaces (a meta
+    stand-in naming the original is expanded instead), on the module-swap and the graph path; a
+    replaced weight still held elsewhere makes it copy every weight, as a plain deepcopy would."""
+    from sas_compile.passes.pipeline import analyze_model
+    from sas_compile.passes.rewrite_layers_to_sas import copy_for_rewrite, holds_stand_ins
+    from sas_compile.sas import SASConfig
+
+    for name, capture_root in (("mlp", "model"), ("functional_conv", "gm")):
+        model, x = _build(name)
+        plan = analyze_model(model, None, SASConfig(M=2))
+        root = getattr(plan, capture_root)
+        replaced = {l.weight_target for l in plan.eligible()}
+        copied = copy_for_rewrite(root, plan)
+        for target, t in [*copied.named_parameters(), *copied.named_buffers()]:
+            assert (t.device.type == "meta") == (target in replaced), (name, target)
+        assert holds_stand_ins(copied)
+        sas = sas_compile.sasify(model, M=2)
+        assert not holds_stand_ins(sas)
+        assert type(sas).__name__ == ("GraphModule" if capture_root == "gm" else type(model).__name__)
+        with torch.no_grad():
+            assert _rel(sas(x), model(x)) < 1e-5
+
+    torch.manual_seed(0)
+    model, x = _AliasedWeight().eval(), torch.randn(3, 6)
+    sas = sas_compile.sasify(model, M=2)
+    assert isinstance(sas.fc, SASLinear) and sas.kept[0].device.type == "cpu"  # a copy, as deepcopy makes
+    assert torch.equal(sas.kept[0], model.fc.weight) and sas.kept[0] is not model.fc.weight
+    with torch.no_grad():
+        assert _rel(sas(x), model(x)) < 1e-6
 
 
 def test_invalid_M():
