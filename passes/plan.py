@@ -93,7 +93,9 @@ class Plan:
     ``M`` is None for an analysis; a plan that was applied (``sasify``'s ``sas_plan``,
     ``inspect``) records the M it was applied with. ``capture`` is how the graph was
     obtained: ``symbolic_trace``, ``export``, ``dynamo`` or ``modules`` (no graph: the layer
-    modules in order, with ``capture_error`` saying why).
+    modules in order, with ``capture_error`` saying why). ``technique`` is what the plan's
+    layers become: ``SAS`` (an analysis, ``sasify``, ``inspect``), ``SWS`` (``swsify``: eligible
+    layers carry a 1:M weight mask, at the widths they were built with) or ``SWAT`` (``swatify``).
     """
 
     layers: List[LayerPlan]
@@ -109,6 +111,7 @@ class Plan:
     parameters: Dict[str, Any] = field(default_factory=dict, repr=False)  # dynamo: placeholder -> parameter
     sources: Dict[str, str] = field(default_factory=dict, repr=False)  # dynamo: placeholder -> user path
     lowered: int = 0  # SAS layers written out as projection + dense ops (GPU graphs)
+    technique: str = "SAS"
 
     def eligible(self) -> List[LayerPlan]:
         return [layer for layer in self.layers if layer.eligible]
@@ -154,6 +157,12 @@ def layer_cost_summary(layer: LayerPlan, M: Optional[int]) -> Dict[str, Any]:
             "per_position": positions is None}
 
 
+def _sas_M(plan: Plan) -> Optional[int]:
+    """The M of a SAS rewrite the costs go to; None for an analysis and for SWS/SWAT plans, whose
+    layers are recorded as they were built (their cost is the one they have)."""
+    return plan.M if plan.technique == "SAS" else None
+
+
 def _shape_text(shape) -> str:
     return "x".join(str(s) for s in shape) if shape else "?"
 
@@ -179,6 +188,9 @@ def _geometry(layer: LayerPlan) -> str:
     return text
 
 
+_VERBS = {"SAS": "convert", "SWS": "carry a 1:M weight mask", "SWAT": "are SWAT layers"}
+
+
 def plan_to_text(plan: Plan) -> str:
     """A readable table of the plan: one line per conv/linear layer, reasons as footnotes."""
     from tabulate import tabulate
@@ -186,25 +198,32 @@ def plan_to_text(plan: Plan) -> str:
     reasons: Dict[str, int] = {}
     rows = []
     per_position = False
+    sas_plan = plan.technique == "SAS"
     for layer in plan.layers:
-        cost = layer_cost_summary(layer, plan.M)
+        cost = layer_cost_summary(layer, _sas_M(plan))
         per_position |= bool(cost["per_position"])
         sas = _sas_text(layer)
         if not layer.eligible and layer.reason and not layer.sas_M:
             sas += f" [{reasons.setdefault(layer.reason, len(reasons) + 1)}]"
         shapes = "" if layer.input_shape is None else f"{_shape_text(layer.input_shape)} -> {_shape_text(layer.output_shape)}"
         fmt = lambda n: "?" if n is None else costs.format_count(n)  # noqa: E731
-        rows.append([
-            layer.name, layer.op, _geometry(layer), shapes, sas,
-            "yes" if layer.fold_relu else "", f"{fmt(cost['mults_before'])} -> {fmt(cost['mults_after'])}",
-            f"{fmt(cost['params_before'])} -> {fmt(cost['params_after'])}",
-        ])
-    headers = ["layer", "op", "geometry", "input -> output", "SAS", "ReLU folded",
-               "mults" + (" (per position)" if per_position else ""), "params"]
+        if sas_plan:
+            rows.append([
+                layer.name, layer.op, _geometry(layer), shapes, sas,
+                "yes" if layer.fold_relu else "", f"{fmt(cost['mults_before'])} -> {fmt(cost['mults_after'])}",
+                f"{fmt(cost['params_before'])} -> {fmt(cost['params_after'])}",
+            ])
+        else:  # the layers as they were built: one cost each
+            rows.append([layer.name, layer.op, _geometry(layer), shapes, sas, fmt(cost["mults_before"]),
+                         fmt(cost["params_before"])])
+    mults = "mults" + (" (per position)" if per_position else "")
+    headers = (["layer", "op", "geometry", "input -> output", "SAS", "ReLU folded", mults, "params"] if sas_plan
+               else ["layer", "op", "geometry", "input -> output", plan.technique, mults, "params"])
     n = len(plan.eligible())
     at = f"M={plan.M}, " if plan.M else ""
     total = sum(layer.op in costs.LAYER_OPS for layer in plan.layers)
-    head = f"SAS plan ({at}captured with {plan.capture}): {n} of {total} conv/linear layers convert"
+    head = (f"{plan.technique} plan ({at}captured with {plan.capture}): {n} of {total} conv/linear layers "
+            f"{_VERBS.get(plan.technique, 'convert')}")
     opaque = len(plan.layers) - total
     if opaque:
         head += f"; {opaque} modules with projections inside stay dense"
@@ -231,9 +250,10 @@ def plan_to_dict(plan: Plan) -> Dict[str, Any]:
     layers = []
     for layer in plan.layers:
         d = _jsonable(layer.to_dict())
-        d.update(layer_cost_summary(layer, plan.M))
+        d.update(layer_cost_summary(layer, _sas_M(plan)))
         layers.append(d)
     return {
+        "technique": plan.technique,
         "M": plan.M,
         "capture": plan.capture,
         "converted": len(plan.eligible()),
@@ -260,12 +280,12 @@ def plan_to_dot(plan: Plan) -> str:
     lines = [
         "digraph sas_plan {",
         "  rankdir=TB;",
-        f'  label="SAS plan{at}: {len(plan.eligible())} of {len(plan.layers)} layers converted";',
+        f'  label="{plan.technique} plan{at}: {len(plan.eligible())} of {len(plan.layers)} layers converted";',
         '  node [fontname="Helvetica", fontsize=10];',
     ]
 
     def layer_node(key: str, layer: LayerPlan) -> str:
-        cost = layer_cost_summary(layer, plan.M)
+        cost = layer_cost_summary(layer, _sas_M(plan))
         fmt = lambda n: "?" if n is None else costs.format_count(n)  # noqa: E731
         label = [layer.name, f"{layer.op} {_geometry(layer)}"]
         if layer.output_shape is not None:
@@ -276,7 +296,7 @@ def plan_to_dot(plan: Plan) -> str:
             label.append(f"SAS layer, M={layer.sas_M}")
             color = "lightblue"
         elif layer.eligible:
-            label.append("SAS" + (f" M={plan.M}" if plan.M else "") + (", ReLU folded" if layer.fold_relu else ""))
+            label.append(plan.technique + (f" M={plan.M}" if plan.M else "") + (", ReLU folded" if layer.fold_relu else ""))
             color = "palegreen"
         else:
             label.append(f"dense: {layer.reason or 'not eligible'}")

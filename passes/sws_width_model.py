@@ -263,6 +263,7 @@ class ChannelWidths:
     param_dims: Dict[str, List[Dim]]  # parameter/buffer target -> dims
     notes: List[str] = field(default_factory=list)
     union_find: Optional[WidthUnionFind] = None  # this M's groups (the decision fixed some)
+    unfollowed: Dict[str, str] = field(default_factory=dict)  # conv/linear node -> why the analysis could not follow it
 
     def size_of(self, dim: Dim) -> int:
         """Widened size of ``dim``."""

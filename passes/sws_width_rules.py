@@ -108,7 +108,8 @@ class WidthWalk:
     ``env`` maps a node name to its value's dims: a list of :class:`Dim` for a tensor, a tuple
     of those for a multi-output node, a :class:`Dim` for an int that is a size, None for what
     is not tracked. ``params`` holds the dims of parameters and buffers by target, ``layers``
-    every conv/linear call (:class:`LayerSite`). ``filter_fn(module, fqn)`` returning False keeps
+    every conv/linear call (:class:`LayerSite`), ``unfollowed`` the reason of every conv/linear call
+    no rule could follow (its widths stay). ``filter_fn(module, fqn)`` returning False keeps
     a layer's widths; ``module`` is the one of the user's ``model`` where given
     (``capture.layer_owner``), else the graph's.
     """
@@ -122,6 +123,7 @@ class WidthWalk:
         self.env: Dict[str, Any] = {}
         self.params: Dict[str, List[Dim]] = {}
         self.layers: Dict[str, LayerSite] = {}
+        self.unfollowed: Dict[str, str] = {}
         # id(tensor) -> (tensor, its dims), whatever it is called; the tensor kept alive so its id stays its own
         self._tensor_dims: Dict[int, Tuple[torch.Tensor, List[Dim]]] = {}
 
@@ -239,6 +241,8 @@ class WidthWalk:
                 self.env[node.name] = self.visit(node)
             except UnsupportedOp as err:
                 self.unsupported(node, str(err))
+                if node.op in ("call_module", "call_function", "call_method") and width_rule_for(node, self.gm) is layer:
+                    self.unfollowed[node.name] = str(err)
         return self
 
     def unsupported(self, node: fx.Node, why: str) -> None:

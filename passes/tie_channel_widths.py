@@ -103,7 +103,7 @@ class ChannelWidthAnalysis:
         layers: Dict[str, SWSLayerWidths] = {}
         result = ChannelWidths(M, widths, walk.env, layers,
                                {n: (s.weight_target, s.bias_target) for n, s in walk.layers.items()},
-                               walk.params, list(self.notes), uf)
+                               walk.params, list(self.notes), uf, dict(walk.unfollowed))
         for name, site in walk.layers.items():
             shape = sws_layer_shape(site.base_in, site.base_out, M, groups=site.groups,
                                     kernel=math.prod(site.kernel_size),

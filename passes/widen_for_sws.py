@@ -138,8 +138,11 @@ def _rebuild_module(gm, node, widths: ChannelWidths) -> Optional[nn.Module]:
     mod = gm.get_submodule(node.target)
     t = node.target
     wshape = widths.param_shape(f"{t}.weight")
+    layer = widths.layers.get(node.name)
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)) and layer is None:
+        # the analysis could not follow this call (its reason fixed the widths around it): as it is
+        return None
     if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-        layer = widths.layers[node.name]
         if (layer.in_channels, layer.out_channels, layer.groups) == (mod.in_channels, mod.out_channels, mod.groups):
             return None
         cls = nn.Conv1d if isinstance(mod, nn.Conv1d) else nn.Conv2d
@@ -147,7 +150,6 @@ def _rebuild_module(gm, node, widths: ChannelWidths) -> Optional[nn.Module]:
                   mod.dilation, layer.groups, mod.bias is not None, mod.padding_mode)
         return _like(mod, new)
     if isinstance(mod, nn.Linear):
-        layer = widths.layers[node.name]
         if (layer.in_channels, layer.out_channels) == (mod.in_features, mod.out_features):
             return None
         return _like(mod, nn.Linear(layer.in_channels, layer.out_channels, mod.bias is not None))

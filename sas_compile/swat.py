@@ -341,7 +341,7 @@ def _convert(model: nn.Module, config: SWATConfig, example_inputs) -> nn.Module:
             layer.weight_group = tied[0]
             layer.shared_with = tuple(name for name in tied if name != layer.weight_target)
             layers.append(layer)
-    return attach_result(model, config, Plan(layers=layers, capture="modules"))
+    return attach_result(model, config, Plan(layers=layers, capture="modules", technique="SWAT"))
 
 
 def _paths_by_module(model: nn.Module) -> Dict[int, List[str]]:

@@ -32,6 +32,7 @@ changes or the model goes back to training.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -40,7 +41,7 @@ from torch import fx, nn
 
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
 from .passes.capture import capture_seeing_into_leaves, normalize_example_inputs, propagate_shapes, trainable_export_graph
-from .passes.find_sas_layers import parameter_holders
+from .passes.find_sas_layers import layer_plan_from_module, match_layer_call, parameter_holders
 from .passes.lower_sws_to_packed import PackedSWSLinear, lower_sws_to_packed
 from .passes.sws_width_rules import has_width_rule
 from .passes.tie_channel_widths import tie_channel_widths
@@ -50,6 +51,8 @@ from .passes.plan import LayerPlan, Plan
 from .runtime.projection import check_M
 from .runtime.sws_mask import OneOfMMask, one_of_m_mask, sws_mask_of
 from .sas import existing_sas_layers
+
+log = logging.getLogger("sas_compile")
 
 __all__ = [
     "swsify",
@@ -290,10 +293,29 @@ def _convert(model: nn.Module, config: SWSConfig, example_inputs) -> nn.Module:
         name = target[: -len(".weight")] if target.endswith(".weight") else target
         tied = next((group for group in holders.values() if target in group), [target])
         layers.append(LayerPlan(name, node_name, w.op, bool(w.sparse), w.reason, w.in_channels, w.out_channels,
-                                tuple(w.kernel_size), groups=w.groups, weight_target=target,
+                                tuple(w.kernel_size), groups=w.groups,
+                                has_bias=built.sws_widths.layer_params[node_name][1] is not None, weight_target=target,
                                 weight_group=tied[0], shared_with=tuple(t for t in tied if t != target),
                                 sws_M=config.M if w.sparse else None))
-    return attach_result(built, config, Plan(layers=layers, capture=capture_method))
+    for node_name, why in built.sws_widths.unfollowed.items():  # conv/linear calls left as they are
+        layers.append(_unfollowed_layer(built, node_name, f"not widened: the width analysis cannot follow this "
+                                                          f"call ({why}); its widths stay"))
+    order = {node.name: i for i, node in enumerate(built.graph.nodes)}
+    layers.sort(key=lambda layer: order.get(layer.node, len(order)))
+    if layers and not any(layer.eligible for layer in layers):
+        reasons = sorted({layer.reason for layer in layers if layer.reason})
+        log.warning("swsify(M=%d): none of the %d conv/linear layers carries a 1:M mask (see .sparsify_plan): %s",
+                    config.M, len(layers), "; ".join(reasons))
+    return attach_result(built, config, Plan(layers=layers, capture=capture_method, M=config.M, technique="SWS"))
+
+
+def _unfollowed_layer(gm: fx.GraphModule, node_name: str, reason: str) -> LayerPlan:
+    """The plan entry of a conv/linear call the width analysis could not follow (it stays as it is)."""
+    node = next(n for n in gm.graph.nodes if n.name == node_name)
+    if node.op == "call_module":
+        return layer_plan_from_module(node.target, node_name, gm.get_submodule(node.target), False, reason)
+    call = match_layer_call(node, gm)
+    return LayerPlan(node_name, node_name, call.op, False, reason, 0, 0)
 
 
 

@@ -524,6 +524,47 @@ def test_widths_agree_between_symbolic_and_exported_graphs():
     assert pick(traced) == pick(exported)
 
 
+def test_swsify_lists_and_keeps_layers_the_width_analysis_cannot_follow(caplog):
+    """Without example inputs a Flatten hides the shapes from the width analysis: the layers it
+    cannot follow stay as they are, the plan lists each with the reason (it raised KeyError) and
+    a warning says that nothing carries a mask."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(3, 2, 4)
+    with caplog.at_level("WARNING", logger="sas_compile"):
+        built = sas_compile.swsify(model, M=4)
+    assert "none of the 3 conv/linear layers carries a 1:M mask" in caplog.text and "unknown shapes" in caplog.text
+    plan = built.sparsify_plan
+    assert [l.name for l in plan.layers] == ["1", "3", "5"] and not plan.eligible()
+    assert all("width analysis cannot follow" in l.reason and "unknown shapes" in l.reason for l in plan.layers)
+    assert [(l.in_channels, l.out_channels) for l in plan.layers] == [(8, 16), (16, 16), (16, 4)]
+    with torch.no_grad():
+        assert torch.equal(built(x), model(x))  # nothing widened, nothing masked
+    widened = sas_compile.swsify(model, M=4, example_inputs=(x,)).sparsify_plan  # with shapes it follows them
+    assert [l.name for l in widened.eligible()] == ["3", "5"]
+    from sas_compile.models import mlp
+
+    assert len(sas_compile.swsify(mlp(), M=4).sparsify_plan.layers) == 3  # the built-in MLP starts with a Flatten
+
+
+def test_sws_and_swat_plans_print_as_what_they_are():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(2, 8)
+    sws = sas_compile.swsify(model, M=4, example_inputs=(x,)).sparsify_plan
+    text = str(sws)
+    assert text.startswith("SWS plan (M=4, captured with symbolic_trace): 2 of 3 conv/linear layers carry a 1:M "
+                           "weight mask")
+    assert "ReLU folded" not in text and " SWS " in text.splitlines()[1]
+    as_dict = sws.to_dict()
+    assert as_dict["technique"] == "SWS" and "SWS plan" in sws.to_dot()
+    middle = next(l for l in as_dict["layers"] if l["name"] == "2")  # 32 -> 32, 1:4 mask, bias
+    assert middle["mults_before"] == middle["mults_after"] == 32 * 32 // 4
+    assert middle["params_before"] == middle["params_after"] == 32 * 32 + 32
+    swat = str(sas_compile.swatify(model, sparsity=0.5).sparsify_plan)
+    assert swat.startswith("SWAT plan (captured with modules): 3 of 3 conv/linear layers are SWAT layers")
+    assert str(sas_compile.sasify(model, M=4).sas_plan).startswith("SAS plan (M=4, captured with symbolic_trace)")
+
+
 def test_swsify_plan_says_how_the_model_was_captured():
     x = torch.randn(2, 3, 8)
     opaque = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
