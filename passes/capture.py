@@ -209,7 +209,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, *, run_for_real: bool =
             return
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        with torch.no_grad():
+        # torch logs a failing op with its traceback before raising: the caller reports the error
+        with torch.no_grad(), quiet_torch_logs():
             ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
         return
     modes = {m: m.training for m in gm.modules()}

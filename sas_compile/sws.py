@@ -304,8 +304,9 @@ def _convert(model: nn.Module, config: SWSConfig, example_inputs) -> nn.Module:
     layers.sort(key=lambda layer: order.get(layer.node, len(order)))
     if layers and not any(layer.eligible for layer in layers):
         reasons = sorted({layer.reason for layer in layers if layer.reason})
-        log.warning("swsify(M=%d): none of the %d conv/linear layers carries a 1:M mask (see .sparsify_plan): %s",
-                    config.M, len(layers), "; ".join(reasons))
+        hint = "" if example_inputs is not None else " (without example_inputs; they give the analysis its shapes)"
+        log.warning("swsify(M=%d): none of the %d conv/linear layers carries a 1:M mask%s; see .sparsify_plan: %s",
+                    config.M, len(layers), hint, "; ".join(reasons))
     return attach_result(built, config, Plan(layers=layers, capture=capture_method, M=config.M, technique="SWS"))
 
 

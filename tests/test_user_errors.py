@@ -138,6 +138,27 @@ assert any(n.startswith("symbolic formulas unavailable") and chr(10) not in n fo
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
 
 
+def test_report_and_swsify_stay_quiet_when_the_guessed_input_does_not_fit():
+    """Without example inputs the analysis guesses an input shape; for an ImageNet ViT (197
+    positions) the guess fails inside fake tensors, which log their traceback: nothing on stderr
+    (a fresh process: pytest would capture the logging); the report's title and swsify's warning
+    say that there were no example inputs."""
+    script = """
+import logging, torch, sas_compile
+from sas_compile.models import load_model
+model = load_model("vit_tiny-imagenet")[0].eval()
+rep = sas_compile.report(model, M=(2,))
+assert "(no example inputs)" in str(rep).splitlines()[0], str(rep)[:300]
+seen = []
+logging.getLogger("sas_compile").addHandler(logging.Handler())
+logging.getLogger("sas_compile").handlers[-1].emit = seen.append
+built = sas_compile.swsify(model, M=4)
+assert not built.sparsify_plan.eligible() and any("without example_inputs" in r.getMessage() for r in seen)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+
+
 def test_conv1d_counts_agree_with_the_flop_counter():
     model = nn.Sequential(nn.Conv1d(16, 16, 3), nn.ReLU(), nn.Conv1d(16, 8, 5, stride=2, padding=2)).eval()
     x = torch.randn(2, 16, 100)
