@@ -279,6 +279,47 @@ KERNELS(double, f64)
 PATTERN_KERNELS(float, uint32_t, f32, fabsf)
 PATTERN_KERNELS(double, uint64_t, f64, fabs)
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* The sign pattern at M = 4 for float32 with R = 1 and an even C (a linear layer, a channels_last
+ * convolution): every unit is then a pair of adjacent values of x and a block of 8 of the wide
+ * tensor, and units [begin, end) are contiguous. Eight units per step: 16 values of x in one
+ * vector, every unit's two bits from one compare (x <= 0, false for NaN, as in the generic loop),
+ * and each of the 4 output vectors one permute of |x| masked to the lanes whose slot is their
+ * unit's. The generic loop writes a unit at a time and measured 2.5-3x slower (AMD EPYC, Zen 4:
+ * 0.32 against 0.11 ms on BERT-base's [1024, 768], bit-identical); the last units of a range
+ * take the generic loop. */
+static int project_m4_pairs_f32(const float *restrict x, float *restrict out, int64_t C, int64_t begin,
+                                int64_t end, int check) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i lane_slot = _mm512_and_si512(lane, _mm512_set1_epi32(3));
+    const __m512i three = _mm512_set1_epi32(3);
+    const __m512 zero = _mm512_setzero_ps();
+    /* output vector k holds units 2k and 2k + 1: lane l is slot l % 4 of value 4k + l / 4 of the
+     * step's 16 (channel (l / 4) % 2 of unit 2k + l / 8), whose slot is bits 2 (2k + l / 8) and up */
+    __m512i source[4], shift[4];
+    for (int k = 0; k < 4; ++k) {
+        source[k] = _mm512_add_epi32(_mm512_set1_epi32(4 * k), _mm512_srli_epi32(lane, 2));
+        shift[k] = _mm512_add_epi32(_mm512_set1_epi32(4 * k), _mm512_slli_epi32(_mm512_srli_epi32(lane, 3), 1));
+    }
+    __mmask16 nonfinite = 0;
+    int64_t u = begin;
+    for (; u + 8 <= end; u += 8) {
+        const __m512 v = _mm512_loadu_ps(x + 2 * u);
+        const __m512i bits = _mm512_set1_epi32((int)_mm512_cmp_ps_mask(v, zero, _CMP_LE_OQ));
+        const __m512 a = _mm512_abs_ps(v);
+        if (check) nonfinite |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), zero, _CMP_NEQ_UQ); /* inf, NaN */
+        for (int k = 0; k < 4; ++k) {
+            const __m512i slot = _mm512_and_si512(_mm512_srlv_epi32(bits, shift[k]), three);
+            _mm512_storeu_ps(out + 8 * u + 16 * k, _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(slot, lane_slot),
+                                                                       _mm512_permutexvar_ps(source[k], a)));
+        }
+    }
+    pattern_units_f32(0, x, 0, (uint32_t *)out, C, 1, 2, u, end);
+    return (check && (nonfinite != 0 || nonfinite_f32(x + 2 * u, 2 * (end - u)))) ? 1 : 0;
+}
+#endif
+
 typedef struct {
     int kind; /* 0 project, 1 slot gradient (M = 2); 2, 3 the same for the sign pattern at b >= 2 */
     int dtype; /* 0 float32, 1 float64 */
@@ -302,6 +343,12 @@ static void *run(void *arg) {
         else slot_grad_f64(t->x, t->g, t->out, t->R, t->begin, t->end);
         break;
     default: /* 2 the projection, 3 the gradient */
+#if defined(__AVX512F__)
+        if (t->kind == 2 && t->dtype == 0 && t->bits == 2 && t->R == 1 && t->C % 2 == 0) {
+            t->nonfinite = project_m4_pairs_f32(t->x, t->out, t->C, t->begin, t->end, t->check);
+            break;
+        }
+#endif
         if (t->dtype == 0)
             t->nonfinite = pattern_f32(t->kind == 3, t->check, t->x, t->g, t->out, t->C, t->R, t->bits, t->begin,
                                        t->end);
@@ -363,6 +410,15 @@ static int split(task_t base, int64_t n, int threads) {
 /* 1 when built with OpenMP (host_kernels.py reports it) */
 int sas_host_openmp(void) {
 #ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* 1 when built with the AVX-512 kernels (host_kernels.py reports it) */
+int sas_host_avx512(void) {
+#if defined(__AVX512F__)
     return 1;
 #else
     return 0;

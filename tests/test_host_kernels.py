@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import platform
 
 import pytest
 import torch
@@ -40,7 +41,9 @@ def test_the_library_builds_and_loads_here():
 
 
 CASES = [((4099,), -1), ((37, 131), -1), ((3, 29, 71), -1), ((3, 29, 71), 1), ((4, 33, 7, 5), 1), ((5, 1, 3000), 1),
-         ((2, 3, 4, 700), 2)]
+         ((2, 3, 4, 700), 2),
+         # an even C along the last dim: at M = 4 the vector kernel (AVX-512 builds), ranges that end mid-step
+         ((37, 130), -1), ((2, 7, 5, 66), -1)]
 
 
 @needs_compiler
@@ -143,7 +146,7 @@ def test_sign_pattern_kernels_equal_the_torch_formulation(monkeypatch, M, dtype,
 @needs_compiler
 @pytest.mark.parametrize("M", [2, 4, 8, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape, dim", [((37, 131), -1), ((3, 29, 71), 1), ((2, 3, 4, 700), 2)])
+@pytest.mark.parametrize("shape, dim", [((37, 131), -1), ((37, 130), -1), ((3, 29, 71), 1), ((2, 3, 4, 700), 2)])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_the_projection_reports_exactly_whether_x_is_finite(M, dtype, shape, dim, threads):
     """The flag a layer with all-zero weight columns relies on (project_transient masks their
@@ -173,6 +176,40 @@ def _pattern_or_pair(x: torch.Tensor, dim: int, M: int) -> torch.Tensor:
     if M == 2:
         return torch.stack([x.clamp_min(0), (-x).clamp_min(0)], dim + 1).flatten(dim, dim + 1)
     return _pattern_by_definition(x, dim, M)[0].flatten(dim, dim + 1)
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
+@needs_compiler
+def test_the_vector_kernel_is_built_where_the_cpu_has_it_and_a_build_without_it_agrees(monkeypatch, tmp_path):
+    """M = 4, float32, an even C along the last dim: AVX-512 builds (``-march=native`` on a CPU
+    with it) take the vector kernel; a build without it (``-mno-avx512f``) the generic loop. Both
+    write the definition's values bit for bit and report non-finite x exactly."""
+    assert host_kernels._library().sas_host_avx512() == int(_has_avx512() and platform.machine() == "x86_64")
+    shape = (37, 130)
+    x = _special(shape, torch.float32, seed=11)
+    expected = _pattern_by_definition(x, 1, 4)[0]
+    outputs = []
+    flag_sets = [[*flags, "-mno-avx512f"] for flags in host_kernels._flag_sets()] if _has_avx512() else None
+    for variant in ("native", "without") if flag_sets else ("native",):
+        if variant == "without":
+            _fresh_library(monkeypatch, tmp_path)
+            monkeypatch.setattr(host_kernels, "_flag_sets", lambda: flag_sets)
+            assert host_kernels._library().sas_host_avx512() == 0
+        for threads in (1, 2, 3):
+            out = torch.full((*shape, 4), 7.0)
+            assert host_kernels.project_sign(x, out, -1, 4, check_finite=True, threads=threads) is False
+            torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+            outputs.append(out.view(torch.int32).clone())
+            finite = x.nan_to_num(posinf=1.0, neginf=-1.0)
+            assert host_kernels.project_sign(finite, out, -1, 4, check_finite=True, threads=threads) is True
+    assert all(torch.equal(outputs[0], o) for o in outputs)  # bits, NaN's and -0's included
 
 
 @needs_compiler
