@@ -318,6 +318,31 @@ static int project_m4_pairs_f32(const float *restrict x, float *restrict out, in
     pattern_units_f32(0, x, 0, (uint32_t *)out, C, 1, 2, u, end);
     return (check && (nonfinite != 0 || nonfinite_f32(x + 2 * u, 2 * (end - u)))) ? 1 : 0;
 }
+
+/* Its input gradient, eight units per step: value i of the step's 16 reads the wide gradient at
+ * 4 i + its unit's slot, from the first two of the step's four gradient vectors (values 0-7) or
+ * the last two (8-15), with its sign flipped where x <= 0 (the generic loop's bits). */
+static void slot_grad_m4_pairs_f32(const float *restrict x, const float *restrict g, float *restrict out,
+                                   int64_t C, int64_t begin, int64_t end) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i at = _mm512_slli_epi32(lane, 2);                                  /* 4 i */
+    const __m512i shift = _mm512_slli_epi32(_mm512_srli_epi32(lane, 1), 1);         /* 2 (i / 2) */
+    const __m512i three = _mm512_set1_epi32(3), sign = _mm512_set1_epi32((int)0x80000000u);
+    const __m512 zero = _mm512_setzero_ps();
+    int64_t u = begin;
+    for (; u + 8 <= end; u += 8) {
+        const __m512 v = _mm512_loadu_ps(x + 2 * u);
+        const __mmask16 negative = _mm512_cmp_ps_mask(v, zero, _CMP_LE_OQ);
+        const __m512i slot = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)negative), shift), three);
+        const __m512i index = _mm512_add_epi32(at, slot); /* its low 5 bits pick from a pair of vectors */
+        const float *gu = g + 8 * u;
+        const __m512 low = _mm512_permutex2var_ps(_mm512_loadu_ps(gu), index, _mm512_loadu_ps(gu + 16));
+        const __m512 high = _mm512_permutex2var_ps(_mm512_loadu_ps(gu + 32), index, _mm512_loadu_ps(gu + 48));
+        const __m512i picked = _mm512_castps_si512(_mm512_mask_blend_ps(0xFF00, low, high));
+        _mm512_storeu_si512(out + 2 * u, _mm512_mask_xor_epi32(picked, negative, picked, sign));
+    }
+    pattern_units_f32(1, x, (const uint32_t *)g, (uint32_t *)out, C, 1, 2, u, end);
+}
 #endif
 
 typedef struct {
@@ -344,8 +369,9 @@ static void *run(void *arg) {
         break;
     default: /* 2 the projection, 3 the gradient */
 #if defined(__AVX512F__)
-        if (t->kind == 2 && t->dtype == 0 && t->bits == 2 && t->R == 1 && t->C % 2 == 0) {
-            t->nonfinite = project_m4_pairs_f32(t->x, t->out, t->C, t->begin, t->end, t->check);
+        if (t->dtype == 0 && t->bits == 2 && t->R == 1 && t->C % 2 == 0) {
+            if (t->kind == 2) t->nonfinite = project_m4_pairs_f32(t->x, t->out, t->C, t->begin, t->end, t->check);
+            else slot_grad_m4_pairs_f32(t->x, t->g, t->out, t->C, t->begin, t->end);
             break;
         }
 #endif

@@ -10,8 +10,9 @@ max(-x, 0)). ``host_kernels.c`` does each in one vectorised pass, at the speed o
 (the sign pattern over groups of log2(M) channels) PyTorch computes the slots and then one
 ``torch.where`` per slot, 5-21x a copy; the pattern kernels write each group once. At M = 4 in
 float32 with pairs of adjacent values (a linear layer or a channels_last convolution with an even
-width), an AVX-512 build writes eight groups per step (``sas_host_avx512()`` says whether this
-build has it; other CPUs take the generic loop, which computes the same bits).
+width), an AVX-512 build projects eight groups per step and gathers their input gradient the
+same way (``sas_host_avx512()`` says whether this build has it; other CPUs take the generic
+loop, which computes the same bits).
 
 The library is built at first use with the host C compiler (``$CC``, ``cc``, ``gcc`` or
 ``clang``; ``-O3 -march=native``) and cached on disk, keyed by the source, the compiler and its

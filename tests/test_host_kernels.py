@@ -190,11 +190,15 @@ def _has_avx512() -> bool:
 def test_the_vector_kernel_is_built_where_the_cpu_has_it_and_a_build_without_it_agrees(monkeypatch, tmp_path):
     """M = 4, float32, an even C along the last dim: AVX-512 builds (``-march=native`` on a CPU
     with it) take the vector kernel; a build without it (``-mno-avx512f``) the generic loop. Both
-    write the definition's values bit for bit and report non-finite x exactly."""
+    write the definition's values bit for bit, report non-finite x exactly and give the same
+    input gradient."""
     assert host_kernels._library().sas_host_avx512() == int(_has_avx512() and platform.machine() == "x86_64")
     shape = (37, 130)
     x = _special(shape, torch.float32, seed=11)
-    expected = _pattern_by_definition(x, 1, 4)[0]
+    expected, slot = _pattern_by_definition(x, 1, 4)
+    g = torch.randn(shape[0], shape[1] * 4, generator=torch.Generator().manual_seed(3))
+    at_slot = g.unflatten(1, (shape[1], 4)).gather(2, slot.unsqueeze(2)).squeeze(2)
+    expected_grad = torch.where(x <= 0, -at_slot, at_slot)
     outputs = []
     flag_sets = [[*flags, "-mno-avx512f"] for flags in host_kernels._flag_sets()] if _has_avx512() else None
     for variant in ("native", "without") if flag_sets else ("native",):
@@ -209,7 +213,10 @@ def test_the_vector_kernel_is_built_where_the_cpu_has_it_and_a_build_without_it_
             outputs.append(out.view(torch.int32).clone())
             finite = x.nan_to_num(posinf=1.0, neginf=-1.0)
             assert host_kernels.project_sign(finite, out, -1, 4, check_finite=True, threads=threads) is True
-    assert all(torch.equal(outputs[0], o) for o in outputs)  # bits, NaN's and -0's included
+            grad = host_kernels.slot_grad_sign(g, x, -1, 4, threads=threads)
+            torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+            outputs.append(grad.view(torch.int32).clone())
+    assert all(torch.equal(outputs[i % 2], o) for i, o in enumerate(outputs))  # bits, NaN's and -0's included
 
 
 @needs_compiler
