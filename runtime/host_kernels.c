@@ -442,7 +442,7 @@ int sas_host_openmp(void) {
 #endif
 }
 
-/* 1 when built with the AVX-512 kernels (host_kernels.py reports it) */
+/* 1 when built with the AVX-512 kernels (-march=native on a CPU that has them) */
 int sas_host_avx512(void) {
 #if defined(__AVX512F__)
     return 1;

@@ -162,7 +162,8 @@ def _library() -> Optional[ctypes.CDLL]:
 
 def available() -> Tuple[bool, str]:
     """``(True, library path)`` when the kernels are built and loaded, else ``(False, reason)``
-    (the library is built with OpenMP when ``lib.sas_host_openmp()`` is 1)."""
+    (the library is built with OpenMP when ``lib.sas_host_openmp()`` is 1, with the AVX-512
+    kernels when ``lib.sas_host_avx512()`` is 1)."""
     if os.environ.get("SAS_COMPILE_HOST_KERNELS", "1") == "0":
         return False, "disabled by SAS_COMPILE_HOST_KERNELS=0"
     lib = _library()
