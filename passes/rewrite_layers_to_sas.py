@@ -40,10 +40,17 @@ from .plan import LayerPlan, Plan
 log = logging.getLogger("sas_compile.passes")
 
 __all__ = ["rewrite_layers_to_sas", "swap_sas_modules", "is_module_swap", "sas_module", "copy_for_rewrite",
-           "holds_stand_ins", "dense_source"]
+           "holds_stand_ins", "dense_source", "meta_stand_in"]
 
 # the attribute by which a meta stand-in names the dense weight it stands for
 _SOURCE = "_sas_dense_source"
+
+
+def meta_stand_in(tensor: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of ``tensor``'s shape and dtype (no data); a Parameter, with its
+    ``requires_grad``, where ``tensor`` is one."""
+    stand_in = torch.empty_like(tensor, device="meta")
+    return nn.Parameter(stand_in, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else stand_in
 
 
 def copy_for_rewrite(source: nn.Module, plan: Plan) -> nn.Module:
@@ -65,9 +72,7 @@ def copy_for_rewrite(source: nn.Module, plan: Plan) -> nn.Module:
         except AttributeError:  # not an attribute of this module (a path of another capture): copied
             continue
         if isinstance(weight, torch.Tensor) and id(weight) not in memo:
-            stand_in = torch.empty_like(weight, device="meta")
-            if isinstance(weight, nn.Parameter):
-                stand_in = nn.Parameter(stand_in, requires_grad=weight.requires_grad)
+            stand_in = meta_stand_in(weight)
             setattr(stand_in, _SOURCE, weight)
             memo[id(weight)] = stand_in
     return copy.deepcopy(source, memo)

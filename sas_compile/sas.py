@@ -19,7 +19,8 @@ from .api import FilterFn, attach_result, check_filter_fn, register_handler, spa
 from .passes.capture import CaptureError, capture
 from .passes.pipeline import SAS_REWRITE, analyze_model, run_passes
 from .passes.plan import Plan
-from .passes.rewrite_layers_to_sas import copy_for_rewrite, holds_stand_ins, is_module_swap, swap_sas_modules
+from .passes.rewrite_layers_to_sas import (copy_for_rewrite, holds_stand_ins, is_module_swap, meta_stand_in,
+                                           swap_sas_modules)
 from .runtime.layers import SAS_LAYERS
 from .runtime.projection import check_M, get_rule
 
@@ -67,10 +68,7 @@ class SASConfig:
 
 def _meta_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` whose parameters and buffers are meta tensors (no data copied)."""
-    memo = {}
-    for t in [*module.parameters(), *module.buffers()]:
-        stand_in = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(stand_in, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else stand_in
+    memo = {id(t): meta_stand_in(t) for t in [*module.parameters(), *module.buffers()]}
     return copy.deepcopy(module, memo)
 
 
