@@ -14,12 +14,21 @@ times, interleaved round-robin so every variant sees the same machine state:
 forward and forward+backward, and the projection alone against a copy of the same size
 (``torch.cat([x, x])``). Every figure is median (min-max) over ``--repeats`` runs.
 
+The last column counts the minor page faults of a call (median, wide / SAS; Linux and macOS):
+glibc's malloc returns freed blocks of several MB to the kernel when the top of its heap holds
+enough free memory, and the next call that allocates them again touches fresh pages. Which calls
+fault depends on the heap the variants leave behind them in the round-robin, so a row whose
+sides fault differently measures the allocator as much as the layer (an allocator such as
+tcmalloc, ``LD_PRELOAD=libtcmalloc_minimal.so.4``, keeps freed memory and faults on neither).
+
 Run: ``python benchmarks/cpu_layers.py [--M 2] [--repeats 7] [--threads 2] [--quick]``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List, Tuple
 
@@ -71,15 +80,30 @@ def cases(batch: int, M: int, quick: bool) -> List[Tuple[str, Dict]]:
     ]
 
 
-def _round_robin(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, List[float]]:
+def _minor_faults() -> int:
+    """This process's minor page faults so far (0 where ``resource`` is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _round_robin(fns: Dict[str, Callable[[], object]], repeats: int,
+                 faults: Dict[str, List[int]] = None) -> Dict[str, List[float]]:
+    """ms per call of each function, called in turn ``repeats`` times; with ``faults``, each
+    call's minor page faults are appended there per name."""
     for fn in fns.values():
         fn()  # warm-up (allocator, oneDNN primitive cache)
     samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            before = _minor_faults()
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
+            if faults is not None:
+                faults.setdefault(name, []).append(_minor_faults() - before)
     return samples
 
 
@@ -96,6 +120,13 @@ def _fwd_and_step(variants):
 
         step[name] = one
     return fwd, step
+
+
+def _allocator() -> str:
+    """Which malloc the process runs on, as far as LD_PRELOAD says (the page-fault column's context)."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    named = [lib for lib in ("tcmalloc", "jemalloc", "mimalloc") if lib in preload]
+    return f"malloc: {named[0]} (LD_PRELOAD)" if named else f"malloc: the C library's ({sys.platform})"
 
 
 def spread(samples: List[float]) -> str:
@@ -122,12 +153,14 @@ def main(argv=None):
     rows, proj_rows = [], []
     for label, variants in cases(args.batch, args.M, args.quick):
         fwd, step = _fwd_and_step(variants)
+        f_fwd, f_step = {}, {}
         with torch.no_grad():
-            t_fwd = _round_robin(fwd, args.repeats)
-        t_step = _round_robin(step, args.repeats)
-        for mode, t in (("fwd", t_fwd), ("fwd+bwd", t_step)):
+            t_fwd = _round_robin(fwd, args.repeats, f_fwd)
+        t_step = _round_robin(step, args.repeats, f_step)
+        for mode, t, f in (("fwd", t_fwd, f_fwd), ("fwd+bwd", t_step, f_step)):
             rows.append([label, mode, *(spread(t[k]) for k in VARIANTS), ratio(t["SAS"], t["dense wide"]),
-                         ratio(t["SAS"], t["reference"])])
+                         ratio(t["SAS"], t["reference"]),
+                         f"{statistics.median(f['dense wide']):.0f} / {statistics.median(f['SAS']):.0f}"])
         x = variants["SAS"][1]
         dim = 1 if x.dim() == 4 else -1
         with torch.no_grad():
@@ -135,8 +168,9 @@ def main(argv=None):
                               "copy": lambda: torch.cat([x] * args.M, dim)}, args.repeats)
         proj_rows.append([label, spread(t["project"]), spread(t["copy"]), ratio(t["project"], t["copy"])])
     print(f"M={args.M}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"ms as median (min-max) of {args.repeats} interleaved runs")
-    headers = ["layer", "pass", "narrow ms", "wide ms", "SAS ms", "reference ms", "SAS/wide", "SAS/reference"]
+          f"ms as median (min-max) of {args.repeats} interleaved runs; {_allocator()}")
+    headers = ["layer", "pass", "narrow ms", "wide ms", "SAS ms", "reference ms", "SAS/wide", "SAS/reference",
+               "faults wide/SAS"]
     print(tabulate(rows, headers=headers, tablefmt="github"))
     print()
     print(tabulate(proj_rows, headers=["layer input", "project ms", "same-size copy ms", "project/copy"],

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 
 import pytest
+import torch
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -34,7 +36,17 @@ def test_compile_overhead_quick(capsys):
 def test_cpu_layers_quick(capsys):
     load("cpu_layers").main(["--quick", "--repeats", "2"])
     out = capsys.readouterr().out
-    assert "SAS/wide" in out and "project/copy" in out
+    assert "SAS/wide" in out and "project/copy" in out and "faults wide/SAS" in out and "malloc:" in out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts page faults through getrusage")
+def test_cpu_layers_counts_page_faults():
+    """The fault column counts the pages a call touches for the first time: a 64 MB block is
+    above glibc's largest mmap threshold, so each call maps (and faults in) fresh pages."""
+    bench = load("cpu_layers")
+    faults = {}
+    bench._round_robin({"fresh": lambda: torch.ones(16 << 20), "none": lambda: None}, 3, faults)
+    assert len(faults["fresh"]) == 3 and min(faults["fresh"]) > 0 and max(faults["none"]) < min(faults["fresh"])
 
 
 @pytest.mark.slow
