@@ -30,7 +30,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +90,7 @@ def _minor_faults() -> int:
 
 
 def _round_robin(fns: Dict[str, Callable[[], object]], repeats: int,
-                 faults: Dict[str, List[int]] = None) -> Dict[str, List[float]]:
+                 faults: Optional[Dict[str, List[int]]] = None) -> Dict[str, List[float]]:
     """ms per call of each function, called in turn ``repeats`` times; with ``faults``, each
     call's minor page faults are appended there per name."""
     for fn in fns.values():
