@@ -225,8 +225,26 @@ def test_sign_pattern_kernels_decline_what_they_do_not_cover():
     assert host_kernels.project_sign(x, torch.empty(64, 96 * 256), -1, 256) is None  # a slot needs more than a byte
     assert host_kernels.project_sign(x.to(torch.float16), torch.empty(64, 384, dtype=torch.float16), -1, 4) is None
     assert host_kernels.project_sign(x.t(), torch.empty(96, 256), -1, 4) is None  # not contiguous
-    assert host_kernels.project_sign(torch.randn(10, 8), torch.empty(10, 32), -1, 4) is None  # too small to pay
-    assert host_kernels.slot_grad_sign(torch.randn(64, 96 * 4).t(), x, -1, 4) is None
+    assert host_kernels.project_sign(torch.randn(0, 8), torch.empty(0, 32), -1, 4) is None  # empty: PyTorch's ops
+    assert host_kernels.slot_grad_sign(torch.randn(0, 16), torch.randn(0, 8), -1, 2) is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("M", [2, 4, 8])
+def test_small_inputs_take_the_kernels(monkeypatch, M):
+    """A layer of a few values (batch-1 inference, tiny models) is projected and folded by the
+    kernels too: their call measured cheaper than PyTorch's ops at every size."""
+    x = torch.randn(3, 5)
+    x[0, 0], x[1, 2] = 0.0, -0.0
+    out = torch.full((3, 5 * M), 7.0)
+    assert host_kernels.project_sign(x, out, -1, M) is True
+    expected = _torch_formulation(monkeypatch, lambda: project(x, M, -1, RULE))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    g = torch.randn(3, 5 * M)
+    folded = host_kernels.slot_grad_sign(g, x, -1, M)
+    assert folded is not None
+    expected_grad = _torch_formulation(monkeypatch, lambda: sas_ops._slot_grad(g.clone(), x, M, RULE, 1))
+    torch.testing.assert_close(folded, expected_grad, rtol=0, atol=0)
 
 
 @needs_compiler
