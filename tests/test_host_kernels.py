@@ -227,6 +227,7 @@ def test_sign_pattern_kernels_decline_what_they_do_not_cover():
     assert host_kernels.project_sign(x.t(), torch.empty(96, 256), -1, 4) is None  # not contiguous
     assert host_kernels.project_sign(torch.randn(0, 8), torch.empty(0, 32), -1, 4) is None  # empty: PyTorch's ops
     assert host_kernels.slot_grad_sign(torch.randn(0, 16), torch.randn(0, 8), -1, 2) is None
+    assert host_kernels.slot_grad_sign(torch.randn(64, 96 * 4).t(), x, -1, 4) is None  # not contiguous
 
 
 @needs_compiler
