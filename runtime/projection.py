@@ -325,6 +325,15 @@ class PerWeightCache:
         return callback
 
     def get(self, weight: Tensor, key, make: Callable[[], Any]):
+        """``make()``'s value for ``weight`` at its current version, made once per version.
+
+        Values are made outside inference mode (normal tensors, usable in any mode: a mask or
+        expansion first made under ``torch.inference_mode`` may later be saved for a backward).
+        An inference tensor has no version counter, so an in-place write to it (allowed inside
+        inference mode) could not be seen: for such a weight nothing is cached."""
+        if weight.is_inference():
+            with torch.no_grad(), torch.inference_mode(False):
+                return make()
         version = (weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
         with self._lock:
             entry = self._entries.get(id(weight))
@@ -337,7 +346,7 @@ class PerWeightCache:
                     self._entries[id(weight)] = entry
             hit = entry[1].get(key)
             if hit is None or hit[0] != version:
-                with torch.no_grad():
+                with torch.no_grad(), torch.inference_mode(False):
                     hit = entry[1][key] = (version, make())
             return hit[1]
 

@@ -11,6 +11,7 @@ narrow activation.
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Optional, Sequence
 
 import torch
@@ -230,8 +231,56 @@ def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rul
     """The PyTorch formulation: one projection pass, then the dense (cuDNN) conv on S(x)."""
     x_read, stride = _pointwise_subsample(x, weight, stride, padding)
     wide_x = project_transient(x_read, M, 1, rule, dead_slots(weight, groups))
-    out = F.conv2d(wide_x, _kernel_2d(weight), bias, stride, padding, dilation, groups)
+    packed = _packed_cpu_weight(wide_x, weight, stride, padding, dilation, groups)
+    if packed is not None:
+        out = torch.ops.mkldnn._convolution_pointwise(wide_x, packed, bias, list(padding), list(stride),
+                                                      list(dilation), groups, "none", [], "")
+    else:
+        out = F.conv2d(wide_x, _kernel_2d(weight), bias, stride, padding, dilation, groups)
     return out.contiguous(memory_format=_conv_memory_format(x))
+
+
+# ---------------------------------------------------------------- CPU inference: packed weights
+#
+# oneDNN reorders a plain conv weight into its blocked layout on every call. A SAS weight is M
+# times the dense one, and where it outweighs the layer's input (deep layers, small batches) the
+# reorder is most of the layer: on [1, 2048, 4, 4] x [512, 2048, 3, 3] (ResNet's last stage at
+# M = 4, batch 1) oneDNN's log shows 12 ms of weight reorder against 3.4 ms of convolution, and
+# a wide weight above 32 MB is a fresh glibc mapping, page-faulted in on each call. Under
+# torch.inference_mode no weight can change behind a cached copy's back unseen (the version
+# counter is checked on every call) and autograd records nothing, so there the weight is packed
+# once per version, as inductor's freezing does for dense models.
+
+ENV_CPU_PACK = "SAS_COMPILE_CPU_PACK"
+_packed_cache = PerWeightCache()
+
+
+def _packed_cpu_weight(wide_x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> Optional[Tensor]:
+    """The oneDNN-packed form of ``weight`` for a CPU convolution on ``wide_x``, or None where the
+    plain convolution runs: outside ``torch.inference_mode``, other than float32, traced (fake)
+    tensors, a weight that is itself an inference tensor (it has no version counter to cache
+    against), without oneDNN, with ``SAS_COMPILE_CPU_PACK=0``, and where the weight has fewer
+    values than the wide input (then the reorder is a small part of the layer, and the packed
+    kernel measured 4-16% slower on ResNet-50's 56x56 and 14x14 layer shapes at batch 8).
+
+    Cached per weight version and input size without the batch (``PerWeightCache``: it dies with
+    the weight); a batch the packed layout does not suit is still computed exactly (oneDNN then
+    reorders the packed weight itself). The packed copy is held beside the weight: the extra
+    memory is the packed layers' weights, once."""
+    if not (wide_x.is_cpu and wide_x.dtype == torch.float32 and torch.is_inference_mode_enabled()
+            and type(wide_x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
+            and weight.dtype == torch.float32 and weight.numel() >= wide_x.numel() and not weight.is_inference()
+            and os.environ.get(ENV_CPU_PACK, "1") != "0" and torch.backends.mkldnn.is_available()):
+        return None
+    kernel = _kernel_2d(weight)
+    conf = (list(stride), list(padding), list(dilation), groups)
+
+    def make():
+        plain = kernel.detach().contiguous().to_mkldnn()
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(plain, conf[1], conf[0], conf[2], groups,
+                                                         list(wide_x.shape))
+
+    return _packed_cache.get(weight, ("mkldnn", repr(conf), tuple(wide_x.shape[1:])), make)
 
 
 # The PyTorch formulation written as plain aten ops (what a lowering pass puts in a graph so
@@ -440,8 +489,9 @@ def wide_weight(weight: Tensor, M: int, fold_relu: bool, rule: str, groups: int 
 
 
 def clear_wide_weight_cache() -> None:
-    """Forget every cached expansion (after writing weights through ``.data``)."""
+    """Forget every cached expansion and packed weight (after writing weights through ``.data``)."""
     _wide_cache.clear()
+    _packed_cache.clear()
 
 
 def _training_refusal() -> SASTrainingError:
