@@ -39,6 +39,13 @@ def test_cpu_layers_quick(capsys):
     assert "SAS/wide" in out and "project/copy" in out and "faults wide/SAS" in out and "malloc:" in out
 
 
+@pytest.mark.slow
+def test_cpu_inference_quick(capsys):
+    assert load("cpu_inference").main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "| resnet18 x1 |   2 |" in out and "| resnet18 x1 |   4 |" in out and "inference_mode/no_grad" in out
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts page faults through getrusage")
 def test_cpu_layers_counts_page_faults():
     """The fault column counts the pages a call touches for the first time: a 64 MB block is
