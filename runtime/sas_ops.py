@@ -263,10 +263,12 @@ def _packed_cpu_weight(wide_x: Tensor, weight: Tensor, stride, padding, dilation
     values than the wide input (then the reorder is a small part of the layer, and the packed
     kernel measured 4-16% slower on ResNet-50's 56x56 and 14x14 layer shapes at batch 8).
 
-    Cached per weight version and input size without the batch (``PerWeightCache``: it dies with
-    the weight); a batch the packed layout does not suit is still computed exactly (oneDNN then
-    reorders the packed weight itself). The packed copy is held beside the weight: the extra
-    memory is the packed layers' weights, once."""
+    Cached per weight version and convolution (``PerWeightCache``: it dies with the weight),
+    packed for the first input's size: one copy per weight however many batch or image sizes
+    it meets (a pack per size would grow without bound on variable-size inputs); a size the
+    packed layout does not suit is still computed exactly (oneDNN then reorders the packed
+    weight itself). The packed copy is held beside the weight: the extra memory is the packed
+    layers' weights, once."""
     if not (wide_x.is_cpu and wide_x.dtype == torch.float32 and torch.is_inference_mode_enabled()
             and type(wide_x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
             and weight.dtype == torch.float32 and weight.numel() >= wide_x.numel() and not weight.is_inference()
@@ -280,7 +282,7 @@ def _packed_cpu_weight(wide_x: Tensor, weight: Tensor, stride, padding, dilation
         return torch._C._nn.mkldnn_reorder_conv2d_weight(plain, conf[1], conf[0], conf[2], groups,
                                                          list(wide_x.shape))
 
-    return _packed_cache.get(weight, ("mkldnn", repr(conf), tuple(wide_x.shape[1:])), make)
+    return _packed_cache.get(weight, ("mkldnn", repr(conf)), make)
 
 
 # The PyTorch formulation written as plain aten ops (what a lowering pass puts in a graph so

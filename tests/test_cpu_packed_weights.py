@@ -101,7 +101,7 @@ def test_a_weight_written_in_place_is_packed_again(packed_calls):
     _close(second, _reference(x, weight, None, 1, 1, 1, 1, 4))
 
 
-def test_another_batch_reuses_the_pack_exactly(packed_calls, monkeypatch):
+def test_other_batch_and_image_sizes_reuse_the_pack_exactly(packed_calls, monkeypatch):
     torch.manual_seed(2)
     weight = torch.randn(24, 64, 3, 3) * 0.2
     packs = []
@@ -110,11 +110,11 @@ def test_another_batch_reuses_the_pack_exactly(packed_calls, monkeypatch):
                         lambda *a: packs.append(a[-1]) or real_reorder(*a))
     args = ([1, 1], [1, 1], [1, 1], 1, 4, RULE)
     with torch.inference_mode():
-        for batch in (1, 3, 1):
-            x = torch.randn(batch, 16, 4, 4)
+        for batch, size in ((1, 4), (3, 4), (1, 5), (2, 3), (1, 4)):
+            x = torch.randn(batch, 16, size, size)
             _close(torch.ops.sas.conv2d(x, weight, None, *args), _reference(x, weight, None, 1, 1, 1, 1, 4))
-    assert packed_calls == [True, True, True]
-    assert len(packs) == 1  # one pack per weight version and image size, whatever the batch
+    assert packed_calls == [True] * 5
+    assert len(packs) == 1  # one pack per weight version, whatever the batch and image sizes
 
 
 @pytest.mark.parametrize("why", ["no_grad", "float64", "weight smaller than input", "env"])
