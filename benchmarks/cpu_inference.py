@@ -18,9 +18,9 @@ Run: ``python benchmarks/cpu_inference.py [--M 2 4] [--repeats 9] [--quick]``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable, Dict, List
+import sys
+from pathlib import Path
+from typing import List
 
 import torch
 from tabulate import tabulate
@@ -29,29 +29,11 @@ import sas_compile
 from sas_compile import models
 from sas_compile.runtime import sas_ops
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_layers import _round_robin, ratio, spread  # noqa: E402  (the timing loop and figures cpu_layers prints)
+
 CASES = [("resnet18", 1), ("resnet18", 8), ("resnet18-imagenet", 1), ("resnet50", 1)]
 QUICK_CASES = [("resnet18", 1)]
-
-
-def _round_robin(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, List[float]]:
-    for fn in fns.values():
-        fn()  # warm-up: packs, workspace, oneDNN primitive cache
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return samples
-
-
-def spread(samples: List[float]) -> str:
-    return f"{statistics.median(samples):.2f} ({min(samples):.2f}-{max(samples):.2f})"
-
-
-def ratio(a: List[float], b: List[float]) -> str:
-    r = [x / y for x, y in zip(a, b)]
-    return f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
 
 
 def _packed(sas: torch.nn.Module, x: torch.Tensor):
