@@ -232,10 +232,17 @@ def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rul
     x_read, stride = _pointwise_subsample(x, weight, stride, padding)
     wide_x = project_transient(x_read, M, 1, rule, dead_slots(weight, groups))
     packed = _packed_cpu_weight(wide_x, weight, stride, padding, dilation, groups)
+    out = None
     if packed is not None:
-        out = torch.ops.mkldnn._convolution_pointwise(wide_x, packed, bias, list(padding), list(stride),
-                                                      list(dilation), groups, "none", [], "")
-    else:
+        try:
+            out = torch.ops.mkldnn._convolution_pointwise(wide_x, packed, bias, list(padding), list(stride),
+                                                          list(dilation), groups, "none", [], "")
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            # the plain convolution raises the caller's own error if the inputs are wrong; only
+            # where it succeeds was the packed path at fault
+            out = F.conv2d(wide_x, _kernel_2d(weight), bias, stride, padding, dilation, groups)
+            _stop_packing(exc)
+    if out is None:
         out = F.conv2d(wide_x, _kernel_2d(weight), bias, stride, padding, dilation, groups)
     return out.contiguous(memory_format=_conv_memory_format(x))
 
@@ -253,15 +260,29 @@ def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rul
 
 ENV_CPU_PACK = "SAS_COMPILE_CPU_PACK"
 _packed_cache = PerWeightCache()
+_packing = {"failed": None}  # the first failure of oneDNN's private packing ops turns packing off
+
+
+def _stop_packing(exc: BaseException) -> None:
+    """The packed ops are PyTorch internals (inductor's): where they fail, as another PyTorch
+    version may, the plain convolution runs from then on, and the reason is logged once."""
+    if _packing["failed"] is None:
+        _packing["failed"] = f"{type(exc).__name__}: {exc}"
+        import logging
+        logging.getLogger("sas_compile.runtime").warning(
+            "oneDNN weight packing failed (%s); SAS convolutions under inference_mode use the plain "
+            "convolution from now on (same values, slower on weight-heavy layers)", _packing["failed"])
+    _packed_cache.clear()
 
 
 def _packed_cpu_weight(wide_x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> Optional[Tensor]:
     """The oneDNN-packed form of ``weight`` for a CPU convolution on ``wide_x``, or None where the
     plain convolution runs: outside ``torch.inference_mode``, other than float32, traced (fake)
     tensors, a weight that is itself an inference tensor (it has no version counter to cache
-    against), without oneDNN, with ``SAS_COMPILE_CPU_PACK=0``, and where the weight has fewer
-    values than the wide input (then the reorder is a small part of the layer, and the packed
-    kernel measured 4-16% slower on ResNet-50's 56x56 and 14x14 layer shapes at batch 8).
+    against), without oneDNN, with ``SAS_COMPILE_CPU_PACK=0``, after the packing ops failed once
+    (:func:`_stop_packing`), and where the weight has fewer values than the wide input (then the
+    reorder is a small part of the layer, and the packed kernel measured 4-16% slower on
+    ResNet-50's 56x56 and 14x14 layer shapes at batch 8).
 
     Cached per weight version and convolution (``PerWeightCache``: it dies with the weight),
     packed for the first input's size: one copy per weight however many batch or image sizes
@@ -272,7 +293,8 @@ def _packed_cpu_weight(wide_x: Tensor, weight: Tensor, stride, padding, dilation
     if not (wide_x.is_cpu and wide_x.dtype == torch.float32 and torch.is_inference_mode_enabled()
             and type(wide_x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
             and weight.dtype == torch.float32 and weight.numel() >= wide_x.numel() and not weight.is_inference()
-            and os.environ.get(ENV_CPU_PACK, "1") != "0" and torch.backends.mkldnn.is_available()):
+            and os.environ.get(ENV_CPU_PACK, "1") != "0" and _packing["failed"] is None
+            and torch.backends.mkldnn.is_available()):
         return None
     kernel = _kernel_2d(weight)
     conf = (list(stride), list(padding), list(dilation), groups)
@@ -282,7 +304,11 @@ def _packed_cpu_weight(wide_x: Tensor, weight: Tensor, stride, padding, dilation
         return torch._C._nn.mkldnn_reorder_conv2d_weight(plain, conf[1], conf[0], conf[2], groups,
                                                          list(wide_x.shape))
 
-    return _packed_cache.get(weight, ("mkldnn", repr(conf)), make)
+    try:
+        return _packed_cache.get(weight, ("mkldnn", repr(conf)), make)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        _stop_packing(exc)
+        return None
 
 
 # The PyTorch formulation written as plain aten ops (what a lowering pass puts in a graph so

@@ -201,3 +201,32 @@ def test_values_cached_under_inference_mode_serve_a_training_step():
     loss.backward()
     assert x.grad is not None and all(p.grad is not None for p in sas.parameters() if p.requires_grad)
     sas_ops.clear_wide_weight_cache()
+
+
+def test_a_failing_packed_op_falls_back_once_and_logs(monkeypatch, caplog):
+    """The packed ops are PyTorch internals: if one fails (another PyTorch version), the plain
+    convolution gives the values, packing stops for the process, and the reason is logged once.
+    A caller's own error (a wrong input) is still the plain convolution's, and stops nothing."""
+    monkeypatch.setitem(sas_ops._packing, "failed", None)
+    sas_ops.clear_wide_weight_cache()
+    torch.manual_seed(8)
+    x, weight = torch.randn(1, 16, 4, 4), torch.randn(32, 64, 3, 3) * 0.2
+    args = ([1, 1], [1, 1], [1, 1], 1, 4, RULE)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError):  # 16 channels against a weight of 8 x 4 wide inputs: the caller's error
+            torch.ops.sas.conv2d(torch.randn(1, 8, 4, 4), torch.randn(32, 64, 3, 3), None, *args)
+    assert sas_ops._packing["failed"] is None
+
+    def broken(*a, **k):
+        raise RuntimeError("no such overload in this PyTorch")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", broken)
+    with caplog.at_level("WARNING", logger="sas_compile.runtime"), torch.inference_mode():
+        first = torch.ops.sas.conv2d(x, weight, None, *args)
+        second = torch.ops.sas.conv2d(x, weight, None, *args)
+    _close(first, _reference(x, weight, None, 1, 1, 1, 1, 4))
+    torch.testing.assert_close(first, second)
+    assert "no such overload" in sas_ops._packing["failed"]
+    assert sum("weight packing failed" in r.getMessage() for r in caplog.records) == 1
+    with torch.inference_mode():  # packing stays off: no more packs are made
+        assert sas_ops._packed_cpu_weight(torch.randn(1, 64, 4, 4), weight, [1, 1], [1, 1], [1, 1], 1) is None
