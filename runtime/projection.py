@@ -350,6 +350,17 @@ class PerWeightCache:
                     hit = entry[1][key] = (version, make())
             return hit[1]
 
+    def holds_values(self) -> bool:
+        """Whether any weight has a value here (a lock-free test for callers on every call)."""
+        return bool(self._entries)
+
+    def forget(self, weight: Tensor) -> None:
+        """Drop every value cached for ``weight`` (its memory goes now, not when the weight dies)."""
+        with self._lock:
+            entry = self._entries.get(id(weight))
+            if entry is not None and entry[0]() is weight:
+                del self._entries[id(weight)]
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

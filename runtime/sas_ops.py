@@ -290,7 +290,14 @@ def _packed_cpu_weight(wide_x: Tensor, weight: Tensor, stride, padding, dilation
     packed layout does not suit is still computed exactly (oneDNN then reorders the packed
     weight itself). The packed copy is held beside the weight: the extra memory is the packed
     layers' weights, once."""
-    if not (wide_x.is_cpu and wide_x.dtype == torch.float32 and torch.is_inference_mode_enabled()
+    if not torch.is_inference_mode_enabled():
+        if _packed_cache.holds_values() and type(weight) is torch.nn.Parameter and weight.requires_grad:
+            # a forward outside inference mode of a trainable weight (a training step, eager or
+            # compiled): its pack, if an inference_mode pass (validation) made one, is stale from
+            # the next optimizer step on, so it goes now rather than being held through training
+            _packed_cache.forget(weight)
+        return None
+    if not (wide_x.is_cpu and wide_x.dtype == torch.float32
             and type(wide_x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
             and weight.dtype == torch.float32 and weight.numel() >= wide_x.numel() and not weight.is_inference()
             and os.environ.get(ENV_CPU_PACK, "1") != "0" and _packing["failed"] is None

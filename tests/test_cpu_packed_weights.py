@@ -230,3 +230,31 @@ def test_a_failing_packed_op_falls_back_once_and_logs(monkeypatch, caplog):
     assert sum("weight packing failed" in r.getMessage() for r in caplog.records) == 1
     with torch.inference_mode():  # packing stays off: no more packs are made
         assert sas_ops._packed_cpu_weight(torch.randn(1, 64, 4, 4), weight, [1, 1], [1, 1], [1, 1], 1) is None
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_training_does_not_hold_the_packs_of_an_inference_pass(packed_calls, compiled):
+    """Validation under inference_mode during training packs the weight-heavy layers. A sasified
+    model's training forward frees each trainable layer's pack; a dense model compiled with
+    backend="sas" packs its cached expansions, which die with them at the first forward after an
+    optimizer step. Either way the training steps that follow do not hold stale packs."""
+    torch.manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(32 * 16, 3))
+    x = torch.randn(1, 3, 4, 4)
+    if compiled:
+        net = torch.compile(model, backend="sas", options={"M": 4, "train_dense": True})
+    else:
+        net = sas_compile.sasify(model, M=4)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    with torch.inference_mode():
+        net(x)
+    assert any(packed_calls)
+    assert sas_ops._packed_cache.holds_values()
+    for _ in range(2):
+        net(x).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not sas_ops._packed_cache.holds_values()
+    torch._dynamo.reset()
