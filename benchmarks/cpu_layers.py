@@ -12,7 +12,9 @@ times, interleaved round-robin so every variant sees the same machine state:
   scatter, then the wide layer (autograd through both);
 
 forward and forward+backward, and the projection alone against a copy of the same size
-(``torch.cat([x, x])``). Every figure is median (min-max) over ``--repeats`` runs.
+(``torch.cat([x, x])``). Every figure is median (min-max) over ``--repeats`` runs, but the
+``bwd`` rows: the backward alone, the forward+backward median minus the forward median (no spread:
+the two come from separate round-robins, so no repeat pairs them).
 
 The last column counts the minor page faults of a call (median, wide / SAS; Linux and macOS):
 glibc's malloc returns freed blocks of several MB to the kernel when the top of its heap holds
@@ -161,6 +163,11 @@ def main(argv=None):
             rows.append([label, mode, *(spread(t[k]) for k in VARIANTS), ratio(t["SAS"], t["dense wide"]),
                          ratio(t["SAS"], t["reference"]),
                          f"{statistics.median(f['dense wide']):.0f} / {statistics.median(f['SAS']):.0f}"])
+        # the backward alone: forward+backward minus forward, from the medians (the two come from
+        # separate round-robins, so there are no paired repeats to give a spread)
+        bwd = {k: statistics.median(t_step[k]) - statistics.median(t_fwd[k]) for k in VARIANTS}
+        rows.append([label, "bwd", *(f"{bwd[k]:.2f}" for k in VARIANTS), f"{bwd['SAS'] / bwd['dense wide']:.2f}",
+                     f"{bwd['SAS'] / bwd['reference']:.2f}", ""])
         x = variants["SAS"][1]
         dim = 1 if x.dim() == 4 else -1
         with torch.no_grad():

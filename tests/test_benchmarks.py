@@ -37,6 +37,7 @@ def test_cpu_layers_quick(capsys):
     load("cpu_layers").main(["--quick", "--repeats", "2"])
     out = capsys.readouterr().out
     assert "SAS/wide" in out and "project/copy" in out and "faults wide/SAS" in out and "malloc:" in out
+    assert "| linear 64x32->64    | bwd     |" in out
 
 
 @pytest.mark.slow
