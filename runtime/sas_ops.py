@@ -259,6 +259,10 @@ def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rul
 # once per version, as inductor's freezing does for dense models.
 
 ENV_CPU_PACK = "SAS_COMPILE_CPU_PACK"
+# weights below this many values stay plain: the packed op's fixed cost (it takes the input as
+# channels_last) is larger than a small weight's reorder; at batch 1 on 4x4 images the packed
+# call measured 121-182 us against 55-138 us plain up to 147,456 values, and faster from 294,912
+PACK_MIN_WEIGHT_VALUES = 1 << 18
 _packed_cache = PerWeightCache()
 _packing = {"failed": None}  # the first failure of oneDNN's private packing ops turns packing off
 
@@ -280,9 +284,9 @@ def _packed_cpu_weight(wide_x: Tensor, weight: Tensor, stride, padding, dilation
     plain convolution runs: outside ``torch.inference_mode``, other than float32, traced (fake)
     tensors, a weight that is itself an inference tensor (it has no version counter to cache
     against), without oneDNN, with ``SAS_COMPILE_CPU_PACK=0``, after the packing ops failed once
-    (:func:`_stop_packing`), and where the weight has fewer values than the wide input (then the
+    (:func:`_stop_packing`), where the weight has fewer values than the wide input (then the
     reorder is a small part of the layer, and the packed kernel measured 4-16% slower on
-    ResNet-50's 56x56 and 14x14 layer shapes at batch 8).
+    ResNet-50's 56x56 and 14x14 layer shapes at batch 8), and below ``PACK_MIN_WEIGHT_VALUES``.
 
     Cached per weight version and convolution (``PerWeightCache``: it dies with the weight),
     packed for the first input's size: one copy per weight however many batch or image sizes
@@ -299,7 +303,8 @@ def _packed_cpu_weight(wide_x: Tensor, weight: Tensor, stride, padding, dilation
         return None
     if not (wide_x.is_cpu and wide_x.dtype == torch.float32
             and type(wide_x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
-            and weight.dtype == torch.float32 and weight.numel() >= wide_x.numel() and not weight.is_inference()
+            and weight.dtype == torch.float32 and weight.numel() >= max(wide_x.numel(), PACK_MIN_WEIGHT_VALUES)
+            and not weight.is_inference()
             and os.environ.get(ENV_CPU_PACK, "1") != "0" and _packing["failed"] is None
             and torch.backends.mkldnn.is_available()):
         return None

@@ -32,6 +32,7 @@ def packed_calls(monkeypatch):
         return out
 
     monkeypatch.setattr(sas_ops, "_packed_cpu_weight", spy)
+    monkeypatch.setattr(sas_ops, "PACK_MIN_WEIGHT_VALUES", 0)  # small test weights take the packed path too
     sas_ops.clear_wide_weight_cache()
     return calls
 
@@ -117,10 +118,12 @@ def test_other_batch_and_image_sizes_reuse_the_pack_exactly(packed_calls, monkey
     assert len(packs) == 1  # one pack per weight version, whatever the batch and image sizes
 
 
-@pytest.mark.parametrize("why", ["no_grad", "float64", "weight smaller than input", "env"])
+@pytest.mark.parametrize("why", ["no_grad", "float64", "weight smaller than input", "small weight", "env"])
 def test_what_stays_on_the_plain_convolution(packed_calls, monkeypatch, why):
     torch.manual_seed(3)
     x, weight = torch.randn(1, 16, 4, 4), torch.randn(32, 64, 3, 3) * 0.2
+    if why == "small weight":  # the default threshold: 18,432 values, where packing measured slower
+        monkeypatch.setattr(sas_ops, "PACK_MIN_WEIGHT_VALUES", 1 << 18)
     if why == "float64":
         x, weight = x.double(), weight.double()
     if why == "weight smaller than input":
@@ -208,6 +211,7 @@ def test_a_failing_packed_op_falls_back_once_and_logs(monkeypatch, caplog):
     convolution gives the values, packing stops for the process, and the reason is logged once.
     A caller's own error (a wrong input) is still the plain convolution's, and stops nothing."""
     monkeypatch.setitem(sas_ops._packing, "failed", None)
+    monkeypatch.setattr(sas_ops, "PACK_MIN_WEIGHT_VALUES", 0)
     sas_ops.clear_wide_weight_cache()
     torch.manual_seed(8)
     x, weight = torch.randn(1, 16, 4, 4), torch.randn(32, 64, 3, 3) * 0.2
