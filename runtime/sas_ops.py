@@ -232,18 +232,19 @@ def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rul
     x_read, stride = _pointwise_subsample(x, weight, stride, padding)
     wide_x = project_transient(x_read, M, 1, rule, dead_slots(weight, groups))
     packed = _packed_cpu_weight(wide_x, weight, stride, padding, dilation, groups)
-    out = None
+    out, failure = None, None
     if packed is not None:
         try:
             out = torch.ops.mkldnn._convolution_pointwise(wide_x, packed, bias, list(padding), list(stride),
                                                           list(dilation), groups, "none", [], "")
         except (RuntimeError, TypeError, AttributeError) as exc:
-            # the plain convolution raises the caller's own error if the inputs are wrong; only
-            # where it succeeds was the packed path at fault
-            out = F.conv2d(wide_x, _kernel_2d(weight), bias, stride, padding, dilation, groups)
-            _stop_packing(exc)
+            failure = exc
     if out is None:
+        # after a failed packed call this raises the caller's own error if the inputs are wrong:
+        # only where it succeeds was the packed path at fault
         out = F.conv2d(wide_x, _kernel_2d(weight), bias, stride, padding, dilation, groups)
+        if failure is not None:
+            _stop_packing(failure)
     return out.contiguous(memory_format=_conv_memory_format(x))
 
 
