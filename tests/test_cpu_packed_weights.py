@@ -1,5 +1,6 @@
 """CPU inference on packed weights: under ``torch.inference_mode`` a SAS convolution whose wide
-weight has at least as many values as its wide input runs oneDNN's convolution on the weight
+weight has at least as many values as its wide input (and at least ``PACK_MIN_WEIGHT_VALUES``,
+set to 0 here so that small test weights take the path) runs oneDNN's convolution on the weight
 packed once per weight version (``runtime/sas_ops.py``, ``_packed_cpu_weight``).
 
 Every case is checked against a float64 reference on random inputs, and each test asserts
