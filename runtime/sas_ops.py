@@ -280,6 +280,22 @@ def _stop_packing(exc: BaseException) -> None:
     _packed_cache.clear()
 
 
+def _check_packed(packed: Tensor, kernel: Tensor, wide_x: Tensor, stride, padding, dilation, groups: int) -> None:
+    """Once per pack, on the call's own input: the packed convolution against ``F.conv2d``, as the
+    GPU autotuner checks every candidate against the PyTorch formulation. The packed ops are
+    PyTorch internals whose arguments another version may read differently (a swapped stride
+    and padding would still run); a disagreement raises, and packing stops (``_stop_packing``)."""
+    got = torch.ops.mkldnn._convolution_pointwise(wide_x, packed, None, padding, stride, dilation, groups,
+                                                  "none", [], "")
+    want = F.conv2d(wide_x, kernel, None, stride, padding, dilation, groups)
+    scale = float(want.abs().nan_to_num(0.0, 0.0, 0.0).max()) if want.numel() else 0.0
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * max(scale, 1.0),
+                                                     equal_nan=True):
+        difference = (got - want).abs().nan_to_num(0.0).max().item() if got.shape == want.shape else "shape"
+        raise RuntimeError(f"the packed convolution disagrees with F.conv2d on a weight of shape "
+                           f"{tuple(kernel.shape)} (largest difference {difference}, output scale {scale:.3g})")
+
+
 def _packed_cpu_weight(wide_x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> Optional[Tensor]:
     """The oneDNN-packed form of ``weight`` for a CPU convolution on ``wide_x``, or None where the
     plain convolution runs: outside ``torch.inference_mode``, other than float32, traced (fake)
@@ -313,9 +329,11 @@ def _packed_cpu_weight(wide_x: Tensor, weight: Tensor, stride, padding, dilation
     conf = (list(stride), list(padding), list(dilation), groups)
 
     def make():
-        plain = kernel.detach().contiguous().to_mkldnn()
-        return torch._C._nn.mkldnn_reorder_conv2d_weight(plain, conf[1], conf[0], conf[2], groups,
-                                                         list(wide_x.shape))
+        plain = kernel.detach().contiguous()
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(plain.to_mkldnn(), conf[1], conf[0], conf[2], groups,
+                                                           list(wide_x.shape))
+        _check_packed(packed, plain, wide_x, *conf)
+        return packed
 
     try:
         return _packed_cache.get(weight, ("mkldnn", repr(conf)), make)

@@ -263,3 +263,38 @@ def test_training_does_not_hold_the_packs_of_an_inference_pass(packed_calls, com
         optimizer.zero_grad()
     assert not sas_ops._packed_cache.holds_values()
     torch._dynamo.reset()
+
+
+def test_a_packed_op_that_computes_something_else_is_caught_before_use(monkeypatch, caplog):
+    """Each pack is checked once against F.conv2d on the call's own input: a packed op that runs
+    but computes something else (another PyTorch version reading its arguments differently) never
+    gives a result; the plain convolution does, and packing stops with the reason logged."""
+    monkeypatch.setitem(sas_ops._packing, "failed", None)
+    monkeypatch.setattr(sas_ops, "PACK_MIN_WEIGHT_VALUES", 0)
+    sas_ops.clear_wide_weight_cache()
+    real = torch.ops.mkldnn._convolution_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", lambda *a: real(*a) * 1.01)
+    torch.manual_seed(10)
+    x, weight = torch.randn(1, 16, 4, 4), torch.randn(32, 64, 3, 3) * 0.2
+    with caplog.at_level("WARNING", logger="sas_compile.runtime"), torch.inference_mode():
+        got = torch.ops.sas.conv2d(x, weight, None, [1, 1], [1, 1], [1, 1], 1, 4, RULE)
+    _close(got, _reference(x, weight, None, 1, 1, 1, 1, 4))
+    assert "disagrees with F.conv2d" in sas_ops._packing["failed"]
+    assert sum("weight packing failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_non_finite_inputs_pass_the_check_and_match_the_plain_path(packed_calls, monkeypatch):
+    """+-inf and NaN land in the same outputs on both paths, so the once-per-pack check accepts
+    them and packing stays on."""
+    monkeypatch.setitem(sas_ops._packing, "failed", None)
+    torch.manual_seed(11)
+    x, weight = torch.randn(1, 16, 4, 4), torch.randn(32, 64, 3, 3) * 0.2
+    x[0, 3, 1, 2], x[0, 7, 0, 0], x[0, 9, 3, 3] = float("inf"), float("-inf"), float("nan")
+    args = ([1, 1], [1, 1], [1, 1], 1, 4, RULE)
+    with torch.inference_mode():
+        got = torch.ops.sas.conv2d(x, weight, None, *args)
+    with torch.no_grad():
+        plain = torch.ops.sas.conv2d(x, weight, None, *args)
+    assert packed_calls == [True, False] and sas_ops._packing["failed"] is None
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert got.isnan().any() and got.isinf().any()
