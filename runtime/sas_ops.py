@@ -235,8 +235,7 @@ def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rul
     out, failure = None, None
     if packed is not None:
         try:
-            out = torch.ops.mkldnn._convolution_pointwise(wide_x, packed, bias, list(padding), list(stride),
-                                                          list(dilation), groups, "none", [], "")
+            out = _packed_conv2d(wide_x, packed, bias, stride, padding, dilation, groups)
         except (RuntimeError, TypeError, AttributeError) as exc:
             failure = exc
     if out is None:
@@ -280,13 +279,19 @@ def _stop_packing(exc: BaseException) -> None:
     _packed_cache.clear()
 
 
+def _packed_conv2d(wide_x: Tensor, packed: Tensor, bias: Optional[Tensor], stride, padding, dilation,
+                   groups: int) -> Tensor:
+    """``F.conv2d`` on a weight packed by ``mkldnn_reorder_conv2d_weight`` (no activation fused)."""
+    return torch.ops.mkldnn._convolution_pointwise(wide_x, packed, bias, list(padding), list(stride), list(dilation),
+                                                   groups, "none", [], "")
+
+
 def _check_packed(packed: Tensor, kernel: Tensor, wide_x: Tensor, stride, padding, dilation, groups: int) -> None:
     """Once per pack, on the call's own input: the packed convolution against ``F.conv2d``, as the
     GPU autotuner checks every candidate against the PyTorch formulation. The packed ops are
     PyTorch internals whose arguments another version may read differently (a swapped stride
     and padding would still run); a disagreement raises, and packing stops (``_stop_packing``)."""
-    got = torch.ops.mkldnn._convolution_pointwise(wide_x, packed, None, padding, stride, dilation, groups,
-                                                  "none", [], "")
+    got = _packed_conv2d(wide_x, packed, None, stride, padding, dilation, groups)
     want = F.conv2d(wide_x, kernel, None, stride, padding, dilation, groups)
     scale = float(want.abs().nan_to_num(0.0, 0.0, 0.0).max()) if want.numel() else 0.0
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * max(scale, 1.0),
