@@ -306,6 +306,17 @@ def _dead_view(dead: Tensor, wide: Tensor, dim: int) -> Tensor:
     return dead.to(wide.device).reshape(shape)
 
 
+def owned(t: Tensor) -> Tensor:
+    """``t`` as a tensor of its own, for a custom op to return: never a view.
+
+    Autograd forbids writing in place into a custom op's output that is a view (it cannot rebase
+    a view made inside the op onto the op's backward), and models do write into layer outputs
+    (``hidden[mask] = embedding``, ``out += residual``). ``F.linear`` on a 3-D input with a bias
+    returns a view of its 2-D product; ``detach`` gives the same storage without the view link.
+    """
+    return t.detach() if t._is_view() else t
+
+
 class PerWeightCache:
     """Values derived from a weight, kept until the weight's version counter moves.
 

@@ -25,6 +25,7 @@ from .projection import (
     is_builtin_sign_rule,
     is_builtin_sign_rule_m2,
     PerWeightCache,
+    owned,
     SignPatternRule,
     dead_slots,
     zero_columns,
@@ -117,7 +118,7 @@ def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Ten
 @torch.library.custom_op("sas::linear", mutates_args=())
 def sas_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: str) -> Tensor:
     """``F.linear(S(x), weight, bias)``; ``x`` is narrow ``(..., K)``, ``weight`` is ``(N, M*K)``."""
-    return F.linear(project_transient(x, M, -1, rule, dead_slots(weight)), weight, bias)
+    return owned(F.linear(project_transient(x, M, -1, rule, dead_slots(weight)), weight, bias))
 
 
 @sas_linear.register_kernel("cuda")
@@ -125,7 +126,7 @@ def _(x, weight, bias, M, rule):
     # autograd is this op's (register_autograd below); the tensors go as they are (not
     # detached copies: the per-weight caches key on the tensor itself)
     with torch.no_grad():
-        return sas_matmul(x, weight, bias, M=M, rule=rule)
+        return owned(sas_matmul(x, weight, bias, M=M, rule=rule))
 
 
 @sas_linear.register_fake
@@ -244,7 +245,7 @@ def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rul
         out = F.conv2d(wide_x, _kernel_2d(weight), bias, stride, padding, dilation, groups)
         if failure is not None:
             _stop_packing(failure)
-    return out.contiguous(memory_format=_conv_memory_format(x))
+    return owned(out.contiguous(memory_format=_conv_memory_format(x)))
 
 
 # ---------------------------------------------------------------- CPU inference: packed weights
@@ -373,7 +374,7 @@ def _sas_conv2d_accelerated(x, weight, bias, stride, padding, dilation, groups, 
     """A SAS conv on a GPU: projection + cuDNN, unless the unfolded Sparse Tensor Core GEMM
     measures faster for this shape (``runtime/autotune.py``; never a slower path)."""
     with torch.no_grad():  # autograd is the op's
-        return sas_conv2d_choice(x, weight, bias, stride, padding, dilation, groups, M, rule)[1]()
+        return owned(sas_conv2d_choice(x, weight, bias, stride, padding, dilation, groups, M, rule)[1]())
 
 
 def sas_conv2d_choice(x, weight, bias, stride, padding, dilation, groups, M, rule):
@@ -449,7 +450,7 @@ def _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, 
     out_h = conv2d_output_size(height, kh, stride[0], padding[0], dilation[0])
     out_w = conv2d_output_size(width, kw, stride[1], padding[1], dilation[1])
     out = out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
-    return out.contiguous(memory_format=_conv_memory_format(x))
+    return owned(out.contiguous(memory_format=_conv_memory_format(x)))
 
 
 def _conv_setup(ctx, inputs, output):
@@ -588,14 +589,14 @@ def sas_linear_from_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: 
                           train_dense: bool) -> Tensor:
     """``sas::linear`` with the wide weight expanded (and cached) from the dense ``weight``."""
     wide = wide_weight(weight, M, fold_relu, rule)
-    return F.linear(project_transient(x, M, -1, rule, dead_slots(wide)), wide, bias)
+    return owned(F.linear(project_transient(x, M, -1, rule, dead_slots(wide)), wide, bias))
 
 
 @sas_linear_from_dense.register_kernel("cuda")
 def _(x, weight, bias, M, fold_relu, rule, train_dense):
     wide = wide_weight(weight, M, fold_relu, rule)
     with torch.no_grad():  # autograd is the op's
-        return sas_matmul(x, wide, bias, M=M, rule=rule)
+        return owned(sas_matmul(x, wide, bias, M=M, rule=rule))
 
 
 @sas_linear_from_dense.register_fake

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autocast import register_autocast_like_linear
+from .projection import owned
 
 __all__ = [
     "STRUCTURES",
@@ -306,7 +307,7 @@ def _swat_linear(
     else:
         y = F.linear(x.index_select(-1, idx), weight.index_select(1, idx), bias)
     values, bits = compress_activation(x, activation_threshold, structure, -1)
-    return y, values, bits
+    return owned(y), values, bits
 
 
 @_swat_linear.register_fake
@@ -424,7 +425,7 @@ def _swat_conv2d(
         y = F.conv2d(x.index_select(1, idx), weight.index_select(1, idx), bias, stride, padding,
                      dilation)
     values, bits = compress_activation(x, activation_threshold, structure, 1)
-    return y, values, bits
+    return owned(y), values, bits
 
 
 @_swat_conv2d.register_fake
