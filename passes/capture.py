@@ -267,9 +267,10 @@ def capture(model: nn.Module, example_inputs=None, *, allow_export: bool = True)
 
 def clean_module_path(path: str) -> str:
     """``L['self'].layer1[0].conv1`` / ``L['s']._modules['fc']._parameters['weight']`` -> ``layer1.0.conv1`` / ``fc.weight``."""
-    path = re.sub(r"^L\['[^']+'\]", "", path)
+    # the frame's root: L['self'], or L['args'][0] where a decorator's ``wrapper(*args)`` took self
+    path = re.sub(r"^L\['args'\]\[0\]|^L\['[^']+'\]", "", path)
     path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
-    parts = [p for p in path.split(".") if p and p not in ("_modules", "_parameters", "_buffers")]
+    parts = [p for p in path.split(".") if p and p not in ("_modules", "_parameters", "_buffers", "__dict__")]
     return ".".join(parts)
 
 
@@ -455,4 +456,12 @@ def capture_with_dynamo(model: nn.Module, example_inputs) -> Tuple[list, list]:
         breaks = _graph_break_reasons()
     finally:
         torch._dynamo.reset()
+    # the graphs hold the copy's parameters: name the user's own tensors instead, so that
+    # identity (a weight tied to another module) and filter_fn's modules are those of ``model``
+    originals = dict(model.named_parameters(remove_duplicate=False))
+    to_original = {id(p): originals[name] for name, p in work.named_parameters(remove_duplicate=False)
+                   if name in originals}
+    for graph in graphs:
+        graph.parameters = {name: to_original.get(id(p), p) for name, p in graph.parameters.items()}
+        graph.example_inputs = tuple(to_original.get(id(v), v) for v in graph.example_inputs)
     return graphs, breaks

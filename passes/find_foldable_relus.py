@@ -64,8 +64,8 @@ def find_foldable_relus(gm: fx.GraphModule, plan: Plan, config) -> Plan:
         if not getattr(config, "fold_relu", True):
             layer.fold_relu_reason = "fold_relu=False"
             continue
-        if plan.capture == "export":
-            layer.fold_relu_reason = "module swap (torch.export capture) keeps the model's ReLUs"
+        if plan.capture == "export" or (plan.capture == "dynamo" and plan.model is not None):
+            layer.fold_relu_reason = f"module swap (a {plan.capture} capture) keeps the model's ReLUs"
             continue
         x = layer.call.node.args[0] if layer.call.node.args else layer.call.node.kwargs.get("input")
         z, inplace = relu_input(x, gm)

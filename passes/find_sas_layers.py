@@ -170,15 +170,21 @@ def raw_input_nodes(gm: fx.GraphModule, param_placeholders: set) -> set:
     return raw
 
 
+def _stack_layer_path(call: LayerCall) -> Optional[str]:
+    """The path of the Linear/Conv module the call ran in, from ``nn_module_stack``, else None."""
+    stack = call.node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", "")
+    return clean_module_path(path) if any(k in cls_name for k in ("Linear", "Conv")) else None
+
+
 def _layer_name(call: LayerCall, kind: str, target: str, gm: fx.GraphModule) -> str:
     if call.module_path is not None:
         return call.module_path
-    stack = call.node.meta.get("nn_module_stack")
-    if stack:
-        path, cls = list(stack.values())[-1]
-        cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", "")
-        if any(k in cls_name for k in ("Linear", "Conv")):
-            return clean_module_path(path)
+    if _stack_layer_path(call) is not None:
+        return _stack_layer_path(call)
     if target.endswith(".weight"):
         return target[: -len(".weight")]
     return target
@@ -217,7 +223,12 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
             continue
         kind, target, weight = _weight_tensor(call, gm, parameters)
         name = sources.get(target, None) if kind == "placeholder" else None
-        name = _layer_name(call, kind, target, gm) if name is None else (name[:-7] if name.endswith(".weight") else name)
+        if name is not None and _stack_layer_path(call) is not None:
+            name = _stack_layer_path(call)  # the module that made the call (a tied weight has one source name)
+        elif name is not None:
+            name = name[:-7] if name.endswith(".weight") else name
+        else:
+            name = _layer_name(call, kind, target, gm)
         layer = _describe(call, kind, target, weight, name)
         layer.input_shape = _shape(call.x)
         layer.output_shape = _shape(node)
@@ -235,7 +246,10 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
         group = sites.setdefault(id(weight) if weight is not None else target, [])
         layer.weight_group = group[0].weight_target if group else target
         group.append(layer)
-    _resolve_shared_weights(sites, _other_weight_uses(gm, plan.model, sites))
+    # a dynamo capture of a model: layer modules holding a weight are judged across all its graphs
+    # (pipeline._module_swap_conflicts), as a tied partner may be called in another graph
+    defer = plan.capture == "dynamo" and plan.model is not None
+    _resolve_shared_weights(sites, _other_weight_uses(gm, plan.model, sites, defer_layer_holders=defer))
     plan.layers = layers
     return plan
 
@@ -406,8 +420,8 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
             owner = gm.get_submodule(layer.weight_target.rsplit(".", 1)[0])
         elif owner is None and kind == "attr":
             owner = gm
-        if kind != "placeholder":  # a dynamo graph's parameters are inputs: no module path to follow
-            owner = layer_owner(model, layer.name, owner)
+        # a dynamo graph's parameters are inputs: under the backend (no model) no module to follow
+        owner = layer_owner(model, layer.name, owner)
         if not filter_fn(owner, layer.name):
             return False, "excluded by filter_fn"
     if capture == "export" and call.module is None and kind == "attr":
@@ -424,23 +438,54 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
         owner = _get_submodule(model, owner_path) if model is not None else None
         is_module_call = (last is not None and clean_module_path(last[0]) == owner_path
                           and isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d))
+                          and type(owner).forward in STOCK_FORWARDS
                           and (owner.weight is weight or layer.weight_target == f"{owner_path}.weight"))
         if not is_module_call:
-            return False, ("functional call in a model that symbolic tracing cannot capture: only "
-                           "nn.Linear/nn.Conv modules are swapped there; torch.compile(model, backend='sas') converts it")
+            return False, ("functional call (or a module with its own forward) in a model that symbolic tracing "
+                           "cannot capture: only stock nn.Linear/nn.Conv1d/nn.Conv2d modules are swapped there; "
+                           "torch.compile(model, backend='sas') converts it")
         if getattr(owner, "padding_mode", "zeros") != "zeros":
             return False, f"padding_mode={owner.padding_mode!r}: SAS convolutions support only zero padding"
         layer.module_target = owner_path
+    if capture == "dynamo" and kind == "placeholder" and model is not None:
+        # a model's analysis (report, sasify): the rewrite swaps modules in a copy of the model
+        layer.module_target = _dynamo_module_call(call, weight, model)
+        if layer.module_target is None:
+            return False, ("functional call (or a module with its own forward) in a model captured by dynamo: "
+                           "only stock nn.Linear/nn.Conv1d/nn.Conv2d modules are swapped there; "
+                           "torch.compile(model, backend='sas') converts it")
+        if getattr(model.get_submodule(layer.module_target), "padding_mode", "zeros") != "zeros":
+            return False, f"padding_mode={model.get_submodule(layer.module_target).padding_mode!r}: SAS convolutions support only zero padding"
     return True, None
 
 
-def _other_weight_uses(gm: fx.GraphModule, model: Optional[nn.Module],
-                       sites: Dict[object, List[LayerPlan]]) -> Dict[object, List[str]]:
+# a module swap replaces the module's forward: only these forwards are known to be the call the graph shows
+STOCK_FORWARDS = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward)
+
+
+def _dynamo_module_call(call: LayerCall, weight, model: nn.Module) -> Optional[str]:
+    """The path in ``model`` of the stock ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` module whose own
+    forward made ``call`` on its own weight (dynamo inlines module calls; ``nn_module_stack``
+    names the module each op ran in), else None."""
+    stack = call.node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path = clean_module_path(list(stack.values())[-1][0])
+    owner = _get_submodule(model, path)
+    if owner is None or type(owner).forward not in STOCK_FORWARDS or getattr(owner, "weight", None) is not weight:
+        return None
+    return path
+
+
+def _other_weight_uses(gm: fx.GraphModule, model: Optional[nn.Module], sites: Dict[object, List[LayerPlan]],
+                       *, defer_layer_holders: bool = False) -> Dict[object, List[str]]:
     """Per weight group: what else reads or holds that weight tensor besides its conv/linear call sites.
 
     Graph uses (a module call that is not one of the sites, e.g. the ``nn.Embedding`` of a
     tied LM head, or a ``get_attr`` read by another op) and modules of ``model`` (or ``gm``)
-    that hold the tensor under another name without being one of the sites' modules.
+    that hold the tensor under another name without being one of the sites' modules. With
+    ``defer_layer_holders`` a stock Linear/Conv module holding it as its weight is left to the
+    caller, who sees every graph of the model (a tied partner may be called in another graph).
     """
     uses: Dict[object, List[str]] = {key: [] for key in sites if isinstance(key, int)}
     if not uses:
@@ -486,6 +531,8 @@ def _other_weight_uses(gm: fx.GraphModule, model: Optional[nn.Module],
                 continue
             full = f"{path}.{pname}" if path else pname
             if (id(mod) in site_modules[key] and pname == "weight") or full in attr_targets[key]:
+                continue
+            if defer_layer_holders and pname == "weight" and type(mod).forward in STOCK_FORWARDS:
                 continue
             uses[key].append(f"{full} ({type(mod).__name__})")
     return {key: list(dict.fromkeys(found)) for key, found in uses.items()}
@@ -544,6 +591,8 @@ def _resolve_shared_weights(sites: Dict[object, List[LayerPlan]], others: Dict[o
         for i, layer in enumerate(group):
             layer.shared_with = tuple(n for j, n in enumerate(names) if j != i) + tuple(other)
         target = group[0].weight_target
+        if group[0].weight_kind == "placeholder" and group[0].parameter_sources and group[0].parameter_sources[0]:
+            target = group[0].parameter_sources[0]  # a dynamo graph's input: the user's name for it
         dense = [layer for layer in group if not layer.eligible]
         geometries = {(layer.op, layer.groups) for layer in group}
         if other:

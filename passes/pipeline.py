@@ -74,8 +74,11 @@ def analyze_model(model: nn.Module, example_inputs, config, *, dynamo_fallback: 
     Raises :class:`CaptureError` when neither capture works. With ``dynamo_fallback`` (and
     example inputs) a model with data-dependent control flow is captured by dynamo instead,
     one graph per piece between graph breaks, and analysed graph by graph into one plan
-    (``capture="dynamo"``, ``graph_breaks`` listed); that plan can be read (report, inspect),
-    not applied. :func:`module_plan` is the graph-less fallback a caller may choose instead.
+    (``capture="dynamo"``, ``graph_breaks`` listed). Its conversions are module swaps: a layer
+    converts only where a stock ``nn.Linear``/``nn.Conv`` module's own forward made the call and
+    nothing else in any graph reads its weight (:func:`_module_swap_conflicts`), so that
+    ``sasify`` can apply it to a copy of the model, whatever code runs between the graphs.
+    :func:`module_plan` is the graph-less fallback a caller may choose instead.
     """
     try:
         captured = capture(model, example_inputs)
@@ -88,21 +91,108 @@ def analyze_model(model: nn.Module, example_inputs, config, *, dynamo_fallback: 
 
 def _analyze_dynamo_graphs(model: nn.Module, example_inputs, config, error: CaptureError) -> Plan:
     graphs, breaks = capture_with_dynamo(model, example_inputs)
-    layers, code = [], []
+    layers, code, foreign = [], [], {}
     for index, graph in enumerate(graphs):
         graph_config = config_for_graph(config, resumes=graph.resumes)
         plan = analyze_graph(graph.gm, "dynamo", graph_config, model=model, example_inputs=graph.example_inputs,
                              parameters=graph.parameters, sources=graph.sources)
+        for key, uses in _other_parameter_reads(graph, plan, f"graph {index + 1}").items():
+            foreign.setdefault(key, []).extend(uses)
         for layer in plan.layers:
-            layer.call = None  # the graphs are not kept: the plan is for reading
+            layer.call = None  # the graphs are not kept: the plan is for reading and module swaps
             if graph.resumes:
                 layer.input_is_graph_input = False  # its graph's inputs are activations
         layers += plan.layers
         code.append(f"# graph {index + 1} of {len(graphs)}\n{graph.gm.code}")
+    _module_swap_conflicts(layers, model, foreign)
+    not_in_graphs = _layer_modules_not_in_graphs(layers, model, graphs, foreign)
     plan = Plan(layers=layers, capture="dynamo", model=model, capture_error=error,
-                graph_breaks=breaks or [f"{len(graphs)} graphs"])
+                graph_breaks=breaks or [f"{len(graphs)} graph{'s' if len(graphs) != 1 else ''}, no graph break"], not_in_graphs=not_in_graphs)
     plan.graph_before = "\n".join(code)
     return plan
+
+
+def _other_parameter_reads(graph, plan: Plan, where: str) -> Dict[int, list]:
+    """``id(parameter) -> [what reads it]`` in one dynamo graph, besides the conv/linear call sites
+    that take it as their weight or bias."""
+    sites = {layer.node: layer for layer in plan.layers if layer.call is not None}
+    reads: Dict[int, list] = {}
+    for node in graph.gm.graph.nodes:
+        tensor = graph.parameters.get(node.name) if node.op == "placeholder" else None
+        if tensor is None:
+            continue
+        for user in node.users:
+            site = sites.get(user.name)
+            if site is None or node not in (site.call.weight, site.call.bias):
+                reads.setdefault(id(tensor), []).append(f"{user.name} in {where}")
+    return reads
+
+
+def _module_swap_conflicts(layers, model: nn.Module, foreign: Dict[int, list]) -> None:
+    """Keep dense, across every graph, what a module swap would change elsewhere.
+
+    A swapped module's weight becomes the wide one everywhere the model reads it, and the swap
+    changes every call of the module. So a layer stays dense when some other op of any graph
+    reads its weight, when another call of its module stays dense, or when another holder of its
+    weight (a tied module) is not swapped with it; repeated until nothing changes, as each
+    layer kept dense can keep a tied partner dense.
+    """
+    holders: Dict[int, list] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            holders.setdefault(id(p), []).append((path, mod, pname))
+    changed = True
+    while changed:
+        changed = False
+        swapped = {id(model.get_submodule(layer.module_target)) for layer in layers
+                   if layer.eligible and layer.module_target is not None}
+        dense: Dict[str, str] = {}
+        for layer in layers:
+            if not layer.eligible:
+                dense.setdefault(layer.module_target or layer.name, layer.reason)
+        for layer in layers:
+            if not layer.eligible or layer.module_target is None:
+                continue
+            weight = model.get_submodule(layer.module_target).weight
+            why = None
+            if foreign.get(id(weight)):
+                why = (f"its weight is also read outside the layer ({', '.join(foreign[id(weight)][:3])}): "
+                       "a module swap would hand that read the wide weight")
+            elif layer.module_target in dense:
+                why = f"another call of this module stays dense ({dense[layer.module_target]})"
+            else:
+                for path, mod, pname in holders.get(id(weight), []):
+                    if pname != "weight" or id(mod) not in swapped:
+                        why = (f"its weight is tied to {path}.{pname} ({type(mod).__name__}), which stays dense: "
+                               "kept dense so that the tie holds")
+                        break
+            if why is not None:
+                layer.eligible, layer.reason, changed = False, why, True
+
+
+def _layer_modules_not_in_graphs(layers, model: nn.Module, graphs, foreign: Dict[int, list]) -> list:
+    """``"path: why"`` for each Linear/Conv1d/Conv2d module of ``model`` that no captured graph calls as a
+    layer: the run on the example inputs did not call it, its forward computes with other ops (a
+    matmul), or other code reads its weight. Each stays dense."""
+    from sas_compile.runtime.layers import SAS_LAYERS
+
+    from .capture import clean_module_path
+
+    seen = {layer.module_target or layer.name for layer in layers}
+    ran_in = {clean_module_path(path) for graph in graphs for node in graph.gm.graph.nodes
+              for path, _ in (node.meta.get("nn_module_stack") or {}).values()}
+    lines = []
+    for path, mod in model.named_modules():
+        if path in seen or isinstance(mod, SAS_LAYERS) or not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            continue
+        if foreign.get(id(mod.weight)):
+            why = f"other code reads its weight ({', '.join(foreign[id(mod.weight)][:2])}), not its own forward"
+        elif path in ran_in:
+            why = f"its forward ({type(mod).__name__}) computes with other ops than linear/conv"
+        else:
+            why = "not called when the model ran on example_inputs"
+        lines.append(f"{path}: {why}")
+    return lines
 
 
 def module_plan(model: nn.Module, config, error: CaptureError) -> Plan:

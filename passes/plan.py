@@ -108,6 +108,8 @@ class Plan:
     example_inputs: Optional[tuple] = None
     capture_error: Optional[BaseException] = None
     graph_breaks: List[str] = field(default_factory=list)
+    # a dynamo capture: layer modules of the model that no captured graph calls as a layer, "path: why"
+    not_in_graphs: List[str] = field(default_factory=list)
     parameters: Dict[str, Any] = field(default_factory=dict, repr=False)  # dynamo: placeholder -> parameter
     sources: Dict[str, str] = field(default_factory=dict, repr=False)  # dynamo: placeholder -> user path
     lowered: int = 0  # SAS layers written out as projection + dense ops (GPU graphs)
@@ -232,6 +234,9 @@ def plan_to_text(plan: Plan) -> str:
         text.append("\n".join(f"[{i}] {r}" for r, i in reasons.items()))
     if plan.graph_breaks:
         text.append("graph breaks: " + "; ".join(plan.graph_breaks))
+    if plan.not_in_graphs:
+        text.append(f"{len(plan.not_in_graphs)} layer modules stay dense, no captured graph calls them as a layer:\n"
+                    + "\n".join(f"  {line}" for line in plan.not_in_graphs))
     return "\n".join(text)
 
 
@@ -258,6 +263,7 @@ def plan_to_dict(plan: Plan) -> Dict[str, Any]:
         "capture": plan.capture,
         "converted": len(plan.eligible()),
         "layers": layers,
+        "not_in_graphs": list(plan.not_in_graphs),
         "graph_before": plan.graph_before,
         "graph_after": plan.graph_after,
         "graph_breaks": list(plan.graph_breaks),

@@ -64,9 +64,12 @@ def copy_for_rewrite(source: nn.Module, plan: Plan) -> nn.Module:
     """
     memo: Dict[int, torch.Tensor] = {}
     for layer in plan.eligible():
-        if layer.weight_kind == "placeholder" or not layer.weight_target:
+        if layer.weight_kind == "placeholder" and layer.module_target is not None:
+            owner_path, name = layer.module_target, "weight"  # a dynamo capture: a module swap
+        elif layer.weight_kind == "placeholder" or not layer.weight_target:
             continue
-        owner_path, _, name = layer.weight_target.rpartition(".")
+        else:
+            owner_path, _, name = layer.weight_target.rpartition(".")
         try:
             weight = getattr(source.get_submodule(owner_path) if owner_path else source, name)
         except AttributeError:  # not an attribute of this module (a path of another capture): copied
@@ -272,12 +275,14 @@ def swap_sas_modules(model: nn.Module, plan: Plan, config) -> List[str]:
     relus = [model.get_submodule(layer.relu_module) for layer in plan.eligible()
              if layer.fold_relu and layer.relu_module is not None]
     built: Dict[int, nn.Module] = {}
-    wide: Dict[str, nn.Parameter] = {}
+    wide: Dict[int, nn.Parameter] = {}
     swapped: List[str] = []
     for layer, dense in eligible:
         if id(dense) in built:
             continue
-        key = layer.weight_group or layer.weight_target
+        # one wide weight per dense weight tensor, whatever the captures named it (a dynamo
+        # capture names a weight per graph)
+        key = id(dense.weight)
         built[id(dense)] = new = sas_module(dense, M, layer.fold_relu, rule, wide.get(key))
         wide.setdefault(key, new.weight)
         for path in paths[id(dense)]:

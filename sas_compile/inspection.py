@@ -41,10 +41,11 @@ def inspect_model(
     ``str(plan)`` lists every conv/linear layer with its shapes, eligibility and reason,
     ReLU folding and mults/params before and after; ``plan.to_dict()``, ``plan.to_dot()``
     (Graphviz DOT, converted layers highlighted) and ``plan.graph_before`` /
-    ``plan.graph_after`` (FX code) give the rest. ``model`` is not modified. A model with
-    data-dependent control flow is captured by dynamo around its graph breaks (listed in
-    ``plan.graph_breaks``); one that symbolic tracing cannot capture and that comes without
-    ``example_inputs`` is shown from its layer modules (no graph).
+    ``plan.graph_after`` (FX code) give the rest. ``model`` is not modified. A model that neither
+    symbolic tracing nor torch.export captures whole (data-dependent control flow, a cache object
+    in its output) is captured by dynamo, graph by graph (breaks listed in ``plan.graph_breaks``),
+    and converted as ``sasify`` converts it, by module swaps; one that symbolic tracing cannot
+    capture and that comes without ``example_inputs`` is shown from its layer modules (no graph).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -62,11 +63,8 @@ def inspect_model(
         _, why = try_propagate_symbolic_shapes(plan, example_inputs)
         if why is not None:
             log.info("inspect_model: symbolic shapes unavailable: %s", why)
-    if plan.capture in ("symbolic_trace", "export") and plan.eligible():
+    if plan.capture in ("symbolic_trace", "export", "dynamo") and plan.eligible():
         apply_sas_plan(plan, config, weights_on_meta=True)
-    elif plan.capture == "dynamo":
-        plan.graph_after = ("# captured by dynamo around graph breaks: torch.compile(model, backend='sas') "
-                            "rewrites each graph when it runs")
     elif plan.graph_after is None:
         plan.graph_after = plan.graph_before
     plan.M = M

@@ -248,8 +248,11 @@ def report(
             raise
         plan = module_plan(model, AnalysisOptions(filter_fn, dense_input_layers, fold_relu=False), error)
     if plan.capture == "dynamo":
-        notes.append("captured by dynamo around graph breaks, the layers of every graph counted: "
-                     + "; ".join(plan.graph_breaks))
+        notes.append("captured by dynamo (neither symbolic tracing nor torch.export captures it whole), the "
+                     "layers of every graph counted; graph breaks: " + "; ".join(plan.graph_breaks))
+        if plan.not_in_graphs:
+            notes.append(f"{len(plan.not_in_graphs)} layer modules are in no captured graph as a layer and stay "
+                         "dense: " + "; ".join(plan.not_in_graphs[:4]) + ("; ..." if len(plan.not_in_graphs) > 4 else ""))
     swat_sparse: Dict[str, bool] = {}
     if sparsities and not swat_modules:
         # the layers swatify converts, and the raw-input layer its uniform rule keeps dense

@@ -146,11 +146,18 @@ def _warn_existing_sas_layers(plan: Plan, M: int) -> None:
 
 @register_handler(SASConfig)
 def _convert(model: nn.Module, config: SASConfig, example_inputs) -> nn.Module:
-    plan = analyze_model(model, example_inputs, config)
+    # a model neither symbolic tracing nor torch.export captures whole (data-dependent code, a
+    # cache object in its output) is captured by dynamo, graph by graph, and converted by module swaps
+    plan = analyze_model(model, example_inputs, config, dynamo_fallback=True)
+    if plan.capture == "dynamo":
+        log.info("sasify: %s was captured by dynamo (%s); its layer modules are swapped in a copy",
+                 type(model).__name__, "; ".join(plan.graph_breaks))
     new = apply_sas_plan(plan, config)
     for layer in plan.layers:
         if not layer.eligible and not layer.sas_M:
             log.info("sasify: %s stays dense: %s", layer.name, layer.reason)
+    for line in plan.not_in_graphs:
+        log.info("sasify: %s (stays dense)", line)
     _warn_existing_sas_layers(plan, config.M)
     # the plan without its references to the original model (it would ride along in pickles)
     applied = dataclasses.replace(plan, M=config.M, gm=None, model=None, example_inputs=None, parameters={})

@@ -66,8 +66,13 @@ def test_compile_data_dependent_branch(M, capsys):
     torch.manual_seed(0)
     model = DataDependent().eval()
     x = torch.randn(3, 8)
-    with pytest.raises(sas_compile.api.CaptureError, match="torch.compile"):
-        sas_compile.sasify(model, M=M, example_inputs=(x,))
+    # sasify captures it with dynamo too, and swaps its layer modules
+    sas = sas_compile.sasify(model, M=M, example_inputs=(x,))
+    assert sas.sas_plan.capture == "dynamo" and type(sas) is DataDependent
+    assert [layer.name for layer in sas.sas_plan.eligible()] == ["b", "c"]
+    with torch.no_grad():
+        for sign in (1, -1):
+            assert _rel(sas(sign * x.abs()), model(sign * x.abs())) < 1e-5
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="sas", options={"M": M, "inner": "eager", "explain": True})
     with torch.no_grad():

@@ -1,0 +1,229 @@
+"""sasify on models that neither symbolic tracing nor torch.export captures whole.
+
+Decoder language models return a cache object torch.export cannot flatten, and models with
+data-dependent code stop both: ``sasify(model, example_inputs=...)`` captures them with dynamo,
+graph by graph, and converts by swapping stock ``nn.Linear``/``nn.Conv`` modules in a copy.
+A swap changes every call of a module and every read of its weight, so whatever another graph
+does with a module or its weight must keep it dense: these tests build each such case.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sas_compile
+from sas_compile.runtime.layers import SAS_LAYERS
+
+
+class Cache:
+    """An output object torch.export cannot flatten (as transformers' DynamicCache)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class Branchy(nn.Module):
+    """Data-dependent branch, a cache object in the output, and each trap for a module swap."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+        self.only_neg = nn.Linear(16, 16)  # called only on the branch the example input does not take
+        self.reused = nn.Linear(16, 16)  # its weight is also read by a matmul after a graph break
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = self.a(h)
+        if h.sum() > -1e9:  # data-dependent: dynamo breaks the graph here
+            h = self.b(torch.tanh(h))
+        else:
+            h = self.only_neg(h)
+        h = self.reused(h) + 0.1 * (h @ self.reused.weight.t())
+        return self.out(h), Cache(h)
+
+
+class LoraLinear(nn.Linear):
+    """An nn.Linear subclass with its own forward: a swap for SASLinear would drop the extra term."""
+
+    def __init__(self, n):
+        super().__init__(n, n)
+        self.extra = nn.Parameter(torch.randn(n, n) * 0.1)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + x @ self.extra
+
+
+def _dense_and_sas(model, x, M=2, **kwargs):
+    model.eval()
+    sas = sas_compile.sasify(model, M=M, example_inputs=(x,), **kwargs)
+    return sas, {layer.name: layer for layer in sas.sas_plan.layers}
+
+
+def test_branchy_model_is_captured_by_dynamo_and_swapped():
+    torch.manual_seed(0)
+    model = Branchy()
+    x = torch.randn(3, 8)
+    sas, layers = _dense_and_sas(model, x)
+    assert sas.sas_plan.capture == "dynamo"
+    assert type(sas) is Branchy  # the user's class, modules swapped
+    assert isinstance(sas.a, SAS_LAYERS) and isinstance(sas.b, SAS_LAYERS) and isinstance(sas.out, SAS_LAYERS)
+    assert not isinstance(sas.inp, SAS_LAYERS)  # reads the raw input
+    assert "input layer" in layers["inp"].reason
+    # a weight read outside the layer keeps the layer dense
+    assert not isinstance(sas.reused, SAS_LAYERS)
+    assert "also read outside the layer" in layers["reused"].reason
+    # the branch the capture did not see: listed, dense
+    assert not isinstance(sas.only_neg, SAS_LAYERS)
+    assert any(line.startswith("only_neg: not called") for line in sas.sas_plan.not_in_graphs)
+    assert "only_neg" in str(sas.sas_plan)
+    with torch.no_grad():
+        for inputs in (x, torch.randn(5, 8)):
+            want, got = model(inputs)[0], sas(inputs)[0]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_branchy_model_trains_after_the_swap():
+    torch.manual_seed(1)
+    model = Branchy()
+    x = torch.randn(3, 8)
+    sas, _ = _dense_and_sas(model, x, M=4)
+    sas.train()
+    sas(x)[0].pow(2).mean().backward()
+    assert sas.a.weight.grad is not None and sas.a.weight.grad.shape == (16, 64)
+    assert torch.isfinite(sas.a.weight.grad).all() and sas.a.weight.grad.abs().sum() > 0
+
+
+def test_module_with_its_own_forward_is_not_swapped():
+    """Under dynamo and under torch.export alike: only stock forwards are known to be the call seen."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(6, 6)
+            self.lora = LoraLinear(6)
+            self.last = nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.lora(torch.relu(self.first(x)))
+            if h.sum() > -1e9:  # stops symbolic tracing; torch.export takes it (one branch)
+                h = h * 2
+            return self.last(h), Cache(h)
+
+    torch.manual_seed(2)
+    model = Model()
+    x = torch.randn(4, 6)
+    sas, layers = _dense_and_sas(model, x)
+    assert type(sas.lora) is LoraLinear
+    assert "own forward" in layers["lora"].reason
+    assert isinstance(sas.last, SAS_LAYERS)
+    with torch.no_grad():
+        torch.testing.assert_close(sas(x)[0], model(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_module_dense_at_one_call_stays_dense_at_all():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(5, 5)
+            self.mid = nn.Linear(5, 5)
+
+        def forward(self, x):
+            h = self.shared(x)  # reads the raw input: an input layer, dense
+            torch._dynamo.graph_break()
+            h = self.mid(torch.relu(h))
+            return self.shared(h), Cache(h)  # the same module, in another graph
+
+    torch.manual_seed(3)
+    model = Model()
+    x = torch.randn(2, 5)
+    sas, _ = _dense_and_sas(model, x)
+    assert sas.sas_plan.capture == "dynamo"
+    assert not isinstance(sas.shared, SAS_LAYERS)
+    shared_calls = [layer for layer in sas.sas_plan.layers if layer.name == "shared"]
+    assert len(shared_calls) == 2 and not any(layer.eligible for layer in shared_calls)
+    assert isinstance(sas.mid, SAS_LAYERS)
+    with torch.no_grad():
+        torch.testing.assert_close(sas(x)[0], model(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_tied_modules_in_two_graphs_share_one_wide_weight():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(4, 6)
+            self.one = nn.Linear(6, 6)
+            self.two = nn.Linear(6, 6)
+            self.two.weight = self.one.weight
+
+        def forward(self, x):
+            h = self.one(torch.tanh(self.first(x)))
+            torch._dynamo.graph_break()
+            return self.two(torch.tanh(h)), Cache(h)
+
+    torch.manual_seed(4)
+    model = Model()
+    x = torch.randn(3, 4)
+    sas, _ = _dense_and_sas(model, x)
+    assert isinstance(sas.one, SAS_LAYERS) and isinstance(sas.two, SAS_LAYERS)
+    assert sas.one.weight is sas.two.weight  # the tie holds, at the wide width
+    with torch.no_grad():
+        torch.testing.assert_close(sas(x)[0], model(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_filter_fn_sees_the_users_own_modules():
+    torch.manual_seed(5)
+    model = Branchy()
+    seen = []
+
+    def keep(module, fqn):
+        seen.append((fqn, module))
+        return fqn != "a"
+
+    sas, layers = _dense_and_sas(model, torch.randn(3, 8), filter_fn=keep)
+    assert ("b", model.b) in [(fqn, mod) for fqn, mod in seen if mod is model.b]
+    assert all(mod is model.get_submodule(fqn) for fqn, mod in seen)
+    assert not isinstance(sas.a, SAS_LAYERS) and layers["a"].reason == "excluded by filter_fn"
+
+
+def test_report_and_inspect_agree_with_sasify():
+    torch.manual_seed(6)
+    model = Branchy().eval()
+    x = torch.randn(3, 8)
+    sas = sas_compile.sasify(model, M=2, example_inputs=(x,))
+    converted = {layer.name for layer in sas.sas_plan.eligible()}
+    assert converted == {"a", "b", "out"}
+    plan = sas_compile.inspect_model(model, (x,), M=2)
+    assert {layer.name for layer in plan.eligible()} == converted
+    assert "modules swapped" in plan.graph_after
+    text = str(sas_compile.report(model, (x,)))
+    assert "only_neg: not called" in text
+
+
+def test_llama_causal_lm_converts_and_generates_the_same():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(7)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=48, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 10))
+    sas = sas_compile.sasify(model, M=2, example_inputs=(ids,))
+    plan = sas.sas_plan
+    assert plan.capture == "dynamo"
+    names = {layer.name for layer in plan.eligible()}
+    assert len(names) == 14 and all(name.startswith("model.layers.") for name in names)
+    lm_head = [layer for layer in plan.layers if layer.name == "lm_head"]
+    assert lm_head and not lm_head[0].eligible and "tied" in lm_head[0].reason
+    assert sas.lm_head.weight is sas.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(sas(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+        want = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+        got = sas.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    assert got.tolist() == want.tolist()
+    # and the report names the layers by their module paths (a decorated forward took self as args[0])
+    report = sas_compile.report(model, (ids,), M=2)
+    assert "model.layers.0.mlp.up_proj" in str(report) and "0.model.layers" not in str(report)
