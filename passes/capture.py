@@ -425,13 +425,26 @@ def _graph_break_reasons() -> list:
     return sorted(lines_out)
 
 
+def tensors_in(value, depth: int = 3):
+    """The tensors in ``value`` and the lists, tuples and dicts it holds, ``depth`` levels down."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth > 0 and isinstance(value, (list, tuple, dict)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from tensors_in(item, depth - 1)
+
+
 def capture_with_dynamo(model: nn.Module, example_inputs) -> Tuple[list, list]:
     """Every graph dynamo captures when ``model`` runs on ``example_inputs``, and the graph breaks.
 
     The fallback for a model neither symbolic tracing nor torch.export can capture as one graph
-    (data-dependent control flow): dynamo splits it at the breaks. The model runs once, for real,
-    on a copy (its own state, BatchNorm statistics included, is untouched), without autograd.
-    Returns ``([DynamoGraph], [graph break reasons])``.
+    (data-dependent control flow, a cache object in its output): dynamo splits it at the breaks.
+    The model runs once, for real, without autograd, on a copy that shares its parameters (no
+    second copy of the weights; nothing writes them without autograd) and has its own buffers
+    and attributes (BatchNorm statistics and anything else the forward updates are untouched), with
+    the random number generators restored afterwards (a dropout in training mode draws). The graphs
+    hold the user's own parameters, so identity (a tied weight) and ``filter_fn``'s modules are
+    those of ``model``. Returns ``([DynamoGraph], [graph break reasons])``.
     """
     import copy
 
@@ -447,21 +460,14 @@ def capture_with_dynamo(model: nn.Module, example_inputs) -> Tuple[list, list]:
         graphs.append(DynamoGraph(gm, tuple(inputs), parameters, dynamo_placeholder_sources(gm), in_resume_frame()))
         return gm.forward
 
-    work = copy.deepcopy(model)
+    work = copy.deepcopy(model, {id(p): p for p in model.parameters()})
+    devices = sorted({t.device.index or 0 for t in [*model.parameters(), *tensors_in(example_inputs)] if t.is_cuda})
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     try:
-        with torch.no_grad(), quiet_torch_logs():
+        with torch.no_grad(), quiet_torch_logs(), torch.random.fork_rng(devices=devices):
             torch.compile(work, backend=record)(*example_inputs)
         breaks = _graph_break_reasons()
     finally:
         torch._dynamo.reset()
-    # the graphs hold the copy's parameters: name the user's own tensors instead, so that
-    # identity (a weight tied to another module) and filter_fn's modules are those of ``model``
-    originals = dict(model.named_parameters(remove_duplicate=False))
-    to_original = {id(p): originals[name] for name, p in work.named_parameters(remove_duplicate=False)
-                   if name in originals}
-    for graph in graphs:
-        graph.parameters = {name: to_original.get(id(p), p) for name, p in graph.parameters.items()}
-        graph.example_inputs = tuple(to_original.get(id(v), v) for v in graph.example_inputs)
     return graphs, breaks

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import defaultdict
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from sas_compile.runtime import sas_ops
 from sas_compile.runtime.layers import SASConv1d, SASConv2d, SASLinear
 from sas_compile.runtime.projection import expand_dense_weight
 
+from .capture import tensors_in
 from .find_foldable_relus import relu_input
 from .find_sas_layers import match_layer_call
 from .plan import LayerPlan, Plan
@@ -86,20 +87,11 @@ def dense_source(weight: torch.Tensor) -> torch.Tensor:
     return getattr(weight, _SOURCE, weight)
 
 
-def _tensors(value, depth: int = 2) -> Iterator[torch.Tensor]:
-    """The tensors in ``value`` and in the lists, tuples and dicts it holds, ``depth`` levels down."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif depth > 0 and isinstance(value, (list, tuple, dict)):
-        for item in value.values() if isinstance(value, dict) else value:
-            yield from _tensors(item, depth - 1)
-
-
 def holds_stand_ins(model: nn.Module) -> bool:
     """Whether a stand-in of :func:`copy_for_rewrite` is still in ``model``: a parameter, a buffer,
     or an attribute of one of its modules (a tensor, or one in a list, tuple or dict it holds)."""
     return any(hasattr(tensor, _SOURCE) for module in model.modules() for value in vars(module).values()
-               for tensor in _tensors(value))
+               for tensor in tensors_in(value, depth=2))
 
 
 def sas_module(dense: nn.Module, M: int, fold: bool, rule: str, wide: Optional[nn.Parameter] = None) -> nn.Module:

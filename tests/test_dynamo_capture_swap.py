@@ -227,3 +227,40 @@ def test_llama_causal_lm_converts_and_generates_the_same():
     # and the report names the layers by their module paths (a decorated forward took self as args[0])
     report = sas_compile.report(model, (ids,), M=2)
     assert "model.layers.0.mlp.up_proj" in str(report) and "0.model.layers" not in str(report)
+
+
+def test_the_capture_run_leaves_the_model_and_the_random_state_alone():
+    """The dynamo capture runs the model once: on a copy sharing its parameters, with its own
+    buffers, and with the random number generator restored (a dropout in training mode draws)."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(6, 8)
+            self.norm = nn.BatchNorm1d(8)
+            self.drop = nn.Dropout(0.5)
+            self.last = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.drop(self.norm(torch.relu(self.first(x))))
+            if h.sum() > -1e9:
+                h = h + 1
+            return self.last(h), Cache(h)
+
+    torch.manual_seed(8)
+    model = Model().train()
+    stats = (model.norm.running_mean.clone(), model.norm.running_var.clone())
+    x = torch.randn(4, 6)
+    rng = torch.get_rng_state()
+    sas = sas_compile.sasify(model, M=2, example_inputs=(x,))
+    assert sas.sas_plan.capture == "dynamo"
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(model.norm.running_mean, stats[0]) and torch.equal(model.norm.running_var, stats[1])
+    assert model.norm.num_batches_tracked.item() == 0
+    assert isinstance(sas.last, SAS_LAYERS) and sas.training
+
+    from sas_compile.passes.capture import capture_with_dynamo
+
+    graphs, _ = capture_with_dynamo(model, (x,))
+    own = {id(p) for p in model.parameters()}
+    assert graphs and all(id(p) in own for graph in graphs for p in graph.parameters.values())
