@@ -254,14 +254,15 @@ def capture(model: nn.Module, example_inputs=None, *, allow_export: bool = True)
         gm = ep.module()
     except Exception as err:  # noqa: BLE001
         where = _user_frame(err)
-        raise CaptureError(
-            f"sas-compile cannot capture {type(model).__name__} as one graph: symbolic tracing failed "
-            f"({trace_error}) and torch.export failed ({_first_line(err)}"
-            + (f", at {where}" if where else "")
-            + "). Data-dependent control flow cannot be rewritten ahead of time: use "
-            "torch.compile(model, backend='sas'), which converts every captured graph around the "
-            "graph breaks."
-        ) from err
+        why = (f"symbolic tracing failed ({trace_error}) and torch.export failed ({_first_line(err)}"
+               + (f", at {where}" if where else "") + ")")
+        error = CaptureError(
+            f"sas-compile cannot capture {type(model).__name__} as one graph: {why}. Data-dependent control "
+            "flow cannot be rewritten ahead of time: use torch.compile(model, backend='sas'), which converts "
+            "every captured graph around the graph breaks."
+        )
+        error.why = why
+        raise error from err
     return Captured(gm, "export", example_inputs, trace_error)
 
 

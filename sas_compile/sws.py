@@ -40,7 +40,8 @@ import torch
 from torch import fx, nn
 
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
-from .passes.capture import capture_seeing_into_leaves, normalize_example_inputs, propagate_shapes, trainable_export_graph
+from .passes.capture import (CaptureError, capture_seeing_into_leaves, normalize_example_inputs, propagate_shapes,
+                             trainable_export_graph)
 from .passes.find_sas_layers import layer_plan_from_module, match_layer_call, parameter_holders
 from .passes.lower_sws_to_packed import PackedSWSLinear, lower_sws_to_packed
 from .passes.sws_width_rules import has_width_rule
@@ -77,7 +78,19 @@ def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs) -> Tuple[f
         )
     example_inputs = normalize_example_inputs(example_inputs)
     # the width analysis must see inside every layer: export when tracing leaves opaque ones
-    captured = capture_seeing_into_leaves(copy.deepcopy(model), example_inputs, sees_into=has_width_rule)
+    try:
+        captured = capture_seeing_into_leaves(copy.deepcopy(model), example_inputs, sees_into=has_width_rule)
+    except CaptureError as error:
+        if not hasattr(error, "why"):  # no example_inputs: the error says to pass them
+            raise
+        # sasify and report fall back to dynamo's graphs; SWS cannot: it rebuilds the network wider
+        raise CaptureError(
+            f"swsify needs {type(model).__name__} as one graph: SWS widens every layer and everything between "
+            f"them (norms, reshapes, attention heads), which only a whole-network graph shows, and {error.why}. "
+            "sasify and report handle such a model (they capture it with dynamo, graph by graph); for swsify, "
+            "wrap the model in a module whose forward torch.export can capture (e.g. a transformers model "
+            "called with use_cache=False, returning tensors only)."
+        ) from error
     gm = trainable_export_graph(captured.gm) if captured.method == "export" else captured.gm
     widths = tie_channel_widths(gm, config.M, example_inputs, filter_fn=config.filter_fn,
                                 dense_input_layers=config.dense_input_layers, model=model)

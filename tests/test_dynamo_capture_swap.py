@@ -264,3 +264,14 @@ def test_the_capture_run_leaves_the_model_and_the_random_state_alone():
     graphs, _ = capture_with_dynamo(model, (x,))
     own = {id(p) for p in model.parameters()}
     assert graphs and all(id(p) in own for graph in graphs for p in graph.parameters.values())
+
+
+def test_swsify_says_why_it_needs_one_graph_and_what_works():
+    """SWS rebuilds the network wider: dynamo's graphs are not enough, and the error says what is."""
+    model = Branchy().eval()
+    with pytest.raises(sas_compile.api.CaptureError) as raised:
+        sas_compile.swsify(model, M=4, example_inputs=(torch.randn(3, 8),))
+    message = str(raised.value)
+    assert message.startswith("swsify needs Branchy as one graph")
+    assert "symbolic tracing failed" in message and "torch.export failed" in message
+    assert "sasify and report handle such a model" in message and "backend='sas'" not in message
