@@ -454,8 +454,9 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
             return False, ("functional call (or a module with its own forward) in a model captured by dynamo: "
                            "only stock nn.Linear/nn.Conv1d/nn.Conv2d modules are swapped there; "
                            "torch.compile(model, backend='sas') converts it")
-        if getattr(model.get_submodule(layer.module_target), "padding_mode", "zeros") != "zeros":
-            return False, f"padding_mode={model.get_submodule(layer.module_target).padding_mode!r}: SAS convolutions support only zero padding"
+        padding_mode = getattr(model.get_submodule(layer.module_target), "padding_mode", "zeros")
+        if padding_mode != "zeros":
+            return False, f"padding_mode={padding_mode!r}: SAS convolutions support only zero padding"
     return True, None
 
 

@@ -106,8 +106,9 @@ def _analyze_dynamo_graphs(model: nn.Module, example_inputs, config, error: Capt
         code.append(f"# graph {index + 1} of {len(graphs)}\n{graph.gm.code}")
     _module_swap_conflicts(layers, model, foreign)
     not_in_graphs = _layer_modules_not_in_graphs(layers, model, graphs, foreign)
-    plan = Plan(layers=layers, capture="dynamo", model=model, capture_error=error,
-                graph_breaks=breaks or [f"{len(graphs)} graph{'s' if len(graphs) != 1 else ''}, no graph break"], not_in_graphs=not_in_graphs)
+    breaks = breaks or [f"{len(graphs)} graph{'s' if len(graphs) != 1 else ''}, no graph break"]
+    plan = Plan(layers=layers, capture="dynamo", model=model, capture_error=error, graph_breaks=breaks,
+                not_in_graphs=not_in_graphs)
     plan.graph_before = "\n".join(code)
     return plan
 

@@ -91,8 +91,9 @@ def analyze(model: nn.Module, example_inputs=None, *, filter_fn: Optional[Filter
 
     The plan does not depend on M. Raises :class:`CaptureError` when the model cannot be
     captured (without ``example_inputs`` only symbolic tracing is tried), unless
-    ``dynamo_fallback``: then a model with data-dependent control flow is captured by dynamo,
-    graph by graph, into one plan listing the graph breaks (for reading, not for rewriting).
+    ``dynamo_fallback``: then a model neither symbolic tracing nor torch.export captures whole
+    (data-dependent control flow, a cache object in its output) is captured by dynamo, graph by
+    graph, into one plan listing the graph breaks, whose conversions are module swaps.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

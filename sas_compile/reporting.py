@@ -251,8 +251,9 @@ def report(
         notes.append("captured by dynamo (neither symbolic tracing nor torch.export captures it whole), the "
                      "layers of every graph counted; graph breaks: " + "; ".join(plan.graph_breaks))
         if plan.not_in_graphs:
+            listed = "; ".join(plan.not_in_graphs[:4]) + ("; ..." if len(plan.not_in_graphs) > 4 else "")
             notes.append(f"{len(plan.not_in_graphs)} layer modules are in no captured graph as a layer and stay "
-                         "dense: " + "; ".join(plan.not_in_graphs[:4]) + ("; ..." if len(plan.not_in_graphs) > 4 else ""))
+                         f"dense: {listed}")
     swat_sparse: Dict[str, bool] = {}
     if sparsities and not swat_modules:
         # the layers swatify converts, and the raw-input layer its uniform rule keeps dense

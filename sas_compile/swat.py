@@ -265,7 +265,7 @@ def discover_layers(
     names = [n for n, m in model.named_modules() if type(m) in _SWAT_CLASS]
     first: Optional[str] = names[0] if names else None
     if plan is None and example_inputs is not None:
-        plan = analyze(model, example_inputs, fold_relu=False)
+        plan = analyze(model, example_inputs, fold_relu=False, dynamo_fallback=True)
     if plan is not None and plan.capture != "modules":
         inputs = [layer.module_path for layer in plan.layers
                   if layer.input_is_graph_input and layer.module_path in names]

@@ -275,3 +275,14 @@ def test_swsify_says_why_it_needs_one_graph_and_what_works():
     assert message.startswith("swsify needs Branchy as one graph")
     assert "symbolic tracing failed" in message and "torch.export failed" in message
     assert "sasify and report handle such a model" in message and "backend='sas'" not in message
+
+
+def test_swatify_finds_the_input_layer_of_a_model_only_dynamo_captures():
+    torch.manual_seed(9)
+    model = Branchy().eval()
+    swat = sas_compile.swatify(model, sparsity=0.5, example_inputs=(torch.randn(3, 8),))
+    assert swat.a.weight_density == 0.5 and swat.out.weight_density == 0.5
+    assert swat.inp.weight_density == 1.0  # reads the raw input: dense under the uniform distribution
+    swat.train()
+    swat(torch.randn(3, 8))[0].sum().backward()
+    assert swat.a.weight.grad is not None
