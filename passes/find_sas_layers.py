@@ -66,6 +66,7 @@ class LayerCall:
     groups: int = 1
     supported: bool = True
     unsupported_reason: Optional[str] = None
+    weight_in_out: bool = False  # the weight is stored ``[in, out]`` (addmm's second matrix)
 
 
 def _tup(v, n):
@@ -113,6 +114,23 @@ def match_layer_call(node: fx.Node, gm: fx.GraphModule) -> Optional[LayerCall]:
         return LayerCall(node, UNSUPPORTED_CONV_FUNCTIONS[target], _arg(node, 0, "input"), _arg(node, 1, "weight"), None, None, None,
                          supported=False, unsupported_reason=f"{UNSUPPORTED_CONV_FUNCTIONS[target]} is not supported (SAS converts linear, conv1d and conv2d)")
     return None
+
+
+ADDMM_FUNCTIONS = {torch.addmm, torch.ops.aten.addmm.default}
+ADDMM_REASON = ("a linear written as addmm(bias, x, W) with an [in, out] weight (transformers' Conv1D, as in "
+                "GPT-2): SAS converts nn.Linear / F.linear calls; counted, kept dense")
+
+
+def _addmm_layer_call(node: fx.Node) -> Optional[LayerCall]:
+    """``addmm(bias, x, W)`` as a linear layer on ``W^T``, for the analysis only: listed and counted,
+    never converted (the caller keeps it only where ``W`` is a parameter; the SWS width rules and the
+    rewrite do not match it)."""
+    if node.op != "call_function" or node.target not in ADDMM_FUNCTIONS or len(node.args) < 3:
+        return None
+    if any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
+        return None
+    return LayerCall(node, "linear", node.args[1], node.args[2], node.args[0], None, None, supported=False,
+                     unsupported_reason=ADDMM_REASON, weight_in_out=True)
 
 
 def _shape(node) -> Optional[Tuple[int, ...]]:
@@ -218,10 +236,12 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
         if existing is not None:
             layers.append(existing)
             continue
-        call = match_layer_call(node, gm)
+        call = match_layer_call(node, gm) or _addmm_layer_call(node)
         if call is None:
             continue
         kind, target, weight = _weight_tensor(call, gm, parameters)
+        if call.weight_in_out and kind == "computed":
+            continue  # a product of activations, not a layer
         name = sources.get(target, None) if kind == "placeholder" else None
         if name is not None and _stack_layer_path(call) is not None:
             name = _stack_layer_path(call)  # the module that made the call (a tied weight has one source name)
@@ -385,6 +405,8 @@ def _describe(call: LayerCall, kind: str, target: str, weight, name: str) -> Lay
     has_bias = (call.module.bias is not None) if call.module is not None else call.bias is not None
     # a computed weight has no tensor, but the capture may know its shape
     shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else _shape(call.weight)
+    if shape is not None and call.weight_in_out:
+        shape = shape[::-1]
     if call.op == "linear":
         out_c, in_c = (shape[0], shape[1]) if shape else (-1, -1)
         return LayerPlan(name, call.node.name, "linear", True, None, in_c, out_c, has_bias=has_bias,

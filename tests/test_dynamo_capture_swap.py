@@ -286,3 +286,64 @@ def test_swatify_finds_the_input_layer_of_a_model_only_dynamo_captures():
     swat.train()
     swat(torch.randn(3, 8))[0].sum().backward()
     assert swat.a.weight.grad is not None
+
+
+def test_a_linear_written_as_addmm_is_counted_and_kept_dense():
+    """transformers' Conv1D (GPT-2) computes ``addmm(b, x, W)`` with ``W`` stored ``[in, out]``: the
+    report counts its mults and lists it; nothing converts it (an addmm of activations is no layer)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class Conv1DLike(nn.Module):
+        def __init__(self, nx, nf):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+            self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+        def forward(self, x):
+            out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+            return out.reshape(*x.shape[:-1], -1)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(6, 10)
+            self.proj = Conv1DLike(10, 7)
+            self.last = nn.Linear(7, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.first(x))
+            scores = torch.addmm(h[:, :1], h, h.t())  # activations only: no layer
+            return self.last(torch.relu(self.proj(h))) + scores.sum(1, keepdim=True)
+
+    torch.manual_seed(10)
+    model = Model().eval()
+    x = torch.randn(8, 6)
+    report = sas_compile.report(model, (x,), M=2)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    # every product but the activations' own (8 x 10 by 10 x 8), which is no layer
+    assert report.totals["base"]["mults"] == counter.get_total_flops() // 2 - 8 * 10 * 8
+    rows = {row["name"]: row for row in report.layers}
+    assert set(rows) == {"first", "proj", "last"} and rows["proj"]["op"] == "linear"
+    assert rows["proj"]["base"]["mults"] == 8 * 10 * 7 and not rows["proj"]["eligible"]
+    sas = sas_compile.sasify(model, M=2, example_inputs=(x,))
+    layers = {layer.name: layer for layer in sas.sas_plan.layers}
+    assert not layers["proj"].eligible and "addmm" in layers["proj"].reason
+    assert layers["last"].eligible
+    with torch.no_grad():
+        torch.testing.assert_close(sas(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_gpt2_mults_are_counted():
+    transformers = pytest.importorskip("transformers")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(11)
+    model = transformers.GPT2Model(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
+                                                           bos_token_id=0, eos_token_id=0)).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    report = sas_compile.report(model, (ids,), M=2)
+    with FlopCounterMode(display=False) as counter:
+        model(ids)
+    assert report.totals["base"]["mults"] == counter.get_total_flops() // 2 > 0
+    assert "transformers' Conv1D" in str(report)
