@@ -303,9 +303,31 @@ def shape_tree(node: fx.Node):
     return _shape_of(val) if val is not None else None
 
 
+def example_sizes(shape) -> Optional[Tuple[int, ...]]:
+    """The sizes of ``shape`` on the captured example, as ints, or None where one has no value.
+
+    Under the backend a dynamic size is a SymInt: ``int()`` on it would add a guard that pins the
+    graph to this one size, and dynamo would then recompile the model for every new size (then
+    run it uncompiled past its recompile limit). Its hint is the example's value, without a guard.
+    """
+    sizes = []
+    for size in shape:
+        if isinstance(size, torch.SymInt):
+            node = size.node
+            value = node.maybe_as_int()  # a size the graph already pins
+            if value is None and node.has_hint():
+                value = int(node.hint)
+            if value is None:
+                return None  # data-dependent (unbacked): no value to read
+            sizes.append(value)
+        else:
+            sizes.append(int(size))
+    return tuple(sizes)
+
+
 def _shape_of(val):
     if hasattr(val, "shape") and hasattr(val, "dtype"):  # a (fake) tensor, ShapeProp's TensorMetadata
-        return tuple(int(s) for s in val.shape)
+        return example_sizes(val.shape)
     if isinstance(val, (list, tuple)) and not isinstance(val, torch.Size):
         return tuple(_shape_of(v) for v in val)
     return None

@@ -25,7 +25,7 @@ from torch import fx, nn
 from sas_compile.runtime import sas_ops  # noqa: F401  (registers torch.ops.sas.*)
 from sas_compile.runtime.layers import SAS_LAYERS
 
-from .capture import clean_module_path, layer_owner
+from .capture import clean_module_path, example_sizes, layer_owner
 from .plan import LayerPlan, Plan
 
 __all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layers_from_modules",
@@ -138,13 +138,10 @@ def _shape(node) -> Optional[Tuple[int, ...]]:
         return None
     meta = node.meta.get("tensor_meta")
     if meta is not None and hasattr(meta, "shape"):
-        return tuple(int(s) for s in meta.shape)
+        return example_sizes(meta.shape)
     val = node.meta.get("val", node.meta.get("example_value"))
     if isinstance(val, torch.Tensor):
-        try:
-            return tuple(int(s) for s in val.shape)
-        except Exception:  # noqa: BLE001 - symbolic sizes without hints
-            return None
+        return example_sizes(val.shape)  # a dynamic size read without pinning the graph to it
     return None
 
 
