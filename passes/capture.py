@@ -15,6 +15,7 @@ every node come from one place, :func:`propagate_shapes`, read back by :func:`sh
 from __future__ import annotations
 
 import contextlib
+import copy
 import contextvars
 import io
 
@@ -30,7 +31,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 log = logging.getLogger("sas_compile.passes")
 
-__all__ = ["Captured", "CaptureError", "ExampleInputsError", "quiet_torch_logs", "capture_with_dynamo",
+__all__ = ["Captured", "CaptureError", "ExampleInputsError", "quiet_torch_logs", "capture_with_dynamo", "copy_model",
            "DynamoGraph", "dynamo_placeholder_sources", "layer_owner", "in_resume_frame", "capture",
            "capture_seeing_into_leaves", "trainable_export_graph", "normalize_example_inputs", "propagate_shapes",
            "shapes_from_real_runs", "shape_tree", "SASTracer"]
@@ -457,6 +458,20 @@ def tensors_in(value, depth: int = 3):
             yield from tensors_in(item, depth - 1)
 
 
+def copy_model(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, also for a model holding a tensor a forward pre-hook computes.
+
+    ``torch.nn.utils.weight_norm`` (deprecated, still common in audio models) keeps ``weight`` as a
+    computed tensor, not a graph leaf, which ``deepcopy`` refuses; the copy gets it detached, and
+    the copied hook recomputes it at the copy's next call."""
+    memo = dict(memo or {})
+    for mod in module.modules():
+        for value in vars(mod).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf and id(value) not in memo:
+                memo[id(value)] = value.detach()
+    return copy.deepcopy(module, memo)
+
+
 def capture_with_dynamo(model: nn.Module, example_inputs) -> Tuple[list, list]:
     """Every graph dynamo captures when ``model`` runs on ``example_inputs``, and the graph breaks.
 
@@ -469,8 +484,6 @@ def capture_with_dynamo(model: nn.Module, example_inputs) -> Tuple[list, list]:
     hold the user's own parameters, so identity (a tied weight) and ``filter_fn``'s modules are
     those of ``model``. Returns ``([DynamoGraph], [graph break reasons])``.
     """
-    import copy
-
     import torch._dynamo
 
     example_inputs = normalize_example_inputs(example_inputs)
@@ -483,7 +496,7 @@ def capture_with_dynamo(model: nn.Module, example_inputs) -> Tuple[list, list]:
         graphs.append(DynamoGraph(gm, tuple(inputs), parameters, dynamo_placeholder_sources(gm), in_resume_frame()))
         return gm.forward
 
-    work = copy.deepcopy(model, {id(p): p for p in model.parameters()})
+    work = copy_model(model, {id(p): p for p in model.parameters()})
     devices = sorted({t.device.index or 0 for t in [*model.parameters(), *tensors_in(example_inputs)] if t.is_cuda})
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

@@ -30,7 +30,7 @@ from .plan import LayerPlan, Plan
 
 __all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layers_from_modules",
            "OPAQUE_PROJECTION_MODULES", "layer_plan_from_module", "already_sas_reason", "parameter_holders",
-           "LINEAR_FUNCTIONS", "CONV_FUNCTIONS", "SASOp", "SAS_OPS", "sas_op"]
+           "LINEAR_FUNCTIONS", "CONV_FUNCTIONS", "SASOp", "SAS_OPS", "sas_op", "stores_weight"]
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 CONV_FUNCTIONS = {
@@ -428,6 +428,9 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
         return False, call.unsupported_reason
     if kind == "computed" or weight is None:
         return False, "the weight is computed inside the graph, not a parameter: nothing to widen"
+    if kind == "module" and not stores_weight(call.module):
+        return False, (f"{type(call.module).__name__}.weight is computed from other tensors before each call "
+                       "(weight_norm, spectral_norm or a parametrization), not a stored parameter: nothing to widen")
     if not weight.is_floating_point():
         return False, f"weight dtype {weight.dtype} is not a floating point type"
     if dense_input_layers and layer.input_is_graph_input:
@@ -477,6 +480,15 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
         if padding_mode != "zeros":
             return False, f"padding_mode={padding_mode!r}: SAS convolutions support only zero padding"
     return True, None
+
+
+def stores_weight(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is a tensor the module stores (a Parameter or buffer of its own),
+    not one a hook or a parametrization computes before each call (then a wide copy of it would be
+    overwritten, or would bypass the computation)."""
+    if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
+        return False
+    return "weight" in module._parameters or "weight" in module._buffers
 
 
 # a module swap replaces the module's forward: only these forwards are known to be the call the graph shows

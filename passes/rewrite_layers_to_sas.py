@@ -20,7 +20,6 @@ it keeps its class.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from collections import defaultdict
 from typing import Dict, List, Optional
@@ -33,7 +32,7 @@ from sas_compile.runtime import sas_ops
 from sas_compile.runtime.layers import SASConv1d, SASConv2d, SASLinear
 from sas_compile.runtime.projection import expand_dense_weight
 
-from .capture import tensors_in
+from .capture import copy_model, tensors_in
 from .find_foldable_relus import relu_input
 from .find_sas_layers import match_layer_call
 from .plan import LayerPlan, Plan
@@ -79,7 +78,7 @@ def copy_for_rewrite(source: nn.Module, plan: Plan) -> nn.Module:
             stand_in = meta_stand_in(weight)
             setattr(stand_in, _SOURCE, weight)
             memo[id(weight)] = stand_in
-    return copy.deepcopy(source, memo)
+    return copy_model(source, memo)
 
 
 def dense_source(weight: torch.Tensor) -> torch.Tensor:

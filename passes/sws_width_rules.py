@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from .capture import layer_owner, shape_tree
-from .find_sas_layers import LayerCall, match_layer_call
+from .find_sas_layers import LayerCall, match_layer_call, stores_weight
 from .sws_width_model import Dim, LayerSite, WidthUnionFind
 
 __all__ = [
@@ -725,6 +725,9 @@ def reduce(walk: WidthWalk, node: fx.Node):
 def layer(walk: WidthWalk, node: fx.Node):
     """A linear / conv1d / conv2d call in any spelling (``find_sas_layers.match_layer_call``)."""
     call = match_layer_call(node, walk.gm)
+    if call.module is not None and not stores_weight(call.module):
+        raise UnsupportedOp(f"{type(call.module).__name__}.weight is computed before each call (weight_norm, "
+                            "spectral_norm or a parametrization): its widths cannot change")
     if call.module is not None:
         w, wt = walk.module_param(node, "weight")
         b, bt = walk.module_param(node, "bias")

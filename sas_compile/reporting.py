@@ -28,7 +28,7 @@ from .accounting import layer_costs
 from .api import AnalysisOptions, analyze, check_filter_fn
 from .passes import costs
 from .passes.costs import check_M_values
-from .passes.capture import CaptureError, normalize_example_inputs
+from .passes.capture import CaptureError, copy_model, normalize_example_inputs
 from .passes.pipeline import module_plan
 from .passes.tie_channel_widths import analyze_channel_widths
 from .runtime.sws_mask import sws_mask_of
@@ -174,7 +174,7 @@ def _dense_view(model: nn.Module, swat_modules: Dict[str, nn.Module]) -> nn.Modu
     """
     if "" in swat_modules:
         return _as_dense_layer(model)
-    view = copy.deepcopy(model)
+    view = copy_model(model)
     swaps = {name: _as_dense_layer(view.get_submodule(name)) for name in swat_modules}
     swaps.update({n: nn.ReLU() for n, m in view.named_modules() if isinstance(m, BitmaskReLU)})
     for name, module in swaps.items():
@@ -371,10 +371,22 @@ def _symbolic_formulas(plan: Plan, example_inputs, counted_layers, notes: List[s
 
 
 def _parameter_tensor(module: nn.Module, attr: str):
-    """The stored parameter behind ``module.<attr>`` (the original of a parametrized weight)."""
+    """The stored parameter behind ``module.<attr>``: the original of a parametrized weight, or, where
+    the parametrization keeps several (weight_norm: ``original0`` the norms, ``original1`` the
+    directions), the one of the weight's shape (the others get parameters-only rows)."""
     if parametrize.is_parametrized(module, attr):
-        return getattr(module.parametrizations, attr).original
-    return getattr(module, attr, None)
+        plist = getattr(module.parametrizations, attr)
+        if hasattr(plist, "original"):
+            return plist.original
+        originals = [t for name, t in plist.named_parameters(recurse=False) if name.startswith("original")]
+        shape = getattr(module, attr).shape
+        return next((t for t in originals if t.shape == shape), originals[0] if originals else None)
+    value = getattr(module, attr, None)
+    if isinstance(value, Tensor) and attr not in module._parameters and attr not in module._buffers:
+        # computed by a forward pre-hook (old-style weight_norm: from weight_g and weight_v): the
+        # module's own parameter of its shape stands for it
+        return next((p for p in module._parameters.values() if p is not None and p.shape == value.shape), value)
+    return value
 
 
 def _layer_parameter_names(layer: LayerPlan, model: nn.Module, names_by_id: Dict[int, str]) -> Dict[str, Optional[str]]:

@@ -6,7 +6,6 @@ trainable weights. The ``sas`` dynamo backend reads the same ``SASConfig``.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
-from .passes.capture import CaptureError, capture
+from .passes.capture import CaptureError, capture, copy_model
 from .passes.pipeline import SAS_REWRITE, analyze_model, run_passes
 from .passes.plan import Plan
 from .passes.rewrite_layers_to_sas import (copy_for_rewrite, holds_stand_ins, is_module_swap, meta_stand_in,
@@ -69,7 +68,7 @@ class SASConfig:
 def _meta_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` whose parameters and buffers are meta tensors (no data copied)."""
     memo = {id(t): meta_stand_in(t) for t in [*module.parameters(), *module.buffers()]}
-    return copy.deepcopy(module, memo)
+    return copy_model(module, memo)
 
 
 def apply_sas_plan(plan: Plan, config: SASConfig, *, weights_on_meta: bool = False,
@@ -89,7 +88,7 @@ def apply_sas_plan(plan: Plan, config: SASConfig, *, weights_on_meta: bool = Fal
     if weights_on_meta:
         clone = _meta_copy
     elif copy_dense_weights:
-        clone = copy.deepcopy
+        clone = copy_model
     else:  # the converted layers' dense weights are not copied: they are replaced
         def clone(module):
             return copy_for_rewrite(module, plan)

@@ -20,7 +20,6 @@ renormalised. A layer's activations use the layer's weight density (the same K r
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -31,7 +30,8 @@ from torch import Tensor, nn
 
 from .api import FilterFn, analyze, attach_result, check_filter_fn, register_handler, sparsify
 from .passes import costs
-from .passes.find_sas_layers import layer_plan_from_module, parameter_holders
+from .passes.capture import copy_model
+from .passes.find_sas_layers import layer_plan_from_module, parameter_holders, stores_weight
 from .passes.plan import Plan
 from .runtime import swat as ops
 from .sas import existing_sas_layers
@@ -262,7 +262,8 @@ def discover_layers(
     which layer reads the raw input; without either it is the first conv/linear module in
     registration order.
     """
-    names = [n for n, m in model.named_modules() if type(m) in _SWAT_CLASS]
+    # a weight computed before each call (old-style weight_norm) has no stored values to sparsify
+    names = [n for n, m in model.named_modules() if type(m) in _SWAT_CLASS and stores_weight(m)]
     first: Optional[str] = names[0] if names else None
     if plan is None and example_inputs is not None:
         plan = analyze(model, example_inputs, fold_relu=False, dynamo_fallback=True)
@@ -305,7 +306,7 @@ def _convert(model: nn.Module, config: SWATConfig, example_inputs) -> nn.Module:
             "nn.Linear / nn.Conv1d / nn.Conv2d layers of a dense model and has no SAS-layer version: call "
             "swatify on the dense model instead."
         )
-    model = copy.deepcopy(model)
+    model = copy_model(model)
     names, first = discover_layers(model, example_inputs, config.filter_fn)
     modules = dict(model.named_modules())
     paths = _paths_by_module(model)
@@ -336,7 +337,10 @@ def _convert(model: nn.Module, config: SWATConfig, example_inputs) -> nn.Module:
     for fqn, mod in modules.items():
         if type(mod) in _SWAT_CLASS:
             converted = fqn in densities
-            layer = layer_plan_from_module(fqn, fqn, mod, converted, None if converted else "excluded by filter_fn")
+            reason = None if converted else "excluded by filter_fn"
+            if not converted and not stores_weight(mod):
+                reason = "its weight is computed before each call (weight_norm): no stored values to sparsify"
+            layer = layer_plan_from_module(fqn, fqn, mod, converted, reason)
             tied = holders.get(id(mod.weight), [layer.weight_target])
             layer.weight_group = tied[0]
             layer.shared_with = tuple(name for name in tied if name != layer.weight_target)

@@ -40,8 +40,8 @@ import torch
 from torch import fx, nn
 
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
-from .passes.capture import (CaptureError, capture_seeing_into_leaves, normalize_example_inputs, propagate_shapes,
-                             trainable_export_graph)
+from .passes.capture import (CaptureError, capture_seeing_into_leaves, copy_model, normalize_example_inputs,
+                             propagate_shapes, trainable_export_graph)
 from .passes.find_sas_layers import layer_plan_from_module, match_layer_call, parameter_holders
 from .passes.lower_sws_to_packed import PackedSWSLinear, lower_sws_to_packed
 from .passes.sws_width_rules import has_width_rule
@@ -79,7 +79,7 @@ def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs) -> Tuple[f
     example_inputs = normalize_example_inputs(example_inputs)
     # the width analysis must see inside every layer: export when tracing leaves opaque ones
     try:
-        captured = capture_seeing_into_leaves(copy.deepcopy(model), example_inputs, sees_into=has_width_rule)
+        captured = capture_seeing_into_leaves(copy_model(model), example_inputs, sees_into=has_width_rule)
     except CaptureError as error:
         if not hasattr(error, "why"):  # no example_inputs: the error says to pass them
             raise
