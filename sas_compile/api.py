@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Dict, Optional, Type
 
+import torch
 from torch import nn
 
 from .passes.capture import CaptureError
@@ -47,6 +48,27 @@ def check_filter_fn(filter_fn, what: str = "filter_fn") -> None:
                          "that returns False for the layers to keep dense")
 
 
+def check_model(model) -> None:
+    """One clear error, from every entry point, for a model no conversion or analysis can take:
+    not an ``nn.Module``, a TorchScript module (no Python code to capture), a wrapper that
+    holds the model in ``.module`` (``DataParallel``, ``DistributedDataParallel``), or one with
+    lazy layers whose parameters have no shape yet."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"model is a TorchScript module ({type(model).__name__}), which has no Python code to "
+                        "capture: convert the nn.Module before torch.jit.script, and script the result")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(f"model is a {type(model).__name__} wrapper: pass the model it wraps (model.module), "
+                        f"and wrap the result in {type(model).__name__} again")
+    lazy = [name or type(model).__name__ for name, mod in model.named_modules()
+            if isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(f"lazy layers without shapes yet ({', '.join(lazy[:4])}"
+                         f"{', ...' if len(lazy) > 4 else ''}): run the model once on an example input, "
+                         "which gives their parameters shapes, then convert it")
+
+
 def sparsify(model: nn.Module, config, *, filter_fn: Optional[FilterFn] = None, example_inputs=None) -> nn.Module:
     """Return a converted copy of ``model`` as ``config`` says; ``model`` is not modified.
 
@@ -57,8 +79,7 @@ def sparsify(model: nn.Module, config, *, filter_fn: Optional[FilterFn] = None, 
     gives exact shapes and lets models that symbolic tracing cannot capture be captured with
     torch.export.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     handler = _HANDLERS.get(type(config))
     if handler is None:
         known = ", ".join(sorted(t.__name__ for t in _HANDLERS)) or "none registered"
@@ -95,8 +116,7 @@ def analyze(model: nn.Module, example_inputs=None, *, filter_fn: Optional[Filter
     (data-dependent control flow, a cache object in its output) is captured by dynamo, graph by
     graph, into one plan listing the graph breaks, whose conversions are module swaps.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     check_filter_fn(filter_fn)
     return analyze_model(model, example_inputs, AnalysisOptions(filter_fn, bool(dense_input_layers), bool(fold_relu)),
                          dynamo_fallback=dynamo_fallback)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
+from .api import check_model
 from .passes.capture import CaptureError, normalize_example_inputs
 from .passes.pipeline import analyze_model, module_plan
 from .passes.plan import Plan, layer_cost_summary, render_svg
@@ -47,8 +48,7 @@ def inspect_model(
     and converted as ``sasify`` converts it, by module swaps; one that symbolic tracing cannot
     capture and that comes without ``example_inputs`` is shown from its layer modules (no graph).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     config = SASConfig(M=M, filter_fn=filter_fn, dense_input_layers=dense_input_layers)
     example_inputs = normalize_example_inputs(example_inputs)
     try:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .accounting import layer_costs
-from .api import AnalysisOptions, analyze, check_filter_fn
+from .api import AnalysisOptions, analyze, check_filter_fn, check_model
 from .passes import costs
 from .passes.costs import check_M_values
 from .passes.capture import CaptureError, copy_model, normalize_example_inputs
@@ -225,8 +225,7 @@ def report(
     reference. A model already converted by ``swatify`` reports its SWAT layers at their own
     densities (at every requested sparsity, or at its own sparsity when ``swat`` is None).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model)
     Ms = check_M_values(M)
     sparsities = check_sparsities(swat)
     check_filter_fn(filter_fn)

@@ -361,7 +361,5 @@ def swsify(
     ``sparsify_plan`` lists the layers (sparse or why not). For inference on the sparse
     kernels, :func:`lower_sws` it.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"swsify: model must be an nn.Module, got {type(model).__name__}")
     config = SWSConfig(M=M, freeze_mask=freeze_mask, dense_input_layers=bool(dense_input_layers))
     return sparsify(model, config, filter_fn=filter_fn, example_inputs=example_inputs)

@@ -297,3 +297,30 @@ def test_a_sasified_training_step_keeps_only_narrow_activations():
         for M in (2, 4):
             sas = sas_compile.sasify(dense, M=M)
             assert saved_activation_bytes(sas, x) <= saved_activation_bytes(dense, x)
+
+
+def _entry_points():
+    x = torch.randn(2, 4)
+    return {
+        "sasify": lambda m: sas_compile.sasify(m, M=2),
+        "swsify": lambda m: sas_compile.swsify(m, M=4, example_inputs=(x,)),
+        "swatify": lambda m: sas_compile.swatify(m, sparsity=0.5),
+        "report": lambda m: sas_compile.report(m, (x,)),
+        "inspect_model": lambda m: sas_compile.inspect_model(m, (x,)),
+    }
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script's own
+@pytest.mark.parametrize("entry", list(_entry_points()))
+@pytest.mark.parametrize("wrap, error, match", [
+    (torch.jit.script, TypeError, "TorchScript module .* convert the nn.Module before torch.jit.script"),
+    (nn.DataParallel, TypeError, r"DataParallel wrapper: pass the model it wraps \(model.module\)"),
+    (None, ValueError, r"lazy layers without shapes yet \(0\): run the model once"),
+])
+def test_models_no_entry_point_can_take_say_what_to_do(entry, wrap, error, match):
+    if wrap is None:
+        model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 3))
+    else:
+        model = wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    with pytest.raises(error, match=match):
+        _entry_points()[entry](model)
