@@ -30,7 +30,7 @@ from .plan import LayerPlan, Plan
 
 __all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layers_from_modules",
            "OPAQUE_PROJECTION_MODULES", "layer_plan_from_module", "already_sas_reason", "parameter_holders",
-           "LINEAR_FUNCTIONS", "CONV_FUNCTIONS", "SASOp", "SAS_OPS", "sas_op", "stores_weight"]
+           "LINEAR_FUNCTIONS", "CONV_FUNCTIONS", "SASOp", "SAS_OPS", "sas_op", "stores_weight", "stock_forward"]
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 CONV_FUNCTIONS = {
@@ -428,6 +428,9 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
         return False, call.unsupported_reason
     if kind == "computed" or weight is None:
         return False, "the weight is computed inside the graph, not a parameter: nothing to widen"
+    if kind == "module" and "forward" in vars(call.module):
+        return False, (f"its forward is replaced on the instance ({getattr(call.module.forward, '__qualname__', 'a wrapper')}, "
+                       "as accelerate's hooks do): a SAS layer would drop that wrapper")
     if kind == "module" and not stores_weight(call.module):
         return False, (f"{type(call.module).__name__}.weight is computed from other tensors before each call "
                        "(weight_norm, spectral_norm or a parametrization), not a stored parameter: nothing to widen")
@@ -460,7 +463,7 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
         owner = _get_submodule(model, owner_path) if model is not None else None
         is_module_call = (last is not None and clean_module_path(last[0]) == owner_path
                           and isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d))
-                          and type(owner).forward in STOCK_FORWARDS
+                          and stock_forward(owner)
                           and (owner.weight is weight or layer.weight_target == f"{owner_path}.weight"))
         if not is_module_call:
             return False, ("functional call (or a module with its own forward) in a model that symbolic tracing "
@@ -495,6 +498,12 @@ def stores_weight(module: nn.Module) -> bool:
 STOCK_FORWARDS = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward)
 
 
+def stock_forward(module: nn.Module) -> bool:
+    """Whether ``module`` runs nn.Linear/Conv1d/Conv2d's own forward: its class does not override
+    it, and neither does the instance (accelerate and other tools replace ``module.forward``)."""
+    return type(module).forward in STOCK_FORWARDS and "forward" not in vars(module)
+
+
 def _dynamo_module_call(call: LayerCall, weight, model: nn.Module) -> Optional[str]:
     """The path in ``model`` of the stock ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` module whose own
     forward made ``call`` on its own weight (dynamo inlines module calls; ``nn_module_stack``
@@ -504,7 +513,7 @@ def _dynamo_module_call(call: LayerCall, weight, model: nn.Module) -> Optional[s
         return None
     path = clean_module_path(list(stack.values())[-1][0])
     owner = _get_submodule(model, path)
-    if owner is None or type(owner).forward not in STOCK_FORWARDS or getattr(owner, "weight", None) is not weight:
+    if owner is None or not stock_forward(owner) or getattr(owner, "weight", None) is not weight:
         return None
     return path
 
@@ -564,7 +573,7 @@ def _other_weight_uses(gm: fx.GraphModule, model: Optional[nn.Module], sites: Di
             full = f"{path}.{pname}" if path else pname
             if (id(mod) in site_modules[key] and pname == "weight") or full in attr_targets[key]:
                 continue
-            if defer_layer_holders and pname == "weight" and type(mod).forward in STOCK_FORWARDS:
+            if defer_layer_holders and pname == "weight" and stock_forward(mod):
                 continue
             uses[key].append(f"{full} ({type(mod).__name__})")
     return {key: list(dict.fromkeys(found)) for key, found in uses.items()}

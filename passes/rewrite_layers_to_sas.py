@@ -116,7 +116,23 @@ def sas_module(dense: nn.Module, M: int, fold: bool, rule: str, wide: Optional[n
     if dense.bias is not None:
         new.bias = dense.bias  # the caller's copy: a bias tied to another module stays tied
     new.train(dense.training)
+    carry_hooks(dense, new)
     return new
+
+
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+              "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new``, which replaces ``old``, the forward and backward hooks registered on ``old``.
+
+    A swap must not drop what the user hung on a layer (activation logging, feature extraction,
+    gradient hooks): the dicts themselves move, so a hook's handle still removes it. A hook sees
+    the new module (a SAS layer's weight is the wide one) and the same inputs and outputs."""
+    for name in HOOK_DICTS:
+        if name in vars(old):
+            setattr(new, name, getattr(old, name))
 
 
 def _wide_like(dense: torch.Tensor, M: int, fold: bool, rule: str, groups: int) -> torch.Tensor:

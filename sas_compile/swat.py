@@ -33,6 +33,7 @@ from .passes import costs
 from .passes.capture import copy_model
 from .passes.find_sas_layers import layer_plan_from_module, parameter_holders, stores_weight
 from .passes.plan import Plan
+from .passes.rewrite_layers_to_sas import carry_hooks
 from .runtime import swat as ops
 from .sas import existing_sas_layers
 
@@ -253,6 +254,16 @@ def erk_densities(shapes: Dict[str, Sequence[int]], density: float) -> Dict[str,
 # ---------------------------------------------------------------- layer discovery
 
 
+def _swat_reason(module: nn.Module) -> Optional[str]:
+    """Why a Linear/Conv module cannot become a SWAT layer, or None."""
+    if not stores_weight(module):
+        # old-style weight_norm recomputes it before each call: no stored values to sparsify
+        return "its weight is computed before each call (weight_norm): no stored values to sparsify"
+    if "forward" in vars(module):
+        return "its forward is replaced on the instance (as accelerate's hooks do): a SWAT layer would drop it"
+    return None
+
+
 def discover_layers(
     model: nn.Module, example_inputs, filter_fn, plan: Optional[Plan] = None
 ) -> Tuple[List[str], Optional[str]]:
@@ -262,8 +273,7 @@ def discover_layers(
     which layer reads the raw input; without either it is the first conv/linear module in
     registration order.
     """
-    # a weight computed before each call (old-style weight_norm) has no stored values to sparsify
-    names = [n for n, m in model.named_modules() if type(m) in _SWAT_CLASS and stores_weight(m)]
+    names = [n for n, m in model.named_modules() if type(m) in _SWAT_CLASS and _swat_reason(m) is None]
     first: Optional[str] = names[0] if names else None
     if plan is None and example_inputs is not None:
         plan = analyze(model, example_inputs, fold_relu=False, dynamo_fallback=True)
@@ -323,6 +333,7 @@ def _convert(model: nn.Module, config: SWATConfig, example_inputs) -> nn.Module:
             structure=config.structure, period=config.period,
         )
         layer.train(source.training)
+        carry_hooks(source, layer)
         for path in paths[id(source)]:  # a module registered under several names is swapped under all
             _set_submodule(model, path, layer)
     if config.relu_bitmask:
@@ -337,9 +348,7 @@ def _convert(model: nn.Module, config: SWATConfig, example_inputs) -> nn.Module:
     for fqn, mod in modules.items():
         if type(mod) in _SWAT_CLASS:
             converted = fqn in densities
-            reason = None if converted else "excluded by filter_fn"
-            if not converted and not stores_weight(mod):
-                reason = "its weight is computed before each call (weight_norm): no stored values to sparsify"
+            reason = None if converted else (_swat_reason(mod) or "excluded by filter_fn")
             layer = layer_plan_from_module(fqn, fqn, mod, converted, reason)
             tied = holders.get(id(mod.weight), [layer.weight_target])
             layer.weight_group = tied[0]

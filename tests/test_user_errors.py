@@ -324,3 +324,34 @@ def test_models_no_entry_point_can_take_say_what_to_do(entry, wrap, error, match
         model = wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
     with pytest.raises(error, match=match):
         _entry_points()[entry](model)
+
+
+def test_hooks_on_a_converted_layer_keep_running():
+    """A module swap gives the SAS (or SWAT) layer the hooks of the layer it replaces."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    seen = []
+    model[2].register_forward_pre_hook(lambda mod, args: seen.append(("pre", tuple(args[0].shape))))
+    model[2].register_forward_hook(lambda mod, args, out: seen.append(("post", tuple(out.shape))))
+    model[2].register_full_backward_hook(lambda mod, gin, gout: seen.append(("backward", tuple(gout[0].shape))))
+    x = torch.randn(5, 4, requires_grad=True)
+    for convert in (lambda m: sas_compile.sasify(m, M=2), lambda m: sas_compile.swatify(m, sparsity=0.5)):
+        seen.clear()
+        new = convert(model).train()
+        assert type(new[2]) is not nn.Linear
+        new(x).sum().backward()
+        assert seen == [("pre", (5, 8)), ("post", (5, 3)), ("backward", (5, 3))]
+
+
+def test_a_layer_whose_forward_is_replaced_on_the_instance_stays_dense():
+    """accelerate and other tools replace ``module.forward`` on the instance: a swap would drop it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    stock = model[2].forward
+    model[2].forward = lambda x: stock(x) * 2  # the wrapper a tool installs
+    x = torch.randn(5, 4)
+    sas = sas_compile.sasify(model, M=2)
+    assert type(sas[2]) is nn.Linear and "replaced on the instance" in sas.sas_plan.layers[1].reason
+    torch.testing.assert_close(sas(x), model(x))
+    swat = sas_compile.swatify(model, sparsity=0.5)
+    assert type(swat[2]) is nn.Linear
