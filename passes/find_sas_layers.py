@@ -117,8 +117,9 @@ def match_layer_call(node: fx.Node, gm: fx.GraphModule) -> Optional[LayerCall]:
 
 
 ADDMM_FUNCTIONS = {torch.addmm, torch.ops.aten.addmm.default}
-ADDMM_REASON = ("a linear written as addmm(bias, x, W) with an [in, out] weight (transformers' Conv1D, as in "
-                "GPT-2): SAS converts nn.Linear / F.linear calls; counted, kept dense")
+ADDMM_REASON = ("a linear written as addmm(bias, x, W) with an [in, out] weight outside a module whose whole "
+                "forward it is: counted, kept dense (sasify swaps a module that computes only this, as "
+                "transformers' Conv1D in GPT-2, for a SAS linear; other captures leave it dense)")
 
 
 def _addmm_layer_call(node: fx.Node) -> Optional[LayerCall]:
@@ -256,7 +257,7 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
             layer.parameter_sources = tuple(sources.get(n.name) if isinstance(n, fx.Node) else None
                                             for n in (call.weight, call.bias))
         layer.eligible, layer.reason = _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm,
-                                                    plan.capture, plan.model)
+                                                    plan.capture, plan.model, parameters)
         layers.append(layer)
         # one group per weight tensor, whatever name each call site reaches it by
         weights.append(weight)
@@ -407,7 +408,7 @@ def _describe(call: LayerCall, kind: str, target: str, weight, name: str) -> Lay
     if call.op == "linear":
         out_c, in_c = (shape[0], shape[1]) if shape else (-1, -1)
         return LayerPlan(name, call.node.name, "linear", True, None, in_c, out_c, has_bias=has_bias,
-                         weight_target=target, module_target=call.module_path)
+                         weight_target=target, module_target=call.module_path, weight_in_out=call.weight_in_out)
     if shape is not None:
         out_c, in_c, kernel = shape[0], shape[1] * call.groups, tuple(shape[2:])
     else:
@@ -423,7 +424,15 @@ def _get_submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
         return None
 
 
-def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, capture, model) -> Tuple[bool, Optional[str]]:
+def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, capture, model,
+                 parameters: Dict[str, torch.Tensor]) -> Tuple[bool, Optional[str]]:
+    if call.weight_in_out and capture in ("dynamo", "export") and model is not None and kind != "computed":
+        # a module swap can replace a module whose whole forward is this addmm (transformers' Conv1D)
+        layer.module_target = _addmm_module(call, gm, weight, model, parameters)
+        if layer.module_target is None:
+            return False, call.unsupported_reason
+        why = _policy_reason(call, kind, weight, layer, filter_fn, dense_input_layers, gm, model)
+        return why is None, why
     if not call.supported:
         return False, call.unsupported_reason
     if kind == "computed" or weight is None:
@@ -434,21 +443,9 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
     if kind == "module" and not stores_weight(call.module):
         return False, (f"{type(call.module).__name__}.weight is computed from other tensors before each call "
                        "(weight_norm, spectral_norm or a parametrization), not a stored parameter: nothing to widen")
-    if not weight.is_floating_point():
-        return False, f"weight dtype {weight.dtype} is not a floating point type"
-    if dense_input_layers and layer.input_is_graph_input:
-        return False, ("input layer: reads the raw network input, kept dense as in the reference code "
-                       "(pass dense_input_layers=False to convert it)")
-    if filter_fn is not None:
-        owner = call.module
-        if owner is None and kind in ("attr",) and "." in layer.weight_target:
-            owner = gm.get_submodule(layer.weight_target.rsplit(".", 1)[0])
-        elif owner is None and kind == "attr":
-            owner = gm
-        # a dynamo graph's parameters are inputs: under the backend (no model) no module to follow
-        owner = layer_owner(model, layer.name, owner)
-        if not filter_fn(owner, layer.name):
-            return False, "excluded by filter_fn"
+    why = _policy_reason(call, kind, weight, layer, filter_fn, dense_input_layers, gm, model)
+    if why is not None:
+        return False, why
     if capture == "export" and call.module is None and kind == "attr":
         # torch.export inlines modules: only a whole nn.Linear/nn.Conv call can be swapped back
         owner_path = layer.weight_target.rsplit(".", 1)[0] if "." in layer.weight_target else ""
@@ -492,6 +489,89 @@ def stores_weight(module: nn.Module) -> bool:
     if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
         return False
     return "weight" in module._parameters or "weight" in module._buffers
+
+
+def _policy_reason(call, kind, weight, layer, filter_fn, dense_input_layers, gm, model) -> Optional[str]:
+    """The user's policy for a layer that could convert: a float weight, the input-layer rule and
+    ``filter_fn``; None when it lets the layer convert."""
+    if not weight.is_floating_point():
+        return f"weight dtype {weight.dtype} is not a floating point type"
+    if dense_input_layers and layer.input_is_graph_input:
+        return ("input layer: reads the raw network input, kept dense as in the reference code "
+                "(pass dense_input_layers=False to convert it)")
+    if filter_fn is not None:
+        owner = call.module
+        if owner is None and kind in ("attr",) and "." in layer.weight_target:
+            owner = gm.get_submodule(layer.weight_target.rsplit(".", 1)[0])
+        elif owner is None and kind == "attr":
+            owner = gm
+        # a dynamo graph's parameters are inputs: under the backend (no model) no module to follow
+        owner = layer_owner(model, layer.name, owner)
+        if not filter_fn(owner, layer.name):
+            return "excluded by filter_fn"
+    return None
+
+
+def _addmm_module(call: LayerCall, gm: fx.GraphModule, weight, model: nn.Module,
+                  parameters: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The path of the module whose whole forward is this ``addmm(b, x, W)`` on its own ``W`` (and
+    bias), as transformers' Conv1D: ``x.view(-1, in)``, the addmm, a view back to ``x``'s leading
+    sizes; else None. Such a module computes ``F.linear(x, W.t(), b)``, so a SAS linear can take
+    its place. Proved from the graph: every op that ran in the module is one of those."""
+    stack = call.node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    raw_path = list(stack.values())[-1][0]
+    path = clean_module_path(raw_path)
+    owner = _get_submodule(model, path) if path else None
+    if (owner is None or getattr(owner, "weight", None) is not weight or "forward" in vars(owner)
+            or any(True for _ in owner.children())
+            or set(dict(owner.named_parameters(recurse=False))) - {"weight", "bias"}):
+        return None
+    bias = getattr(owner, "bias", None)
+    if bias is not None and not _reads(call.bias, bias, gm, parameters):
+        return None
+    inside = [n for n in gm.graph.nodes
+              if list((n.meta.get("nn_module_stack") or {}).values())[-1:] and
+              list(n.meta["nn_module_stack"].values())[-1][0] == raw_path]
+    if any(n is not call.node and not _is_reshape(n) for n in inside if n.op in ("call_function", "call_method")):
+        return None
+    # the module's input and output: what enters it from outside, what leaves it
+    members = set(inside)
+    entering = {a for n in inside for a in n.all_input_nodes if a not in members and _shape(a) is not None
+                and a.op != "get_attr" and a.name not in parameters}
+    leaving = [n for n in inside if any(u not in members for u in n.users)]
+    if len(entering) != 1 or len(leaving) != 1:
+        return None
+    x_shape, y_shape = _shape(next(iter(entering))), _shape(leaving[0])
+    out_features = weight.shape[1]
+    if x_shape is None or y_shape is None or x_shape[-1] != weight.shape[0] or y_shape != (*x_shape[:-1], out_features):
+        return None
+    return path
+
+
+_RESHAPE_METHODS = {"view", "reshape", "size", "contiguous"}
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    """A reshape of a tensor, or arithmetic on sizes (never on tensors), in any capture's spelling."""
+    if node.op == "call_method":
+        return node.target in _RESHAPE_METHODS
+    target = node.target
+    name = getattr(getattr(target, "overloadpacket", None), "__name__", None) or getattr(target, "__name__", "")
+    if name in ("view", "reshape", "_unsafe_view"):
+        return True
+    value = node.meta.get("val", node.meta.get("example_value"))
+    return name in ("sym_size", "size", "getitem", "add", "mul", "floordiv") and not isinstance(value, torch.Tensor)
+
+
+def _reads(value, tensor, gm: fx.GraphModule, parameters: Dict[str, torch.Tensor]) -> bool:
+    """Whether the graph value ``value`` is ``tensor`` (a get_attr, or a parameter dynamo lifted)."""
+    if not isinstance(value, fx.Node):
+        return False
+    if value.op == "get_attr":
+        return _graph_tensor(gm, value.target) is tensor
+    return value.op == "placeholder" and parameters.get(value.name) is tensor
 
 
 # a module swap replaces the module's forward: only these forwards are known to be the call the graph shows

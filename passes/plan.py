@@ -54,6 +54,7 @@ class LayerPlan:
     sws_M: Optional[int] = None  # the weight carries an SWS 1:M mask
     # dynamo graphs: the user's paths of (weight, bias), None where the graph does not say
     parameter_sources: Tuple[Optional[str], ...] = ()
+    weight_in_out: bool = False  # the weight is stored [in, out]: addmm(b, x, W), transformers' Conv1D
     input_shape: Optional[Tuple[int, ...]] = None
     output_shape: Optional[Tuple[int, ...]] = None
     symbolic_input_shape: Optional[Tuple[str, ...]] = None

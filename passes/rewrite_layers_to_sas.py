@@ -93,14 +93,19 @@ def holds_stand_ins(model: nn.Module) -> bool:
                for tensor in tensors_in(value, depth=2))
 
 
-def sas_module(dense: nn.Module, M: int, fold: bool, rule: str, wide: Optional[nn.Parameter] = None) -> nn.Module:
+def sas_module(dense: nn.Module, M: int, fold: bool, rule: str, wide: Optional[nn.Parameter] = None, *,
+               weight_in_out: bool = False) -> nn.Module:
     """The SAS layer computing the same function as ``dense`` (``dense(relu(x))`` if folded).
 
     It keeps ``dense``'s bias Parameter itself and its train/eval flag; ``wide``, when given,
     is the wide weight of another SAS layer of the same dense weight, which it then shares.
     A stand-in weight (:func:`copy_for_rewrite`) is expanded from the weight it names.
+    ``weight_in_out``: ``dense`` computes ``addmm(b, x, W)`` with ``W`` stored ``[in, out]`` and
+    nothing else (transformers' Conv1D, proved by the analysis): it becomes a SAS linear on ``W^T``.
     """
     source = dense_source(dense.weight)
+    if weight_in_out:
+        return _sas_linear_of_transposed(dense, source, M, fold, rule, wide)
     if wide is None and source is not dense.weight:
         wide = _wide_like(source, M, fold, rule, getattr(dense, "groups", 1))
     if isinstance(dense, nn.Linear):
@@ -115,6 +120,24 @@ def sas_module(dense: nn.Module, M: int, fold: bool, rule: str, wide: Optional[n
         new.weight = wide
     if dense.bias is not None:
         new.bias = dense.bias  # the caller's copy: a bias tied to another module stays tied
+    new.train(dense.training)
+    carry_hooks(dense, new)
+    return new
+
+
+def _sas_linear_of_transposed(dense: nn.Module, source: torch.Tensor, M: int, fold: bool, rule: str,
+                              wide: Optional[nn.Parameter]) -> nn.Module:
+    """The SAS linear of a module computing ``addmm(b, x, W)``, ``W`` stored ``[in, out]``."""
+    in_features, out_features = source.shape
+    if wide is None:
+        with torch.no_grad():
+            expanded = expand_dense_weight(source.detach().t(), M, fold_relu=fold, rule=rule)
+        wide = nn.Parameter(expanded, requires_grad=source.requires_grad)
+    template = nn.Linear(in_features, out_features, bias=False, device="meta", dtype=source.dtype)
+    new = SASLinear.from_dense(template, M, fold_relu=fold, rule=rule)
+    new.weight = wide
+    if dense.bias is not None:
+        new.bias = dense.bias
     new.train(dense.training)
     carry_hooks(dense, new)
     return new
@@ -290,7 +313,8 @@ def swap_sas_modules(model: nn.Module, plan: Plan, config) -> List[str]:
         # one wide weight per dense weight tensor, whatever the captures named it (a dynamo
         # capture names a weight per graph)
         key = id(dense.weight)
-        built[id(dense)] = new = sas_module(dense, M, layer.fold_relu, rule, wide.get(key))
+        built[id(dense)] = new = sas_module(dense, M, layer.fold_relu, rule, wide.get(key),
+                                            weight_in_out=layer.weight_in_out)
         wide.setdefault(key, new.weight)
         for path in paths[id(dense)]:
             model.set_submodule(path, new)

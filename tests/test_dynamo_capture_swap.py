@@ -288,9 +288,9 @@ def test_swatify_finds_the_input_layer_of_a_model_only_dynamo_captures():
     assert swat.a.weight.grad is not None
 
 
-def test_a_linear_written_as_addmm_is_counted_and_kept_dense():
+def test_a_linear_written_as_addmm_is_counted_and_converted():
     """transformers' Conv1D (GPT-2) computes ``addmm(b, x, W)`` with ``W`` stored ``[in, out]``: the
-    report counts its mults and lists it; nothing converts it (an addmm of activations is no layer)."""
+    report counts its mults, a module swap converts it, and an addmm of activations is no layer."""
     from torch.utils.flop_counter import FlopCounterMode
 
     class Conv1DLike(nn.Module):
@@ -325,25 +325,117 @@ def test_a_linear_written_as_addmm_is_counted_and_kept_dense():
     assert report.totals["base"]["mults"] == counter.get_total_flops() // 2 - 8 * 10 * 8
     rows = {row["name"]: row for row in report.layers}
     assert set(rows) == {"first", "proj", "last"} and rows["proj"]["op"] == "linear"
-    assert rows["proj"]["base"]["mults"] == 8 * 10 * 7 and not rows["proj"]["eligible"]
+    assert rows["proj"]["base"]["mults"] == 8 * 10 * 7
+    # symbolic tracing stops at the unpacked shape: torch.export captures it, and swaps the module
     sas = sas_compile.sasify(model, M=2, example_inputs=(x,))
     layers = {layer.name: layer for layer in sas.sas_plan.layers}
-    assert not layers["proj"].eligible and "addmm" in layers["proj"].reason
-    assert layers["last"].eligible
+    assert sas.sas_plan.capture == "export" and layers["proj"].eligible and layers["last"].eligible
+    assert isinstance(sas.proj, SAS_LAYERS)
     with torch.no_grad():
         torch.testing.assert_close(sas(x), model(x), rtol=1e-5, atol=1e-6)
 
 
-def test_gpt2_mults_are_counted():
-    transformers = pytest.importorskip("transformers")
-    from torch.utils.flop_counter import FlopCounterMode
+class Conv1DLike(nn.Module):
+    """transformers' Conv1D: ``addmm(b, x.view(-1, nx), W).view(*x.shape[:-1], nf)``, ``W`` ``[nx, nf]``."""
 
+    def __init__(self, nx, nf, extra=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+        self.extra = extra
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        if self.extra == "add":
+            out = out + 1.0  # more than a linear: no swap may drop it
+        if self.extra == "layout":
+            return out.view(-1, *x.shape[:-1], out.shape[-1] // 2, 2)  # another output layout
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class Conv1DModel(nn.Module):
+    def __init__(self, extra=None):
+        super().__init__()
+        self.first = nn.Linear(6, 8)
+        self.mid = Conv1DLike(8, 10, extra)
+        self.last = nn.Linear(10, 3) if extra != "layout" else nn.Linear(2, 3)
+
+    def forward(self, x):
+        h = self.mid(torch.relu(self.first(x)))
+        return self.last(torch.relu(h)), Cache(h)  # the cache: only dynamo captures it
+
+
+def test_a_module_whose_whole_forward_is_an_addmm_becomes_a_sas_linear():
+    torch.manual_seed(12)
+    model = Conv1DModel().eval()
+    x = torch.randn(2, 5, 6)
+    sas = sas_compile.sasify(model, M=2, example_inputs=(x,))
+    assert sas.sas_plan.capture == "dynamo"
+    assert isinstance(sas.mid, SAS_LAYERS) and sas.mid.weight.shape == (10, 16)
+    assert sas.mid.bias is not model.mid.bias and torch.equal(sas.mid.bias, model.mid.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(sas(x)[0], model(x)[0], rtol=1e-5, atol=1e-6)
+    sas.train()
+    sas(x)[0].sum().backward()
+    assert sas.mid.weight.grad is not None and sas.mid.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("extra", ["add", "layout"])
+def test_an_addmm_module_that_computes_more_stays_dense(extra):
+    torch.manual_seed(13)
+    model = Conv1DModel(extra).eval()
+    x = torch.randn(2, 5, 6)
+    sas = sas_compile.sasify(model, M=2, example_inputs=(x,))
+    layers = {layer.name: layer for layer in sas.sas_plan.layers}
+    assert type(sas.mid) is Conv1DLike and not layers["mid"].eligible and "addmm" in layers["mid"].reason
+    with torch.no_grad():
+        torch.testing.assert_close(sas(x)[0], model(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_gpt2_converts_and_generates_the_same():
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(11)
-    model = transformers.GPT2Model(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
-                                                           bos_token_id=0, eos_token_id=0)).eval()
-    ids = torch.randint(0, 64, (1, 8))
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 64, (2, 8))
     report = sas_compile.report(model, (ids,), M=2)
-    with FlopCounterMode(display=False) as counter:
-        model(ids)
-    assert report.totals["base"]["mults"] == counter.get_total_flops() // 2 > 0
-    assert "transformers' Conv1D" in str(report)
+    # per block: c_attn 32 -> 96, attn c_proj 32 -> 32, c_fc 32 -> 128, mlp c_proj 128 -> 32; lm_head 32 -> 64
+    rows = 2 * 8
+    per_block = rows * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32)
+    assert report.totals["base"]["mults"] == config.n_layer * per_block + rows * 32 * 64
+    sas = sas_compile.sasify(model, M=2, example_inputs=(ids,))
+    converted = {layer.name for layer in sas.sas_plan.eligible()}
+    assert len(converted) == 8 and {"transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"} <= converted
+    lm_head = [layer for layer in sas.sas_plan.layers if layer.name == "lm_head"][0]
+    assert not lm_head.eligible and "tied" in lm_head.reason  # tied to the token embedding
+    with torch.no_grad():
+        torch.testing.assert_close(sas(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+        want = model.generate(ids[:1], max_new_tokens=5, do_sample=False)
+        assert sas.generate(ids[:1], max_new_tokens=5, do_sample=False).tolist() == want.tolist()
+
+
+def test_an_addmm_layer_stays_dense_where_the_graph_itself_is_rewritten():
+    """symbolic tracing and the backend rewrite the graph, not modules: there it stays dense, said so."""
+
+    class Traceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(6, 8)
+            self.weight = nn.Parameter(torch.randn(8, 5))
+            self.bias = nn.Parameter(torch.randn(5))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, torch.relu(self.first(x)), self.weight)
+
+    torch.manual_seed(14)
+    model = Traceable().eval()
+    x = torch.randn(4, 6)
+    sas = sas_compile.sasify(model, M=2, example_inputs=(x,))
+    assert sas.sas_plan.capture == "symbolic_trace"
+    layer = [layer for layer in sas.sas_plan.layers if layer.op == "linear" and layer.name != "first"][0]
+    assert not layer.eligible and "addmm" in layer.reason and (layer.in_channels, layer.out_channels) == (8, 5)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sas", options={"inner": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
