@@ -528,8 +528,8 @@ def _addmm_module(call: LayerCall, gm: fx.GraphModule, weight, model: nn.Module,
             or any(True for _ in owner.children())
             or set(dict(owner.named_parameters(recurse=False))) - {"weight", "bias"}):
         return None
-    bias = getattr(owner, "bias", None)
-    if bias is not None and not _reads(call.bias, bias, gm, parameters):
+    bias = getattr(owner, "bias", None)  # addmm's first operand must be the module's own bias
+    if not isinstance(bias, torch.Tensor) or not _reads(call.bias, bias, gm, parameters):
         return None
     inside = [n for n in gm.graph.nodes
               if list((n.meta.get("nn_module_stack") or {}).values())[-1:] and
