@@ -14,6 +14,7 @@ tie holds; ``LayerPlan.shared_with`` names the group either way.
 """
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -67,6 +68,7 @@ class LayerCall:
     supported: bool = True
     unsupported_reason: Optional[str] = None
     weight_in_out: bool = False  # the weight is stored ``[in, out]`` (addmm's second matrix)
+    weight_view: Optional[fx.Node] = None  # a matmul's transpose of its [out, in] weight (``x @ W.T``)
 
 
 def _tup(v, n):
@@ -117,21 +119,54 @@ def match_layer_call(node: fx.Node, gm: fx.GraphModule) -> Optional[LayerCall]:
 
 
 ADDMM_FUNCTIONS = {torch.addmm, torch.ops.aten.addmm.default}
-ADDMM_REASON = ("a linear written as addmm(bias, x, W) with an [in, out] weight outside a module whose whole "
-                "forward it is: counted, kept dense (sasify swaps a module that computes only this, as "
-                "transformers' Conv1D in GPT-2, for a SAS linear; other captures leave it dense)")
+MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.mm, torch.ops.aten.matmul.default, torch.ops.aten.mm.default}
+OTHER_OPS_REASON = ("a linear written with other ops ({}) on a parameter, not as nn.Linear / F.linear: counted, kept "
+                    "dense (sasify swaps a module whose whole forward it is, as transformers' Conv1D in GPT-2 or "
+                    "FalconLinear, for a SAS linear; where the graph itself is rewritten it stays dense)")
 
 
-def _addmm_layer_call(node: fx.Node) -> Optional[LayerCall]:
-    """``addmm(bias, x, W)`` as a linear layer on ``W^T``, for the analysis only: listed and counted,
-    never converted (the caller keeps it only where ``W`` is a parameter; the SWS width rules and the
-    rewrite do not match it)."""
-    if node.op != "call_function" or node.target not in ADDMM_FUNCTIONS or len(node.args) < 3:
+def _other_ops_layer_call(node: fx.Node) -> Optional[LayerCall]:
+    """A linear written with other ops, for the analysis: ``addmm(b, x, W)`` (``W`` stored
+    ``[in, out]``), ``x @ W`` or ``x @ W.T``. The caller keeps it only where ``W`` is a
+    parameter (a product of activations is no layer); the SWS width rules and the graph
+    rewrite do not match it, a module swap may replace a module whose whole forward it is."""
+    if node.op != "call_function":
         return None
-    if any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
+    if node.target in ADDMM_FUNCTIONS and len(node.args) >= 3:
+        if any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
+            return None
+        return LayerCall(node, "linear", node.args[1], node.args[2], node.args[0], None, None, supported=False,
+                         unsupported_reason=OTHER_OPS_REASON.format("addmm"), weight_in_out=True)
+    if node.target in MATMUL_FUNCTIONS and len(node.args) == 2 and isinstance(node.args[1], fx.Node):
+        weight, view = node.args[1], None
+        source = _transposed_2d(weight)
+        if source is not None:
+            weight, view = source, weight
+        return LayerCall(node, "linear", node.args[0], weight, None, None, None, supported=False,
+                         unsupported_reason=OTHER_OPS_REASON.format("x @ W.T" if view is not None else "x @ W"),
+                         weight_in_out=view is None, weight_view=view)
+    return None
+
+
+def _transposed_2d(node: fx.Node) -> Optional[fx.Node]:
+    """The node whose 2-D transpose ``node`` is (``W.T``, ``W.t()``, ``W.transpose(0, 1)``,
+    ``aten.t`` / ``aten.permute(W, [1, 0])``), else None."""
+    if node.op == "call_method" and node.target in ("t", "transpose", "permute"):
+        dims = tuple(node.args[1:])
+        if node.target == "t" or sorted(dims) in ([0, 1], [-2, -1]) or dims == ((1, 0),):
+            return node.args[0] if isinstance(node.args[0], fx.Node) else None
         return None
-    return LayerCall(node, "linear", node.args[1], node.args[2], node.args[0], None, None, supported=False,
-                     unsupported_reason=ADDMM_REASON, weight_in_out=True)
+    if node.op != "call_function":
+        return None
+    if node.target is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT"):
+        return node.args[0]
+    if node.target in (torch.t, torch.ops.aten.t.default, torch.ops.aten.numpy_T.default):
+        return node.args[0]
+    if node.target in (torch.transpose, torch.ops.aten.transpose.int) and sorted(node.args[1:3]) in ([0, 1], [-2, -1]):
+        return node.args[0]
+    if node.target in (torch.permute, torch.ops.aten.permute.default) and list(node.args[1]) == [1, 0]:
+        return node.args[0]
+    return None
 
 
 def _shape(node) -> Optional[Tuple[int, ...]]:
@@ -234,12 +269,12 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
         if existing is not None:
             layers.append(existing)
             continue
-        call = match_layer_call(node, gm) or _addmm_layer_call(node)
+        call = match_layer_call(node, gm) or _other_ops_layer_call(node)
         if call is None:
             continue
         kind, target, weight = _weight_tensor(call, gm, parameters)
-        if call.weight_in_out and kind == "computed":
-            continue  # a product of activations, not a layer
+        if call.op == "linear" and not call.supported and (kind == "computed" or weight is None or weight.dim() != 2):
+            continue  # a product of activations (or a batched one), not a layer
         name = sources.get(target, None) if kind == "placeholder" else None
         if name is not None and _stack_layer_path(call) is not None:
             name = _stack_layer_path(call)  # the module that made the call (a tied weight has one source name)
@@ -426,9 +461,9 @@ def _get_submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
 
 def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, capture, model,
                  parameters: Dict[str, torch.Tensor]) -> Tuple[bool, Optional[str]]:
-    if call.weight_in_out and capture in ("dynamo", "export") and model is not None and kind != "computed":
-        # a module swap can replace a module whose whole forward is this addmm (transformers' Conv1D)
-        layer.module_target = _addmm_module(call, gm, weight, model, parameters)
+    if call.op == "linear" and not call.supported and capture in ("dynamo", "export") and model is not None:
+        # a module swap can replace a module whose whole forward is this linear (transformers' Conv1D)
+        layer.module_target = _linear_module(call, gm, weight, model, parameters)
         if layer.module_target is None:
             return False, call.unsupported_reason
         why = _policy_reason(call, kind, weight, layer, filter_fn, dense_input_layers, gm, model)
@@ -512,12 +547,14 @@ def _policy_reason(call, kind, weight, layer, filter_fn, dense_input_layers, gm,
     return None
 
 
-def _addmm_module(call: LayerCall, gm: fx.GraphModule, weight, model: nn.Module,
-                  parameters: Dict[str, torch.Tensor]) -> Optional[str]:
-    """The path of the module whose whole forward is this ``addmm(b, x, W)`` on its own ``W`` (and
-    bias), as transformers' Conv1D: ``x.view(-1, in)``, the addmm, a view back to ``x``'s leading
-    sizes; else None. Such a module computes ``F.linear(x, W.t(), b)``, so a SAS linear can take
-    its place. Proved from the graph: every op that ran in the module is one of those."""
+def _linear_module(call: LayerCall, gm: fx.GraphModule, weight, model: nn.Module,
+                   parameters: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The path of the module whose whole forward is this linear written with other ops, on its own
+    weight and bias, else None: ``addmm(b, x.view(-1, in), W).view(...)`` (transformers' Conv1D,
+    ``W`` stored ``[in, out]``) or ``x @ W.T + b`` (FalconLinear). Such a module computes
+    ``F.linear(x, W', b)``, so a SAS linear can take its place. Proved from the graph: every op that
+    ran in the module is the product, the weight's transpose, a reshape or the add of its own bias,
+    and its output has its input's leading sizes."""
     stack = call.node.meta.get("nn_module_stack") or {}
     if not stack:
         return None
@@ -528,13 +565,18 @@ def _addmm_module(call: LayerCall, gm: fx.GraphModule, weight, model: nn.Module,
             or any(True for _ in owner.children())
             or set(dict(owner.named_parameters(recurse=False))) - {"weight", "bias"}):
         return None
-    bias = getattr(owner, "bias", None)  # addmm's first operand must be the module's own bias
-    if not isinstance(bias, torch.Tensor) or not _reads(call.bias, bias, gm, parameters):
-        return None
-    inside = [n for n in gm.graph.nodes
-              if list((n.meta.get("nn_module_stack") or {}).values())[-1:] and
-              list(n.meta["nn_module_stack"].values())[-1][0] == raw_path]
-    if any(n is not call.node and not _is_reshape(n) for n in inside if n.op in ("call_function", "call_method")):
+    bias = getattr(owner, "bias", None)
+    if call.bias is not None and not (isinstance(bias, torch.Tensor) and _reads(call.bias, bias, gm, parameters)):
+        return None  # addmm's first operand must be the module's own bias
+    inside = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")
+              and list((n.meta.get("nn_module_stack") or {}).values())[-1:]
+              and list(n.meta["nn_module_stack"].values())[-1][0] == raw_path]
+    bias_adds = [n for n in inside if _adds(n, bias, gm, parameters)]
+    if call.bias is not None and bias_adds:
+        return None  # addmm adds the bias already: another add is more than a linear
+    if isinstance(bias, torch.Tensor) and call.bias is None and len(bias_adds) != 1:
+        return None  # a module bias a matmul must add exactly once
+    if any(n not in (call.node, call.weight_view) and n not in bias_adds and not _is_reshape(n) for n in inside):
         return None
     # the module's input and output: what enters it from outside, what leaves it
     members = set(inside)
@@ -544,10 +586,20 @@ def _addmm_module(call: LayerCall, gm: fx.GraphModule, weight, model: nn.Module,
     if len(entering) != 1 or len(leaving) != 1:
         return None
     x_shape, y_shape = _shape(next(iter(entering))), _shape(leaving[0])
-    out_features = weight.shape[1]
-    if x_shape is None or y_shape is None or x_shape[-1] != weight.shape[0] or y_shape != (*x_shape[:-1], out_features):
+    in_features, out_features = weight.shape if call.weight_in_out else weight.shape[::-1]
+    if x_shape is None or y_shape is None or x_shape[-1] != in_features or y_shape != (*x_shape[:-1], out_features):
         return None
     return path
+
+
+def _adds(node: fx.Node, bias, gm: fx.GraphModule, parameters: Dict[str, torch.Tensor]) -> bool:
+    """Whether ``node`` adds the tensor ``bias`` (read from the graph) to something."""
+    if not isinstance(bias, torch.Tensor):
+        return False
+    is_add = (node.op == "call_method" and node.target == "add") or (
+        node.op == "call_function" and node.target in (operator.add, torch.add, torch.ops.aten.add.Tensor))
+    return (is_add and len(node.args) >= 2 and node.kwargs.get("alpha", 1) == 1
+            and any(_reads(a, bias, gm, parameters) for a in node.args[:2]))
 
 
 _RESHAPE_METHODS = {"view", "reshape", "size", "contiguous"}
@@ -612,6 +664,9 @@ def _other_weight_uses(gm: fx.GraphModule, model: Optional[nn.Module], sites: Di
     if not uses:
         return uses
     by_node = {layer.node: layer for group in sites.values() for layer in group}
+    # a matmul's transpose of its weight (x @ W.T) is part of its call site
+    views = {layer.call.weight_view.name: layer for layer in by_node.values()
+             if layer.call is not None and layer.call.weight_view is not None}
     site_modules: Dict[object, set] = {key: set() for key in uses}
     attr_targets: Dict[object, set] = {key: set() for key in uses}
     for key in uses:
@@ -639,7 +694,7 @@ def _other_weight_uses(gm: fx.GraphModule, model: Optional[nn.Module], sites: Di
             if t is None or id(t) not in uses:
                 continue
             for user in node.users:
-                site = by_node.get(user.name)
+                site = by_node.get(user.name) or views.get(user.name)
                 if site is None or site.call is None or site.call.weight is not node:
                     uses[id(t)].append(f"{user.name} ({_op_name(user)})")
     root = model if model is not None else gm

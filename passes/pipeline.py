@@ -117,6 +117,9 @@ def _other_parameter_reads(graph, plan: Plan, where: str) -> Dict[int, list]:
     """``id(parameter) -> [what reads it]`` in one dynamo graph, besides the conv/linear call sites
     that take it as their weight or bias."""
     sites = {layer.node: layer for layer in plan.layers if layer.call is not None}
+    # a matmul's transpose of its weight (x @ W.T) is part of its call site
+    sites.update({layer.call.weight_view.name: layer for layer in sites.values()
+                  if getattr(layer.call, "weight_view", None) is not None})
     reads: Dict[int, list] = {}
     for node in graph.gm.graph.nodes:
         tensor = graph.parameters.get(node.name) if node.op == "placeholder" else None

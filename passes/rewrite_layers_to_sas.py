@@ -100,12 +100,14 @@ def sas_module(dense: nn.Module, M: int, fold: bool, rule: str, wide: Optional[n
     It keeps ``dense``'s bias Parameter itself and its train/eval flag; ``wide``, when given,
     is the wide weight of another SAS layer of the same dense weight, which it then shares.
     A stand-in weight (:func:`copy_for_rewrite`) is expanded from the weight it names.
-    ``weight_in_out``: ``dense`` computes ``addmm(b, x, W)`` with ``W`` stored ``[in, out]`` and
-    nothing else (transformers' Conv1D, proved by the analysis): it becomes a SAS linear on ``W^T``.
+    ``weight_in_out``: ``dense`` computes ``addmm(b, x, W)`` or ``x @ W`` with ``W`` stored
+    ``[in, out]`` and nothing else (transformers' Conv1D, proved by the analysis): it becomes a
+    SAS linear on ``W^T``. Another module that is not a Linear/Conv was proved ``x @ W.T + b``.
     """
     source = dense_source(dense.weight)
-    if weight_in_out:
-        return _sas_linear_of_transposed(dense, source, M, fold, rule, wide)
+    if weight_in_out or not isinstance(dense, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        # a module the analysis proved a linear written with other ops (addmm, x @ W.T)
+        return _sas_linear_of(dense, source.t() if weight_in_out else source, M, fold, rule, wide)
     if wide is None and source is not dense.weight:
         wide = _wide_like(source, M, fold, rule, getattr(dense, "groups", 1))
     if isinstance(dense, nn.Linear):
@@ -125,18 +127,19 @@ def sas_module(dense: nn.Module, M: int, fold: bool, rule: str, wide: Optional[n
     return new
 
 
-def _sas_linear_of_transposed(dense: nn.Module, source: torch.Tensor, M: int, fold: bool, rule: str,
-                              wide: Optional[nn.Parameter]) -> nn.Module:
-    """The SAS linear of a module computing ``addmm(b, x, W)``, ``W`` stored ``[in, out]``."""
-    in_features, out_features = source.shape
+def _sas_linear_of(dense: nn.Module, source: torch.Tensor, M: int, fold: bool, rule: str,
+                   wide: Optional[nn.Parameter]) -> nn.Module:
+    """The SAS linear of a module proved to compute ``F.linear(x, source, dense.bias)`` with other
+    ops; ``source`` is its weight as ``[out, in]`` (a transposed view of an ``[in, out]`` one)."""
+    out_features, in_features = source.shape
     if wide is None:
         with torch.no_grad():
-            expanded = expand_dense_weight(source.detach().t(), M, fold_relu=fold, rule=rule)
+            expanded = expand_dense_weight(source.detach(), M, fold_relu=fold, rule=rule)
         wide = nn.Parameter(expanded, requires_grad=source.requires_grad)
     template = nn.Linear(in_features, out_features, bias=False, device="meta", dtype=source.dtype)
     new = SASLinear.from_dense(template, M, fold_relu=fold, rule=rule)
     new.weight = wide
-    if dense.bias is not None:
+    if getattr(dense, "bias", None) is not None:
         new.bias = dense.bias
     new.train(dense.training)
     carry_hooks(dense, new)

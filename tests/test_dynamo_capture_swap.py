@@ -33,7 +33,7 @@ class Branchy(nn.Module):
         self.a = nn.Linear(16, 16)
         self.b = nn.Linear(16, 16)
         self.only_neg = nn.Linear(16, 16)  # called only on the branch the example input does not take
-        self.reused = nn.Linear(16, 16)  # its weight is also read by a matmul after a graph break
+        self.reused = nn.Linear(16, 16)  # its weight is also read by another op, after a graph break
         self.out = nn.Linear(16, 4)
 
     def forward(self, x):
@@ -43,7 +43,7 @@ class Branchy(nn.Module):
             h = self.b(torch.tanh(h))
         else:
             h = self.only_neg(h)
-        h = self.reused(h) + 0.1 * (h @ self.reused.weight.t())
+        h = self.reused(h) + 0.1 * self.reused.weight.mean()
         return self.out(h), Cache(h)
 
 
@@ -119,7 +119,10 @@ def test_module_with_its_own_forward_is_not_swapped():
     x = torch.randn(4, 6)
     sas, layers = _dense_and_sas(model, x)
     assert type(sas.lora) is LoraLinear
-    assert "own forward" in layers["lora"].reason
+    # its F.linear (a module with its own forward) and its x @ extra (a linear on a parameter): both dense
+    lora = [layer for layer in sas.sas_plan.layers if layer.name.startswith("lora")]
+    assert len(lora) == 2 and not any(layer.eligible for layer in lora)
+    assert any("own forward" in layer.reason for layer in lora)
     assert isinstance(sas.last, SAS_LAYERS)
     with torch.no_grad():
         torch.testing.assert_close(sas(x)[0], model(x)[0], rtol=1e-5, atol=1e-6)
@@ -439,3 +442,54 @@ def test_an_addmm_layer_stays_dense_where_the_graph_itself_is_rewritten():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+class MatmulLinear(nn.Module):
+    """``x @ W.T + b`` (FalconLinear's forward), ``W`` stored ``[out, in]``."""
+
+    def __init__(self, n_in, n_out, skip_bias=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) * 0.2)
+        self.bias = nn.Parameter(torch.randn(n_out) * 0.1)
+        self.skip_bias = skip_bias
+
+    def forward(self, x):
+        out = x @ self.weight.T
+        return out if self.skip_bias else out + self.bias
+
+
+@pytest.mark.parametrize("skip_bias", [False, True])
+def test_a_module_computing_x_at_w_t_plus_b_becomes_a_sas_linear(skip_bias):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(6, 8)
+            self.mid = MatmulLinear(8, 5, skip_bias)
+
+        def forward(self, x):
+            h = self.mid(torch.relu(self.first(x)))
+            return h, Cache(h)
+
+    torch.manual_seed(15)
+    model = Model().eval()
+    x = torch.randn(3, 4, 6)
+    sas = sas_compile.sasify(model, M=2, example_inputs=(x,))
+    layer = [layer for layer in sas.sas_plan.layers if layer.name == "mid"][0]
+    assert (layer.in_channels, layer.out_channels) == (8, 5)
+    # a module that holds a bias it does not add is not a linear with that bias: it stays as it is
+    assert isinstance(sas.mid, SAS_LAYERS) is (not skip_bias) and layer.eligible is (not skip_bias)
+    with torch.no_grad():
+        torch.testing.assert_close(sas(x)[0], model(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_falcon_converts():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(16)
+    model = transformers.FalconModel(transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                               num_attention_heads=4)).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    sas = sas_compile.sasify(model, M=2, example_inputs=(ids,))
+    assert len(sas.sas_plan.eligible()) == 8
+    assert all(isinstance(block.mlp.dense_h_to_4h, SAS_LAYERS) for block in sas.h)
+    with torch.no_grad():
+        torch.testing.assert_close(sas(ids).last_hidden_state, model(ids).last_hidden_state, rtol=1e-4, atol=1e-5)
