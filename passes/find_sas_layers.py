@@ -562,9 +562,9 @@ def _linear_module(call: LayerCall, gm: fx.GraphModule, weight, model: nn.Module
     path = clean_module_path(raw_path)
     owner = _get_submodule(model, path) if path else None
     if (owner is None or getattr(owner, "weight", None) is not weight or "forward" in vars(owner)
-            or any(True for _ in owner.children())
+            or any(True for _ in owner.children()) or any(True for _ in owner.buffers())
             or set(dict(owner.named_parameters(recurse=False))) - {"weight", "bias"}):
-        return None
+        return None  # only its weight and bias: no buffer could stand in for its input
     bias = getattr(owner, "bias", None)
     if call.bias is not None and not (isinstance(bias, torch.Tensor) and _reads(call.bias, bias, gm, parameters)):
         return None  # addmm's first operand must be the module's own bias
