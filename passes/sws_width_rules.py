@@ -692,8 +692,28 @@ def pool_2d(walk: WidthWalk, node: fx.Node):
 
 
 def pool_spatial(walk: WidthWalk, node: fx.Node):
-    """Padding and interpolation: the trailing spatial dims (one or two) change."""
+    """Interpolation and pixel shuffle: the trailing spatial dims (one or two) change."""
     return _pool(walk, node, None)
+
+
+def pad(walk: WidthWalk, node: fx.Node):
+    """``F.pad`` / ``constant_pad_nd``: the amounts pair with the trailing dims, last first; a dim
+    padded by (0, 0) passes through (Swin pads its ``[N, H, W, C]`` windows so, channels last),
+    a padded one keeps its size and holds its input at its size too (a padded channel dim
+    cannot widen)."""
+    dims = walk.dims(node.args[0])
+    shape = walk.shape(node)
+    amounts = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    if (dims is None or not is_shape(shape) or len(shape) != len(dims) or not isinstance(amounts, (list, tuple))
+            or not all(isinstance(a, int) for a in amounts) or len(amounts) % 2 or len(amounts) // 2 > len(dims)):
+        raise UnsupportedOp("pad with unknown shapes or amounts")
+    out = list(dims)
+    for i in range(len(amounts) // 2):
+        d = len(dims) - 1 - i
+        if amounts[2 * i] or amounts[2 * i + 1]:
+            walk.uf.fix(dims[d], f"padded by {op_name(node)} (node {node.name})")
+            out[d] = walk.fresh(shape[d], "padded size")
+    return out
 
 
 def reduce(walk: WidthWalk, node: fx.Node):
@@ -966,7 +986,8 @@ WIDTH_RULES: Dict[str, Rule] = {
     # pooling, resizing, reductions
     **dict.fromkeys(POOL_1D_OPS, pool_1d),
     **dict.fromkeys(POOL_2D_OPS, pool_2d),
-    **dict.fromkeys(("interpolate", "pad", "constant_pad_nd", "pixel_shuffle"), pool_spatial),
+    **dict.fromkeys(("interpolate", "pixel_shuffle"), pool_spatial),
+    "pad": pad, "constant_pad_nd": pad,
     **dict.fromkeys(("mean", "sum", "amax", "var", "std"), reduce),
     # normalisation, embedding, products
     "batch_norm": batch_norm, "layer_norm": layer_norm, "group_norm": group_norm, "embedding": embedding,

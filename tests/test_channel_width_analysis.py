@@ -165,3 +165,45 @@ def test_the_rule_with_whole_graph_widths():
     assert sws_layer_shape(8, 8, 4, groups=2, kernel=9, in_width=16, out_width=16) == (16, 16, 2, 72)
     with pytest.raises(ValueError, match="both"):
         sws_layer_shape(8, 8, 2, in_width=11)
+
+
+class ChannelsLastPad(nn.Module):
+    """Swin's window padding: ``F.pad`` of an ``[N, H, W, C]`` tensor, (0, 0) on the channels."""
+
+    def __init__(self, pad_channels: bool = False):
+        super().__init__()
+        self.first, self.second = nn.Linear(6, 8), nn.Linear(10 if pad_channels else 8, 5)
+        self.pad_channels = pad_channels
+
+    def forward(self, x):  # x: [N, H, W, 6]
+        h = torch.relu(self.first(x))
+        h = F.pad(h, (1, 1, 0, 1, 1, 0) if self.pad_channels else (0, 0, 0, 1, 1, 0))
+        n, hh, ww, c = h.shape
+        h = h.view(n, hh * ww, c)  # a view with the channel count as a number, as export writes it
+        return self.second(h)
+
+
+@pytest.mark.parametrize("pad_channels", [False, True])
+def test_pad_passes_an_unpadded_channel_dim_and_holds_a_padded_one(pad_channels):
+    torch.manual_seed(0)
+    model = ChannelsLastPad(pad_channels).eval()
+    x = torch.randn(2, 3, 4, 6)
+    sws = sas_compile.swsify(model, M=4, example_inputs=(x,))
+    assert sws(x).shape == (2, 4 * 5, 5)  # runs: the widened model's view matches its widths
+    layers = {layer.name: layer for layer in sws.sparsify_plan.layers}
+    if pad_channels:  # a padded channel dim cannot widen: the first layer's output stays 8
+        assert layers["first"].out_channels == 8 and "padded" in (layers["first"].reason or "")
+    else:  # channels pass the pad: the hidden width 8 widens to 16
+        assert layers["first"].out_channels == 16 and layers["second"].in_channels == 16
+
+
+def test_swin_widens_and_runs():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.SwinModel(transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                           num_heads=[2, 2], window_size=4)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    sws = sas_compile.swsify(model, M=4, example_inputs=(x,))
+    assert sum(layer.eligible for layer in sws.sparsify_plan.layers) == 13
+    out = sws(x)
+    assert (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]).shape == (2, 16, 32)
