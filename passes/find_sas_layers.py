@@ -17,7 +17,7 @@ from __future__ import annotations
 import operator
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -221,12 +221,19 @@ def raw_input_nodes(gm: fx.GraphModule, param_placeholders: set) -> set:
     return raw
 
 
+def _innermost_module(node: fx.Node) -> Optional[Tuple[str, Any]]:
+    """``(path as the capture wrote it, class)`` of the module an op ran in, from the
+    ``nn_module_stack`` export and dynamo record (innermost last), else None."""
+    stack = node.meta.get("nn_module_stack")
+    return tuple(list(stack.values())[-1]) if stack else None
+
+
 def _stack_layer_path(call: LayerCall) -> Optional[str]:
     """The path of the Linear/Conv module the call ran in, from ``nn_module_stack``, else None."""
-    stack = call.node.meta.get("nn_module_stack")
-    if not stack:
+    innermost = _innermost_module(call.node)
+    if innermost is None:
         return None
-    path, cls = list(stack.values())[-1]
+    path, cls = innermost
     cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", "")
     return clean_module_path(path) if any(k in cls_name for k in ("Linear", "Conv")) else None
 
@@ -484,8 +491,7 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
     if capture == "export" and call.module is None and kind == "attr":
         # torch.export inlines modules: only a whole nn.Linear/nn.Conv call can be swapped back
         owner_path = layer.weight_target.rsplit(".", 1)[0] if "." in layer.weight_target else ""
-        stack = call.node.meta.get("nn_module_stack") or {}
-        last = list(stack.values())[-1] if stack else None
+        last = _innermost_module(call.node)
         if last is not None and model is not None:
             # the module the call ran in; export may name a tied weight after another of its owners
             stack_path = clean_module_path(last[0])
@@ -555,10 +561,10 @@ def _linear_module(call: LayerCall, gm: fx.GraphModule, weight, model: nn.Module
     ``F.linear(x, W', b)``, so a SAS linear can take its place. Proved from the graph: every op that
     ran in the module is the product, the weight's transpose, a reshape or the add of its own bias,
     and its output has its input's leading sizes."""
-    stack = call.node.meta.get("nn_module_stack") or {}
-    if not stack:
+    innermost = _innermost_module(call.node)
+    if innermost is None:
         return None
-    raw_path = list(stack.values())[-1][0]
+    raw_path = innermost[0]
     path = clean_module_path(raw_path)
     owner = _get_submodule(model, path) if path else None
     if (owner is None or getattr(owner, "weight", None) is not weight or "forward" in vars(owner)
@@ -569,8 +575,7 @@ def _linear_module(call: LayerCall, gm: fx.GraphModule, weight, model: nn.Module
     if call.bias is not None and not (isinstance(bias, torch.Tensor) and _reads(call.bias, bias, gm, parameters)):
         return None  # addmm's first operand must be the module's own bias
     inside = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")
-              and list((n.meta.get("nn_module_stack") or {}).values())[-1:]
-              and list(n.meta["nn_module_stack"].values())[-1][0] == raw_path]
+              and (_innermost_module(n) or (None,))[0] == raw_path]
     bias_adds = [n for n in inside if _adds(n, bias, gm, parameters)]
     if call.bias is not None and bias_adds:
         return None  # addmm adds the bias already: another add is more than a linear
@@ -640,10 +645,10 @@ def _dynamo_module_call(call: LayerCall, weight, model: nn.Module) -> Optional[s
     """The path in ``model`` of the stock ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` module whose own
     forward made ``call`` on its own weight (dynamo inlines module calls; ``nn_module_stack``
     names the module each op ran in), else None."""
-    stack = call.node.meta.get("nn_module_stack") or {}
-    if not stack:
+    innermost = _innermost_module(call.node)
+    if innermost is None:
         return None
-    path = clean_module_path(list(stack.values())[-1][0])
+    path = clean_module_path(innermost[0])
     owner = _get_submodule(model, path)
     if owner is None or not stock_forward(owner) or getattr(owner, "weight", None) is not weight:
         return None

@@ -17,7 +17,9 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 from torch import fx, nn
 
-from .capture import CaptureError, capture, capture_with_dynamo
+from sas_compile.runtime.layers import SAS_LAYERS
+
+from .capture import CaptureError, capture, capture_with_dynamo, clean_module_path
 from .find_foldable_relus import find_foldable_relus
 from .find_sas_layers import find_sas_layers, layers_from_modules
 from .lower_sas_to_projection import lower_sas_to_projection
@@ -178,10 +180,6 @@ def _layer_modules_not_in_graphs(layers, model: nn.Module, graphs, foreign: Dict
     """``"path: why"`` for each Linear/Conv1d/Conv2d module of ``model`` that no captured graph calls as a
     layer: the run on the example inputs did not call it, its forward computes with other ops (a
     matmul), or other code reads its weight. Each stays dense."""
-    from sas_compile.runtime.layers import SAS_LAYERS
-
-    from .capture import clean_module_path
-
     seen = {layer.module_target or layer.name for layer in layers}
     ran_in = {clean_module_path(path) for graph in graphs for node in graph.gm.graph.nodes
               for path, _ in (node.meta.get("nn_module_stack") or {}).values()}
