@@ -31,7 +31,7 @@ from .plan import LayerPlan, Plan
 
 __all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layers_from_modules",
            "OPAQUE_PROJECTION_MODULES", "layer_plan_from_module", "already_sas_reason", "parameter_holders",
-           "LINEAR_FUNCTIONS", "CONV_FUNCTIONS", "SASOp", "SAS_OPS", "sas_op", "stores_weight", "stock_forward"]
+           "LINEAR_FUNCTIONS", "CONV_FUNCTIONS", "SASOp", "SAS_OPS", "sas_op", "stores_weight", "stock_forward", "op_name"]
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 CONV_FUNCTIONS = {
@@ -607,19 +607,26 @@ def _adds(node: fx.Node, bias, gm: fx.GraphModule, parameters: Dict[str, torch.T
             and any(_reads(a, bias, gm, parameters) for a in node.args[:2]))
 
 
-_RESHAPE_METHODS = {"view", "reshape", "size", "contiguous"}
+def op_name(node: fx.Node) -> str:
+    """The name a function or method call goes by (``aten.view.default``, ``torch.Tensor.view`` and
+    ``x.view`` are all ``"view"``; ATen overloads by packet)."""
+    if node.op == "call_method":
+        return str(node.target)
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target.__name__
+    return getattr(target, "__name__", str(target))
 
 
 def _is_reshape(node: fx.Node) -> bool:
     """A reshape of a tensor, or arithmetic on sizes (never on tensors), in any capture's spelling."""
-    if node.op == "call_method":
-        return node.target in _RESHAPE_METHODS
-    target = node.target
-    name = getattr(getattr(target, "overloadpacket", None), "__name__", None) or getattr(target, "__name__", "")
-    if name in ("view", "reshape", "_unsafe_view"):
+    name = op_name(node)
+    if name in ("view", "reshape", "_unsafe_view", "contiguous"):
         return True
     value = node.meta.get("val", node.meta.get("example_value"))
-    return name in ("sym_size", "size", "getitem", "add", "mul", "floordiv") and not isinstance(value, torch.Tensor)
+    return name in ("size", "sym_size", "getitem", "add", "mul", "floordiv") and not isinstance(value, torch.Tensor)
 
 
 def _reads(value, tensor, gm: fx.GraphModule, parameters: Dict[str, torch.Tensor]) -> bool:

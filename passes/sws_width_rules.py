@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from .capture import layer_owner, shape_tree
-from .find_sas_layers import LayerCall, match_layer_call, stores_weight
+from .find_sas_layers import LayerCall, match_layer_call, op_name, stores_weight
 from .sws_width_model import Dim, LayerSite, WidthUnionFind
 
 __all__ = [
@@ -1004,18 +1004,6 @@ MODULE_WIDTH_RULES: Dict[type, Rule] = {
                      nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softmax,
                      nn.Hardtanh, nn.Softplus), elementwise),
 }
-
-
-def op_name(node: fx.Node) -> str:
-    """The name a function or method call goes by in :data:`WIDTH_RULES` (ATen overloads by packet)."""
-    if node.op == "call_method":
-        return str(node.target)
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        return target.__name__
-    return getattr(target, "__name__", str(target))
 
 
 def _module_rule(module: nn.Module) -> Optional[Rule]:
