@@ -30,7 +30,7 @@ from .capture import clean_module_path, example_sizes, layer_owner
 from .plan import LayerPlan, Plan
 
 __all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layers_from_modules",
-           "OPAQUE_PROJECTION_MODULES", "layer_plan_from_module", "already_sas_reason", "parameter_holders",
+           "OPAQUE_PROJECTION_MODULES", "OPAQUE_PROJECTION_FUNCTIONS", "opaque_projection_reason", "layer_plan_from_module", "already_sas_reason", "parameter_holders",
            "LINEAR_FUNCTIONS", "CONV_FUNCTIONS", "SASOp", "SAS_OPS", "sas_op", "stores_weight", "stock_forward", "op_name"]
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
@@ -45,6 +45,19 @@ UNSUPPORTED_CONV_MODULES = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, n
 OPAQUE_PROJECTION_MODULES = (nn.MultiheadAttention, nn.RNNBase, nn.TransformerEncoderLayer,
                              nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder,
                              nn.Transformer, nn.Bilinear)
+# ops that run a layer's projections inside one call (an RNN's gates, attention's in/out projections,
+# a bilinear form, the encoder layer's inference fast path): no entry point converts them, each is
+# listed dense with :func:`opaque_projection_reason`; the value is the kind of layer
+OPAQUE_PROJECTION_FUNCTIONS = {
+    torch.lstm: "rnn", torch.gru: "rnn", torch.rnn_tanh: "rnn", torch.rnn_relu: "rnn",
+    torch.ops.aten.lstm.input: "rnn", torch.ops.aten.gru.input: "rnn", torch.ops.aten.rnn_tanh.input: "rnn",
+    torch.ops.aten.rnn_relu.input: "rnn",
+    F.bilinear: "bilinear", torch.bilinear: "bilinear", torch.ops.aten.bilinear.default: "bilinear",
+    F.multi_head_attention_forward: "attention", torch._native_multi_head_attention: "attention",
+    torch.ops.aten._native_multi_head_attention.default: "attention",
+    torch._transformer_encoder_layer_fwd: "encoder_fast_path",
+    torch.ops.aten._transformer_encoder_layer_fwd.default: "encoder_fast_path",
+}
 UNSUPPORTED_CONV_FUNCTIONS = {F.conv3d: "conv3d", torch.conv3d: "conv3d", F.conv_transpose2d: "conv_transpose2d",
                               F.conv_transpose1d: "conv_transpose1d"}
 _CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -272,6 +285,9 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), OPAQUE_PROJECTION_MODULES):
             layers.append(_opaque_module_layer(node, gm.get_submodule(node.target)))
             continue
+        if node.op == "call_function" and node.target in OPAQUE_PROJECTION_FUNCTIONS:
+            layers.append(_opaque_function_layer(node, OPAQUE_PROJECTION_FUNCTIONS[node.target], gm))
+            continue
         existing = _existing_sas_call(node, gm, sources)
         if existing is not None:
             layers.append(existing)
@@ -373,12 +389,68 @@ def _existing_sas_layer(node: fx.Node, mod) -> LayerPlan:
     return layer
 
 
+def _opaque_kind(mod: nn.Module) -> str:
+    if isinstance(mod, nn.RNNBase):
+        return "rnn"
+    if isinstance(mod, nn.Bilinear):
+        return "bilinear"
+    if isinstance(mod, nn.MultiheadAttention):
+        return "attention"
+    return "transformer"
+
+
+def opaque_projection_reason(kind: str, name: str) -> str:
+    """Why a module or op that runs its projections inside one call stays dense, and what each
+    entry point does with it (checked: dynamo keeps each of these calls whole)."""
+    if kind == "rnn":
+        return (f"{name}: its gate projections run inside one fused RNN op, not as linear calls: kept dense (SAS "
+                "converts Linear, Conv1d and Conv2d layers). Under torch.compile, dynamo captures no graph of a "
+                "forward that calls an RNN module (unless torch._dynamo.config.allow_rnn = True), so "
+                "backend='sas' leaves every layer of that forward dense; sasify converts the layers around it")
+    if kind == "bilinear":
+        return (f"{name}: a bilinear layer (x1^T W x2), not a linear one: kept dense (SAS converts Linear, Conv1d "
+                "and Conv2d layers)")
+    if kind == "attention":
+        return (f"{name}: its input and output projections run inside F.multi_head_attention_forward (or its "
+                "inference fast path), one call that torch.compile also keeps whole, not as linear calls: kept "
+                "dense")
+    if kind == "encoder_fast_path":
+        return (f"{name}: nn.TransformerEncoderLayer's inference fast path (torch._transformer_encoder_layer_fwd) "
+                "runs its attention and feed-forward projections in one fused op: kept dense (with gradients on, "
+                "the layer runs its Python code and its feed-forward linears convert)")
+    return (f"{name}: its projections run inside the module, which this capture does not see into: kept dense "
+            "(torch.compile(model, backend='sas') converts its feed-forward linears, except where an encoder "
+            "layer takes PyTorch's inference fast path; its attention projections stay dense)")
+
+
 def _opaque_module_layer(node: fx.Node, mod: nn.Module) -> LayerPlan:
     cls = type(mod).__name__
-    reason = (f"{cls}: its projections run inside the module, not as linear calls this capture shows: kept "
-              "dense (torch.compile(model, backend='sas') traces into it and converts its projections)")
-    layer = LayerPlan(node.target, node.name, cls.lower(), False, reason, 0, 0, module_target=node.target,
-                      weight_kind="module")
+    layer = LayerPlan(node.target, node.name, cls.lower(), False, opaque_projection_reason(_opaque_kind(mod), cls),
+                      0, 0, module_target=node.target, weight_kind="module")
+    layer.input_shape = _shape(node.args[0]) if node.args else None
+    return layer
+
+
+def _opaque_function_layer(node: fx.Node, kind: str, gm: fx.GraphModule) -> LayerPlan:
+    """A dense layer for an op in ``OPAQUE_PROJECTION_FUNCTIONS``, named after the module it ran in
+    (``nn_module_stack``: an export or dynamo graph), else after its node."""
+    function = getattr(getattr(node.target, "overloadpacket", node.target), "__name__", str(node.target))
+    innermost = _innermost_module(node)
+    path, cls_name, opaque_module = None, function, False
+    if innermost is not None:
+        path = clean_module_path(innermost[0]) or None
+        cls = innermost[1]  # a class (dynamo) or its qualified name (export)
+        if isinstance(cls, str):
+            cls_name = cls.rsplit(".", 1)[-1]
+            cls = getattr(nn, cls_name, None)
+        else:
+            cls_name = getattr(cls, "__name__", function)
+        opaque_module = path is not None and isinstance(cls, type) and issubclass(cls, OPAQUE_PROJECTION_MODULES)
+    op = cls_name.lower() if opaque_module else function.lstrip("_")
+    layer = LayerPlan(path or node.name, node.name, op, False, opaque_projection_reason(kind, cls_name if opaque_module
+                                                                                         else function),
+                      0, 0, module_target=path if opaque_module else None, weight_kind="module" if opaque_module
+                      else "computed")
     layer.input_shape = _shape(node.args[0]) if node.args else None
     return layer
 
