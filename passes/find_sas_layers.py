@@ -466,11 +466,15 @@ class SASOp:
 
 
 # Every sas:: op, keyed by its overload packet: a graph may call the packet (dynamo records
-# ``torch.ops.sas.linear``, the spelling SASLinear.forward uses) or an overload (the rewrite
-# writes ``torch.ops.sas.linear.default``); ``sas_op`` finds the entry for either.
+# ``torch.ops.sas.linear``, the spelling SASLinear.forward uses) or an overload; ``sas_op`` finds
+# the entry for either. A graph that sasify rewrites calls the ops' Python entry points, which take
+# the ops' arguments and run the composite form under torch.func transforms and forward AD
+# (``sas_ops``, *the composite form*); dynamo and export trace through them to the ops.
 SAS_OPS: Dict[object, SASOp] = {
     torch.ops.sas.linear: SASOp("linear", "linear", 3, True),
     torch.ops.sas.conv2d: SASOp("conv2d", "conv2d", 7, True),
+    sas_ops.sas_linear_call: SASOp("linear", "linear", 3, True),
+    sas_ops.sas_conv2d_call: SASOp("conv2d", "conv2d", 7, True),
     torch.ops.sas.linear_from_dense: SASOp("linear_from_dense", "linear", 3, False),
     torch.ops.sas.conv2d_from_dense: SASOp("conv2d_from_dense", "conv2d", 7, False),
 }

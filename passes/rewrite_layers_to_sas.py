@@ -5,8 +5,8 @@ Why: this is the one place a graph changes. Module calls get their module swappe
 the parameter replaced by its wide version and the call replaced by the ``sas::`` op; on a
 dynamo graph (weights are graph inputs) the call becomes ``sas::linear_from_dense`` /
 ``sas::conv2d_from_dense``, which expand the live dense parameter once per version (cached,
-so the compiled model never serves a stale copy and never re-expands per call). The graph
-holds ops only. A folded ReLU is bypassed for the SAS layer only; it is erased when nothing
+so the compiled model never serves a stale copy and never re-expands per call); elsewhere it
+calls the op's Python entry point, which ``torch.func`` transforms can differentiate. A folded ReLU is bypassed for the SAS layer only; it is erased when nothing
 else reads it.
 
 What is converted keeps what the user set on it: ``requires_grad``, dtype, device, names,
@@ -178,7 +178,12 @@ def _set_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def _emit_sas_call(graph: fx.Graph, layer: LayerPlan, call, x, weight, M: int, rule: str, from_dense: bool,
                    fold: bool, train_dense: bool) -> fx.Node:
-    """The ``sas::`` op calls of one layer, written as graph nodes (ops only, no Python helpers).
+    """The ``sas::`` op calls of one layer, written as graph nodes.
+
+    A wide weight's layer calls the op's Python entry point (``sas_linear_call`` /
+    ``sas_conv2d_call``: the op's arguments; under ``torch.func`` transforms and forward AD it
+    runs the op's composite form, which they can differentiate), a dense weight's the
+    ``*_from_dense`` op itself (the backend's graphs, which no transform reaches).
 
     A convolution's padding is resolved here: ``'same'`` with an odd total padding becomes an
     explicit ``F.pad``; a conv1d runs as a conv2d of height 1 (``unsqueeze`` / ``squeeze`` of
@@ -188,9 +193,9 @@ def _emit_sas_call(graph: fx.Graph, layer: LayerPlan, call, x, weight, M: int, r
     """
     extra = (fold, rule, train_dense) if from_dense else (rule,)
     if layer.op == "linear":
-        op = torch.ops.sas.linear_from_dense.default if from_dense else torch.ops.sas.linear.default
+        op = torch.ops.sas.linear_from_dense.default if from_dense else sas_ops.sas_linear_call
         return graph.call_function(op, (x, weight, call.bias, M, *extra))
-    op = torch.ops.sas.conv2d_from_dense.default if from_dense else torch.ops.sas.conv2d.default
+    op = torch.ops.sas.conv2d_from_dense.default if from_dense else sas_ops.sas_conv2d_call
     kernel = list(layer.kernel_size)
     if layer.op == "conv1d":
         stride, dilation = [1, call.stride[0]], [1, call.dilation[0]]

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import sas_ops  # noqa: F401  (registers torch.ops.sas.*)
 from .projection import check_M, expand_dense_weight, get_rule
-from .sas_ops import sas_conv1d_call, sas_conv2d_call
+from .sas_ops import sas_conv1d_call, sas_conv2d_call, sas_linear_call
 
 __all__ = ["SASLinear", "SASConv2d", "SASConv1d", "SAS_LAYERS"]
 
@@ -75,7 +75,7 @@ class SASLinear(_SASBase):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.sas.linear(x, self.weight, self.bias, self.M, self.rule)
+        return sas_linear_call(x, self.weight, self.bias, self.M, self.rule)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, M={self.M}, "

@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import autotune, host_kernels
 from .autocast import register_autocast_like_linear
@@ -39,7 +40,8 @@ from .projection import (
 
 __all__ = ["sas_linear", "sas_conv2d", "sas_linear_from_dense", "sas_conv2d_from_dense", "conv2d_output_size",
            "sas_conv2d_choice", "projected_linear", "projected_conv2d", "dense_linear_through",
-           "dense_conv2d_through", "wide_weight", "clear_wide_weight_cache", "SASTrainingError"]
+           "dense_conv2d_through", "wide_weight", "sas_linear_call", "sas_conv2d_call", "sas_conv1d_call",
+           "composite_linear", "composite_conv2d", "composite_project", "composite_transform_active", "clear_wide_weight_cache", "SASTrainingError"]
 
 
 def _backward_dead_mask(x: Tensor, weight: Tensor, groups: int = 1) -> Optional[Tensor]:
@@ -112,6 +114,66 @@ def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Ten
     return kept.sub_(grad.sub_(kept))
 
 
+# ---------------------------------------------------------------- the composite form
+#
+# The ops' own autograd (register_autograd below) serves ``backward()``: training. Three uses it
+# cannot serve, each of which went wrong quietly before: a ``torch.func`` transform (grad, vjp,
+# jacrev, vmap of grad: torch.library's autograd Function has no functorch support, an error),
+# forward-mode AD (``torch.func.jvp``, ``forward_ad``: a custom op has no forward derivative, and
+# the tangent came out as zeros) and a backward that records its own graph
+# (``create_graph=True``: gradient penalties, Hessian-vector products; the host kernels'
+# gradients are constants to autograd, so second derivatives came out missing). There the layer
+# runs as ``composite_linear`` / ``composite_conv2d``: the op's values in plain differentiable ops
+# whose derivative is the op's own, the derivative from the left at x = 0 included.
+
+
+def composite_transform_active() -> bool:
+    """Whether a transform the ops' autograd cannot serve is active: a ``torch.func`` transform
+    or a forward-mode AD level (never while dynamo or export traces: they record the op)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None or getattr(forward_ad, "_current_level", -1) >= 0
+
+
+def composite_project(x: Tensor, weight: Tensor, M: int, dim: int, rule: str, groups: int = 1) -> Tensor:
+    """``S(x)`` as :func:`project` writes it, in differentiable ops: each value's magnitude in its
+    rule's slot, with derivative +1 for ``x > 0`` and -1 otherwise (the op's ``_slot_grad``); a
+    slot whose weight column is all zero reads 0 where its value is not finite (the op's dead
+    slots: never ``0 * inf``), elementwise, so the projection also batches under ``vmap``."""
+    dim = dim % x.dim()
+    slot = get_rule(rule, M).slot(x, dim)
+    magnitude = torch.where(x > 0, x, -x)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    wide = torch.stack([torch.where(slot == m, magnitude, zero) for m in range(M)], dim + 1).flatten(dim, dim + 1)
+    shape = [1] * wide.dim()
+    shape[dim] = wide.shape[dim]
+    dead = zero_columns(weight.detach(), groups).view(shape)
+    return torch.where(dead & ~torch.isfinite(wide), zero, wide)
+
+
+def composite_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: str) -> Tensor:
+    """``sas::linear`` in plain differentiable ops (see *the composite form*)."""
+    return F.linear(composite_project(x, weight, M, -1, rule), weight, bias)
+
+
+def composite_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int,
+                     M: int, rule: str) -> Tensor:
+    """``sas::conv2d`` in plain differentiable ops (see *the composite form*)."""
+    kernel = _kernel_2d(weight)
+    return F.conv2d(composite_project(x, kernel, M, 1, rule, groups), kernel, bias, stride, padding, dilation, groups)
+
+
+def _differentiable_grads(composite, x: Tensor, weight: Tensor, grad: Tensor, need_x: bool, need_w: bool):
+    """``(grad_x, grad_w)`` of ``composite(x, weight)`` against ``grad``, as a graph autograd can
+    differentiate again: a backward under ``create_graph=True``."""
+    targets = [t for t, need in ((x, need_x), (weight, need_w)) if need]
+    if not targets:
+        return None, None
+    with torch.enable_grad():
+        got = list(torch.autograd.grad(composite(x, weight), targets, grad, create_graph=True))
+    return (got.pop(0) if need_x else None), (got.pop(0) if need_w else None)
+
+
 # ---------------------------------------------------------------- linear
 
 
@@ -145,6 +207,12 @@ def _linear_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     M, rule = ctx.M, ctx.rule
     grad_x = grad_w = grad_b = None
+    if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
+        grad_x, grad_w = _differentiable_grads(lambda xx, ww: composite_linear(xx, ww, None, M, rule), x, weight, grad,
+                                               *ctx.needs_input_grad[:2])
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b, None, None
     if ctx.needs_input_grad[0]:
         grad_x = _slot_grad(grad.matmul(weight), x, M, rule, x.dim() - 1)
     if ctx.needs_input_grad[1]:
@@ -517,6 +585,13 @@ def _projected_conv_grads(grad, x, wide_weight, bias_sizes, conf, M, rule, need_
 def _conv_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
+        stride, padding, dilation, groups = ctx.conf
+        grad_x, grad_w = _differentiable_grads(
+            lambda xx, ww: composite_conv2d(xx, ww, None, stride, padding, dilation, groups, ctx.M, ctx.rule),
+            x, weight, grad, need_x, need_w)
+        grad_b = grad.sum((0, 2, 3)) if need_b and ctx.bias_sizes is not None else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
     grad_x, grad_w, grad_b = _projected_conv_grads(grad, x, weight, ctx.bias_sizes, ctx.conf, ctx.M, ctx.rule,
                                                    need_x, need_w, need_b)
     return grad_x, grad_w, grad_b, None, None, None, None, None, None
@@ -734,7 +809,16 @@ def sas_conv2d_call(x, weight, bias, stride, padding, dilation, groups, M: int, 
     padding, extra = resolve_conv_padding(padding, weight.shape[-2:], dilation, stride)
     if extra is not None:
         x = F.pad(x, extra)
+    if composite_transform_active():
+        return composite_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
     return torch.ops.sas.conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
+
+
+def sas_linear_call(x, weight, bias, M: int, rule: str):
+    """``sas::linear``, or its composite form where a transform needs it (``torch.func``, forward AD)."""
+    if composite_transform_active():
+        return composite_linear(x, weight, bias, M, rule)
+    return torch.ops.sas.linear(x, weight, bias, M, rule)
 
 
 def sas_conv1d_call(x, weight, bias, stride, padding, dilation, groups, M: int, rule: str):
@@ -750,6 +834,8 @@ def sas_conv1d_call(x, weight, bias, stride, padding, dilation, groups, M: int, 
     x = x.unsqueeze(2)
     if extra is not None:
         x = F.pad(x, extra)
+    if composite_transform_active():
+        return composite_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule).squeeze(2)
     return torch.ops.sas.conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule).squeeze(2)
 
 # under torch.autocast, x, weight and bias are cast to the region's dtype, as for aten::linear

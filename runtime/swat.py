@@ -368,7 +368,22 @@ def _(grad, weight, weight_threshold, values, bits, x_shape, structure, need_x, 
             grad.new_empty(grad.shape[-1]) if need_b else grad.new_empty(0))
 
 
+HIGHER_ORDER_REFUSAL = (
+    "SWAT's backward is its training gradient, whose weight gradient comes from the top-K activations, not "
+    "from the input the forward read: it is not the derivative of the forward, and backward(create_graph=True), "
+    "torch.func transforms (grad, jacrev, jvp, vmap of grad) and forward-mode AD cannot differentiate it. "
+    "Run them on the model in eval mode, where each SWAT layer is F.linear / F.conv2d with its top-K "
+    "weight (exact to differentiate), or on the dense model.")
+
+
+def refuse_higher_order(what: str) -> None:
+    """Raise where SWAT's training op meets a use that differentiates its backward."""
+    raise RuntimeError(f"{what}: {HIGHER_ORDER_REFUSAL}")
+
+
 def _linear_backward(ctx, grad, _grad_values, _grad_bits):
+    if torch.is_grad_enabled():  # create_graph=True
+        refuse_higher_order("swat::linear backward with create_graph=True")
     weight, weight_threshold, values, bits = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
     grads = torch.ops.swat.linear_backward(grad, weight, weight_threshold, values, bits,
@@ -500,6 +515,8 @@ def _(grad, weight, weight_threshold, values, bits, x_shape, stride, padding, di
 
 
 def _conv_backward(ctx, grad, _grad_values, _grad_bits):
+    if torch.is_grad_enabled():  # create_graph=True
+        refuse_higher_order("swat::conv2d backward with create_graph=True")
     weight, weight_threshold, values, bits = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conf
     need = list(ctx.needs_input_grad[:3])

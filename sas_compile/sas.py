@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
 from .passes.capture import CaptureError, capture, copy_model
+from .passes.find_sas_layers import sas_op
 from .passes.pipeline import SAS_REWRITE, analyze_model, run_passes
 from .passes.plan import Plan
 from .passes.rewrite_layers_to_sas import (copy_for_rewrite, holds_stand_ins, is_module_swap, meta_stand_in,
@@ -129,8 +130,8 @@ def existing_sas_layers(model: nn.Module) -> List[str]:
     for path, mod in model.named_modules():
         if isinstance(mod, fx.GraphModule):
             prefix = f"{path}." if path else ""
-            found += [f"{prefix}{node.name} ({node.target})" for node in mod.graph.nodes
-                      if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "sas"]
+            found += [f"{prefix}{node.name} (sas::{sas_op(node.target).kind})" for node in mod.graph.nodes
+                      if node.op == "call_function" and sas_op(node.target) is not None]
     return found
 
 

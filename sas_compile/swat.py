@@ -35,6 +35,7 @@ from .passes.find_sas_layers import layer_plan_from_module, parameter_holders, s
 from .passes.plan import Plan
 from .passes.rewrite_layers_to_sas import carry_hooks
 from .runtime import swat as ops
+from .runtime.sas_ops import composite_transform_active
 from .sas import existing_sas_layers
 
 __all__ = [
@@ -109,6 +110,9 @@ class SWATLayer(nn.Module):
         """Whether this forward is a SWAT training step; counts it and refreshes thresholds."""
         if self.is_dense or not (self.training and torch.is_grad_enabled()):
             return False
+        if composite_transform_active():
+            ops.refuse_higher_order(f"{type(self).__name__} in a training step under a torch.func transform or "
+                                    "forward-mode AD")
         torch.ops.swat.refresh_thresholds(
             x, self.weight, self.weight_threshold, self.activation_threshold, self.step,
             self.period, self.weight_density, self.activation_density, self.structure,
@@ -194,7 +198,7 @@ class BitmaskReLU(nn.Module):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if torch.is_grad_enabled() and x.requires_grad and not composite_transform_active():
             return ops.swat_relu(x)
         return torch.relu(x)
 
