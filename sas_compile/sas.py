@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass
 from typing import List, Optional
 
-import torch
 from torch import fx, nn
 
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
