@@ -44,6 +44,27 @@ class _SASBase(nn.Module):
         get_rule(rule, M)
         self.M, self.rule = M, rule
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A dense checkpoint's weight (the narrow shape: input side M times smaller) gets one error
+        saying what works, in place of the bare size mismatch."""
+        weight = state_dict.get(prefix + "weight")
+        own = self.weight
+        if (isinstance(weight, torch.Tensor) and weight.dim() == own.dim() and weight.shape[0] == own.shape[0]
+                and weight.shape[1] * self.M == own.shape[1] and weight.shape[2:] == own.shape[2:]):
+            error_msgs.append(
+                f"{prefix}weight has the dense layer's shape {tuple(weight.shape)}, not this M={self.M} SAS "
+                f"layer's {tuple(own.shape)}: a dense checkpoint. Load it into the dense model and sasify that "
+                f"(the conversion keeps its function), or load a checkpoint saved from a SAS model")
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            if prefix + "weight" in missing_keys:  # reported above, not as missing
+                missing_keys.remove(prefix + "weight")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
 
 class SASLinear(_SASBase):
     """``y = Wt S(x) + b`` with ``x`` of width ``in_features`` and ``Wt`` of ``out x M*in``."""

@@ -355,3 +355,16 @@ def test_a_layer_whose_forward_is_replaced_on_the_instance_stays_dense():
     torch.testing.assert_close(sas(x), model(x))
     swat = sas_compile.swatify(model, sparsity=0.5)
     assert type(swat[2]) is nn.Linear
+
+
+def test_a_dense_checkpoint_into_a_sas_model_says_what_works():
+    dense = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Conv1d(5, 3, 1))
+    sas = sas_compile.sasify(dense, M=4, example_inputs=(torch.randn(2, 4, 5).transpose(1, 2),))
+    with pytest.raises(RuntimeError) as info:
+        sas.load_state_dict(dense.state_dict())
+    text = str(info.value)
+    assert "2.weight has the dense layer's shape (5, 6), not this M=4 SAS layer's (5, 24)" in text
+    assert "4.weight has the dense layer's shape (3, 5, 1)" in text and "sasify that" in text
+    assert "size mismatch" not in text and "Missing key" not in text
+    sas.load_state_dict(sas_compile.sasify(dense, M=4, example_inputs=(torch.randn(2, 4, 5).transpose(1, 2),))
+                        .state_dict())  # a SAS checkpoint loads
