@@ -18,12 +18,13 @@ import contextlib
 import copy
 import contextvars
 import io
+import inspect
 
 import logging
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
@@ -33,7 +34,7 @@ log = logging.getLogger("sas_compile.passes")
 
 __all__ = ["Captured", "CaptureError", "ExampleInputsError", "quiet_torch_logs", "capture_with_dynamo", "copy_model",
            "DynamoGraph", "dynamo_placeholder_sources", "layer_owner", "in_resume_frame", "capture",
-           "capture_seeing_into_leaves", "trainable_export_graph", "normalize_example_inputs", "propagate_shapes",
+           "capture_seeing_into_leaves", "trainable_export_graph", "normalize_example_inputs", "bind_example_inputs", "propagate_shapes",
            "shapes_from_real_runs", "shape_tree", "SASTracer"]
 
 
@@ -104,9 +105,79 @@ def normalize_example_inputs(example_inputs) -> Optional[Tuple[Any, ...]]:
     )
 
 
-def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
+def _forward_parameters(model: nn.Module) -> Optional[List[inspect.Parameter]]:
+    try:
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C forward: no Python signature
+        return None
+
+
+def bind_example_inputs(model: nn.Module, example_inputs) -> Optional[Tuple[Any, ...]]:
+    """:func:`normalize_example_inputs`, and a dict of keyword inputs (``{"input_ids": ...,
+    "attention_mask": ...}``, as language models are called) bound to ``model.forward``'s
+    positional parameters: a parameter the dict skips takes its default. Keyword-only
+    parameters and names the forward does not have get a TypeError naming them."""
+    if not isinstance(example_inputs, dict):
+        return normalize_example_inputs(example_inputs)
+    params = _forward_parameters(model)
+    if params is None:
+        raise TypeError(f"example_inputs as a dict needs {type(model).__name__}.forward's signature, which Python "
+                        "cannot read: pass a tuple of positional inputs")
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = {p.name for p in positional}
+    keyword_only = [name for name in example_inputs if name not in names
+                    and any(p.name == name and p.kind == p.KEYWORD_ONLY for p in params)]
+    unknown = [name for name in example_inputs if name not in names and name not in keyword_only]
+    if keyword_only or unknown:
+        what = (f"keyword-only argument(s) {keyword_only} (example_inputs are passed by position; their defaults "
+                "apply)" if keyword_only else "")
+        what += ("; " if what and unknown else "") + (f"no parameter(s) named {unknown}" if unknown else "")
+        raise TypeError(f"example_inputs for {type(model).__name__}.forward"
+                        f"({', '.join(p.name for p in positional)}): {what}")
+    last = max(i for i, p in enumerate(positional) if p.name in example_inputs) if example_inputs else -1
+    values = []
+    for p in positional[: last + 1]:
+        if p.name in example_inputs:
+            values.append(example_inputs[p.name])
+        elif p.default is not p.empty:
+            values.append(p.default)
+        else:
+            raise TypeError(f"example_inputs for {type(model).__name__}.forward: no value for its required "
+                            f"argument {p.name!r}")
+    return tuple(values)
+
+
+def _none_arguments(model: nn.Module, example_inputs: Optional[Tuple[Any, ...]]) -> Dict[str, None]:
+    """The forward's positional parameters that are None in this call (given as None, or left to a
+    None default): traced as the constant None (:func:`_trace_fitting`), ``if mask is not None``
+    takes the branch the call takes (a traced placeholder is never None, and the graph then
+    failed on the example). FX asserts at each call of that graph that they are still None."""
+    params = _forward_parameters(model)
+    if example_inputs is None or params is None or any(p.kind == p.VAR_POSITIONAL for p in params):
+        return {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {p.name: None for i, p in enumerate(positional)
+            if (example_inputs[i] is None if i < len(example_inputs) else p.default is None)}
+
+
+def _trace_fitting(model: nn.Module, example_inputs, nones: Dict[str, None]) -> Optional[fx.GraphModule]:
+    """The graph traced with the call's None arguments as constants (:func:`_none_arguments`), if it
+    traces and runs on ``example_inputs``; else None. Tried only where the plain trace failed, so a
+    graph that takes an optional tensor keeps it as an input wherever it can."""
+    try:
+        gm = _symbolic_trace(model, nones)
+        with quiet_torch_logs():
+            propagate_shapes(gm, example_inputs)
+        return gm
+    except Exception as err:  # noqa: BLE001 - the caller reports its own failure
+        log.debug("symbolic_trace with %s as None failed for %s: %s", sorted(nones), type(model).__name__,
+                  _first_line(err))
+        return None
+
+
+def _symbolic_trace(model: nn.Module, concrete_args: Optional[Dict[str, Any]] = None) -> fx.GraphModule:
     tracer = SASTracer()
-    graph = tracer.trace(model)
+    graph = tracer.trace(model, concrete_args=concrete_args or None)
     name = model.__class__.__name__
     return fx.GraphModule(tracer.root, graph, name)
 
@@ -228,12 +299,15 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, *, run_for_real: bool =
 def capture(model: nn.Module, example_inputs=None, *, allow_export: bool = True) -> Captured:
     """Capture ``model`` (traced as it is: callers pass a copy if they rewrite it)."""
     example_inputs = normalize_example_inputs(example_inputs)
+    nones = _none_arguments(model, example_inputs)
     try:
         gm = _symbolic_trace(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure moves on to export
         gm = None
         trace_error = f"{_first_line(err)}" + (f" (at {_user_frame(err)})" if _user_frame(err) else "")
         log.debug("symbolic_trace failed for %s: %s", type(model).__name__, trace_error)
+        if nones:  # ``if mask is not None and ...`` on a traced placeholder: trace the call's Nones
+            gm = _trace_fitting(model, example_inputs, nones)
     if gm is not None:
         if example_inputs is None:
             return Captured(gm, "symbolic_trace", example_inputs)
@@ -242,7 +316,10 @@ def capture(model: nn.Module, example_inputs=None, *, allow_export: bool = True)
                 propagate_shapes(gm, example_inputs)
             return Captured(gm, "symbolic_trace", example_inputs)
         except Exception as err:  # noqa: BLE001 - the graph is fine: the inputs do not fit it
-            raise _shape_error(model, err) from err
+            fitting = _trace_fitting(model, example_inputs, nones) if nones else None
+            if fitting is None:
+                raise _shape_error(model, err) from err
+            return Captured(fitting, "symbolic_trace", example_inputs)
     if not allow_export or example_inputs is None:
         raise CaptureError(
             f"torch.fx.symbolic_trace cannot trace {type(model).__name__}: {trace_error}. "

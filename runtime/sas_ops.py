@@ -41,7 +41,8 @@ from .projection import (
 __all__ = ["sas_linear", "sas_conv2d", "sas_linear_from_dense", "sas_conv2d_from_dense", "conv2d_output_size",
            "sas_conv2d_choice", "projected_linear", "projected_conv2d", "dense_linear_through",
            "dense_conv2d_through", "wide_weight", "sas_linear_call", "sas_conv2d_call", "sas_conv1d_call",
-           "composite_linear", "composite_conv2d", "composite_project", "composite_transform_active", "clear_wide_weight_cache", "SASTrainingError"]
+           "composite_linear", "composite_conv2d", "composite_project", "composite_transform_active",
+           "clear_wide_weight_cache", "SASTrainingError"]
 
 
 def _backward_dead_mask(x: Tensor, weight: Tensor, groups: int = 1) -> Optional[Tensor]:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Optional, Type
 import torch
 from torch import nn
 
-from .passes.capture import CaptureError
+from .passes.capture import CaptureError, bind_example_inputs
 from .passes.pipeline import analyze_model
 from .passes.plan import Plan
 
@@ -75,8 +75,9 @@ def sparsify(model: nn.Module, config, *, filter_fn: Optional[FilterFn] = None, 
     ``config``: ``SASConfig`` (function-preserving SAS layers), ``SWSConfig`` (the sqrt(M)-wide
     1:M-sparse baseline) or ``SWATConfig`` (sparse-weight-and-activation training).
     ``filter_fn(module, fqn) -> bool`` keeps the layers for which it returns False as they
-    are (it replaces ``config.filter_fn`` when given). ``example_inputs`` (a tensor or tuple)
-    gives exact shapes and lets models that symbolic tracing cannot capture be captured with
+    are (it replaces ``config.filter_fn`` when given). ``example_inputs`` (a tensor, a tuple of
+    positional inputs, or a dict of keyword inputs bound to ``model.forward`` by name) gives
+    exact shapes and lets models that symbolic tracing cannot capture be captured with
     torch.export.
     """
     check_model(model)
@@ -87,7 +88,7 @@ def sparsify(model: nn.Module, config, *, filter_fn: Optional[FilterFn] = None, 
     check_filter_fn(filter_fn)
     if filter_fn is not None:
         config = dataclasses.replace(config, filter_fn=filter_fn)
-    return handler(model, config, example_inputs)
+    return handler(model, config, bind_example_inputs(model, example_inputs))
 
 
 def attach_result(model: nn.Module, config, plan: Plan) -> nn.Module:

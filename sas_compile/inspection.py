@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from .api import check_model
-from .passes.capture import CaptureError, normalize_example_inputs
+from .passes.capture import CaptureError, bind_example_inputs
 from .passes.pipeline import analyze_model, module_plan
 from .passes.plan import Plan, layer_cost_summary, render_svg
 from .sas import SASConfig, apply_sas_plan
@@ -50,7 +50,7 @@ def inspect_model(
     """
     check_model(model)
     config = SASConfig(M=M, filter_fn=filter_fn, dense_input_layers=dense_input_layers)
-    example_inputs = normalize_example_inputs(example_inputs)
+    example_inputs = bind_example_inputs(model, example_inputs)
     try:
         plan = analyze_model(model, example_inputs, config, dynamo_fallback=True)
     except CaptureError as error:

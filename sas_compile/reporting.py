@@ -28,7 +28,7 @@ from .accounting import layer_costs
 from .api import AnalysisOptions, analyze, check_filter_fn, check_model
 from .passes import costs
 from .passes.costs import check_M_values
-from .passes.capture import CaptureError, copy_model, normalize_example_inputs
+from .passes.capture import CaptureError, copy_model, bind_example_inputs
 from .passes.pipeline import module_plan
 from .passes.tie_channel_widths import analyze_channel_widths
 from .runtime.sws_mask import sws_mask_of
@@ -209,7 +209,7 @@ def report(
 ) -> Report:
     """Count mults and params of every conv/linear layer of ``model``: base, SAS and SWS per M.
 
-    ``example_inputs`` (a tensor or a tuple of positional inputs) gives exact counts for that
+    ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs) gives exact counts for that
     input and formulas in its sizes; without it counts are per output position.
     ``filter_fn(module, fqn)`` and ``dense_input_layers`` are passed to the analysis, as in
     ``sasify``, and to the SWS width analysis, as in ``swsify``: the SWS columns count what
@@ -229,7 +229,7 @@ def report(
     Ms = check_M_values(M)
     sparsities = check_sparsities(swat)
     check_filter_fn(filter_fn)
-    example_inputs = normalize_example_inputs(example_inputs)
+    example_inputs = bind_example_inputs(model, example_inputs)
     swat_modules = swat_module.swat_layers(model)
     notes: List[str] = []
     if swat_modules:
