@@ -34,8 +34,8 @@ log = logging.getLogger("sas_compile.passes")
 
 __all__ = ["Captured", "CaptureError", "ExampleInputsError", "quiet_torch_logs", "capture_with_dynamo", "copy_model",
            "DynamoGraph", "dynamo_placeholder_sources", "layer_owner", "in_resume_frame", "capture",
-           "capture_seeing_into_leaves", "trainable_export_graph", "normalize_example_inputs", "bind_example_inputs", "propagate_shapes",
-           "shapes_from_real_runs", "shape_tree", "SASTracer"]
+           "capture_seeing_into_leaves", "trainable_export_graph", "normalize_example_inputs", "bind_example_inputs",
+           "propagate_shapes", "shapes_from_real_runs", "shape_tree", "SASTracer"]
 
 
 class ExampleInputsError(ValueError):

@@ -30,7 +30,8 @@ from .capture import clean_module_path, example_sizes, layer_owner
 from .plan import LayerPlan, Plan
 
 __all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layers_from_modules",
-           "OPAQUE_PROJECTION_MODULES", "OPAQUE_PROJECTION_FUNCTIONS", "opaque_projection_reason", "layer_plan_from_module", "already_sas_reason", "parameter_holders",
+           "OPAQUE_PROJECTION_MODULES", "OPAQUE_PROJECTION_FUNCTIONS", "opaque_projection_reason",
+           "layer_plan_from_module", "already_sas_reason", "parameter_holders",
            "LINEAR_FUNCTIONS", "CONV_FUNCTIONS", "SASOp", "SAS_OPS", "sas_op", "stores_weight", "stock_forward", "op_name"]
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}

@@ -6,8 +6,8 @@ the parameter replaced by its wide version and the call replaced by the ``sas::`
 dynamo graph (weights are graph inputs) the call becomes ``sas::linear_from_dense`` /
 ``sas::conv2d_from_dense``, which expand the live dense parameter once per version (cached,
 so the compiled model never serves a stale copy and never re-expands per call); elsewhere it
-calls the op's Python entry point, which ``torch.func`` transforms can differentiate. A folded ReLU is bypassed for the SAS layer only; it is erased when nothing
-else reads it.
+calls the op's Python entry point, which ``torch.func`` transforms can differentiate. A folded
+ReLU is bypassed for the SAS layer only; it is erased when nothing else reads it.
 
 What is converted keeps what the user set on it: ``requires_grad``, dtype, device, names,
 the train/eval flag, and ties: every call site of one dense weight gets the same wide

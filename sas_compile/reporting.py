@@ -209,8 +209,8 @@ def report(
 ) -> Report:
     """Count mults and params of every conv/linear layer of ``model``: base, SAS and SWS per M.
 
-    ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs) gives exact counts for that
-    input and formulas in its sizes; without it counts are per output position.
+    ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs)
+    gives exact counts for that input and formulas in its sizes; without it counts are per output position.
     ``filter_fn(module, fqn)`` and ``dense_input_layers`` are passed to the analysis, as in
     ``sasify``, and to the SWS width analysis, as in ``swsify``: the SWS columns count what
     ``swsify(model, M=m, filter_fn=..., dense_input_layers=...)`` builds (by default the

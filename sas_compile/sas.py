@@ -178,8 +178,8 @@ def sasify(model: nn.Module, *, M: int = 2, example_inputs=None, filter_fn: Opti
     Args:
         model: any ``nn.Module``.
         M: slots per value; a power of two >= 2 (2, 4, 8, ...).
-        example_inputs: a tensor, tuple or dict of keyword inputs; needed only for models that ``torch.fx.symbolic_trace``
-            cannot trace (they are then captured with ``torch.export``).
+        example_inputs: a tensor, tuple or dict of keyword inputs; needed only for models that
+            ``torch.fx.symbolic_trace`` cannot trace (they are then captured with ``torch.export``).
         filter_fn: ``filter_fn(module, fqn) -> bool``; False keeps that layer dense. ``module`` is
             the layer's module in ``model`` itself (for a functional call, the module holding the
             weight; the root for a root parameter), ``fqn`` its path.

@@ -345,8 +345,9 @@ def swsify(
     """Build the SWS baseline of ``model``: sqrt(M) times wider, 1:M sparse weights.
 
     ``sparsify(model, SWSConfig(M=M, ...), filter_fn=..., example_inputs=...)``; ``model`` is
-    not modified. ``example_inputs`` (a tensor, tuple or dict of keyword inputs) gives exact shapes and lets models
-    that ``symbolic_trace`` cannot trace be captured with ``torch.export``; the built model is
+    not modified. ``example_inputs`` (a tensor, tuple or dict of keyword inputs) gives exact
+    shapes and lets models that ``symbolic_trace`` cannot trace be captured with
+    ``torch.export``; the built model is
     run on them once as a check. ``filter_fn(module, fqn) -> bool`` keeps a conv/linear out of
     SWS (its widths stay, its weight stays dense) when it returns False; it sees the modules of
     ``model`` itself, as in ``sasify``, and is asked about input layers too. ``dense_input_layers``

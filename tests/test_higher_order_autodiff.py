@@ -273,5 +273,6 @@ def test_swat_refuses_what_differentiates_its_training_gradient():
             h = torch.relu(h) if i < len(dense_eval) - 1 else h
         return h
 
-    _close(torch.func.jvp(model, (x,), (torch.ones_like(x),))[1], torch.func.jvp(reference, (x,), (torch.ones_like(x),))[1])
+    tangent = torch.ones_like(x)
+    _close(torch.func.jvp(model, (x,), (tangent,))[1], torch.func.jvp(reference, (x,), (tangent,))[1])
     _close(torch.func.jacrev(model)(x), torch.func.jacrev(reference)(x))

@@ -81,7 +81,8 @@ def test_backend_lists_ops_that_hold_projections(monkeypatch, grad):
         assert not layers["enc.self_attn"].eligible and "keeps whole" in layers["enc.self_attn"].reason
     else:  # PyTorch's inference fast path: one fused op for the whole encoder layer
         assert "enc.linear1" not in layers
-        assert layers["enc"].op == "transformerencoderlayer" and "_transformer_encoder_layer_fwd" in layers["enc"].reason
+        assert layers["enc"].op == "transformerencoderlayer"
+        assert "_transformer_encoder_layer_fwd" in layers["enc"].reason
     assert {name for name, layer in layers.items() if layer.eligible} == (
         {"out", "enc.linear1", "enc.linear2"} if grad else {"out"})
 
