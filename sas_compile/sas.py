@@ -143,6 +143,32 @@ def _warn_existing_sas_layers(plan: Plan, M: int) -> None:
                 M, len(existing), listed)
 
 
+def _graph_rewrite_causes(plan: Plan) -> List[str]:
+    """The converted layers a module swap cannot express (:func:`is_module_swap`), and why."""
+    causes = []
+    for layer in plan.eligible():
+        if layer.module_target is None:
+            causes.append(f"{layer.name} (a functional {layer.op} on a parameter)")
+        elif layer.fold_relu and layer.relu_module is None:
+            causes.append(f"{layer.name} (its ReLU, folded into it, is a function call or read elsewhere)")
+    return causes
+
+
+def _warn_graph_rewrite(model: nn.Module, new: nn.Module, plan: Plan) -> None:
+    """Say so when the result is a GraphModule, not the user's class: their methods are not on it."""
+    if not isinstance(new, fx.GraphModule) or isinstance(model, fx.GraphModule):
+        return
+    causes = _graph_rewrite_causes(plan)
+    own = sorted(name for name, value in vars(type(model)).items()
+                 if callable(value) and not name.startswith("_") and name != "forward")
+    log.warning(
+        "sasify: the result is a torch.fx.GraphModule, not %s: %s change the graph itself, which swapping "
+        "modules in a copy of %s cannot express%s. Layer modules (nn.Linear, nn.Conv1d/2d) and ReLUs as "
+        "nn.ReLU modules read by one layer keep your class", type(model).__name__,
+        ", ".join(causes[:4]) + (", ..." if len(causes) > 4 else "") or "its layers", type(model).__name__,
+        f" (its own methods, {', '.join(own[:4])}, are not on the result)" if own else "")
+
+
 @register_handler(SASConfig)
 def _convert(model: nn.Module, config: SASConfig, example_inputs) -> nn.Module:
     # a model neither symbolic tracing nor torch.export captures whole (data-dependent code, a
@@ -152,6 +178,7 @@ def _convert(model: nn.Module, config: SASConfig, example_inputs) -> nn.Module:
         log.info("sasify: %s was captured by dynamo (%s); its layer modules are swapped in a copy",
                  type(model).__name__, "; ".join(plan.graph_breaks))
     new = apply_sas_plan(plan, config)
+    _warn_graph_rewrite(model, new, plan)
     for layer in plan.layers:
         if not layer.eligible and not layer.sas_M:
             log.info("sasify: %s stays dense: %s", layer.name, layer.reason)

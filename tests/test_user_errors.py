@@ -368,3 +368,29 @@ def test_a_dense_checkpoint_into_a_sas_model_says_what_works():
     assert "size mismatch" not in text and "Missing key" not in text
     sas.load_state_dict(sas_compile.sasify(dense, M=4, example_inputs=(torch.randn(2, 4, 5).transpose(1, 2),))
                         .state_dict())  # a SAS checkpoint loads
+
+
+def test_sasify_says_when_the_result_is_a_graph_module_and_not_the_users_class(caplog):
+    class Net(nn.Module):
+        def __init__(self, functional: bool):
+            super().__init__()
+            self.functional = functional
+            self.a, self.act, self.b, self.c = nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            relu = F.relu if self.functional else self.act
+            return self.c(torch.tanh(self.b(relu(self.a(x)))))
+
+        def predict(self, x):
+            return self(x).argmax(-1)
+
+    x = torch.randn(4, 8)
+    with caplog.at_level("WARNING", logger="sas_compile"):
+        kept = sas_compile.sasify(Net(False), M=2)
+    assert isinstance(kept, Net) and kept.predict(x).shape == (4,) and not caplog.records
+    with caplog.at_level("WARNING", logger="sas_compile"):
+        graph = sas_compile.sasify(Net(True), M=2)
+    assert isinstance(graph, torch.fx.GraphModule)
+    (record,) = caplog.records
+    assert "not Net: b (its ReLU, folded into it, is a function call" in record.getMessage()
+    assert "its own methods, predict, are not on the result" in record.getMessage()
