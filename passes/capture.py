@@ -84,7 +84,17 @@ class Captured:
 
 
 class SASTracer(fx.Tracer):
-    """Symbolic tracer that also keeps sas-compile's own layers as leaf modules."""
+    """Symbolic tracer that also keeps sas-compile's own layers as leaf modules, and the type of
+    the mappings a forward returns or passes on (a ``transformers`` ``ModelOutput``, an
+    ``OrderedDict``): FX records any dict as a plain one, so a traced model returned a dict where
+    the model returns ``outputs.last_hidden_state``."""
+
+    def create_arg(self, a):
+        if isinstance(a, dict) and type(a) is not dict and not isinstance(a, fx.immutable_collections.immutable_dict):
+            items = {key: super(SASTracer, self).create_arg(value) for key, value in a.items()}
+            if all(isinstance(key, str) for key in items):
+                return self.create_node("call_function", type(a), (), items)
+        return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from sas_compile.runtime.layers import SAS_LAYERS
