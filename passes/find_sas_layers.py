@@ -30,7 +30,7 @@ from .capture import clean_module_path, example_sizes, layer_owner
 from .plan import LayerPlan, Plan
 
 __all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layers_from_modules",
-           "OPAQUE_PROJECTION_MODULES", "OPAQUE_PROJECTION_FUNCTIONS", "opaque_projection_reason",
+           "OPAQUE_PROJECTION_MODULES", "OPAQUE_PROJECTION_FUNCTIONS", "opaque_projection_reason", "opaque_kind",
            "layer_plan_from_module", "already_sas_reason", "parameter_holders",
            "LINEAR_FUNCTIONS", "CONV_FUNCTIONS", "SASOp", "SAS_OPS", "sas_op", "stores_weight", "stock_forward", "op_name"]
 
@@ -390,7 +390,8 @@ def _existing_sas_layer(node: fx.Node, mod) -> LayerPlan:
     return layer
 
 
-def _opaque_kind(mod: nn.Module) -> str:
+def opaque_kind(mod: nn.Module) -> str:
+    """The kind of a module in ``OPAQUE_PROJECTION_MODULES``, for :func:`opaque_projection_reason`."""
     if isinstance(mod, nn.RNNBase):
         return "rnn"
     if isinstance(mod, nn.Bilinear):
@@ -426,7 +427,7 @@ def opaque_projection_reason(kind: str, name: str) -> str:
 
 def _opaque_module_layer(node: fx.Node, mod: nn.Module) -> LayerPlan:
     cls = type(mod).__name__
-    layer = LayerPlan(node.target, node.name, cls.lower(), False, opaque_projection_reason(_opaque_kind(mod), cls),
+    layer = LayerPlan(node.target, node.name, cls.lower(), False, opaque_projection_reason(opaque_kind(mod), cls),
                       0, 0, module_target=node.target, weight_kind="module")
     layer.input_shape = _shape(node.args[0]) if node.args else None
     return layer

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import sympy
@@ -28,8 +29,10 @@ from .accounting import layer_costs
 from .api import AnalysisOptions, analyze, check_filter_fn, check_model
 from .passes import costs
 from .passes.costs import check_M_values
-from .passes.capture import CaptureError, copy_model, bind_example_inputs
-from .passes.pipeline import module_plan
+from .passes.capture import CaptureError, bind_example_inputs, capture_seeing_into_leaves, copy_model
+from .passes.find_sas_layers import opaque_kind, opaque_projection_reason
+from .passes.pipeline import analyze_graph, module_plan
+from .passes.sws_width_rules import has_width_rule
 from .passes.tie_channel_widths import analyze_channel_widths
 from .runtime.sws_mask import sws_mask_of
 from .passes.plan import LayerPlan, Plan
@@ -66,6 +69,44 @@ def _sws_widths(plan: Plan, Ms, example_inputs, filter_fn=None,
             widths[m] = None
             notes.append(f"SWS widths at M={m}: whole-graph decision failed ({exc}); standalone per-layer rule used")
     return widths, notes
+
+
+def _seeing_into_opaque_modules(model: nn.Module, example_inputs, plan: Plan, filter_fn,
+                                dense_input_layers: bool) -> Optional[Plan]:
+    """The plan of the graph ``swsify`` builds from, where symbolic tracing left modules with
+    projections inside opaque (``nn.MultiheadAttention``, RNNs, transformer layers): torch.export
+    shows their linears, so their mults are counted, and the SWS columns are those of the model
+    swsify builds, which widens through them. sasify keeps their projections dense, and so do the
+    SAS columns here. None where there are none, or export fails (the traced plan then stands)."""
+    holders = {layer.module_target for layer in plan.layers if layer.op not in costs.LAYER_OPS
+               and layer.module_target is not None
+               and opaque_kind(model.get_submodule(layer.module_target)) in ("attention", "transformer")}
+    if not holders:  # an RNN's or a bilinear layer's op is one call in an exported graph too
+        return None
+    try:
+        with warnings.catch_warnings():  # export's notes on the model's attributes: the traced plan stands
+            warnings.simplefilter("ignore")
+            captured = capture_seeing_into_leaves(model, example_inputs, sees_into=has_width_rule)
+    except CaptureError:
+        return None
+    if captured.method != "export":
+        return None
+    seen = analyze_graph(captured.gm, "export", AnalysisOptions(filter_fn, bool(dense_input_layers), True),
+                         model=model, example_inputs=captured.example_inputs)
+    for layer in seen.layers:
+        path = layer.module_target or layer.name
+        holder = next((h for h in sorted(holders) if path == h or path.startswith(h + ".")), None)
+        if holder is not None and layer.op in costs.LAYER_OPS:
+            module = model.get_submodule(holder)  # sasify never sees the layer: its module's reason holds
+            layer.eligible = False
+            layer.reason = (opaque_projection_reason(opaque_kind(module), type(module).__name__)
+                            + f"; inside {holder}, counted from its projections")
+    def computed(layers):
+        return sum(layer.weight_kind == "computed" for layer in layers if layer.op in costs.LAYER_OPS)
+
+    if computed(seen.layers) > computed(plan.layers):
+        return None  # slices of one parameter (attention's q/k/v from in_proj_weight) would count it twice
+    return seen
 
 
 def _resolved_layer(layer: LayerPlan) -> Tuple[LayerPlan, Optional[str]]:
@@ -246,6 +287,13 @@ def report(
         if example_inputs is not None:
             raise
         plan = module_plan(model, AnalysisOptions(filter_fn, dense_input_layers, fold_relu=False), error)
+    if example_inputs is not None and plan.capture == "symbolic_trace":
+        seen = _seeing_into_opaque_modules(model, example_inputs, plan, filter_fn, dense_input_layers)
+        if seen is not None:
+            plan = seen
+            notes.append("modules with projections inside (attention, RNNs, transformer layers) are counted from "
+                         "their projections, which torch.export shows (swsify widens through them); sasify keeps "
+                         "them dense")
     if plan.capture == "dynamo":
         notes.append("captured by dynamo (neither symbolic tracing nor torch.export captures it whole), the "
                      "layers of every graph counted; graph breaks: " + "; ".join(plan.graph_breaks))

@@ -63,7 +63,43 @@ def test_the_plan_says_what_each_entry_point_does_with_them():
     # no plan claims that the backend converts an RNN's, a bilinear layer's or attention's projections
     assert not any("converts its projections" in reason for reason in reasons.values())
     rep = sas_compile.report(model, (x,), M=(2,))
-    assert {row["name"] for row in rep.parameters} == {"rnn", "bil", "attn", "enc"}
+    # the report counts attention's and the encoder layer's projections (torch.export shows them),
+    # each kept dense as sasify keeps it; an RNN and a bilinear layer are parameters-only rows
+    rows = {row["name"]: row for row in rep.layers}
+    assert {"attn.in_proj_weight", "attn.out_proj", "enc.linear1", "enc.linear2"} <= set(rows)
+    assert all(rows[name]["base"]["mults"] > 0 and "inside attn" in rows[name]["reason"]
+               for name in ("attn.in_proj_weight", "attn.out_proj"))
+    assert {"rnn", "bil"} <= {row["name"] for row in rep.parameters}
+    assert rep.totals["base"]["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_report_counts_what_swsify_builds_through_attention():
+    """The SWS columns count the model swsify builds: it widens through nn.MultiheadAttention (export
+    shows its projections), where the report's traced graph kept the attention's widths (the report
+    said 6.9K SWS mults and 3.4K params for a model swsify built with 23.3K and 8.8K)."""
+    from sas_compile.sws import measure_sws_model
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn = nn.Linear(8, 16), nn.MultiheadAttention(16, 2, batch_first=True)
+            self.up, self.down, self.out = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            h = h + self.attn(h, h, h)[0]
+            return self.out(h + self.down(torch.relu(self.up(h))))
+
+    torch.manual_seed(0)
+    model, x = Encoder().eval(), torch.randn(2, 5, 8)
+    rep = sas_compile.report(model, (x,), M=(4,))
+    sws = sas_compile.swsify(model, M=4, example_inputs=(x,))
+    measured = measure_sws_model(sws, (x,))
+    assert rep.totals["sws"][4]["mults"] == sum(layer["mults"] for layer in measured.values())
+    assert rep.totals["sws"][4]["params"] == sum(p.numel() for p in sws.parameters())
+    assert rep.totals["base"]["mults"] == 2 * 5 * (8 * 16 + 16 * 48 + 16 * 16 + 16 * 32 + 32 * 16 + 16 * 3)
+    sas = sas_compile.sasify(model, M=4, example_inputs=(x,))
+    assert rep.totals["sas"][4]["params"] == sum(p.numel() for p in sas.parameters())
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
