@@ -74,7 +74,7 @@ def _sws_widths(plan: Plan, Ms, example_inputs, filter_fn=None,
 def _seeing_into_opaque_modules(model: nn.Module, example_inputs, plan: Plan, filter_fn,
                                 dense_input_layers: bool) -> Optional[Plan]:
     """The plan of the graph ``swsify`` builds from, where symbolic tracing left modules with
-    projections inside opaque (``nn.MultiheadAttention``, RNNs, transformer layers): torch.export
+    projections inside opaque (``nn.MultiheadAttention``, transformer layers): torch.export
     shows their linears, so their mults are counted, and the SWS columns are those of the model
     swsify builds, which widens through them. sasify keeps their projections dense, and so do the
     SAS columns here. None where there are none, or export fails (the traced plan then stands)."""
@@ -101,6 +101,7 @@ def _seeing_into_opaque_modules(model: nn.Module, example_inputs, plan: Plan, fi
             layer.eligible = False
             layer.reason = (opaque_projection_reason(opaque_kind(module), type(module).__name__)
                             + f"; inside {holder}, counted from its projections")
+
     def computed(layers):
         return sum(layer.weight_kind == "computed" for layer in layers if layer.op in costs.LAYER_OPS)
 
@@ -291,9 +292,8 @@ def report(
         seen = _seeing_into_opaque_modules(model, example_inputs, plan, filter_fn, dense_input_layers)
         if seen is not None:
             plan = seen
-            notes.append("modules with projections inside (attention, RNNs, transformer layers) are counted from "
-                         "their projections, which torch.export shows (swsify widens through them); sasify keeps "
-                         "them dense")
+            notes.append("attention and transformer-layer modules are counted from their projections, which "
+                         "torch.export shows (swsify widens through them); sasify keeps them dense")
     if plan.capture == "dynamo":
         notes.append("captured by dynamo (neither symbolic tracing nor torch.export captures it whole), the "
                      "layers of every graph counted; graph breaks: " + "; ".join(plan.graph_breaks))
