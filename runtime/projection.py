@@ -416,19 +416,20 @@ def _all_finite(x: Tensor) -> bool:
 
 
 def project_aten(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -> Tensor:
-    """``S(x)`` as plain out-of-place ops (the slot planes stacked), for graphs a compiler fuses.
+    """``S(x)`` as plain out-of-place ops (the slot planes stacked), for graphs a compiler fuses
+    and for autograd to differentiate.
 
-    The same values as :func:`project`; a compiler such as inductor fuses it with the
-    elementwise ops around it (BatchNorm, ReLU) into one pass that writes the wide tensor.
+    The same values as :func:`project`, and the ops' derivative: each value's magnitude in its
+    rule's slot, ``+1`` for ``x > 0`` and ``-1`` otherwise (``sas_ops._slot_grad``, the derivative
+    from the left at 0; ``clamp_min`` planes, the previous form, passed both slots' gradients at
+    an exact 0). A compiler such as inductor fuses it with the elementwise ops around it
+    (BatchNorm, ReLU) into one pass that writes the wide tensor.
     """
     dim = dim % x.dim()
-    index_rule = get_rule(rule, M)
-    if is_builtin_sign_rule_m2(index_rule):
-        planes = [x.clamp_min(0), (-x).clamp_min(0)]
-    else:
-        slot, magnitude = index_rule.slot(x, dim), x.abs()
-        planes = [torch.where(slot == m, magnitude, torch.zeros_like(magnitude)) for m in range(M)]
-    return torch.stack(planes, dim + 1).flatten(dim, dim + 1)
+    slot = get_rule(rule, M).slot(x, dim)
+    magnitude = torch.where(x > 0, x, -x)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.stack([torch.where(slot == m, magnitude, zero) for m in range(M)], dim + 1).flatten(dim, dim + 1)
 
 
 def reference_project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -> Tensor:

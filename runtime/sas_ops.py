@@ -41,7 +41,7 @@ from .projection import (
 __all__ = ["sas_linear", "sas_conv2d", "sas_linear_from_dense", "sas_conv2d_from_dense", "conv2d_output_size",
            "sas_conv2d_choice", "projected_linear", "projected_conv2d", "dense_linear_through",
            "dense_conv2d_through", "wide_weight", "sas_linear_call", "sas_conv2d_call", "sas_conv1d_call",
-           "composite_linear", "composite_conv2d", "composite_project", "composite_transform_active",
+           "composite_transform_active",
            "clear_wide_weight_cache", "SASTrainingError"]
 
 
@@ -124,8 +124,9 @@ def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Ten
 # the tangent came out as zeros) and a backward that records its own graph
 # (``create_graph=True``: gradient penalties, Hessian-vector products; the host kernels'
 # gradients are constants to autograd, so second derivatives came out missing). There the layer
-# runs as ``composite_linear`` / ``composite_conv2d``: the op's values in plain differentiable ops
-# whose derivative is the op's own, the derivative from the left at x = 0 included.
+# runs as ``projected_linear`` / ``projected_conv2d``: the op's values in plain differentiable ops
+# whose derivative is the op's own, the derivative from the left at x = 0 included (the same
+# form the GPU lowering writes into compiled graphs).
 
 
 def composite_transform_active() -> bool:
@@ -136,32 +137,29 @@ def composite_transform_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None or getattr(forward_ad, "_current_level", -1) >= 0
 
 
-def composite_project(x: Tensor, weight: Tensor, M: int, dim: int, rule: str, groups: int = 1) -> Tensor:
-    """``S(x)`` as :func:`project` writes it, in differentiable ops: each value's magnitude in its
-    rule's slot, with derivative +1 for ``x > 0`` and -1 otherwise (the op's ``_slot_grad``); a
-    slot whose weight column is all zero reads 0 where its value is not finite (the op's dead
-    slots: never ``0 * inf``), elementwise, so the projection also batches under ``vmap``."""
-    dim = dim % x.dim()
-    slot = get_rule(rule, M).slot(x, dim)
-    magnitude = torch.where(x > 0, x, -x)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    wide = torch.stack([torch.where(slot == m, magnitude, zero) for m in range(M)], dim + 1).flatten(dim, dim + 1)
-    shape = [1] * wide.dim()
-    shape[dim] = wide.shape[dim]
-    dead = zero_columns(weight.detach(), groups).view(shape)
-    return torch.where(dead & ~torch.isfinite(wide), zero, wide)
+def _zero_dead_nonfinite(wide_x: Tensor, weight: Tensor, dim: int, groups: int = 1) -> Tensor:
+    """A slot whose weight column is all zero reads 0 where its value is not finite (the ops'
+    dead slots: never ``0 * inf`` = NaN); elementwise, so it batches under ``vmap``, and finite
+    values stay, so such a column's weight gradient is the ops' own."""
+    dead = zero_columns(weight.detach(), groups)
+    shape = [1] * wide_x.dim()
+    shape[dim] = dead.shape[0]
+    return torch.where(dead.view(shape) & ~torch.isfinite(wide_x), torch.zeros((), dtype=wide_x.dtype,
+                                                                               device=wide_x.device), wide_x)
 
 
-def composite_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: str) -> Tensor:
-    """``sas::linear`` in plain differentiable ops (see *the composite form*)."""
-    return F.linear(composite_project(x, weight, M, -1, rule), weight, bias)
+def projected_linear(x, weight, bias, M: int, rule: str):
+    """``sas::linear`` in plain out-of-place ops: its values and derivatives (see *the composite
+    form*); also what the GPU lowering writes into compiled graphs."""
+    return F.linear(_zero_dead_nonfinite(project_aten(x, M, -1, rule), weight, -1), weight, bias)
 
 
-def composite_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int,
-                     M: int, rule: str) -> Tensor:
-    """``sas::conv2d`` in plain differentiable ops (see *the composite form*)."""
+def projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M: int, rule: str):
+    """``sas::conv2d`` in plain out-of-place ops (padding as ``F.conv2d`` takes it); as
+    :func:`projected_linear`."""
     kernel = _kernel_2d(weight)
-    return F.conv2d(composite_project(x, kernel, M, 1, rule, groups), kernel, bias, stride, padding, dilation, groups)
+    return F.conv2d(_zero_dead_nonfinite(project_aten(x, M, 1, rule), kernel, 1, groups), kernel, bias, stride,
+                    padding, dilation, groups)
 
 
 def _differentiable_grads(composite, x: Tensor, weight: Tensor, grad: Tensor, need_x: bool, need_w: bool):
@@ -209,7 +207,7 @@ def _linear_backward(ctx, grad):
     M, rule = ctx.M, ctx.rule
     grad_x = grad_w = grad_b = None
     if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
-        grad_x, grad_w = _differentiable_grads(lambda xx, ww: composite_linear(xx, ww, None, M, rule), x, weight, grad,
+        grad_x, grad_w = _differentiable_grads(lambda xx, ww: projected_linear(xx, ww, None, M, rule), x, weight, grad,
                                                *ctx.needs_input_grad[:2])
         if ctx.needs_input_grad[2]:
             grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
@@ -417,28 +415,6 @@ def _packed_cpu_weight(wide_x: Tensor, weight: Tensor, stride, padding, dilation
         return None
 
 
-# The PyTorch formulation written as plain aten ops (what a lowering pass puts in a graph so
-# that the compiler fuses the projection with its neighbours); padding as F.conv* take it.
-def _zero_dead_slots(wide_x: Tensor, weight: Tensor, dim: int, groups: int = 1) -> Tensor:
-    # slots whose weight column is all zero read 0, never inf (0 * inf would be NaN); plain
-    # ops the compiler fuses into the projection
-    dead = zero_columns(weight.detach(), groups)
-    shape = [1] * wide_x.dim()
-    shape[dim] = dead.shape[0]
-    return wide_x.masked_fill(dead.view(shape), 0)
-
-
-def projected_linear(x, weight, bias, M: int, rule: str):
-    """``F.linear(S(x), weight, bias)`` with the projection as out-of-place ops."""
-    return F.linear(_zero_dead_slots(project_aten(x, M, -1, rule), weight, -1), weight, bias)
-
-
-def projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M: int, rule: str):
-    """``F.conv2d(S(x), weight, ...)`` with the projection as out-of-place ops."""
-    return F.conv2d(_zero_dead_slots(project_aten(x, M, 1, rule), weight, 1, groups), _kernel_2d(weight), bias,
-                    stride, padding, dilation, groups)
-
-
 def _sas_conv2d_accelerated(x, weight, bias, stride, padding, dilation, groups, M, rule):
     """A SAS conv on a GPU: projection + cuDNN, unless the unfolded Sparse Tensor Core GEMM
     measures faster for this shape (``runtime/autotune.py``; never a slower path)."""
@@ -589,7 +565,7 @@ def _conv_backward(ctx, grad):
     if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
         stride, padding, dilation, groups = ctx.conf
         grad_x, grad_w = _differentiable_grads(
-            lambda xx, ww: composite_conv2d(xx, ww, None, stride, padding, dilation, groups, ctx.M, ctx.rule),
+            lambda xx, ww: projected_conv2d(xx, ww, None, stride, padding, dilation, groups, ctx.M, ctx.rule),
             x, weight, grad, need_x, need_w)
         grad_b = grad.sum((0, 2, 3)) if need_b and ctx.bias_sizes is not None else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
@@ -811,14 +787,14 @@ def sas_conv2d_call(x, weight, bias, stride, padding, dilation, groups, M: int, 
     if extra is not None:
         x = F.pad(x, extra)
     if composite_transform_active():
-        return composite_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
+        return projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
     return torch.ops.sas.conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
 
 
 def sas_linear_call(x, weight, bias, M: int, rule: str):
     """``sas::linear``, or its composite form where a transform needs it (``torch.func``, forward AD)."""
     if composite_transform_active():
-        return composite_linear(x, weight, bias, M, rule)
+        return projected_linear(x, weight, bias, M, rule)
     return torch.ops.sas.linear(x, weight, bias, M, rule)
 
 
@@ -836,7 +812,7 @@ def sas_conv1d_call(x, weight, bias, stride, padding, dilation, groups, M: int, 
     if extra is not None:
         x = F.pad(x, extra)
     if composite_transform_active():
-        return composite_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule).squeeze(2)
+        return projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule).squeeze(2)
     return torch.ops.sas.conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule).squeeze(2)
 
 # under torch.autocast, x, weight and bias are cast to the region's dtype, as for aten::linear

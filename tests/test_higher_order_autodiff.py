@@ -220,13 +220,13 @@ def test_composite_values_equal_the_op_on_nonfinite_inputs(M):
     x = torch.randn(4, 6, dtype=DT)
     x[0, 0], x[1, 2], x[2, 3], x[3, 5] = float("inf"), float("-inf"), float("nan"), 0.0
     want = torch.ops.sas.linear(x, weight, None, M, "sign_pattern")
-    torch.testing.assert_close(sas_ops.composite_linear(x, weight, None, M, "sign_pattern"), want, equal_nan=True)
+    torch.testing.assert_close(sas_ops.projected_linear(x, weight, None, M, "sign_pattern"), want, equal_nan=True)
     conv_w = torch.randn(3, 6 * M, 3, 3, dtype=DT)
     conv_w[:, ::M] = 0
     xc = torch.randn(2, 6, 5, 5, dtype=DT)
     xc[0, 1, 2, 2], xc[1, 4, 0, 3] = float("inf"), float("-inf")
     want = torch.ops.sas.conv2d(xc, conv_w, None, [1, 1], [1, 1], [1, 1], 1, M, "sign_pattern")
-    got = sas_ops.composite_conv2d(xc, conv_w, None, [1, 1], [1, 1], [1, 1], 1, M, "sign_pattern")
+    got = sas_ops.projected_conv2d(xc, conv_w, None, [1, 1], [1, 1], [1, 1], 1, M, "sign_pattern")
     torch.testing.assert_close(got, want, equal_nan=True)
 
 
@@ -276,3 +276,34 @@ def test_swat_refuses_what_differentiates_its_training_gradient():
     tangent = torch.ones_like(x)
     _close(torch.func.jvp(model, (x,), (tangent,))[1], torch.func.jvp(reference, (x,), (tangent,))[1])
     _close(torch.func.jacrev(model)(x), torch.func.jacrev(reference)(x))
+
+
+@pytest.mark.parametrize("M", [2, 4])
+def test_the_plain_op_form_has_the_ops_gradients(M):
+    """``projected_linear`` / ``projected_conv2d`` (the composite form, and what the GPU lowering
+    writes into compiled graphs) give the ops' own gradients: at exact zeros (the previous
+    ``clamp_min`` planes passed both slots' gradients there) and for an all-zero weight column
+    (its gradient was zeroed where the ops train it)."""
+    torch.manual_seed(M)
+    weight = torch.randn(5, 6 * M, dtype=DT)
+    weight[:, 1::M] = 0  # dead slots, as a folded ReLU's
+    x = torch.randn(4, 6, dtype=DT)
+    x[0, 1] = x[2, 4] = x[3, 0] = 0.0
+    conv_w = torch.randn(3, 6 * M, 3, 3, dtype=DT)
+    conv_w[:, ::M] = 0
+    xc = torch.randn(2, 6, 5, 5, dtype=DT)
+    xc[0, 2, 1, 1] = xc[1, 5, 3, 0] = 0.0
+    conf = ([1, 1], [1, 1], [1, 1], 1)
+    for call, plain, inp, w in (
+            (lambda a, b: torch.ops.sas.linear(a, b, None, M, "sign_pattern"),
+             lambda a, b: sas_ops.projected_linear(a, b, None, M, "sign_pattern"), x, weight),
+            (lambda a, b: torch.ops.sas.conv2d(a, b, None, *conf, M, "sign_pattern"),
+             lambda a, b: sas_ops.projected_conv2d(a, b, None, *conf, M, "sign_pattern"), xc, conv_w)):
+        grads = []
+        for f in (call, plain):
+            a, b = inp.clone().requires_grad_(), w.clone().requires_grad_()
+            out = f(a, b)
+            out.backward(torch.linspace(-1, 1, out.numel(), dtype=DT).view_as(out))
+            grads.append((out.detach(), a.grad, b.grad))
+        for want, got in zip(*grads):
+            _close(got, want)
