@@ -105,12 +105,9 @@ def match_layer_call(node: fx.Node, gm: fx.GraphModule) -> Optional[LayerCall]:
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not isinstance(mod, UNSUPPORTED_CONV_MODULES):
             op = "conv2d" if isinstance(mod, nn.Conv2d) else "conv1d"
             n = 2 if op == "conv2d" else 1
-            call = LayerCall(node, op, x, None, None, mod, node.target, _tup(mod.stride, n), mod.padding,
+            # a padding_mode other than 'zeros' is the SAS layer's too (it pads before projecting)
+            return LayerCall(node, op, x, None, None, mod, node.target, _tup(mod.stride, n), mod.padding,
                              _tup(mod.dilation, n), mod.groups)
-            if mod.padding_mode != "zeros":
-                call.supported = False
-                call.unsupported_reason = f"padding_mode={mod.padding_mode!r}: SAS convolutions support only zero padding"
-            return call
         if isinstance(mod, UNSUPPORTED_CONV_MODULES):
             return LayerCall(node, type(mod).__name__.lower(), x, None, None, mod, node.target, supported=False,
                              unsupported_reason=f"{type(mod).__name__} is not supported (SAS converts Linear, Conv1d and Conv2d)")
@@ -362,9 +359,7 @@ def layers_from_modules(model: nn.Module, config) -> List[LayerPlan]:
             layer.sas_M = mod.M
         elif isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             eligible, reason = True, None
-            if getattr(mod, "padding_mode", "zeros") != "zeros":
-                eligible, reason = False, f"padding_mode={mod.padding_mode!r}: SAS convolutions support only zero padding"
-            elif first and getattr(config, "dense_input_layers", True):
+            if first and getattr(config, "dense_input_layers", True):
                 eligible, reason = False, ("input layer (assumed: the first layer module; pass example_inputs for an "
                                            "exact analysis), kept dense as in the reference code")
             elif filter_fn is not None and not filter_fn(mod, fqn):
@@ -585,8 +580,6 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
             return False, ("functional call (or a module with its own forward) in a model that symbolic tracing "
                            "cannot capture: only stock nn.Linear/nn.Conv1d/nn.Conv2d modules are swapped there; "
                            "torch.compile(model, backend='sas') converts it")
-        if getattr(owner, "padding_mode", "zeros") != "zeros":
-            return False, f"padding_mode={owner.padding_mode!r}: SAS convolutions support only zero padding"
         layer.module_target = owner_path
     if capture == "dynamo" and kind == "placeholder" and model is not None:
         # a model's analysis (report, sasify): the rewrite swaps modules in a copy of the model
@@ -595,9 +588,6 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
             return False, ("functional call (or a module with its own forward) in a model captured by dynamo: "
                            "only stock nn.Linear/nn.Conv1d/nn.Conv2d modules are swapped there; "
                            "torch.compile(model, backend='sas') converts it")
-        padding_mode = getattr(model.get_submodule(layer.module_target), "padding_mode", "zeros")
-        if padding_mode != "zeros":
-            return False, f"padding_mode={padding_mode!r}: SAS convolutions support only zero padding"
     return True, None
 
 

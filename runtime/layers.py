@@ -10,6 +10,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import sas_ops  # noqa: F401  (registers torch.ops.sas.*)
@@ -103,12 +104,21 @@ class SASLinear(_SASBase):
                 f"bias={self.bias is not None}")
 
 
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
 class _SASConvNd(_SASBase):
+    """A SAS convolution. ``padding_mode`` is ``nn.Conv2d``'s: a mode other than ``'zeros'`` pads
+    the narrow input with ``F.pad`` before the op (which then pads nothing), exactly as the dense
+    layer pads its input: reflect, replicate and circular padding copy values, and ``S`` acts on
+    each value alone, so padding ``x`` and then projecting is padding ``S(x)``."""
+
     _dims = 2
+    padding_mode = "zeros"  # a SAS layer pickled before padding modes existed reads this
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, M: int = 2, stride=1,
                  padding=0, dilation=1, groups: int = 1, bias: bool = True,
-                 rule: str = "sign_pattern", device=None, dtype=None):
+                 rule: str = "sign_pattern", device=None, dtype=None, padding_mode: str = "zeros"):
         super().__init__()
         self._check(M, rule)
         tup = lambda v: (v,) * self._dims if isinstance(v, int) else tuple(v)  # noqa: E731
@@ -117,32 +127,59 @@ class _SASConvNd(_SASBase):
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = tup(kernel_size), tup(stride), tup(dilation)
         self.padding = padding if isinstance(padding, str) else tup(padding)
+        self._set_padding_mode(padding_mode)
         kw = {"device": device, "dtype": dtype}
         shape = (out_channels, in_channels // groups * M, *self.kernel_size)
         self.weight = nn.Parameter(torch.empty(shape, **kw))
         self.bias = nn.Parameter(torch.empty(out_channels, **kw)) if bias else None
         _init_like_narrow(self.weight, self.bias, in_channels // groups * math.prod(self.kernel_size))
 
+    def _set_padding_mode(self, padding_mode: str) -> None:
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode={padding_mode!r}: expected one of {', '.join(map(repr, PADDING_MODES))}")
+        self.padding_mode = padding_mode
+        if padding_mode == "zeros":
+            return
+        # F.pad's amounts, last dimension first: (left, right) per dimension, 'same' putting the
+        # odd one on the right as PyTorch does
+        amounts = []
+        for i in reversed(range(self._dims)):
+            if self.padding == "valid":
+                before = after = 0
+            elif self.padding == "same":
+                total = self.dilation[i] * (self.kernel_size[i] - 1)
+                before, after = total // 2, total - total // 2
+            else:
+                before = after = self.padding[i]
+            amounts += [before, after]
+        self._mode_pad = tuple(amounts)
+
+    def _op_input(self, x: torch.Tensor):
+        """``(input, padding)`` for the op: the input padded here where the mode is not zeros."""
+        if self.padding_mode == "zeros":
+            return x, self.padding
+        return F.pad(x, self._mode_pad, mode=self.padding_mode), (0,) * self._dims
+
     @classmethod
     def from_dense(cls, layer, M: int = 2, *, fold_relu: bool = False, rule: str = "sign_pattern"):
-        """Function-preserving conversion of an ``nn.Conv{1,2}d`` with zero padding mode."""
-        if getattr(layer, "padding_mode", "zeros") != "zeros":
-            raise ValueError(f"padding_mode={layer.padding_mode!r} is not supported by SAS convolutions (only 'zeros')")
+        """Function-preserving conversion of an ``nn.Conv{1,2}d`` (any ``padding_mode``)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new._check(M, rule)
         new.in_channels, new.out_channels, new.groups = layer.in_channels, layer.out_channels, layer.groups
         new.kernel_size, new.stride, new.dilation = tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.dilation)
         new.padding = layer.padding
+        new._set_padding_mode(getattr(layer, "padding_mode", "zeros"))
         with torch.no_grad():
             wide = expand_dense_weight(layer.weight.detach(), M, fold_relu=fold_relu, rule=rule, groups=layer.groups)
         new.weight, new.bias = _parameters_like(layer, wide)
         return new
 
     def extra_repr(self) -> str:
+        mode = "" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}"
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, M={self.M}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, bias={self.bias is not None}")
+                f"groups={self.groups}, bias={self.bias is not None}{mode}")
 
 
 class SASConv2d(_SASConvNd):
@@ -151,7 +188,8 @@ class SASConv2d(_SASConvNd):
     _dims = 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sas_conv2d_call(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+        x, padding = self._op_input(x)
+        return sas_conv2d_call(x, self.weight, self.bias, self.stride, padding, self.dilation,
                                self.groups, self.M, self.rule)
 
 
@@ -161,7 +199,8 @@ class SASConv1d(_SASConvNd):
     _dims = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sas_conv1d_call(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+        x, padding = self._op_input(x)
+        return sas_conv1d_call(x, self.weight, self.bias, self.stride, padding, self.dilation,
                                self.groups, self.M, self.rule)
 
 
