@@ -394,3 +394,11 @@ def test_sasify_says_when_the_result_is_a_graph_module_and_not_the_users_class(c
     (record,) = caplog.records
     assert "not Net: b (its ReLU, folded into it, is a function call" in record.getMessage()
     assert "its own methods, predict, are not on the result" in record.getMessage()
+    assert "sasify(..., fold_relu=False)" in record.getMessage()  # the remedy it names works:
+    caplog.clear()
+    dense = Net(True)
+    with caplog.at_level("WARNING", logger="sas_compile"):
+        unfolded = sas_compile.sasify(dense, M=2, fold_relu=False)
+    assert isinstance(unfolded, Net) and unfolded.predict(x).shape == (4,) and not caplog.records
+    with torch.no_grad():
+        torch.testing.assert_close(unfolded(x), dense(x))
