@@ -22,7 +22,6 @@ import inspect
 
 import logging
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -81,6 +80,29 @@ class Captured:
     method: str  # "symbolic_trace" | "export"
     example_inputs: Optional[Tuple[Any, ...]]
     trace_error: Optional[str] = None
+
+
+CONCRETE_ARGS_META = "sas_concrete_args"  # gm.meta key: the concrete args a symbolic trace took
+
+
+class TrainingFlag(nn.Module):
+    """A module whose call returns its own training flag (negated where ``inverted``).
+
+    Why a module and not a read of ``self.training`` in the graph: FX re-traces a GraphModule's
+    code when it is unpickled, and a plain read would then be the constant again; a module call
+    stays a call (the re-trace keeps every module whole). Registered under the module whose flag
+    it stands for, so ``.train()`` / ``.eval()`` reach it with that module. No parameters or
+    buffers: the state_dict is unchanged."""
+
+    def __init__(self, inverted: bool = False):
+        super().__init__()
+        self.inverted = inverted
+
+    def forward(self) -> bool:
+        return not self.training if self.inverted else self.training
+
+    def extra_repr(self) -> str:
+        return "not training" if self.inverted else "training"
 
 
 class SASTracer(fx.Tracer):
@@ -189,7 +211,9 @@ def _symbolic_trace(model: nn.Module, concrete_args: Optional[Dict[str, Any]] = 
     tracer = SASTracer()
     graph = tracer.trace(model, concrete_args=concrete_args or None)
     name = model.__class__.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, name)
+    gm.meta[CONCRETE_ARGS_META] = concrete_args  # a retrace (mode_flags) takes the same ones
+    return gm
 
 
 def _first_line(err: BaseException) -> str:
@@ -458,7 +482,8 @@ def trainable_export_graph(gm: fx.GraphModule) -> fx.GraphModule:
 
     ``torch.export`` bakes the training flag into the graph and its module refuses
     ``.eval()``; a model that is trained after the rewrite (SWS trains from scratch) and then
-    evaluated needs the flag read from the module's ``training`` attribute instead.
+    evaluated needs the flag read from the module at run time instead (the root's
+    :class:`TrainingFlag`).
     """
     graph = gm.graph
     flag = None
@@ -473,12 +498,17 @@ def trainable_export_graph(gm: fx.GraphModule) -> fx.GraphModule:
         if idx is None or len(node.args) <= idx or not isinstance(node.args[idx], bool):
             continue
         if flag is None:
-            with graph.inserting_before(next(iter(graph.nodes))), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # `training` is an attribute of every module
-                flag = graph.get_attr("training")
+            # a module call, not a read of `training`: that read would be a constant again in the
+            # graph FX re-traces when the model is unpickled (mode_flags.TrainingFlag)
+            gm.add_module("sas_training_flag", TrainingFlag().train(gm.training))
+            with graph.inserting_before(next(iter(graph.nodes))):
+                flag = graph.call_module("sas_training_flag")
         args = list(node.args)
         args[idx] = flag
         node.args = tuple(args)
+    # unpickling re-traces the code with the tracer class the graph records; export's needs
+    # arguments that pickle does not keep (loading failed), FX's own traces these aten calls
+    graph._tracer_cls, graph._tracer_extras = None, {}
     new = fx.GraphModule(gm, graph, type(gm).__name__)
     new.meta = getattr(gm, "meta", {})
     return new

@@ -44,6 +44,7 @@ from .passes.capture import (CaptureError, capture_seeing_into_leaves, copy_mode
                              propagate_shapes, trainable_export_graph)
 from .passes.find_sas_layers import layer_plan_from_module, match_layer_call, parameter_holders
 from .passes.lower_sws_to_packed import PackedSWSLinear, lower_sws_to_packed
+from .passes.mode_flags import TraceModes, bind_training_flags, trace_modes
 from .passes.sws_width_rules import has_width_rule
 from .passes.tie_channel_widths import tie_channel_widths
 from .passes.widen_for_sws import widen_for_sws
@@ -92,9 +93,22 @@ def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs) -> Tuple[f
             "called with use_cache=False, returning tensors only)."
         ) from error
     gm = trainable_export_graph(captured.gm) if captured.method == "export" else captured.gm
+    modes = TraceModes()
+    if captured.method == "symbolic_trace":  # the trace took self.training as a constant: bind it
+        modes = trace_modes(gm, model)
+        if modes.why is not None:
+            raise ValueError(
+                f"swsify: {type(model).__name__}: {modes.why}. SWS rebuilds the network from one traced graph, "
+                "which would compute one mode's function in both; a forward that passes self.training to its calls "
+                "(F.dropout(x, p, training=self.training)) or uses nn.Dropout/nn.BatchNorm modules is one graph")
+        if modes.checkpointed:
+            log.warning("swsify: the SWS model of %s runs without the torch.utils.checkpoint calls of its forward "
+                        "(in %s): a traced graph inlines them, so training keeps every activation they free",
+                        type(model).__name__, ", ".join(p or "the root" for p in modes.checkpointed))
     widths = tie_channel_widths(gm, config.M, example_inputs, filter_fn=config.filter_fn,
                                 dense_input_layers=config.dense_input_layers, model=model)
     widen_for_sws(gm, widths, freeze_mask=config.freeze_mask)
+    bind_training_flags(gm, modes.bindings)
     gm.train(model.training)
     if example_inputs is not None:
         _check_runs(gm, example_inputs, model)

@@ -1,0 +1,230 @@
+"""A rewritten graph follows ``.train()`` / ``.eval()`` as the user's model does.
+
+``torch.fx.symbolic_trace`` reads ``self.training`` as the bool it is while tracing: before,
+``swsify`` (always a rewritten graph) and ``sasify`` (where folding a functional ReLU rewrites the
+graph) returned models that kept the traced mode's dropout in the other mode
+(``F.dropout(x, p, training=self.training)`` dropped values after ``.eval()``), or took the traced
+branch of ``if self.training:`` in both, and silently lost ``torch.utils.checkpoint``. Now a flag
+passed to a call is read at run time (``passes/mode_flags.py``), and what one graph cannot
+express keeps the user's forward (``sasify``) or is refused with the reason (``swsify``).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import sas_compile
+from sas_compile.passes.mode_flags import TrainingFlag
+from sas_compile.sws import lower_sws
+
+DT = torch.float64
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(12, 12)
+
+    def forward(self, x):
+        return F.dropout(self.lin(x), 0.3, training=self.training)
+
+
+class FlagNet(nn.Module):
+    """Training flags passed to calls, at two depths and once negated; a functional ReLU folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.inner, self.b, self.c = nn.Linear(6, 12), Inner(), nn.Linear(12, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = F.dropout(self.a(x), 0.5, self.training)
+        h = self.inner(F.relu(h))
+        h = F.alpha_dropout(h, 0.2, training=not self.training)  # odd, but a flag all the same
+        return self.c(torch.tanh(self.b(F.relu(h))))
+
+
+def _outputs(model, x, seed=0):
+    torch.manual_seed(seed)
+    return model(x)
+
+
+def _assert_follows(converted, dense, x):
+    """The same function in eval and in training mode (the same dropout masks from one seed),
+    and the mode follows every switch, at the root and in a submodule alone."""
+    for mode in (False, True, False):
+        converted.train(mode)
+        dense.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(_outputs(converted, x), _outputs(dense, x), rtol=1e-9, atol=1e-12)
+    converted.train()
+    dense.train()
+    converted.get_submodule("inner").eval()
+    dense.inner.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_outputs(converted, x), _outputs(dense, x), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_sasify_graph_reads_the_training_flags_at_run_time(mode):
+    torch.manual_seed(0)
+    dense = getattr(FlagNet().to(DT), mode)()
+    x = torch.randn(5, 6, dtype=DT)
+    sas = sas_compile.sasify(dense, M=2)
+    assert isinstance(sas, torch.fx.GraphModule)  # the functional ReLUs fold: a rewritten graph
+    assert all(layer.fold_relu for layer in sas.sas_plan.eligible() if layer.name in ("b", "inner.lin"))
+    assert sas.training == (mode == "train")
+    flags = [m for m in sas.modules() if isinstance(m, TrainingFlag)]
+    assert len(flags) == 3  # the root's flag, its negation, and the inner module's own
+    assert sas.state_dict().keys() == sas_compile.sasify(FlagNet().to(DT), M=2).state_dict().keys()
+    _assert_follows(sas, dense, x)
+    # a copy and a whole-model pickle (FX re-traces a GraphModule's code when it is loaded) keep it
+    _assert_follows(copy.deepcopy(sas), dense, x)
+    buffer = io.BytesIO()
+    torch.save(sas, buffer)
+    buffer.seek(0)
+    _assert_follows(torch.load(buffer, weights_only=False), dense, x)
+
+
+class BranchNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 12), nn.Linear(12, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.training:
+            h = h * 0.5
+        return self.c(torch.tanh(self.b(F.relu(h))))
+
+    def predict(self, x):
+        return self(x).argmax(-1)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_sasify_keeps_the_users_forward_where_it_branches_on_the_mode(mode, caplog):
+    torch.manual_seed(0)
+    dense = getattr(BranchNet().to(DT), mode)()
+    x = torch.randn(5, 6, dtype=DT)
+    with caplog.at_level("WARNING", logger="sas_compile"):
+        sas = sas_compile.sasify(dense, M=2)
+    assert type(sas) is BranchNet and sas.predict(x).shape == (5,)
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "branch on self.training" in record.getMessage() and "b (its ReLU not folded)" in record.getMessage()
+    layer = next(layer for layer in sas.sas_plan.layers if layer.name == "b")
+    assert layer.eligible and not layer.fold_relu and "self.training" in layer.fold_relu_reason
+    for flag in (False, True):
+        sas.train(flag)
+        dense.train(flag)
+        with torch.no_grad():
+            torch.testing.assert_close(sas(x), dense(x), rtol=1e-9, atol=1e-12)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 16)
+        self.block = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+        self.c = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        h = checkpoint(self.block, h, use_reentrant=False) + h
+        return self.c(F.relu(h))
+
+
+def _saved_tensor_count(model, x):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(x).sum().backward()
+    return len(saved)
+
+
+def test_sasify_keeps_checkpointing(caplog):
+    torch.manual_seed(0)
+    dense = Checkpointed().to(DT)
+    x = torch.randn(4, 6, dtype=DT)
+    with caplog.at_level("WARNING", logger="sas_compile"):
+        sas = sas_compile.sasify(dense, M=2)
+    assert type(sas) is Checkpointed
+    assert any("torch.utils.checkpoint (in block)" in r.getMessage() for r in caplog.records)
+    # what checkpointing frees stays freed: the blocks' activations are not saved for backward
+    unchecked = copy.deepcopy(sas)
+    unchecked.forward = lambda inp: unchecked.c(F.relu(unchecked.block(F.relu(unchecked.a(inp)))
+                                                       + F.relu(unchecked.a(inp))))
+    assert _saved_tensor_count(sas, x) < _saved_tensor_count(unchecked, x)
+    with torch.no_grad():
+        torch.testing.assert_close(sas(x), dense(x), rtol=1e-9, atol=1e-12)
+
+
+class DropoutMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = F.dropout(torch.relu(self.a(x)), 0.5, training=self.training)
+        return self.c(torch.relu(self.b(h)))
+
+
+def test_swsify_follows_the_mode_and_refuses_a_branch_on_it(caplog):
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    sws = sas_compile.swsify(DropoutMLP(), M=4)
+    # parametrized modules cannot be pickled whole (PyTorch's rule); sws lowered to packed
+    # weights can, and FX re-traces its code when it is loaded
+    for model in (sws, torch.load(_saved(lower_sws(sws)), weights_only=False)):
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(model(x), model(x))  # no dropout in eval
+        model.train()
+        with torch.no_grad():
+            assert not torch.equal(model(x), model(x))  # dropout in training
+    with pytest.raises(ValueError, match=r"swsify: BranchNet: its forward takes different paths.*branch on "
+                                         r"self\.training.*nn\.Dropout"):
+        sas_compile.swsify(BranchNet(), M=4)
+    with caplog.at_level("WARNING", logger="sas_compile"):
+        sas_compile.swsify(Checkpointed(), M=4)
+    assert any("without the torch.utils.checkpoint calls" in r.getMessage() and "(in block)" in r.getMessage()
+               for r in caplog.records)
+
+
+def _saved(model) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+class ShapeBranch(nn.Module):
+    """Symbolic tracing fails on the shape test; torch.export captures it (the export path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.drop, self.b, self.c = nn.Linear(6, 16), nn.Dropout(0.5), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if x.shape[0] > 1:
+            h = self.drop(h)
+        return self.c(torch.relu(self.b(h)))
+
+
+def test_swsify_export_graph_follows_the_mode_after_a_pickle():
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    sws = sas_compile.swsify(ShapeBranch(), M=4, example_inputs=(x,))
+    assert sws.sparsify_plan.capture == "export"
+    for model in (sws, torch.load(_saved(lower_sws(sws)), weights_only=False)):
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(model(x), model(x))
+        model.train()
+        with torch.no_grad():
+            assert not torch.equal(model(x), model(x))
