@@ -51,8 +51,9 @@ def check_filter_fn(filter_fn, what: str = "filter_fn") -> None:
 def check_model(model) -> None:
     """One clear error, from every entry point, for a model no conversion or analysis can take:
     not an ``nn.Module``, a TorchScript module (no Python code to capture), a wrapper that
-    holds the model in ``.module`` (``DataParallel``, ``DistributedDataParallel``), or one with
-    lazy layers whose parameters have no shape yet."""
+    holds the model in ``.module`` (``DataParallel``, ``DistributedDataParallel``) or
+    ``._orig_mod`` (``torch.compile``'s), or one with lazy layers whose parameters have no shape
+    yet."""
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(f"model is a TorchScript module ({type(model).__name__}), which has no Python code to "
                         "capture: convert the nn.Module before torch.jit.script, and script the result")
@@ -61,6 +62,10 @@ def check_model(model) -> None:
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         raise TypeError(f"model is a {type(model).__name__} wrapper: pass the model it wraps (model.module), "
                         f"and wrap the result in {type(model).__name__} again")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError("model is a torch.compile wrapper (OptimizedModule): pass the model it compiles "
+                        "(model._orig_mod) and torch.compile the result, or compile the dense model with "
+                        "torch.compile(model, backend='sas'), which converts it as it compiles")
     lazy = [name or type(model).__name__ for name, mod in model.named_modules()
             if isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params()]
     if lazy:

@@ -315,6 +315,8 @@ def _entry_points():
 @pytest.mark.parametrize("wrap, error, match", [
     (torch.jit.script, TypeError, "TorchScript module .* convert the nn.Module before torch.jit.script"),
     (nn.DataParallel, TypeError, r"DataParallel wrapper: pass the model it wraps \(model.module\)"),
+    (torch.compile, TypeError, r"torch.compile wrapper \(OptimizedModule\): pass the model it compiles "
+                               r"\(model._orig_mod\)"),
     (None, ValueError, r"lazy layers without shapes yet \(0\): run the model once"),
 ])
 def test_models_no_entry_point_can_take_say_what_to_do(entry, wrap, error, match):
