@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -114,10 +115,11 @@ def _path(path: Tuple) -> str:
     return path[0] + "".join(f"[{key!r}]" for key in path[1:])
 
 
-def _trace_in_mode(model: nn.Module, mode: bool, concrete_args, *, stack_traces: bool = False) -> fx.Graph:
+def _trace_in_mode(model: nn.Module, mode: bool, concrete_args, *, stack_traces: bool = False,
+                   grad: Optional[bool] = None) -> fx.Graph:
     tracer = SASTracer()
     tracer.record_stack_traces = stack_traces
-    with _all_in_mode(model, mode):
+    with _all_in_mode(model, mode), torch.set_grad_enabled(torch.is_grad_enabled() if grad is None else grad):
         return tracer.trace(model, concrete_args=concrete_args or None)
 
 
@@ -129,7 +131,8 @@ class TraceModes:
     """What a symbolic trace of a model leaves out (:func:`trace_modes`).
 
     ``bindings``: the constants that are a training flag (:func:`bind_training_flags`).
-    ``why``: None when the graph is one graph in both modes up to ``bindings``, else the reason.
+    ``why``: None when the graph is one graph in both modes up to ``bindings`` (and with gradients
+    on or off), else the reason.
     ``checkpointed``: the modules (paths, '' for the root) whose calls ran inside
     ``torch.utils.checkpoint`` in training mode: a traced graph inlines them, so it keeps the
     activations checkpointing frees.
@@ -142,7 +145,8 @@ class TraceModes:
 
 def trace_modes(gm: fx.GraphModule, model: nn.Module) -> TraceModes:
     """Trace ``model`` in training and in eval mode (each with the concrete args ``gm`` was traced
-    with) and compare both with ``gm``, node by node; see :class:`TraceModes`."""
+    with) and compare both with ``gm``, node by node, and once more with the grad mode switched;
+    see :class:`TraceModes`."""
     concrete_args = gm.meta.get(CONCRETE_ARGS_META)
     traces = {}
     for mode in (True, False):
@@ -157,6 +161,14 @@ def trace_modes(gm: fx.GraphModule, model: nn.Module) -> TraceModes:
     checkpointed = sorted(path for path in inside
                           if not any(path != other and (other == "" or path.startswith(other + "."))
                                      for other in inside))
+    try:  # torch.is_grad_enabled() is a constant to the trace too: no graph holds both answers
+        other_grad = _trace_in_mode(model, True, concrete_args, grad=not torch.is_grad_enabled())
+        grad_dependent = other_grad.python_code("self").src != traces[True].python_code("self").src
+    except Exception:  # noqa: BLE001 - the forward fails to trace with gradients switched
+        grad_dependent = True
+    if grad_dependent:
+        return TraceModes(why="its forward depends on torch.is_grad_enabled() (it traces differently with "
+                              "gradients on and off)", checkpointed=checkpointed)
     nodes = list(gm.graph.nodes)
     train_nodes, eval_nodes = list(traces[True].nodes), list(traces[False].nodes)
     if not len(nodes) == len(train_nodes) == len(eval_nodes):

@@ -228,3 +228,26 @@ def test_swsify_export_graph_follows_the_mode_after_a_pickle():
         model.train()
         with torch.no_grad():
             assert not torch.equal(model(x), model(x))
+
+
+class GradBranch(BranchNet):
+    def forward(self, x):
+        h = self.a(x)
+        if torch.is_grad_enabled():
+            h = h * 0.5
+        return self.c(torch.tanh(self.b(F.relu(h))))
+
+
+def test_a_forward_that_asks_for_the_grad_mode_keeps_the_users_forward(caplog):
+    torch.manual_seed(0)
+    dense = GradBranch().to(DT)
+    x = torch.randn(5, 6, dtype=DT)
+    with caplog.at_level("WARNING", logger="sas_compile"):
+        sas = sas_compile.sasify(dense, M=2)
+    assert type(sas) is GradBranch
+    assert any("torch.is_grad_enabled()" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(sas(x), dense(x), rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(sas(x), dense(x), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match=r"swsify: GradBranch: its forward depends on torch.is_grad_enabled\(\)"):
+        sas_compile.swsify(GradBranch(), M=4)
