@@ -24,7 +24,8 @@ from .find_foldable_relus import find_foldable_relus
 from .find_sas_layers import find_sas_layers, layers_from_modules
 from .lower_sas_to_projection import lower_sas_to_projection
 from .plan import Plan
-from .rewrite_layers_to_sas import rewrite_layers_to_sas
+from .mode_flags import trace_modes
+from .rewrite_layers_to_sas import is_module_swap, keep_module_swaps, rewrite_layers_to_sas
 
 log = logging.getLogger("sas_compile.passes")
 
@@ -88,7 +89,30 @@ def analyze_model(model: nn.Module, example_inputs, config, *, dynamo_fallback: 
         if not dynamo_fallback or example_inputs is None:
             raise
         return _analyze_dynamo_graphs(model, example_inputs, config, error)
-    return analyze_graph(captured.gm, captured.method, config, model=model, example_inputs=captured.example_inputs)
+    plan = analyze_graph(captured.gm, captured.method, config, model=model, example_inputs=captured.example_inputs)
+    if captured.method == "symbolic_trace" and not is_module_swap(plan):
+        _check_one_graph(plan)
+    return plan
+
+
+def _check_one_graph(plan: Plan) -> None:
+    """A plan whose rewrite is a graph (not module swaps) of a symbolic trace: the training flags
+    the trace took as constants are bound (``plan.flag_bindings``, read at run time by the rewritten
+    graph); where no one graph is the model (a branch on the mode or the grad mode,
+    checkpointing: :func:`~passes.mode_flags.trace_modes`), the plan keeps to module swaps and
+    ``plan.not_one_graph`` says why and what that leaves."""
+    if plan.model is None:
+        return
+    modes = trace_modes(plan.gm, plan.model)
+    why = modes.why
+    if why is None and modes.checkpointed:
+        where = ", ".join(path or "the root" for path in modes.checkpointed)
+        why = (f"its forward calls torch.utils.checkpoint (in {where}), which a traced graph inlines, keeping "
+               "every activation it frees")
+    if why is None:
+        plan.flag_bindings = modes.bindings
+    else:
+        plan.not_one_graph = keep_module_swaps(plan, why)
 
 
 def _analyze_dynamo_graphs(model: nn.Module, example_inputs, config, error: CaptureError) -> Plan:

@@ -115,6 +115,11 @@ class Plan:
     sources: Dict[str, str] = field(default_factory=dict, repr=False)  # dynamo: placeholder -> user path
     lowered: int = 0  # SAS layers written out as projection + dense ops (GPU graphs)
     technique: str = "SAS"
+    # a symbolic trace: its constants that are training flags (mode_flags.FlagBinding), which a
+    # rewritten graph reads at run time; and, where no one graph is the model (a branch on the
+    # mode, checkpointing), why, and what the plan keeps unrewritten for it (module swaps only)
+    flag_bindings: List[Any] = field(default_factory=list, repr=False)
+    not_one_graph: Optional[str] = None
 
     def eligible(self) -> List[LayerPlan]:
         return [layer for layer in self.layers if layer.eligible]
@@ -235,6 +240,8 @@ def plan_to_text(plan: Plan) -> str:
         text.append("\n".join(f"[{i}] {r}" for r, i in reasons.items()))
     if plan.graph_breaks:
         text.append("graph breaks: " + "; ".join(plan.graph_breaks))
+    if plan.not_one_graph:
+        text.append(f"not one graph: {plan.not_one_graph}")
     if plan.not_in_graphs:
         text.append(f"{len(plan.not_in_graphs)} layer modules stay dense, no captured graph calls them as a layer:\n"
                     + "\n".join(f"  {line}" for line in plan.not_in_graphs))
@@ -268,6 +275,7 @@ def plan_to_dict(plan: Plan) -> Dict[str, Any]:
         "graph_before": plan.graph_before,
         "graph_after": plan.graph_after,
         "graph_breaks": list(plan.graph_breaks),
+        "not_one_graph": plan.not_one_graph,
     }
 
 

@@ -39,7 +39,8 @@ from .plan import LayerPlan, Plan
 
 log = logging.getLogger("sas_compile.passes")
 
-__all__ = ["rewrite_layers_to_sas", "swap_sas_modules", "is_module_swap", "sas_module", "copy_for_rewrite",
+__all__ = ["rewrite_layers_to_sas", "swap_sas_modules", "is_module_swap", "keep_module_swaps", "sas_module",
+           "copy_for_rewrite",
            "holds_stand_ins", "dense_source", "meta_stand_in"]
 
 # the attribute by which a meta stand-in names the dense weight it stands for
@@ -336,3 +337,33 @@ def swap_sas_modules(model: nn.Module, plan: Plan, config) -> List[str]:
             model.set_submodule(path, identity)
             swapped.append(path)
     return swapped
+
+
+def keep_module_swaps(plan: Plan, why: str) -> str:
+    """Narrow ``plan`` to what module swaps express, because a traced graph of this model is not
+    the model (``why``: it does not compute its function in both modes, or it drops its
+    checkpointing): a ReLU that only a graph rewrite can fold stays where it is (the layer
+    projects its output), and a functional layer stays dense. Returns what changed, as a sentence."""
+    name = type(plan.model).__name__
+    changed, dense_groups = [], set()
+    for layer in plan.eligible():
+        if layer.module_target is None or layer.weight_kind == "placeholder":
+            layer.eligible = False
+            layer.reason = (f"a functional {layer.op} on a parameter: converting it rewrites {name}'s graph, "
+                            f"and a graph of {name} is not {name}: {why}")
+            dense_groups.add(layer.weight_group or layer.weight_target)
+            changed.append(f"{layer.name} (stays dense)")
+        elif layer.fold_relu and layer.relu_module is None:
+            layer.fold_relu, layer.relu_node = False, None
+            layer.fold_relu_reason = (f"folding this ReLU rewrites {name}'s graph, and a graph of {name} is not "
+                                      f"{name}: {why}")
+            changed.append(f"{layer.name} (its ReLU not folded)")
+    for layer in plan.eligible():  # a weight shared with a layer that stays dense stays dense too
+        if (layer.weight_group or layer.weight_target) in dense_groups:
+            layer.eligible = False
+            layer.reason = "its weight is shared with a functional call that stays dense"
+            changed.append(f"{layer.name} (stays dense)")
+    if not is_module_swap(plan):  # every cause above is handled: this is a bug, not the user's
+        raise AssertionError(f"the SAS plan of {name} is still not a module swap after narrowing it")
+    return (f"{why}; the conversion keeps your class and forward (module swaps), which leaves "
+            f"{', '.join(changed)}")

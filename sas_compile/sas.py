@@ -16,7 +16,7 @@ from torch import fx, nn
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
 from .passes.capture import CaptureError, capture, copy_model
 from .passes.find_sas_layers import sas_op
-from .passes.mode_flags import TraceModes, bind_training_flags, trace_modes
+from .passes.mode_flags import bind_training_flags
 from .passes.pipeline import SAS_REWRITE, analyze_model, run_passes
 from .passes.plan import Plan
 from .passes.rewrite_layers_to_sas import (copy_for_rewrite, holds_stand_ins, is_module_swap, meta_stand_in,
@@ -102,54 +102,14 @@ def apply_sas_plan(plan: Plan, config: SASConfig, *, weights_on_meta: bool = Fal
     return built
 
 
-def _keep_module_swaps(plan: Plan, why: str) -> None:
-    """Narrow ``plan`` to what module swaps express, because a traced graph of this model is not
-    the model (``why``: it does not compute its function in both modes, or it drops its
-    checkpointing): a ReLU that only a graph rewrite can fold stays where it is (the layer
-    projects its output), and a functional layer stays dense."""
-    name = type(plan.model).__name__
-    changed, dense_groups = [], set()
-    for layer in plan.eligible():
-        if layer.module_target is None or layer.weight_kind == "placeholder":
-            layer.eligible = False
-            layer.reason = (f"a functional {layer.op} on a parameter: converting it rewrites {name}'s graph, "
-                            f"and a graph of {name} is not {name}: {why}")
-            dense_groups.add(layer.weight_group or layer.weight_target)
-            changed.append(f"{layer.name} (stays dense)")
-        elif layer.fold_relu and layer.relu_module is None:
-            layer.fold_relu, layer.relu_node = False, None
-            layer.fold_relu_reason = (f"folding this ReLU rewrites {name}'s graph, and a graph of {name} is not "
-                                      f"{name}: {why}")
-            changed.append(f"{layer.name} (its ReLU not folded)")
-    for layer in plan.eligible():  # a weight shared with a layer that stays dense stays dense too
-        if (layer.weight_group or layer.weight_target) in dense_groups:
-            layer.eligible = False
-            layer.reason = "its weight is shared with a functional call that stays dense"
-            changed.append(f"{layer.name} (stays dense)")
-    if not is_module_swap(plan):  # every cause above is handled: this is a bug, not the user's
-        raise AssertionError(f"sasify: the plan of {name} is still not a module swap after narrowing it")
-    log.warning(
-        "sasify: %s: %s; the result keeps your class and forward (module swaps), which leaves %s", name, why,
-        ", ".join(changed))
-
-
 def _apply_sas_plan(plan: Plan, config: SASConfig, clone) -> nn.Module:
     if plan.capture == "symbolic_trace" and not is_module_swap(plan):
-        # the traced graph took self.training as a constant (bind it) and inlined checkpointed
-        # calls; where that is not the model's function in both modes, keep the user's forward
-        modes = trace_modes(plan.gm, plan.model) if plan.model is not None else TraceModes()
-        why = modes.why
-        if why is None and modes.checkpointed:
-            why = (f"its forward calls torch.utils.checkpoint (in {', '.join(p or 'the root' for p in modes.checkpointed)})"
-                   ", which a traced graph inlines, keeping every activation it frees")
-        if why is None:
-            gm = clone(plan.gm)
-            run_passes(SAS_REWRITE, gm, plan, config)
-            bind_training_flags(gm, modes.bindings)
-            if plan.model is not None:
-                gm.training = plan.model.training  # the root only: submodules keep their own flags
-            return gm
-        _keep_module_swaps(plan, why)
+        gm = clone(plan.gm)
+        run_passes(SAS_REWRITE, gm, plan, config)
+        bind_training_flags(gm, plan.flag_bindings)  # the training flags the trace took as constants
+        if plan.model is not None:
+            gm.training = plan.model.training  # the root only: submodules keep their own flags
+        return gm
     model = clone(plan.model)
     swapped = swap_sas_modules(model, plan, config)
     lines = "\n".join(f"# {p} -> {type(model.get_submodule(p)).__name__}" for p in sorted(swapped))
@@ -222,6 +182,8 @@ def _convert(model: nn.Module, config: SASConfig, example_inputs) -> nn.Module:
     if plan.capture == "dynamo":
         log.info("sasify: %s was captured by dynamo (%s); its layer modules are swapped in a copy",
                  type(model).__name__, "; ".join(plan.graph_breaks))
+    if plan.not_one_graph:
+        log.warning("sasify: %s: %s", type(model).__name__, plan.not_one_graph)
     new = apply_sas_plan(plan, config)
     _warn_graph_rewrite(model, new, plan)
     for layer in plan.layers:

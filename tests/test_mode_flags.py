@@ -119,6 +119,11 @@ def test_sasify_keeps_the_users_forward_where_it_branches_on_the_mode(mode, capl
     assert "branch on self.training" in record.getMessage() and "b (its ReLU not folded)" in record.getMessage()
     layer = next(layer for layer in sas.sas_plan.layers if layer.name == "b")
     assert layer.eligible and not layer.fold_relu and "self.training" in layer.fold_relu_reason
+    # the static analysis shows the plan sasify carries out
+    for plan in (sas_compile.report(dense, (x,), M=(2,)).plan, sas_compile.inspect_model(dense, (x,), M=2)):
+        analysed = next(layer for layer in plan.layers if layer.name == "b")
+        assert analysed.eligible and not analysed.fold_relu, plan
+        assert "not one graph: its forward takes different paths" in str(plan)
     for flag in (False, True):
         sas.train(flag)
         dense.train(flag)
