@@ -9,7 +9,8 @@ tracing and pointing to ``torch.compile(model, backend="sas")``, which handles g
 A rewrite that must see inside every layer (SWS widens the linears inside
 ``nn.MultiheadAttention``) asks for export also when tracing leaves opaque leaf modules
 (:func:`capture_seeing_into_leaves`); an exported graph that must train and evaluate is
-made to follow ``.train()`` / ``.eval()`` again by :func:`trainable_export_graph`. Shapes on
+made a plain GraphModule by :func:`trainable_export_graph` (``mode_flags`` makes it follow
+``.train()`` / ``.eval()`` again). Shapes on
 every node come from one place, :func:`propagate_shapes`, read back by :func:`shape_tree`.
 """
 from __future__ import annotations
@@ -83,26 +84,6 @@ class Captured:
 
 
 CONCRETE_ARGS_META = "sas_concrete_args"  # gm.meta key: the concrete args a symbolic trace took
-
-
-class TrainingFlag(nn.Module):
-    """A module whose call returns its own training flag (negated where ``inverted``).
-
-    Why a module and not a read of ``self.training`` in the graph: FX re-traces a GraphModule's
-    code when it is unpickled, and a plain read would then be the constant again; a module call
-    stays a call (the re-trace keeps every module whole). Registered under the module whose flag
-    it stands for, so ``.train()`` / ``.eval()`` reach it with that module. No parameters or
-    buffers: the state_dict is unchanged."""
-
-    def __init__(self, inverted: bool = False):
-        super().__init__()
-        self.inverted = inverted
-
-    def forward(self) -> bool:
-        return not self.training if self.inverted else self.training
-
-    def extra_repr(self) -> str:
-        return "not training" if self.inverted else "training"
 
 
 class SASTracer(fx.Tracer):
@@ -474,38 +455,17 @@ def capture_seeing_into_leaves(model: nn.Module, example_inputs, *,
     return Captured(exported, "export", captured.example_inputs)
 
 
-_TRAINING_ARG = {"batch_norm": 5, "dropout": 2, "feature_dropout": 2, "alpha_dropout": 2}
-
-
 def trainable_export_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A plain GraphModule of an exported graph whose batch norms and dropouts follow ``.train()``.
+    """A plain GraphModule of an exported graph, which ``.train()`` / ``.eval()`` can switch.
 
-    ``torch.export`` bakes the training flag into the graph and its module refuses
-    ``.eval()``; a model that is trained after the rewrite (SWS trains from scratch) and then
-    evaluated needs the flag read from the module at run time instead (the root's
-    :class:`TrainingFlag`).
+    ``torch.export``'s module refuses ``.eval()`` and checks its inputs with a guard call; this
+    one does neither. Export bakes ``self.training`` into the graph as constants: the caller
+    reads those at run time (``mode_flags.export_modes`` finds them, ``bind_mode_values`` binds them).
     """
     graph = gm.graph
-    flag = None
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             graph.erase_node(node)
-            continue
-        target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-            continue
-        idx = _TRAINING_ARG.get(target.overloadpacket.__name__)
-        if idx is None or len(node.args) <= idx or not isinstance(node.args[idx], bool):
-            continue
-        if flag is None:
-            # a module call, not a read of `training`: that read would be a constant again in the
-            # graph FX re-traces when the model is unpickled (mode_flags.TrainingFlag)
-            gm.add_module("sas_training_flag", TrainingFlag().train(gm.training))
-            with graph.inserting_before(next(iter(graph.nodes))):
-                flag = graph.call_module("sas_training_flag")
-        args = list(node.args)
-        args[idx] = flag
-        node.args = tuple(args)
     # unpickling re-traces the code with the tracer class the graph records; export's needs
     # arguments that pickle does not keep (loading failed), FX's own traces these aten calls
     graph._tracer_cls, graph._tracer_extras = None, {}

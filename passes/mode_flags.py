@@ -1,28 +1,32 @@
-"""Training flags in a symbolically traced graph.
+"""Training flags in a captured graph.
 
 ``torch.fx.symbolic_trace`` runs ``forward`` once with proxies, so ``self.training`` is read as
 the plain bool it is at that moment: ``F.dropout(x, p, training=self.training)`` is recorded with
-``training=True`` (or False) as a constant, and ``if self.training:`` keeps only the branch taken.
-A GraphModule built from that graph (the result of ``swsify``, and of ``sasify`` where the rewrite
-changes the graph) would then compute the traced mode's function in both modes: dropout after
-``.eval()``, or none in training. Nothing about such a model looks wrong until its accuracy does.
-The trace also runs through ``torch.utils.checkpoint``, so the graph drops the checkpointing.
+``training=True`` (or False) as a constant, ``p if self.training else 0.0`` as one number, and
+``if self.training:`` keeps only the branch taken. ``torch.export`` does the same. A GraphModule
+built from that graph (the result of ``swsify``, and of ``sasify`` where the rewrite changes the
+graph) would then compute the captured mode's function in both modes: dropout after ``.eval()``,
+or none in training. Nothing about such a model looks wrong until its accuracy does. The trace
+also runs through ``torch.utils.checkpoint``, so the graph drops the checkpointing.
 
-:func:`trace_modes` traces the model again with every module in training mode and with every
-module in eval mode and compares the graphs node by node:
+:func:`trace_modes` (and :func:`export_modes` for an exported graph) captures the model again
+with every module in training mode and with every module in eval mode and compares the graphs
+node by node:
 
-- where they differ only in constants that are the mode itself (True in training, False in
-  eval, or the reverse), :func:`bind_training_flags` replaces each constant in the built graph
-  with the flag read at run time (a :class:`TrainingFlag` of the module whose forward made the
-  call), so the GraphModule follows ``.train()`` / ``.eval()`` as the model does;
-- any other difference (a branch on the flag, a mode-dependent shape) cannot be written into one
-  graph, nor can checkpointing: the caller gets the reason, and keeps the user's own forward
+- where they differ only in constant arguments (a bool, a number, a string, None), one value
+  in training and another in eval, :func:`bind_mode_values` replaces each such constant in the
+  built graph with a :class:`ModeValue` of the module whose forward made the call, which gives
+  the one value or the other at run time: the GraphModule follows ``.train()`` / ``.eval()`` as
+  the model does, per module;
+- any other difference (a branch on the flag: different operations or a different number of
+  them) cannot be written into one graph, nor can checkpointing or a branch on
+  ``torch.is_grad_enabled()``: the caller gets the reason, and keeps the user's own forward
   (``sasify``: module swaps) or refuses (``swsify``; it warns about checkpointing).
 """
 from __future__ import annotations
 
 import contextlib
-import re
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -30,27 +34,50 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import CONCRETE_ARGS_META, SASTracer, TrainingFlag
+from .capture import CONCRETE_ARGS_META, SASTracer, quiet_torch_logs
 
-__all__ = ["FlagBinding", "TraceModes", "TrainingFlag", "trace_modes", "bind_training_flags"]
+__all__ = ["ModeBinding", "ModeValue", "TraceModes", "trace_modes", "export_modes", "bind_mode_values"]
+
+_SCALARS = (bool, int, float, str, type(None))
 
 
 @dataclass(frozen=True)
-class FlagBinding:
-    """One argument of one node that is a training flag: ``node``'s positional argument ``key``
-    (an int) or keyword argument ``key`` (a str) is ``<module>.training`` (negated if
-    ``inverted``); ``module`` is a module path, ``""`` for the root."""
+class ModeBinding:
+    """One constant argument that depends on the mode: ``node``'s positional argument ``key`` (an
+    int) or keyword argument ``key`` (a str) is ``train_value`` in training and ``eval_value`` in
+    eval mode of ``module`` (a module path, ``""`` for the root)."""
 
     node: str
     key: Union[int, str]
     module: str
-    inverted: bool
+    train_value: Any
+    eval_value: Any
+
+
+class ModeValue(nn.Module):
+    """A module whose call gives ``train_value`` in training mode and ``eval_value`` in eval mode.
+
+    Why a module and not a read of ``self.training`` in the graph: FX re-traces a GraphModule's
+    code when it is unpickled, and a plain read would then be a constant again; a module call
+    stays a call (that re-trace keeps every module whole). Registered under the module whose
+    mode it follows, so ``.train()`` / ``.eval()`` reach it with that module. No parameters or
+    buffers: the state_dict is unchanged."""
+
+    def __init__(self, train_value: Any = True, eval_value: Any = False):
+        super().__init__()
+        self.train_value, self.eval_value = train_value, eval_value
+
+    def forward(self) -> Any:
+        return self.train_value if self.training else self.eval_value
+
+    def extra_repr(self) -> str:
+        return f"training: {self.train_value!r}, eval: {self.eval_value!r}"
 
 
 @contextlib.contextmanager
 def _all_in_mode(model: nn.Module, mode: bool) -> Iterator[None]:
     """Every module of ``model`` in ``mode`` for the duration; each flag restored after (the
-    user's model is traced as it is, and left as it was)."""
+    user's model is captured as it is, and left as it was)."""
     saved = [(module, module.training) for module in model.modules()]
     try:
         for module, _ in saved:
@@ -80,12 +107,19 @@ class _Differs(Exception):
     pass
 
 
-def _compare(a: Any, b: Any, c: Any, path: Tuple, found: List[Tuple[Tuple, bool]]) -> None:
-    """Compare one argument of the traced graph (``a``) and of the training (``b``) and eval
-    (``c``) traces; a leaf that is the mode itself is appended to ``found``."""
-    if isinstance(b, fx.Node) or isinstance(c, fx.Node) or isinstance(a, fx.Node):
-        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and isinstance(c, fx.Node)
-                and a.name == b.name == c.name):
+_UNMATCHED = "<a value of one mode only>"  # :func:`_aligned_bindings`: matches any node
+
+
+def _path(path: Tuple) -> str:
+    return path[0] + "".join(f"[{key!r}]" for key in path[1:])
+
+
+def _compare(a: Any, b: Any, c: Any, path: Tuple, found: List[Tuple[Tuple, Any, Any]]) -> None:
+    """Compare one argument of the captured graph (``a``) and of the training (``b``) and eval
+    (``c``) captures; a constant that differs between the modes is appended to ``found``."""
+    if isinstance(b, _Named) or isinstance(c, _Named) or isinstance(a, _Named):
+        if not (isinstance(a, _Named) and isinstance(b, _Named) and isinstance(c, _Named)
+                and len({a.name, b.name, c.name} - {_UNMATCHED}) <= 1):
             raise _Differs(f"argument {_path(path)} is a different value")
         return
     if isinstance(b, (tuple, list)) and isinstance(c, (tuple, list)) and isinstance(a, (tuple, list)):
@@ -100,45 +134,214 @@ def _compare(a: Any, b: Any, c: Any, path: Tuple, found: List[Tuple[Tuple, bool]
         for key in b:
             _compare(a[key], b[key], c[key], path + (key,), found)
         return
-    if type(b) is bool and type(c) is bool and b != c:
-        found.append((path, not b))  # True in training: the flag; False in training: its negation
+
+    def same(u, v) -> bool:
+        try:
+            return type(u) is type(v) and bool(u == v)
+        except Exception:  # noqa: BLE001 - a value without a plain == (a tensor constant): identity
+            return u is v
+
+    if same(b, c):
+        if not same(a, b):
+            raise _Differs(f"argument {_path(path)} is {a!r} here and {b!r} in both modes")
         return
-    try:
-        same = type(a) is type(b) is type(c) and bool(a == b == c)
-    except Exception:  # noqa: BLE001 - a value without a plain == (a tensor constant): compare identity
-        same = a is b is c
-    if not same:
-        raise _Differs(f"argument {_path(path)} is {b!r} in training and {c!r} in eval")
+    if type(b) in _SCALARS and type(c) in _SCALARS and (same(a, b) or same(a, c)):
+        found.append((path, b, c))
+        return
+    raise _Differs(f"argument {_path(path)} is {b!r} in training and {c!r} in eval")
 
 
-def _path(path: Tuple) -> str:
-    return path[0] + "".join(f"[{key!r}]" for key in path[1:])
+# ops that return their input's values (a copy or a layout change): a capture may take them in one
+# mode and not the other (transformers' attention makes its output contiguous only in training),
+# which changes no value, so the comparison reads through them
+_SAME_VALUES = {"contiguous", "clone", "alias", "detach", "lift_fresh_copy"}
 
 
-def _trace_in_mode(model: nn.Module, mode: bool, concrete_args, *, stack_traces: bool = False,
-                   grad: Optional[bool] = None) -> fx.Graph:
+def _reads_through(node: fx.Node) -> bool:
+    target = node.target
+    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and target.overloadpacket.__name__ in _SAME_VALUES and len(node.args) == 1 and not node.kwargs)
+
+
+def _full_args(node: fx.Node) -> tuple:
+    """``node.args`` with the op schema's defaults filled in for the positional arguments it
+    leaves out (``sdpa(q, k, v, mask, 0.1)`` in training, ``sdpa(q, k, v, mask)`` in eval)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return tuple(node.args)
+    args = list(node.args)
+    for argument in target._schema.arguments[len(args):]:
+        if argument.kwarg_only or argument.name in node.kwargs or not argument.has_default_value():
+            break
+        args.append(argument.default_value)
+    return tuple(args)
+
+
+def _counts_batches(node: fx.Node) -> bool:
+    """A batch norm's ``num_batches_tracked += 1``, which an export in training mode records and
+    one in eval mode does not: bookkeeping that only ``momentum=None`` reads (the built graph
+    keeps the capture's: counting in both modes, or in neither)."""
+    target = node.target
+    buffer = node.args[0] if node.args else None
+    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and target.overloadpacket.__name__ == "add_" and not node.users and isinstance(buffer, fx.Node)
+            and buffer.op in ("get_attr", "placeholder") and str(buffer.target).endswith("num_batches_tracked"))
+
+
+def _value_nodes(nodes) -> Tuple[list, Dict[str, str]]:
+    """The nodes that are neither :func:`_reads_through` nor :func:`_counts_batches`, and each
+    node's name -> the name of the node whose values it has."""
+    kept, source = [], {}
+    for node in nodes:
+        if _counts_batches(node):
+            continue
+        if _reads_through(node) and isinstance(node.args[0], fx.Node):
+            source[node.name] = source.get(node.args[0].name, node.args[0].name)
+        else:
+            kept.append(node)
+            source[node.name] = node.name
+    return kept, source
+
+
+def _renamed(value, source: Dict[str, str]):
+    """``value`` with every node replaced by the name of the node whose values it has."""
+    return fx.node.map_arg(value, lambda n: _Named(source.get(n.name, n.name)))
+
+
+class _Named:
+    """A node's place in a comparison: the name of the node whose values it has."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _mode_bindings(nodes, train_nodes, eval_nodes, what: str) -> Tuple[List[ModeBinding], Optional[str]]:
+    """``(bindings, None)`` where three captures of one forward (as captured, all in training,
+    all in eval) are one graph up to constant arguments (and ops that only copy values);
+    ``([], reason)`` otherwise. Nodes are matched by their place among the value nodes (an op
+    taken in one mode only shifts the names of those after it), named as in the first capture."""
+    kept, names = _value_nodes(nodes)
+    others = []
+    for capture in (train_nodes, eval_nodes):
+        their_kept, their_names = _value_nodes(capture)
+        to_ours = {theirs.name: ours.name for ours, theirs in zip(kept, their_kept)}
+        others.append((their_kept, {name: to_ours.get(rep, rep) for name, rep in their_names.items()}))
+    (train_kept, train_names), (eval_kept, eval_names) = others
+    if not len(kept) == len(train_kept) == len(eval_kept):
+        first = next((n for n, t, e in zip(kept, train_kept, eval_kept)
+                      if not n.op == t.op == e.op or not n.target == t.target == e.target), None)
+        where = f"; they part at {_where(first)}" if first is not None else ""
+        return [], (f"its forward takes different paths in training and eval mode (a branch on self.training: "
+                    f"{len(train_kept)} against {len(eval_kept)} {what} nodes{where})")
+    bindings: List[ModeBinding] = []
+    for node, t, e in zip(kept, train_kept, eval_kept):
+        found: List[Tuple[Tuple, Any, Any]] = []
+        try:
+            if not (node.op == t.op == e.op and node.target == t.target == e.target):
+                raise _Differs("a different operation")
+            _compare(_renamed(_full_args(node), names), _renamed(_full_args(t), train_names),
+                     _renamed(_full_args(e), eval_names), ("args",), found)
+            _compare(_renamed(node.kwargs, names), _renamed(t.kwargs, train_names), _renamed(e.kwargs, eval_names),
+                     ("kwargs",), found)
+        except _Differs as why:
+            return [], (f"its forward differs between training and eval mode (a branch on self.training: at "
+                        f"{_where(node)}, {why})")
+        for path, train_value, eval_value in found:
+            if len(path) != 2:  # inside a list or dict argument: not bound, so not one graph
+                return [], f"its forward passes a mode-dependent value inside a list or dict (at {_where(node)})"
+            bindings.append(ModeBinding(node.name, path[1], _owner(node), train_value, eval_value))
+    return bindings, None
+
+
+def _signature(node: fx.Node) -> Tuple:
+    return node.op, node.target if node.op != "placeholder" else node.name
+
+
+def _aligned_bindings(nodes, other_nodes, captured_in_training: bool) -> List[ModeBinding]:
+    """The mode-dependent constants of the calls two captures in different modes make alike, where
+    they are not one graph: the value nodes matched in order (``difflib`` on their operations),
+    and in each matched pair whose inputs are matched too, the constant arguments that differ.
+    ``nodes`` is the graph that is built (captured in training mode if ``captured_in_training``)."""
+    kept, names = _value_nodes(nodes)
+    other_kept, other_names = _value_nodes(other_nodes)
+    matcher = difflib.SequenceMatcher(a=[_signature(n) for n in kept], b=[_signature(n) for n in other_kept],
+                                      autojunk=False)
+    pairs = [(kept[block.a + i], other_kept[block.b + i]) for block in matcher.get_matching_blocks()
+             for i in range(block.size)]
+    # a value only one mode makes (the branch's) matches anything: what differs there is the branch
+    to_ours = {theirs.name: ours.name for ours, theirs in pairs}
+    matched = set(to_ours.values())
+    names = {name: rep if rep in matched else _UNMATCHED for name, rep in names.items()}
+    other_names = {name: to_ours.get(rep, _UNMATCHED) for name, rep in other_names.items()}
+    bindings = []
+    for node, twin in pairs:
+        found: List[Tuple[Tuple, Any, Any]] = []
+        try:
+            _compare(_renamed(_full_args(node), names), _renamed(_full_args(node), names),
+                     _renamed(_full_args(twin), other_names), ("args",), found)
+            _compare(_renamed(node.kwargs, names), _renamed(node.kwargs, names), _renamed(twin.kwargs, other_names),
+                     ("kwargs",), found)
+        except _Differs:
+            continue  # it reads different matched values in the two modes: not the same call
+        for path, ours, theirs in found:
+            if len(path) == 2:
+                train_value, eval_value = (ours, theirs) if captured_in_training else (theirs, ours)
+                bindings.append(ModeBinding(node.name, path[1], _owner(node), train_value, eval_value))
+    return bindings
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip() or type(err).__name__).splitlines()[0][:200]
+
+
+def _trace_in_mode(model: nn.Module, mode: bool, concrete_args, *, grad: Optional[bool] = None) -> fx.Graph:
     tracer = SASTracer()
-    tracer.record_stack_traces = stack_traces
     with _all_in_mode(model, mode), torch.set_grad_enabled(torch.is_grad_enabled() if grad is None else grad):
         return tracer.trace(model, concrete_args=concrete_args or None)
 
 
-_CHECKPOINT_FILE = re.compile(r"torch[/\\]utils[/\\]checkpoint\.py")
+@contextlib.contextmanager
+def _watching_checkpoints(model: nn.Module, seen: List[str]) -> Iterator[None]:
+    """Record in ``seen`` what ``torch.utils.checkpoint`` checkpoints while the block runs: the path
+    of the module it calls ('' for the root), or "a function". Its non-reentrant form (the
+    default) calls one generator per checkpoint, looked up in its module at each call, so that
+    is where to watch (the user's ``from ... import checkpoint`` is the same function); the
+    reentrant form does not trace at all. (FX's stack traces would say it too, but recording
+    them imports torch._dynamo, 0.6-0.9 s.)"""
+    import torch.utils.checkpoint as checkpointing
+
+    original = getattr(checkpointing, "_checkpoint_without_reentrant_generator", None)
+    if original is None:  # another torch: nothing to watch
+        yield
+        return
+    paths = {id(module): path for path, module in model.named_modules()}
+
+    def watched(fn, *args, **kwargs):
+        seen.append(paths.get(id(getattr(fn, "__self__", fn)), "a function"))
+        return original(fn, *args, **kwargs)
+
+    checkpointing._checkpoint_without_reentrant_generator = watched
+    try:
+        yield
+    finally:
+        checkpointing._checkpoint_without_reentrant_generator = original
 
 
 @dataclass
 class TraceModes:
-    """What a symbolic trace of a model leaves out (:func:`trace_modes`).
+    """What a capture of a model leaves out (:func:`trace_modes`, :func:`export_modes`).
 
-    ``bindings``: the constants that are a training flag (:func:`bind_training_flags`).
+    ``bindings``: the constants that depend on the mode (:func:`bind_mode_values`).
     ``why``: None when the graph is one graph in both modes up to ``bindings`` (and with gradients
-    on or off), else the reason.
-    ``checkpointed``: the modules (paths, '' for the root) whose calls ran inside
-    ``torch.utils.checkpoint`` in training mode: a traced graph inlines them, so it keeps the
-    activations checkpointing frees.
+    on or off), else the reason; ``bindings`` then holds those of the calls both modes make
+    alike (matched in order, :func:`_aligned_bindings`), so a caller that builds from the
+    captured graph anyway still reads them at run time.
+    ``checkpointed``: what ``torch.utils.checkpoint`` checkpoints in training mode (module paths,
+    '' for the root, or "a function"): a traced graph inlines it, so it keeps the activations
+    checkpointing frees.
     """
 
-    bindings: List[FlagBinding] = field(default_factory=list)
+    bindings: List[ModeBinding] = field(default_factory=list)
     why: Optional[str] = None
     checkpointed: List[str] = field(default_factory=list)
 
@@ -148,19 +351,15 @@ def trace_modes(gm: fx.GraphModule, model: nn.Module) -> TraceModes:
     with) and compare both with ``gm``, node by node, and once more with the grad mode switched;
     see :class:`TraceModes`."""
     concrete_args = gm.meta.get(CONCRETE_ARGS_META)
-    traces = {}
+    traces, seen = {}, []
     for mode in (True, False):
         try:
-            traces[mode] = _trace_in_mode(model, mode, concrete_args, stack_traces=mode)
+            with _watching_checkpoints(model, seen) if mode else contextlib.nullcontext():
+                traces[mode] = _trace_in_mode(model, mode, concrete_args)
         except Exception as err:  # noqa: BLE001 - the forward itself fails in that mode
-            first = (str(err).strip() or type(err).__name__).splitlines()[0][:200]
-            return TraceModes(why=f"its forward does not trace in {'training' if mode else 'eval'} mode ({first})")
-    inside = {_owner(node) for node in traces[True].nodes
-              if node.stack_trace and _CHECKPOINT_FILE.search(node.stack_trace)}
-    # the outermost modules: a checkpointed block's own layers are not listed again
-    checkpointed = sorted(path for path in inside
-                          if not any(path != other and (other == "" or path.startswith(other + "."))
-                                     for other in inside))
+            return TraceModes(why=f"its forward does not trace in {'training' if mode else 'eval'} mode "
+                                  f"({_first_line(err)})")
+    checkpointed = sorted(set(seen))
     try:  # torch.is_grad_enabled() is a constant to the trace too: no graph holds both answers
         other_grad = _trace_in_mode(model, True, concrete_args, grad=not torch.is_grad_enabled())
         grad_dependent = other_grad.python_code("self").src != traces[True].python_code("self").src
@@ -169,47 +368,71 @@ def trace_modes(gm: fx.GraphModule, model: nn.Module) -> TraceModes:
     if grad_dependent:
         return TraceModes(why="its forward depends on torch.is_grad_enabled() (it traces differently with "
                               "gradients on and off)", checkpointed=checkpointed)
-    nodes = list(gm.graph.nodes)
-    train_nodes, eval_nodes = list(traces[True].nodes), list(traces[False].nodes)
-    if not len(nodes) == len(train_nodes) == len(eval_nodes):
-        first = next((n for n, t, e in zip(nodes, train_nodes, eval_nodes) if not n.name == t.name == e.name),
-                     None)
-        where = f"; the traces part at {_where(first)}" if first is not None else ""
-        return TraceModes(why=(f"its forward takes different paths in training and eval mode (a branch on "
-                               f"self.training: {len(train_nodes)} against {len(eval_nodes)} graph nodes{where})"),
-                          checkpointed=checkpointed)
-    bindings: List[FlagBinding] = []
-    for node, t, e in zip(nodes, train_nodes, eval_nodes):
+    bindings, why = _mode_bindings(list(gm.graph.nodes), list(traces[True].nodes), list(traces[False].nodes),
+                                   "graph")
+    if why is not None:
+        bindings = _aligned_bindings(list(gm.graph.nodes), list(traces[not model.training].nodes), model.training)
+    return TraceModes(bindings, why, checkpointed)
+
+
+def export_modes(gm: fx.GraphModule, model: nn.Module, example_inputs) -> TraceModes:
+    """:func:`trace_modes` for ``gm``, a ``torch.export`` capture of ``model`` in its current modes:
+    ``model`` is exported again in each mode its modules are not all in already (it is exported
+    as it is: pass a copy where it must not be), under ``no_grad`` as the capture was."""
+    modes = {module.training for module in model.modules()}
+    graphs = {}
+    for mode in (True, False):
+        if modes == {mode}:
+            graphs[mode] = gm.graph
+            continue
         try:
-            if not (node.op == t.op == e.op and node.name == t.name == e.name and node.target == t.target == e.target):
-                raise _Differs("a different operation")
-            found: List[Tuple[Tuple, bool]] = []
-            _compare(node.args, t.args, e.args, ("args",), found)
-            _compare(node.kwargs, t.kwargs, e.kwargs, ("kwargs",), found)
-        except _Differs as why:
-            return TraceModes(why=(f"its forward differs between training and eval mode (a branch on "
-                                   f"self.training: at {_where(node)}, {why})"), checkpointed=checkpointed)
-        for path, inverted in found:
-            if len(path) != 2:  # a flag inside a list or dict argument: not bound, so not one graph
-                return TraceModes(why=f"its forward passes self.training inside a list or dict (at {_where(node)})",
-                                  checkpointed=checkpointed)
-            bindings.append(FlagBinding(node.name, path[1], _owner(node), inverted))
-    return TraceModes(bindings, None, checkpointed)
+            with _all_in_mode(model, mode), torch.no_grad(), quiet_torch_logs():
+                graphs[mode] = torch.export.export(model, example_inputs, strict=False).module().graph
+        except Exception as err:  # noqa: BLE001 - the forward itself fails in that mode
+            return TraceModes(_flag_arguments(gm, model.training),
+                              f"its forward does not export in {'training' if mode else 'eval'} mode "
+                              f"({_first_line(err)})")
+    bindings, why = _mode_bindings(list(gm.graph.nodes), list(graphs[True].nodes), list(graphs[False].nodes),
+                                   "exported graph")
+    if why is not None:
+        bindings = _aligned_bindings(list(gm.graph.nodes), list(graphs[not model.training].nodes), model.training)
+    return TraceModes(bindings, why)
 
 
-def bind_training_flags(gm: fx.GraphModule, bindings: List[FlagBinding]) -> None:
-    """Replace each bound constant of ``gm`` with the module's training flag read at run time.
+# the training flag's place in the aten ops that take one (where no second capture can say)
+_FLAG_ARGUMENT = {"batch_norm": 5, "dropout": 2, "feature_dropout": 2, "alpha_dropout": 2}
 
-    The flag is a :class:`TrainingFlag` registered under the module whose forward made the call
-    where ``gm`` holds that module's path (a GraphModule holds only the paths its graph uses),
-    else under the nearest enclosing one it holds, else under the root. Raises ``KeyError``
-    naming a node the built graph no longer has (the caller's rewrite keeps the nodes it does not
-    convert).
+
+def _flag_arguments(gm: fx.GraphModule, captured_in_training: bool) -> List[ModeBinding]:
+    """The training flags of an exported graph's batch norms and dropouts, by the ops' schemas:
+    what can be bound where the model cannot be exported in the other mode."""
+    bindings = []
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        index = _FLAG_ARGUMENT.get(target.overloadpacket.__name__)
+        if index is not None and len(node.args) > index and node.args[index] is captured_in_training:
+            bindings.append(ModeBinding(node.name, index, _owner(node), True, False))
+    return bindings
+
+
+def bind_mode_values(gm: fx.GraphModule, bindings: List[ModeBinding]) -> None:
+    """Replace each bound constant of ``gm`` with the value its module's mode gives at run time.
+
+    The value comes from a :class:`ModeValue` registered under the module whose forward made the
+    call where ``gm`` holds that module's path (a GraphModule holds only the paths its graph
+    uses), else under the nearest enclosing one it holds, else under the root. Raises
+    ``KeyError`` naming a node the built graph no longer has (the caller's rewrite keeps the
+    nodes it does not convert).
     """
     if not bindings:
         return
     nodes = {node.name: node for node in gm.graph.nodes}
-    flags: Dict[Tuple[str, bool], fx.Node] = {}
+    values: Dict[Tuple[str, Any, Any], fx.Node] = {}
+    first = next(iter(gm.graph.nodes))
+    while first.op == "placeholder":
+        first = first.next
     for binding in bindings:
         node = nodes[binding.node]
         module = binding.module
@@ -219,21 +442,25 @@ def bind_training_flags(gm: fx.GraphModule, bindings: List[FlagBinding]) -> None
                 break
             except AttributeError:
                 module = module.rpartition(".")[0]
-        key = (module, binding.inverted)
-        if key not in flags:
+        key = (module, (type(binding.train_value), binding.train_value), (type(binding.eval_value), binding.eval_value))
+        if key not in values:
             owner = gm.get_submodule(module) if module else gm
-            name = "sas_eval_flag" if binding.inverted else "sas_training_flag"
-            if not isinstance(getattr(owner, name, None), TrainingFlag):
-                owner.add_module(name, TrainingFlag(binding.inverted).train(owner.training))
-            first = next(iter(gm.graph.nodes))
-            while first.op == "placeholder":
-                first = first.next
+            if (binding.train_value, binding.eval_value) == (True, False):
+                name = "sas_training_flag"
+            elif (binding.train_value, binding.eval_value) == (False, True):
+                name = "sas_eval_flag"
+            else:
+                name = f"sas_mode_value_{sum(isinstance(m, ModeValue) for m in owner.children())}"
+            existing = getattr(owner, name, None)
+            if not (isinstance(existing, ModeValue) and (existing.train_value, existing.eval_value)
+                    == (binding.train_value, binding.eval_value)):
+                owner.add_module(name, ModeValue(binding.train_value, binding.eval_value).train(owner.training))
             with gm.graph.inserting_before(first):
-                flags[key] = gm.graph.call_module(f"{module}.{name}" if module else name)
-        if isinstance(binding.key, int):
-            args = list(node.args)
-            args[binding.key] = flags[key]
+                values[key] = gm.graph.call_module(f"{module}.{name}" if module else name)
+        if isinstance(binding.key, int):  # a default the capture left out is written out first
+            args = list(node.args if binding.key < len(node.args) else _full_args(node))
+            args[binding.key] = values[key]
             node.args = tuple(args)
         else:
-            node.kwargs = {**node.kwargs, binding.key: flags[key]}
+            node.kwargs = {**node.kwargs, binding.key: values[key]}
     gm.recompile()

@@ -97,7 +97,7 @@ def analyze_model(model: nn.Module, example_inputs, config, *, dynamo_fallback: 
 
 def _check_one_graph(plan: Plan) -> None:
     """A plan whose rewrite is a graph (not module swaps) of a symbolic trace: the training flags
-    the trace took as constants are bound (``plan.flag_bindings``, read at run time by the rewritten
+    the trace took as constants are bound (``plan.mode_bindings``, read at run time by the rewritten
     graph); where no one graph is the model (a branch on the mode or the grad mode,
     checkpointing: :func:`~passes.mode_flags.trace_modes`), the plan keeps to module swaps and
     ``plan.not_one_graph`` says why and what that leaves."""
@@ -110,7 +110,7 @@ def _check_one_graph(plan: Plan) -> None:
         why = (f"its forward calls torch.utils.checkpoint (in {where}), which a traced graph inlines, keeping "
                "every activation it frees")
     if why is None:
-        plan.flag_bindings = modes.bindings
+        plan.mode_bindings = modes.bindings
     else:
         plan.not_one_graph = keep_module_swaps(plan, why)
 

@@ -115,10 +115,10 @@ class Plan:
     sources: Dict[str, str] = field(default_factory=dict, repr=False)  # dynamo: placeholder -> user path
     lowered: int = 0  # SAS layers written out as projection + dense ops (GPU graphs)
     technique: str = "SAS"
-    # a symbolic trace: its constants that are training flags (mode_flags.FlagBinding), which a
+    # a symbolic trace: its constants that depend on the mode (mode_flags.ModeBinding), which a
     # rewritten graph reads at run time; and, where no one graph is the model (a branch on the
     # mode, checkpointing), why, and what the plan keeps unrewritten for it (module swaps only)
-    flag_bindings: List[Any] = field(default_factory=list, repr=False)
+    mode_bindings: List[Any] = field(default_factory=list, repr=False)
     not_one_graph: Optional[str] = None
 
     def eligible(self) -> List[LayerPlan]:

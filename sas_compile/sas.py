@@ -16,7 +16,7 @@ from torch import fx, nn
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
 from .passes.capture import CaptureError, capture, copy_model
 from .passes.find_sas_layers import sas_op
-from .passes.mode_flags import bind_training_flags
+from .passes.mode_flags import bind_mode_values
 from .passes.pipeline import SAS_REWRITE, analyze_model, run_passes
 from .passes.plan import Plan
 from .passes.rewrite_layers_to_sas import (copy_for_rewrite, holds_stand_ins, is_module_swap, meta_stand_in,
@@ -106,7 +106,7 @@ def _apply_sas_plan(plan: Plan, config: SASConfig, clone) -> nn.Module:
     if plan.capture == "symbolic_trace" and not is_module_swap(plan):
         gm = clone(plan.gm)
         run_passes(SAS_REWRITE, gm, plan, config)
-        bind_training_flags(gm, plan.flag_bindings)  # the training flags the trace took as constants
+        bind_mode_values(gm, plan.mode_bindings)  # the mode-dependent constants the trace took
         if plan.model is not None:
             gm.training = plan.model.training  # the root only: submodules keep their own flags
         return gm

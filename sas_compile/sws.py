@@ -44,7 +44,7 @@ from .passes.capture import (CaptureError, capture_seeing_into_leaves, copy_mode
                              propagate_shapes, trainable_export_graph)
 from .passes.find_sas_layers import layer_plan_from_module, match_layer_call, parameter_holders
 from .passes.lower_sws_to_packed import PackedSWSLinear, lower_sws_to_packed
-from .passes.mode_flags import TraceModes, bind_training_flags, trace_modes
+from .passes.mode_flags import bind_mode_values, export_modes, trace_modes
 from .passes.sws_width_rules import has_width_rule
 from .passes.tie_channel_widths import tie_channel_widths
 from .passes.widen_for_sws import widen_for_sws
@@ -79,8 +79,9 @@ def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs) -> Tuple[f
         )
     example_inputs = normalize_example_inputs(example_inputs)
     # the width analysis must see inside every layer: export when tracing leaves opaque ones
+    source = copy_model(model)
     try:
-        captured = capture_seeing_into_leaves(copy_model(model), example_inputs, sees_into=has_width_rule)
+        captured = capture_seeing_into_leaves(source, example_inputs, sees_into=has_width_rule)
     except CaptureError as error:
         if not hasattr(error, "why"):  # no example_inputs: the error says to pass them
             raise
@@ -92,23 +93,30 @@ def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs) -> Tuple[f
             "wrap the model in a module whose forward torch.export can capture (e.g. a transformers model "
             "called with use_cache=False, returning tensors only)."
         ) from error
+    # the capture took self.training as a constant: values passed to calls are read at run time
+    # (bind_mode_values); a branch on it cannot be one graph
+    if captured.method == "export":
+        modes = export_modes(captured.gm, source, captured.example_inputs)
+    else:
+        modes = trace_modes(captured.gm, model)
+    if modes.why is not None:
+        mode = "training" if model.training else "eval"
+        other = "eval" if model.training else "training"
+        log.warning(
+            "swsify: %s: %s. SWS rebuilds the network from one captured graph: the SWS model takes the %s-mode "
+            "paths in both modes (converted in %s mode; values passed to calls that both modes make alike, "
+            "such as dropout flags, still follow .train()/.eval()). Where the %s-mode paths matter (stochastic "
+            "depth in training), convert the model in %s mode",
+            type(model).__name__, modes.why, mode, mode, other, other)
+    if modes.checkpointed:
+        log.warning("swsify: the SWS model of %s runs without the torch.utils.checkpoint calls of its forward "
+                    "(in %s): a traced graph inlines them, so training keeps every activation they free",
+                    type(model).__name__, ", ".join(p or "the root" for p in modes.checkpointed))
     gm = trainable_export_graph(captured.gm) if captured.method == "export" else captured.gm
-    modes = TraceModes()
-    if captured.method == "symbolic_trace":  # the trace took self.training as a constant: bind it
-        modes = trace_modes(gm, model)
-        if modes.why is not None:
-            raise ValueError(
-                f"swsify: {type(model).__name__}: {modes.why}. SWS rebuilds the network from one traced graph, "
-                "which would compute one mode's function in both; a forward that passes self.training to its calls "
-                "(F.dropout(x, p, training=self.training)) or uses nn.Dropout/nn.BatchNorm modules is one graph")
-        if modes.checkpointed:
-            log.warning("swsify: the SWS model of %s runs without the torch.utils.checkpoint calls of its forward "
-                        "(in %s): a traced graph inlines them, so training keeps every activation they free",
-                        type(model).__name__, ", ".join(p or "the root" for p in modes.checkpointed))
+    bind_mode_values(gm, modes.bindings)
     widths = tie_channel_widths(gm, config.M, example_inputs, filter_fn=config.filter_fn,
                                 dense_input_layers=config.dense_input_layers, model=model)
     widen_for_sws(gm, widths, freeze_mask=config.freeze_mask)
-    bind_training_flags(gm, modes.bindings)
     gm.train(model.training)
     if example_inputs is not None:
         _check_runs(gm, example_inputs, model)

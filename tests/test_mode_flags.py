@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import operator
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import sas_compile
-from sas_compile.passes.mode_flags import TrainingFlag
+from sas_compile.passes.mode_flags import ModeValue
 from sas_compile.sws import lower_sws
 
 DT = torch.float64
@@ -80,7 +81,7 @@ def test_sasify_graph_reads_the_training_flags_at_run_time(mode):
     assert isinstance(sas, torch.fx.GraphModule)  # the functional ReLUs fold: a rewritten graph
     assert all(layer.fold_relu for layer in sas.sas_plan.eligible() if layer.name in ("b", "inner.lin"))
     assert sas.training == (mode == "train")
-    flags = [m for m in sas.modules() if isinstance(m, TrainingFlag)]
+    flags = [m for m in sas.modules() if isinstance(m, ModeValue)]
     assert len(flags) == 3  # the root's flag, its negation, and the inner module's own
     assert sas.state_dict().keys() == sas_compile.sasify(FlagNet().to(DT), M=2).state_dict().keys()
     _assert_follows(sas, dense, x)
@@ -178,7 +179,7 @@ class DropoutMLP(nn.Module):
         return self.c(torch.relu(self.b(h)))
 
 
-def test_swsify_follows_the_mode_and_refuses_a_branch_on_it(caplog):
+def test_swsify_follows_the_mode_and_warns_about_checkpointing(caplog):
     torch.manual_seed(0)
     x = torch.randn(8, 6)
     sws = sas_compile.swsify(DropoutMLP(), M=4)
@@ -191,9 +192,6 @@ def test_swsify_follows_the_mode_and_refuses_a_branch_on_it(caplog):
         model.train()
         with torch.no_grad():
             assert not torch.equal(model(x), model(x))  # dropout in training
-    with pytest.raises(ValueError, match=r"swsify: BranchNet: its forward takes different paths.*branch on "
-                                         r"self\.training.*nn\.Dropout"):
-        sas_compile.swsify(BranchNet(), M=4)
     with caplog.at_level("WARNING", logger="sas_compile"):
         sas_compile.swsify(Checkpointed(), M=4)
     assert any("without the torch.utils.checkpoint calls" in r.getMessage() and "(in block)" in r.getMessage()
@@ -254,5 +252,78 @@ def test_a_forward_that_asks_for_the_grad_mode_keeps_the_users_forward(caplog):
     torch.testing.assert_close(sas(x), dense(x), rtol=1e-9, atol=1e-12)
     with torch.no_grad():
         torch.testing.assert_close(sas(x), dense(x), rtol=1e-9, atol=1e-12)
-    with pytest.raises(ValueError, match=r"swsify: GradBranch: its forward depends on torch.is_grad_enabled\(\)"):
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sas_compile"):
         sas_compile.swsify(GradBranch(), M=4)
+    assert any("swsify: GradBranch: its forward depends on torch.is_grad_enabled()" in r.getMessage()
+               for r in caplog.records)
+
+
+class DropBranch(nn.Module):
+    """A branch on the mode (stochastic-depth-like) beside a dropout flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.training:
+            h = h * 0.5
+        h = F.dropout(h, 0.5, training=self.training)
+        return self.c(torch.relu(self.b(h)))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_swsify_of_a_branch_on_the_mode_warns_which_paths_it_takes_and_still_binds_the_rest(mode, caplog):
+    """One graph cannot hold both paths: swsify builds the converted mode's, says so, and what
+    both modes call alike (the dropout) still follows .train()/.eval()."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    with caplog.at_level("WARNING", logger="sas_compile"):
+        sws = sas_compile.swsify(getattr(DropBranch(), mode)(), M=4)
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "branch on self.training" in record.getMessage()
+    assert f"takes the {'training' if mode == 'train' else 'eval'}-mode paths in both modes" in record.getMessage()
+    assert {(v.train_value, v.eval_value) for v in sws.modules() if isinstance(v, ModeValue)} == {(True, False)}
+    with torch.no_grad():
+        sws.eval()
+        assert torch.equal(sws(x), sws(x))
+        sws.train()
+        assert not torch.equal(sws(x), sws(x))
+    assert any(node.target is operator.mul for node in sws.graph.nodes) == (mode == "train")
+
+
+def test_swsify_transformers_models_follow_the_mode_whichever_mode_they_were_converted_in():
+    """An exported graph bakes the mode too: BERT's attention dropout rate is 0.1 in training and
+    left out in eval, its output is made contiguous in training only, a ResNet's batch norms
+    count batches in training only. Converted in either mode, the SWS model drops out in
+    training only and its batch norms use batch statistics in training only."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    bert_cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       intermediate_size=64)
+    resnet_cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
+    ids, images = torch.randint(0, 99, (3, 12)), torch.randn(3, 3, 32, 32)
+    for mode in ("train", "eval"):
+        bert = getattr(transformers.BertModel(bert_cfg, add_pooling_layer=False), mode)()
+        sws = sas_compile.swsify(bert, M=4, example_inputs=(ids,))
+        assert sws.sparsify_plan.capture == "export"
+        values = {(v.train_value, v.eval_value) for v in sws.modules() if isinstance(v, ModeValue)}
+        assert values == {(True, False), (0.1, 0.0)}, values  # dropout's flag, sdpa's dropout rate
+        with torch.no_grad():
+            sws.eval()
+            assert torch.equal(sws(ids).last_hidden_state, sws(ids).last_hidden_state)
+            sws.train()
+            assert not torch.equal(sws(ids).last_hidden_state, sws(ids).last_hidden_state)
+
+        resnet = getattr(transformers.ResNetModel(resnet_cfg), mode)()
+        sws = sas_compile.swsify(resnet, M=4, example_inputs=(images,))
+        with torch.no_grad():
+            sws.eval()  # running statistics: an image's output does not depend on its batch
+            torch.testing.assert_close(sws(images[:1]).last_hidden_state, sws(images).last_hidden_state[:1])
+            sws.train()  # batch statistics: it does
+            assert not torch.allclose(sws(images[:1]).last_hidden_state, sws(images).last_hidden_state[:1])
+            before = sws.get_submodule("embedder.embedder.normalization").running_mean.clone()
+            sws(images)
+            assert not torch.equal(before, sws.get_submodule("embedder.embedder.normalization").running_mean)
