@@ -179,8 +179,9 @@ def _full_args(node: fx.Node) -> tuple:
 
 def _counts_batches(node: fx.Node) -> bool:
     """A batch norm's ``num_batches_tracked += 1``, which an export in training mode records and
-    one in eval mode does not: bookkeeping that only ``momentum=None`` reads (the built graph
-    keeps the capture's: counting in both modes, or in neither)."""
+    one in eval mode does not. The comparison skips it; a graph exported in training mode counts
+    in training only (:func:`_counting_in_training`), one exported in eval mode never counts
+    (bookkeeping that only ``momentum=None`` reads)."""
     target = node.target
     buffer = node.args[0] if node.args else None
     return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
@@ -389,14 +390,20 @@ def export_modes(gm: fx.GraphModule, model: nn.Module, example_inputs) -> TraceM
             with _all_in_mode(model, mode), torch.no_grad(), quiet_torch_logs():
                 graphs[mode] = torch.export.export(model, example_inputs, strict=False).module().graph
         except Exception as err:  # noqa: BLE001 - the forward itself fails in that mode
-            return TraceModes(_flag_arguments(gm, model.training),
+            return TraceModes(_flag_arguments(gm, model.training) + _counting_in_training(gm),
                               f"its forward does not export in {'training' if mode else 'eval'} mode "
                               f"({_first_line(err)})")
     bindings, why = _mode_bindings(list(gm.graph.nodes), list(graphs[True].nodes), list(graphs[False].nodes),
                                    "exported graph")
     if why is not None:
         bindings = _aligned_bindings(list(gm.graph.nodes), list(graphs[not model.training].nodes), model.training)
-    return TraceModes(bindings, why)
+    return TraceModes(bindings + _counting_in_training(gm), why)
+
+
+def _counting_in_training(gm: fx.GraphModule) -> List[ModeBinding]:
+    """Each batch norm's count of batches in ``gm`` adds its step in training and 0 in eval."""
+    return [ModeBinding(node.name, 1, _owner(node), node.args[1], 0) for node in gm.graph.nodes
+            if _counts_batches(node) and len(node.args) == 2 and type(node.args[1]) is int]
 
 
 # the training flag's place in the aten ops that take one (where no second capture can say)

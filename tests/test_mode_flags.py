@@ -327,3 +327,28 @@ def test_swsify_transformers_models_follow_the_mode_whichever_mode_they_were_con
             before = sws.get_submodule("embedder.embedder.normalization").running_mean.clone()
             sws(images)
             assert not torch.equal(before, sws.get_submodule("embedder.embedder.normalization").running_mean)
+
+
+def test_an_sws_model_exported_in_training_counts_batches_in_training_only():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2), ShapeGate())
+    sws = sas_compile.swsify(model.train(), M=4, example_inputs=(x,))
+    assert sws.sparsify_plan.capture == "export"
+    counts = [b for name, b in sws.named_buffers() if name.endswith("num_batches_tracked")]
+    assert counts
+    with torch.no_grad():
+        sws.train()
+        sws(x)
+        assert [int(c) for c in counts] == [1] * len(counts)
+        sws.eval()
+        sws(x)
+        assert [int(c) for c in counts] == [1] * len(counts)
+
+
+class ShapeGate(nn.Module):
+    """Symbolic tracing fails on its shape test, so the model is exported."""
+
+    def forward(self, x):
+        return x * 2 if x.shape[0] > 1 else x
