@@ -152,14 +152,20 @@ def _saved_tensor_count(model, x):
     return len(saved)
 
 
-def test_sasify_keeps_checkpointing(caplog):
+def _sasified(cls, caplog):
+    """``(dense, x, sasify(dense), the warnings it logged)`` for a float64 ``cls()`` of input width 6."""
     torch.manual_seed(0)
-    dense = Checkpointed().to(DT)
+    dense = cls().to(DT)
     x = torch.randn(4, 6, dtype=DT)
     with caplog.at_level("WARNING", logger="sas_compile"):
         sas = sas_compile.sasify(dense, M=2)
+    return dense, x, sas, [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_sasify_keeps_checkpointing(caplog):
+    dense, x, sas, warned = _sasified(Checkpointed, caplog)
     assert type(sas) is Checkpointed
-    assert any("torch.utils.checkpoint (in block)" in r.getMessage() for r in caplog.records)
+    assert any("torch.utils.checkpoint (in block)" in message for message in warned)
     # what checkpointing frees stays freed: the blocks' activations are not saved for backward
     unchecked = copy.deepcopy(sas)
     unchecked.forward = lambda inp: unchecked.c(F.relu(unchecked.block(F.relu(unchecked.a(inp)))
@@ -242,13 +248,9 @@ class GradBranch(BranchNet):
 
 
 def test_a_forward_that_asks_for_the_grad_mode_keeps_the_users_forward(caplog):
-    torch.manual_seed(0)
-    dense = GradBranch().to(DT)
-    x = torch.randn(5, 6, dtype=DT)
-    with caplog.at_level("WARNING", logger="sas_compile"):
-        sas = sas_compile.sasify(dense, M=2)
+    dense, x, sas, warned = _sasified(GradBranch, caplog)
     assert type(sas) is GradBranch
-    assert any("torch.is_grad_enabled()" in r.getMessage() for r in caplog.records)
+    assert any("torch.is_grad_enabled()" in message for message in warned)
     torch.testing.assert_close(sas(x), dense(x), rtol=1e-9, atol=1e-12)
     with torch.no_grad():
         torch.testing.assert_close(sas(x), dense(x), rtol=1e-9, atol=1e-12)
