@@ -23,8 +23,8 @@ from .capture import CaptureError, capture, capture_with_dynamo, clean_module_pa
 from .find_foldable_relus import find_foldable_relus
 from .find_sas_layers import find_sas_layers, layers_from_modules
 from .lower_sas_to_projection import lower_sas_to_projection
-from .plan import Plan
 from .mode_flags import trace_modes
+from .plan import Plan
 from .rewrite_layers_to_sas import is_module_swap, keep_module_swaps, rewrite_layers_to_sas
 
 log = logging.getLogger("sas_compile.passes")
@@ -96,9 +96,9 @@ def analyze_model(model: nn.Module, example_inputs, config, *, dynamo_fallback: 
 
 
 def _check_one_graph(plan: Plan) -> None:
-    """A plan whose rewrite is a graph (not module swaps) of a symbolic trace: the training flags
-    the trace took as constants are bound (``plan.mode_bindings``, read at run time by the rewritten
-    graph); where no one graph is the model (a branch on the mode or the grad mode,
+    """A plan whose rewrite is a graph (not module swaps) of a symbolic trace: the mode-dependent
+    values the trace took as constants are bound (``plan.mode_bindings``, read at run time by the
+    rewritten graph); where no one graph is the model (a branch on the mode or the grad mode,
     checkpointing: :func:`~passes.mode_flags.trace_modes`), the plan keeps to module swaps and
     ``plan.not_one_graph`` says why and what that leaves."""
     if plan.model is None:

@@ -98,16 +98,16 @@ def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs) -> Tuple[f
     if captured.method == "export":
         modes = export_modes(captured.gm, source, captured.example_inputs)
     else:
-        modes = trace_modes(captured.gm, model)
+        modes = trace_modes(captured.gm, source)
     if modes.why is not None:
         mode = "training" if model.training else "eval"
         other = "eval" if model.training else "training"
         log.warning(
-            "swsify: %s: %s. SWS rebuilds the network from one captured graph: the SWS model takes the %s-mode "
-            "paths in both modes (converted in %s mode; values passed to calls that both modes make alike, "
-            "such as dropout flags, still follow .train()/.eval()). Where the %s-mode paths matter (stochastic "
-            "depth in training), convert the model in %s mode",
-            type(model).__name__, modes.why, mode, mode, other, other)
+            "swsify: %s: %s. SWS rebuilds the network from one captured graph, so the SWS model takes the %s-mode "
+            "paths in both modes (it was converted in %s mode); values passed to calls that both modes make "
+            "alike, such as dropout flags, still follow .train()/.eval(). To have the %s-mode paths instead "
+            "(a branch such as stochastic depth is then taken in both modes or in neither), convert the model "
+            "in %s mode", type(model).__name__, modes.why, mode, mode, other, other)
     if modes.checkpointed:
         log.warning("swsify: the SWS model of %s runs without the torch.utils.checkpoint calls of its forward "
                     "(in %s): a traced graph inlines them, so training keeps every activation they free",
