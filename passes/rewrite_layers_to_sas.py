@@ -40,8 +40,7 @@ from .plan import LayerPlan, Plan
 log = logging.getLogger("sas_compile.passes")
 
 __all__ = ["rewrite_layers_to_sas", "swap_sas_modules", "is_module_swap", "keep_module_swaps", "sas_module",
-           "copy_for_rewrite",
-           "holds_stand_ins", "dense_source", "meta_stand_in"]
+           "copy_for_rewrite", "holds_stand_ins", "dense_source", "meta_stand_in"]
 
 # the attribute by which a meta stand-in names the dense weight it stands for
 _SOURCE = "_sas_dense_source"
