@@ -20,6 +20,7 @@ it keeps its class.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from collections import defaultdict
 from typing import Dict, List, Optional
@@ -40,7 +41,7 @@ from .plan import LayerPlan, Plan
 log = logging.getLogger("sas_compile.passes")
 
 __all__ = ["rewrite_layers_to_sas", "swap_sas_modules", "is_module_swap", "keep_module_swaps", "sas_module",
-           "copy_for_rewrite", "holds_stand_ins", "dense_source", "meta_stand_in"]
+           "copy_root_hooks", "copy_for_rewrite", "holds_stand_ins", "dense_source", "meta_stand_in"]
 
 # the attribute by which a meta stand-in names the dense weight it stands for
 _SOURCE = "_sas_dense_source"
@@ -159,6 +160,18 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     for name in HOOK_DICTS:
         if name in vars(old):
             setattr(new, name, getattr(old, name))
+
+
+def copy_root_hooks(model: nn.Module, built: nn.Module) -> None:
+    """Give ``built``, a GraphModule made from a capture of ``model`` (which leaves the root's hooks
+    out: it records what the forward does, and a root hook runs around the forward), copies of
+    the hooks registered on ``model`` itself: a forward hook that changes the output, or a pre-hook
+    that changes the input, is part of what the model computes. Copies, as ``copy.deepcopy``
+    makes them: a handle from ``model`` removes the hook there only."""
+    for name in HOOK_DICTS:
+        if name in vars(model):
+            value = getattr(model, name)
+            setattr(built, name, copy.copy(value))
 
 
 def _wide_like(dense: torch.Tensor, M: int, fold: bool, rule: str, groups: int) -> torch.Tensor:

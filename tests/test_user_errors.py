@@ -328,6 +328,37 @@ def test_models_no_entry_point_can_take_say_what_to_do(entry, wrap, error, match
         _entry_points()[entry](model)
 
 
+def test_hooks_on_the_model_itself_keep_running_on_a_rewritten_graph():
+    """A GraphModule built from a capture left out the hooks of the model's root: a forward hook
+    that scales the output, or a pre-hook that shifts the input, is part of its function. The
+    result gets copies (a handle from the original removes the hook there only)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 12), nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x)))  # the functional ReLU folds: a rewritten graph
+
+    torch.manual_seed(0)
+    model = Net().double()
+    scale = model.register_forward_hook(lambda mod, inp, out: out * 10)
+    model.register_forward_pre_hook(lambda mod, inp: (inp[0] + 1,))
+    x = torch.randn(4, 6, dtype=torch.float64)
+    sas = sas_compile.sasify(model, M=2)
+    sws = sas_compile.swsify(model, M=4)
+    assert isinstance(sas, torch.fx.GraphModule) and isinstance(sws, torch.fx.GraphModule)
+    with torch.no_grad():
+        torch.testing.assert_close(sas(x), model(x), rtol=1e-10, atol=1e-12)
+        hooked_sws = sws(x)
+    scale.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(sas(x), model(x) * 10, rtol=1e-10, atol=1e-12)  # still hooked
+        sws._forward_hooks.clear()
+        sws._forward_pre_hooks.clear()
+        torch.testing.assert_close(hooked_sws, sws(x + 1) * 10, rtol=1e-10, atol=1e-12)
+
+
 def test_hooks_on_a_converted_layer_keep_running():
     """A module swap gives the SAS (or SWAT) layer the hooks of the layer it replaces."""
     torch.manual_seed(0)
