@@ -41,7 +41,7 @@ from .plan import LayerPlan, Plan
 log = logging.getLogger("sas_compile.passes")
 
 __all__ = ["rewrite_layers_to_sas", "swap_sas_modules", "is_module_swap", "keep_module_swaps", "sas_module",
-           "copy_root_hooks", "copy_for_rewrite", "holds_stand_ins", "dense_source", "meta_stand_in"]
+           "carry_model_state", "copy_for_rewrite", "holds_stand_ins", "dense_source", "meta_stand_in"]
 
 # the attribute by which a meta stand-in names the dense weight it stands for
 _SOURCE = "_sas_dense_source"
@@ -162,16 +162,28 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
             setattr(new, name, getattr(old, name))
 
 
-def copy_root_hooks(model: nn.Module, built: nn.Module) -> None:
-    """Give ``built``, a GraphModule made from a capture of ``model`` (which leaves the root's hooks
-    out: it records what the forward does, and a root hook runs around the forward), copies of
-    the hooks registered on ``model`` itself: a forward hook that changes the output, or a pre-hook
-    that changes the input, is part of what the model computes. Copies, as ``copy.deepcopy``
-    makes them: a handle from ``model`` removes the hook there only."""
+def carry_model_state(model: nn.Module, built: nn.Module) -> None:
+    """Give ``built``, a GraphModule made from a capture of ``model``, what the capture leaves out.
+
+    - The hooks registered on ``model`` itself (a capture records the forward, and a root hook
+      runs around it): a forward hook that changes the output, or a pre-hook that changes the
+      input, is part of what the model computes. Copies, as ``copy.deepcopy`` makes them: a
+      handle from ``model`` removes the hook there only.
+    - Which buffers are not persistent: a GraphModule registers every buffer its graph reads as
+      persistent, so a ``register_buffer(..., persistent=False)`` one appeared in ``state_dict``
+      and a checkpoint without it no longer loaded.
+    """
     for name in HOOK_DICTS:
         if name in vars(model):
-            value = getattr(model, name)
-            setattr(built, name, copy.copy(value))
+            setattr(built, name, copy.copy(getattr(model, name)))
+    for path, module in model.named_modules():
+        for name in module._non_persistent_buffers_set:
+            try:
+                owner = built.get_submodule(path) if path else built
+            except AttributeError:
+                continue
+            if name in owner._buffers:
+                owner._non_persistent_buffers_set.add(name)
 
 
 def _wide_like(dense: torch.Tensor, M: int, fold: bool, rule: str, groups: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from .passes.find_sas_layers import sas_op
 from .passes.mode_flags import bind_mode_values
 from .passes.pipeline import SAS_REWRITE, analyze_model, run_passes
 from .passes.plan import Plan
-from .passes.rewrite_layers_to_sas import (copy_for_rewrite, copy_root_hooks, holds_stand_ins, is_module_swap,
+from .passes.rewrite_layers_to_sas import (carry_model_state, copy_for_rewrite, holds_stand_ins, is_module_swap,
                                            meta_stand_in, swap_sas_modules)
 from .runtime.layers import SAS_LAYERS
 from .runtime.projection import check_M, get_rule
@@ -109,7 +109,7 @@ def _apply_sas_plan(plan: Plan, config: SASConfig, clone) -> nn.Module:
         bind_mode_values(gm, plan.mode_bindings)  # the mode-dependent constants the trace took
         if plan.model is not None:
             gm.training = plan.model.training  # the root only: submodules keep their own flags
-            copy_root_hooks(plan.model, gm)
+            carry_model_state(plan.model, gm)
         return gm
     model = clone(plan.model)
     swapped = swap_sas_modules(model, plan, config)

@@ -50,7 +50,7 @@ from .passes.tie_channel_widths import tie_channel_widths
 from .passes.widen_for_sws import widen_for_sws
 from .runtime.packing import pack_sws_weight
 from .passes.plan import LayerPlan, Plan
-from .passes.rewrite_layers_to_sas import copy_root_hooks
+from .passes.rewrite_layers_to_sas import carry_model_state
 from .runtime.projection import check_M
 from .runtime.sws_mask import OneOfMMask, one_of_m_mask, sws_mask_of
 from .sas import existing_sas_layers
@@ -119,7 +119,7 @@ def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs) -> Tuple[f
                                 dense_input_layers=config.dense_input_layers, model=model)
     widen_for_sws(gm, widths, freeze_mask=config.freeze_mask)
     gm.train(model.training)
-    copy_root_hooks(model, gm)
+    carry_model_state(model, gm)
     if example_inputs is not None:
         _check_runs(gm, example_inputs, model)
     return gm, captured.method

@@ -328,17 +328,19 @@ def test_models_no_entry_point_can_take_say_what_to_do(entry, wrap, error, match
         _entry_points()[entry](model)
 
 
-def test_hooks_on_the_model_itself_keep_running_on_a_rewritten_graph():
+def test_hooks_and_buffers_of_the_model_itself_stay_as_they_were_on_a_rewritten_graph():
     """A GraphModule built from a capture left out the hooks of the model's root: a forward hook
     that scales the output, or a pre-hook that shifts the input, is part of its function. The
-    result gets copies (a handle from the original removes the hook there only)."""
+    result gets copies (a handle from the original removes the hook there only). And it made
+    every buffer persistent: a checkpoint without the non-persistent ones did not load."""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b = nn.Linear(6, 12), nn.Linear(12, 3)
+            self.register_buffer("offset", torch.full((6,), 0.5, dtype=torch.float64), persistent=False)
 
         def forward(self, x):
-            return self.b(F.relu(self.a(x)))  # the functional ReLU folds: a rewritten graph
+            return self.b(F.relu(self.a(x + self.offset)))  # the functional ReLU folds: a rewritten graph
 
     torch.manual_seed(0)
     model = Net().double()
@@ -348,6 +350,9 @@ def test_hooks_on_the_model_itself_keep_running_on_a_rewritten_graph():
     sas = sas_compile.sasify(model, M=2)
     sws = sas_compile.swsify(model, M=4)
     assert isinstance(sas, torch.fx.GraphModule) and isinstance(sws, torch.fx.GraphModule)
+    for converted in (sas, sws):
+        assert "offset" in dict(converted.named_buffers()) and "offset" not in converted.state_dict()
+    assert set(sas.state_dict()) == set(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(sas(x), model(x), rtol=1e-10, atol=1e-12)
         hooked_sws = sws(x)
