@@ -21,7 +21,7 @@ node by node:
 - any other difference (a branch on the flag: different operations or a different number of
   them) cannot be written into one graph, nor can checkpointing or a branch on
   ``torch.is_grad_enabled()``: the caller gets the reason, and keeps the user's own forward
-  (``sasify``: module swaps) or refuses (``swsify``; it warns about checkpointing).
+  (``sasify``: module swaps), or builds the captured mode's paths and says so (``swsify``).
 """
 from __future__ import annotations
 

@@ -4,9 +4,10 @@
 ``swsify`` (always a rewritten graph) and ``sasify`` (where folding a functional ReLU rewrites the
 graph) returned models that kept the traced mode's dropout in the other mode
 (``F.dropout(x, p, training=self.training)`` dropped values after ``.eval()``), or took the traced
-branch of ``if self.training:`` in both, and silently lost ``torch.utils.checkpoint``. Now a flag
-passed to a call is read at run time (``passes/mode_flags.py``), and what one graph cannot
-express keeps the user's forward (``sasify``) or is refused with the reason (``swsify``).
+branch of ``if self.training:`` in both, and silently lost ``torch.utils.checkpoint``. Now a value
+passed to a call that depends on the mode is read at run time (``passes/mode_flags.py``), and
+what one graph cannot express keeps the user's forward (``sasify``) or is built as the converted
+mode's, with a warning (``swsify``).
 """
 from __future__ import annotations
 
