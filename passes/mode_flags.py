@@ -61,7 +61,10 @@ class ModeValue(nn.Module):
     code when it is unpickled, and a plain read would then be a constant again; a module call
     stays a call (that re-trace keeps every module whole). Registered under the module whose
     mode it follows, so ``.train()`` / ``.eval()`` reach it with that module. No parameters or
-    buffers: the state_dict is unchanged."""
+    buffers: the state_dict is unchanged. A leaf to sas-compile's own tracer, so converting or
+    reporting the result again keeps the call (tracing into it would read the mode once more)."""
+
+    _sas_compile_leaf = True
 
     def __init__(self, train_value: Any = True, eval_value: Any = False):
         super().__init__()

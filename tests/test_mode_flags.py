@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import sas_compile
+from sas_compile.passes.capture import capture
 from sas_compile.passes.mode_flags import ModeValue
 from sas_compile.sws import lower_sws
 
@@ -86,6 +87,10 @@ def test_sasify_graph_reads_the_training_flags_at_run_time(mode):
     assert len(flags) == 3  # the root's flag, its negation, and the inner module's own
     assert sas.state_dict().keys() == sas_compile.sasify(FlagNet().to(DT), M=2).state_dict().keys()
     _assert_follows(sas, dense, x)
+    # a capture of the result (report, inspect_model, another conversion) keeps the calls
+    recaptured = capture(sas).gm
+    assert sum(isinstance(recaptured.get_submodule(n.target), ModeValue)
+               for n in recaptured.graph.nodes if n.op == "call_module") == 3
     # a copy and a whole-model pickle (FX re-traces a GraphModule's code when it is loaded) keep it
     _assert_follows(copy.deepcopy(sas), dense, x)
     buffer = io.BytesIO()
