@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -307,28 +308,39 @@ def _trace_in_mode(model: nn.Module, mode: bool, concrete_args, *, grad: Optiona
 @contextlib.contextmanager
 def _watching_checkpoints(model: nn.Module, seen: List[str]) -> Iterator[None]:
     """Record in ``seen`` what ``torch.utils.checkpoint`` checkpoints while the block runs: the path
-    of the module it calls ('' for the root), or "a function". Its non-reentrant form (the
-    default) calls one generator per checkpoint, looked up in its module at each call, so that
-    is where to watch (the user's ``from ... import checkpoint`` is the same function); the
-    reentrant form does not trace at all. (FX's stack traces would say it too, but recording
-    them imports torch._dynamo, 0.6-0.9 s.)"""
+    of the module it calls ('' for the root), or "a function". Both of its forms look up their
+    worker in its module at each call (the non-reentrant form a generator, the reentrant one
+    ``CheckpointFunction``), so that is where to watch: the user's ``from ... import checkpoint``
+    is the same function. (FX's stack traces would say it too, but recording them imports
+    torch._dynamo, 0.6-0.9 s.)"""
     import torch.utils.checkpoint as checkpointing
 
-    original = getattr(checkpointing, "_checkpoint_without_reentrant_generator", None)
-    if original is None:  # another torch: nothing to watch
-        yield
-        return
     paths = {id(module): path for path, module in model.named_modules()}
 
-    def watched(fn, *args, **kwargs):
+    def record(fn) -> None:
         seen.append(paths.get(id(getattr(fn, "__self__", fn)), "a function"))
-        return original(fn, *args, **kwargs)
 
-    checkpointing._checkpoint_without_reentrant_generator = watched
+    generator = getattr(checkpointing, "_checkpoint_without_reentrant_generator", None)
+    reentrant = getattr(checkpointing, "CheckpointFunction", None)
+    patched = {}
+    if generator is not None:
+        def watched_generator(fn, *args, **kwargs):
+            record(fn)
+            return generator(fn, *args, **kwargs)
+        patched["_checkpoint_without_reentrant_generator"] = watched_generator
+    if reentrant is not None:
+        def watched_apply(fn, *args):
+            record(fn)
+            return reentrant.apply(fn, *args)
+        patched["CheckpointFunction"] = types.SimpleNamespace(apply=watched_apply)
+    originals = {name: getattr(checkpointing, name) for name in patched}
+    for name, value in patched.items():  # another torch without them: nothing to watch
+        setattr(checkpointing, name, value)
     try:
         yield
     finally:
-        checkpointing._checkpoint_without_reentrant_generator = original
+        for name, value in originals.items():
+            setattr(checkpointing, name, value)
 
 
 @dataclass

@@ -139,6 +139,8 @@ def test_sasify_keeps_the_users_forward_where_it_branches_on_the_mode(mode, capl
 
 
 class Checkpointed(nn.Module):
+    reentrant = False
+
     def __init__(self):
         super().__init__()
         self.a = nn.Linear(6, 16)
@@ -147,8 +149,12 @@ class Checkpointed(nn.Module):
 
     def forward(self, x):
         h = F.relu(self.a(x))
-        h = checkpoint(self.block, h, use_reentrant=False) + h
+        h = checkpoint(self.block, h, use_reentrant=self.reentrant) + h
         return self.c(F.relu(h))
+
+
+class ReentrantCheckpointed(Checkpointed):
+    reentrant = True
 
 
 def _saved_tensor_count(model, x):
@@ -168,9 +174,10 @@ def _sasified(cls, caplog):
     return dense, x, sas, [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
-def test_sasify_keeps_checkpointing(caplog):
-    dense, x, sas, warned = _sasified(Checkpointed, caplog)
-    assert type(sas) is Checkpointed
+@pytest.mark.parametrize("cls", [Checkpointed, ReentrantCheckpointed])
+def test_sasify_keeps_checkpointing(cls, caplog):
+    dense, x, sas, warned = _sasified(cls, caplog)
+    assert type(sas) is cls
     assert any("torch.utils.checkpoint (in block)" in message for message in warned)
     # what checkpointing frees stays freed: the blocks' activations are not saved for backward
     unchecked = copy.deepcopy(sas)
