@@ -299,48 +299,75 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip() or type(err).__name__).splitlines()[0][:200]
 
 
-def _trace_in_mode(model: nn.Module, mode: bool, concrete_args, *, grad: Optional[bool] = None) -> fx.Graph:
+class _Watch:
+    """What a trace saw the forward do that its graph does not record (:func:`_watching`)."""
+
+    def __init__(self):
+        self.checkpointed: List[str] = []  # what torch.utils.checkpoint checkpointed
+        self.switches: List[bool] = []  # the grad modes the forward switched to, outside checkpoints
+        self.depth = 0  # inside a checkpoint call (its own grad switches are its business)
+
+
+def _trace_in_mode(model: nn.Module, mode: bool, concrete_args, *, grad: Optional[bool] = None,
+                   watch: Optional[_Watch] = None) -> fx.Graph:
+    """A symbolic trace of ``model`` with every module in ``mode`` (and the grad mode ``grad``),
+    watched (:func:`_watching`) when ``watch`` is given."""
     tracer = SASTracer()
     with _all_in_mode(model, mode), torch.set_grad_enabled(torch.is_grad_enabled() if grad is None else grad):
-        return tracer.trace(model, concrete_args=concrete_args or None)
+        with _watching(model, watch) if watch is not None else contextlib.nullcontext():
+            return tracer.trace(model, concrete_args=concrete_args or None)
 
 
 @contextlib.contextmanager
-def _watching_checkpoints(model: nn.Module, seen: List[str]) -> Iterator[None]:
-    """Record in ``seen`` what ``torch.utils.checkpoint`` checkpoints while the block runs: the path
-    of the module it calls ('' for the root), or "a function". Both of its forms look up their
-    worker in its module at each call (the non-reentrant form a generator, the reentrant one
-    ``CheckpointFunction``), so that is where to watch: the user's ``from ... import checkpoint``
-    is the same function. (FX's stack traces would say it too, but recording them imports
-    torch._dynamo, 0.6-0.9 s.)"""
+def _watching(model: nn.Module, watch: _Watch) -> Iterator[None]:
+    """Watch, while the block traces ``model``, what FX runs and does not record.
+
+    - ``torch.utils.checkpoint``: both forms look up their worker in their module at each call
+      (the non-reentrant form a generator, the reentrant one ``CheckpointFunction``), so that is
+      where to watch; the user's ``from ... import checkpoint`` is the same function. Recorded:
+      the path of the module it calls ('' for the root), or "a function". (FX's stack traces
+      would say it too, but recording them imports torch._dynamo, 0.6-0.9 s.)
+    - grad mode switches: ``torch.no_grad()``, ``torch.enable_grad()`` and
+      ``torch.set_grad_enabled`` all end in ``torch._C._set_grad_enabled``, looked up at each
+      call. Those a checkpoint makes for itself are not the forward's.
+    """
     import torch.utils.checkpoint as checkpointing
 
     paths = {id(module): path for path, module in model.named_modules()}
 
-    def record(fn) -> None:
-        seen.append(paths.get(id(getattr(fn, "__self__", fn)), "a function"))
+    def checkpointed(fn, call):
+        watch.checkpointed.append(paths.get(id(getattr(fn, "__self__", fn)), "a function"))
+        watch.depth += 1
+        try:
+            return call()
+        finally:
+            watch.depth -= 1
 
-    generator = getattr(checkpointing, "_checkpoint_without_reentrant_generator", None)
-    reentrant = getattr(checkpointing, "CheckpointFunction", None)
     patched = {}
+    generator = getattr(checkpointing, "_checkpoint_without_reentrant_generator", None)
     if generator is not None:
-        def watched_generator(fn, *args, **kwargs):
-            record(fn)
-            return generator(fn, *args, **kwargs)
-        patched["_checkpoint_without_reentrant_generator"] = watched_generator
+        patched[checkpointing, "_checkpoint_without_reentrant_generator"] = (
+            lambda fn, *args, **kwargs: checkpointed(fn, lambda: generator(fn, *args, **kwargs)))
+    reentrant = getattr(checkpointing, "CheckpointFunction", None)
     if reentrant is not None:
-        def watched_apply(fn, *args):
-            record(fn)
-            return reentrant.apply(fn, *args)
-        patched["CheckpointFunction"] = types.SimpleNamespace(apply=watched_apply)
-    originals = {name: getattr(checkpointing, name) for name in patched}
-    for name, value in patched.items():  # another torch without them: nothing to watch
-        setattr(checkpointing, name, value)
+        patched[checkpointing, "CheckpointFunction"] = types.SimpleNamespace(
+            apply=lambda fn, *args: checkpointed(fn, lambda: reentrant.apply(fn, *args)))
+    set_grad = torch._C._set_grad_enabled
+
+    def switch(mode: bool) -> None:
+        if not watch.depth:
+            watch.switches.append(bool(mode))
+        set_grad(mode)
+
+    patched[torch._C, "_set_grad_enabled"] = switch
+    originals = {key: getattr(*key) for key in patched}
+    for (owner, name), value in patched.items():  # another torch without one of them: not watched
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        for name, value in originals.items():
-            setattr(checkpointing, name, value)
+        for (owner, name), value in originals.items():
+            setattr(owner, name, value)
 
 
 @dataclass
@@ -352,6 +379,7 @@ class TraceModes:
     on or off), else the reason; ``bindings`` then holds those of the calls both modes make
     alike (matched in order, :func:`_aligned_bindings`), so a caller that builds from the
     captured graph anyway still reads them at run time.
+    ``mode_paths``: ``why`` is that training and eval mode take different paths.
     ``checkpointed``: what ``torch.utils.checkpoint`` checkpoints in training mode (module paths,
     '' for the root, or "a function"): a traced graph inlines it, so it keeps the activations
     checkpointing frees.
@@ -360,6 +388,8 @@ class TraceModes:
     bindings: List[ModeBinding] = field(default_factory=list)
     why: Optional[str] = None
     checkpointed: List[str] = field(default_factory=list)
+    # ``why`` is that the paths differ between the modes (the graph then has the captured mode's)
+    mode_paths: bool = False
 
 
 def trace_modes(gm: fx.GraphModule, model: nn.Module) -> TraceModes:
@@ -367,15 +397,19 @@ def trace_modes(gm: fx.GraphModule, model: nn.Module) -> TraceModes:
     with) and compare both with ``gm``, node by node, and once more with the grad mode switched;
     see :class:`TraceModes`."""
     concrete_args = gm.meta.get(CONCRETE_ARGS_META)
-    traces, seen = {}, []
+    traces, watch = {}, _Watch()
     for mode in (True, False):
         try:
-            with _watching_checkpoints(model, seen) if mode else contextlib.nullcontext():
-                traces[mode] = _trace_in_mode(model, mode, concrete_args)
+            traces[mode] = _trace_in_mode(model, mode, concrete_args, watch=watch if mode else None)
         except Exception as err:  # noqa: BLE001 - the forward itself fails in that mode
             return TraceModes(why=f"its forward does not trace in {'training' if mode else 'eval'} mode "
-                                  f"({_first_line(err)})")
-    checkpointed = sorted(set(seen))
+                                  f"({_first_line(err)})", mode_paths=True)
+    checkpointed = sorted(set(watch.checkpointed))
+    if watch.switches:
+        switched = "off" if False in watch.switches else "on"
+        return TraceModes(why=f"its forward switches gradients {switched} for part of itself (torch.no_grad() or "
+                              "torch.enable_grad() inside forward), which a traced graph drops, so its gradients "
+                              "would not be the model's", checkpointed=checkpointed)
     try:  # torch.is_grad_enabled() is a constant to the trace too: no graph holds both answers
         other_grad = _trace_in_mode(model, True, concrete_args, grad=not torch.is_grad_enabled())
         grad_dependent = other_grad.python_code("self").src != traces[True].python_code("self").src
@@ -388,7 +422,7 @@ def trace_modes(gm: fx.GraphModule, model: nn.Module) -> TraceModes:
                                    "graph")
     if why is not None:
         bindings = _aligned_bindings(list(gm.graph.nodes), list(traces[not model.training].nodes), model.training)
-    return TraceModes(bindings, why, checkpointed)
+    return TraceModes(bindings, why, checkpointed, mode_paths=why is not None)
 
 
 def export_modes(gm: fx.GraphModule, model: nn.Module, example_inputs) -> TraceModes:
@@ -407,12 +441,12 @@ def export_modes(gm: fx.GraphModule, model: nn.Module, example_inputs) -> TraceM
         except Exception as err:  # noqa: BLE001 - the forward itself fails in that mode
             return TraceModes(_flag_arguments(gm, model.training) + _counting_in_training(gm),
                               f"its forward does not export in {'training' if mode else 'eval'} mode "
-                              f"({_first_line(err)})")
+                              f"({_first_line(err)})", mode_paths=True)
     bindings, why = _mode_bindings(list(gm.graph.nodes), list(graphs[True].nodes), list(graphs[False].nodes),
                                    "exported graph")
     if why is not None:
         bindings = _aligned_bindings(list(gm.graph.nodes), list(graphs[not model.training].nodes), model.training)
-    return TraceModes(bindings + _counting_in_training(gm), why)
+    return TraceModes(bindings + _counting_in_training(gm), why, mode_paths=why is not None)
 
 
 def _counting_in_training(gm: fx.GraphModule) -> List[ModeBinding]:

@@ -100,7 +100,10 @@ def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs) -> Tuple[f
         modes = export_modes(captured.gm, source, captured.example_inputs)
     else:
         modes = trace_modes(captured.gm, source)
-    if modes.why is not None:
+    if modes.why is not None and not modes.mode_paths:
+        log.warning("swsify: %s: %s. SWS rebuilds the network from one captured graph, which cannot hold that: "
+                    "the SWS model differs from the model there", type(model).__name__, modes.why)
+    elif modes.why is not None:
         mode = "training" if model.training else "eval"
         other = "eval" if model.training else "training"
         log.warning(

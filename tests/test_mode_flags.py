@@ -367,3 +367,29 @@ class ShapeGate(nn.Module):
 
     def forward(self, x):
         return x * 2 if x.shape[0] > 1 else x
+
+
+class Teacher(nn.Module):
+    """Part of the forward runs without gradients: a traced graph drops the switch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.teacher, self.b = nn.Linear(6, 12), nn.Linear(12, 3), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        with torch.no_grad():
+            target = self.teacher(h)
+        return self.b(F.relu(h)) - target
+
+
+def test_a_forward_that_switches_gradients_off_inside_keeps_its_gradients(caplog):
+    dense, x, sas, warned = _sasified(Teacher, caplog)
+    assert type(sas) is Teacher
+    assert any("switches gradients off" in message for message in warned)
+    sas(x).sum().backward()
+    assert sas.teacher.weight.grad is None and sas.b.weight.grad is not None
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sas_compile"):
+        sas_compile.swsify(Teacher(), M=4)
+    assert any("swsify: Teacher: its forward switches gradients off" in r.getMessage() for r in caplog.records)

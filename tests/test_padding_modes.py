@@ -51,7 +51,8 @@ def _model(mode: str, dims: int, padding, activation: nn.Module):
     torch.manual_seed(0)
     return nn.Sequential(
         conv(3, 6, 3, padding=1, padding_mode=mode), nn.Tanh(),
-        conv(6, 8, 4 if padding == "same" else 3, padding=padding, padding_mode=mode, dilation=2 if padding == "same" else 1),
+        conv(6, 8, 4 if padding == "same" else 3, padding=padding, padding_mode=mode,
+             dilation=2 if padding == "same" else 1),
         activation,
         conv(8, 4, 3, stride=2, padding=1, padding_mode=mode, groups=2),
     ).to(DT).eval()
