@@ -33,6 +33,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .capture import CONCRETE_ARGS_META, SASTracer, quiet_torch_logs
@@ -395,34 +396,50 @@ class TraceModes:
 def trace_modes(gm: fx.GraphModule, model: nn.Module) -> TraceModes:
     """Trace ``model`` in training and in eval mode (each with the concrete args ``gm`` was traced
     with) and compare both with ``gm``, node by node, and once more with the grad mode switched;
-    see :class:`TraceModes`."""
+    see :class:`TraceModes`. The bindings are found whatever else ``why`` reports."""
     concrete_args = gm.meta.get(CONCRETE_ARGS_META)
     traces, watch = {}, _Watch()
     for mode in (True, False):
         try:
             traces[mode] = _trace_in_mode(model, mode, concrete_args, watch=watch if mode else None)
         except Exception as err:  # noqa: BLE001 - the forward itself fails in that mode
-            return TraceModes(why=f"its forward does not trace in {'training' if mode else 'eval'} mode "
-                                  f"({_first_line(err)})", mode_paths=True)
+            return TraceModes(_fx_flag_arguments(gm, model.training),
+                              f"its forward does not trace in {'training' if mode else 'eval'} mode "
+                              f"({_first_line(err)})", mode_paths=True)
     checkpointed = sorted(set(watch.checkpointed))
+    bindings, why = _mode_bindings(list(gm.graph.nodes), list(traces[True].nodes), list(traces[False].nodes),
+                                   "graph")
+    if why is not None:
+        bindings = _aligned_bindings(list(gm.graph.nodes), list(traces[not model.training].nodes), model.training)
+        return TraceModes(bindings, why, checkpointed, mode_paths=True)
     if watch.switches:
         switched = "off" if False in watch.switches else "on"
-        return TraceModes(why=f"its forward switches gradients {switched} for part of itself (torch.no_grad() or "
-                              "torch.enable_grad() inside forward), which a traced graph drops, so its gradients "
-                              "would not be the model's", checkpointed=checkpointed)
+        return TraceModes(bindings, f"its forward switches gradients {switched} for part of itself (torch.no_grad() "
+                                    "or torch.enable_grad() inside forward), which a traced graph drops, so its "
+                                    "gradients would not be the model's", checkpointed)
     try:  # torch.is_grad_enabled() is a constant to the trace too: no graph holds both answers
         other_grad = _trace_in_mode(model, True, concrete_args, grad=not torch.is_grad_enabled())
         grad_dependent = other_grad.python_code("self").src != traces[True].python_code("self").src
     except Exception:  # noqa: BLE001 - the forward fails to trace with gradients switched
         grad_dependent = True
     if grad_dependent:
-        return TraceModes(why="its forward depends on torch.is_grad_enabled() (it traces differently with "
-                              "gradients on and off)", checkpointed=checkpointed)
-    bindings, why = _mode_bindings(list(gm.graph.nodes), list(traces[True].nodes), list(traces[False].nodes),
-                                   "graph")
-    if why is not None:
-        bindings = _aligned_bindings(list(gm.graph.nodes), list(traces[not model.training].nodes), model.training)
-    return TraceModes(bindings, why, checkpointed, mode_paths=why is not None)
+        return TraceModes(bindings, "its forward depends on torch.is_grad_enabled() (it traces differently with "
+                                    "gradients on and off)", checkpointed)
+    return TraceModes(bindings, None, checkpointed)
+
+
+# the functions of torch.nn.functional that take the training flag as ``training=``, as FX records
+# them (by keyword: they pass it on to their torch-function handler so)
+_FX_FLAG_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                      F.batch_norm, F.rrelu)
+
+
+def _fx_flag_arguments(gm: fx.GraphModule, captured_in_training: bool) -> List[ModeBinding]:
+    """The training flags a symbolic trace recorded in its ``torch.nn.functional`` calls: what can
+    be bound where the model cannot be traced in the other mode."""
+    return [ModeBinding(node.name, "training", _owner(node), True, False) for node in gm.graph.nodes
+            if node.op == "call_function" and node.target in _FX_FLAG_FUNCTIONS
+            and node.kwargs.get("training") is captured_in_training]
 
 
 def export_modes(gm: fx.GraphModule, model: nn.Module, example_inputs) -> TraceModes:

@@ -393,3 +393,35 @@ def test_a_forward_that_switches_gradients_off_inside_keeps_its_gradients(caplog
     with caplog.at_level("WARNING", logger="sas_compile"):
         sas_compile.swsify(Teacher(), M=4)
     assert any("swsify: Teacher: its forward switches gradients off" in r.getMessage() for r in caplog.records)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth written with the batch size: symbolic tracing fails in training mode only."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.training:
+            h = h * (torch.rand(x.shape[0], 1) > 0.2) / 0.8
+        return self.c(F.dropout(torch.relu(self.b(h)), 0.5, training=self.training))
+
+
+def test_swsify_binds_the_dropout_flags_where_the_other_mode_does_not_trace(caplog):
+    """Converted in eval mode, the training-mode trace fails: the warning says so and the SWS
+    model takes the eval paths, but its dropout still follows .train() (its flag, as FX records
+    it in a torch.nn.functional call, is bound without a second trace)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    with caplog.at_level("WARNING", logger="sas_compile"):
+        sws = sas_compile.swsify(DropPath().eval(), M=4)
+    assert sws.sparsify_plan.capture == "symbolic_trace"
+    assert any("does not trace in training mode" in r.getMessage() for r in caplog.records)
+    assert not any(node.target is torch.rand for node in sws.graph.nodes)  # the eval paths
+    with torch.no_grad():
+        sws.eval()
+        assert torch.equal(sws(x), sws(x))
+        sws.train()
+        assert not torch.equal(sws(x), sws(x))  # the dropout
