@@ -7,7 +7,8 @@ the plain bool it is at that moment: ``F.dropout(x, p, training=self.training)``
 built from that graph (the result of ``swsify``, and of ``sasify`` where the rewrite changes the
 graph) would then compute the captured mode's function in both modes: dropout after ``.eval()``,
 or none in training. Nothing about such a model looks wrong until its accuracy does. The trace
-also runs through ``torch.utils.checkpoint``, so the graph drops the checkpointing.
+also runs, without recording them, the grad-mode switches inside ``forward`` (``with
+torch.no_grad():``) and ``torch.utils.checkpoint``, so the graph drops both.
 
 :func:`trace_modes` (and :func:`export_modes` for an exported graph) captures the model again
 with every module in training mode and with every module in eval mode and compares the graphs
@@ -19,9 +20,11 @@ node by node:
   the one value or the other at run time: the GraphModule follows ``.train()`` / ``.eval()`` as
   the model does, per module;
 - any other difference (a branch on the flag: different operations or a different number of
-  them) cannot be written into one graph, nor can checkpointing or a branch on
-  ``torch.is_grad_enabled()``: the caller gets the reason, and keeps the user's own forward
-  (``sasify``: module swaps), or builds the captured mode's paths and says so (``swsify``).
+  them) cannot be written into one graph, nor can a grad-mode switch, checkpointing or a
+  branch on ``torch.is_grad_enabled()``: the caller gets the reason, and keeps the user's own
+  forward (``sasify``: module swaps), or builds the captured graph and says so (``swsify``).
+  The bindings are found in every case, so a graph built anyway still follows the mode where
+  both modes make the same calls.
 """
 from __future__ import annotations
 
@@ -378,8 +381,9 @@ class TraceModes:
     ``bindings``: the constants that depend on the mode (:func:`bind_mode_values`).
     ``why``: None when the graph is one graph in both modes up to ``bindings`` (and with gradients
     on or off), else the reason; ``bindings`` then holds those of the calls both modes make
-    alike (matched in order, :func:`_aligned_bindings`), so a caller that builds from the
-    captured graph anyway still reads them at run time.
+    alike (matched in order, :func:`_aligned_bindings`; where the other mode cannot be captured,
+    the flags of the calls known to take one), so a caller that builds from the captured graph
+    anyway still reads them at run time.
     ``mode_paths``: ``why`` is that training and eval mode take different paths.
     ``checkpointed``: what ``torch.utils.checkpoint`` checkpoints in training mode (module paths,
     '' for the root, or "a function"): a traced graph inlines it, so it keeps the activations
