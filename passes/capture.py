@@ -35,7 +35,7 @@ log = logging.getLogger("sas_compile.passes")
 __all__ = ["Captured", "CaptureError", "ExampleInputsError", "quiet_torch_logs", "capture_with_dynamo", "copy_model",
            "DynamoGraph", "dynamo_placeholder_sources", "layer_owner", "in_resume_frame", "capture",
            "capture_seeing_into_leaves", "trainable_export_graph", "normalize_example_inputs", "bind_example_inputs",
-           "propagate_shapes", "shapes_from_real_runs", "shape_tree", "SASTracer"]
+           "propagate_shapes", "shapes_from_real_runs", "shape_tree", "SASTracer", "first_line"]
 
 
 class ExampleInputsError(ValueError):
@@ -68,7 +68,7 @@ def _shape_error(model: nn.Module, err: BaseException) -> ExampleInputsError:
     match = re.search(r"node=%\w+ : \[[^\]]*\] = call_(?:module|function|method)\[target=([^\]]+)\]", str(err))
     if match:
         where = f" at {match.group(1)}"
-    return ExampleInputsError(f"example_inputs do not fit {type(model).__name__}{where}: {_first_line(cause)}")
+    return ExampleInputsError(f"example_inputs do not fit {type(model).__name__}{where}: {first_line(cause)}")
 
 
 class CaptureError(RuntimeError):
@@ -184,7 +184,7 @@ def _trace_fitting(model: nn.Module, example_inputs, nones: Dict[str, None]) -> 
         return gm
     except Exception as err:  # noqa: BLE001 - the caller reports its own failure
         log.debug("symbolic_trace with %s as None failed for %s: %s", sorted(nones), type(model).__name__,
-                  _first_line(err))
+                  first_line(err))
         return None
 
 
@@ -197,7 +197,8 @@ def _symbolic_trace(model: nn.Module, concrete_args: Optional[Dict[str, Any]] = 
     return gm
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type where it has none), at most 300 characters."""
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0][:300]
 
@@ -319,7 +320,7 @@ def capture(model: nn.Module, example_inputs=None, *, allow_export: bool = True)
         gm = _symbolic_trace(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure moves on to export
         gm = None
-        trace_error = f"{_first_line(err)}" + (f" (at {_user_frame(err)})" if _user_frame(err) else "")
+        trace_error = f"{first_line(err)}" + (f" (at {_user_frame(err)})" if _user_frame(err) else "")
         log.debug("symbolic_trace failed for %s: %s", type(model).__name__, trace_error)
         if nones:  # ``if mask is not None and ...`` on a traced placeholder: trace the call's Nones
             gm = _trace_fitting(model, example_inputs, nones)
@@ -347,7 +348,7 @@ def capture(model: nn.Module, example_inputs=None, *, allow_export: bool = True)
         gm = ep.module()
     except Exception as err:  # noqa: BLE001
         where = _user_frame(err)
-        why = (f"symbolic tracing failed ({trace_error}) and torch.export failed ({_first_line(err)}"
+        why = (f"symbolic tracing failed ({trace_error}) and torch.export failed ({first_line(err)}"
                + (f", at {where}" if where else "") + ")")
         error = CaptureError(
             f"sas-compile cannot capture {type(model).__name__} as one graph: {why}. Data-dependent control "
@@ -450,7 +451,7 @@ def capture_seeing_into_leaves(model: nn.Module, example_inputs, *,
         with torch.no_grad():
             exported = torch.export.export(model, captured.example_inputs, strict=False).module()
     except Exception as err:  # noqa: BLE001 - keep the traced graph; the analysis says what stays
-        log.debug("export of %s for opaque leaves %s failed: %s", type(model).__name__, opaque, _first_line(err))
+        log.debug("export of %s for opaque leaves %s failed: %s", type(model).__name__, opaque, first_line(err))
         return captured
     return Captured(exported, "export", captured.example_inputs)
 

@@ -39,7 +39,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import CONCRETE_ARGS_META, SASTracer, quiet_torch_logs
+from .capture import CONCRETE_ARGS_META, SASTracer, first_line, quiet_torch_logs
 
 __all__ = ["ModeBinding", "ModeValue", "TraceModes", "trace_modes", "export_modes", "bind_mode_values"]
 
@@ -299,10 +299,6 @@ def _aligned_bindings(nodes, other_nodes, captured_in_training: bool) -> List[Mo
     return bindings
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip() or type(err).__name__).splitlines()[0][:200]
-
-
 class _Watch:
     """What a trace saw the forward do that its graph does not record (:func:`_watching`)."""
 
@@ -409,7 +405,7 @@ def trace_modes(gm: fx.GraphModule, model: nn.Module) -> TraceModes:
         except Exception as err:  # noqa: BLE001 - the forward itself fails in that mode
             return TraceModes(_fx_flag_arguments(gm, model.training),
                               f"its forward does not trace in {'training' if mode else 'eval'} mode "
-                              f"({_first_line(err)})", mode_paths=True)
+                              f"({first_line(err)})", mode_paths=True)
     checkpointed = sorted(set(watch.checkpointed))
     bindings, why = _mode_bindings(list(gm.graph.nodes), list(traces[True].nodes), list(traces[False].nodes),
                                    "graph")
@@ -462,7 +458,7 @@ def export_modes(gm: fx.GraphModule, model: nn.Module, example_inputs) -> TraceM
         except Exception as err:  # noqa: BLE001 - the forward itself fails in that mode
             return TraceModes(_flag_arguments(gm, model.training) + _counting_in_training(gm),
                               f"its forward does not export in {'training' if mode else 'eval'} mode "
-                              f"({_first_line(err)})", mode_paths=True)
+                              f"({first_line(err)})", mode_paths=True)
     bindings, why = _mode_bindings(list(gm.graph.nodes), list(graphs[True].nodes), list(graphs[False].nodes),
                                    "exported graph")
     if why is not None:
