@@ -403,7 +403,7 @@ def trace_modes(gm: fx.GraphModule, model: nn.Module) -> TraceModes:
         try:
             traces[mode] = _trace_in_mode(model, mode, concrete_args, watch=watch if mode else None)
         except Exception as err:  # noqa: BLE001 - the forward itself fails in that mode
-            return TraceModes(_fx_flag_arguments(gm, model.training),
+            return TraceModes(_flag_arguments(gm, model.training),
                               f"its forward does not trace in {'training' if mode else 'eval'} mode "
                               f"({first_line(err)})", mode_paths=True)
     checkpointed = sorted(set(watch.checkpointed))
@@ -426,20 +426,6 @@ def trace_modes(gm: fx.GraphModule, model: nn.Module) -> TraceModes:
         return TraceModes(bindings, "its forward depends on torch.is_grad_enabled() (it traces differently with "
                                     "gradients on and off)", checkpointed)
     return TraceModes(bindings, None, checkpointed)
-
-
-# the functions of torch.nn.functional that take the training flag as ``training=``, as FX records
-# them (by keyword: they pass it on to their torch-function handler so)
-_FX_FLAG_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-                      F.batch_norm, F.rrelu)
-
-
-def _fx_flag_arguments(gm: fx.GraphModule, captured_in_training: bool) -> List[ModeBinding]:
-    """The training flags a symbolic trace recorded in its ``torch.nn.functional`` calls: what can
-    be bound where the model cannot be traced in the other mode."""
-    return [ModeBinding(node.name, "training", _owner(node), True, False) for node in gm.graph.nodes
-            if node.op == "call_function" and node.target in _FX_FLAG_FUNCTIONS
-            and node.kwargs.get("training") is captured_in_training]
 
 
 def export_modes(gm: fx.GraphModule, model: nn.Module, example_inputs) -> TraceModes:
@@ -472,21 +458,33 @@ def _counting_in_training(gm: fx.GraphModule) -> List[ModeBinding]:
             if _counts_batches(node) and len(node.args) == 2 and type(node.args[1]) is int]
 
 
-# the training flag's place in the aten ops that take one (where no second capture can say)
-_FLAG_ARGUMENT = {"batch_norm": 5, "dropout": 2, "feature_dropout": 2, "alpha_dropout": 2}
+# where no second capture can say: the calls known to take the training flag, and where it is.
+# A symbolic trace records the torch.nn.functional ones with it as ``training=`` (they pass it on
+# to their torch-function handler by keyword); an export, the aten ops, by position.
+_FLAG_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                   F.batch_norm, F.rrelu)
+_FLAG_OPS = {"batch_norm": 5, "dropout": 2, "feature_dropout": 2, "alpha_dropout": 2}
 
 
 def _flag_arguments(gm: fx.GraphModule, captured_in_training: bool) -> List[ModeBinding]:
-    """The training flags of an exported graph's batch norms and dropouts, by the ops' schemas:
-    what can be bound where the model cannot be exported in the other mode."""
+    """The training flags of ``gm``'s dropouts and batch norms (functional calls of a symbolic
+    trace, aten ops of an export) that hold the captured mode: what can be bound where the model
+    cannot be captured in the other mode."""
     bindings = []
     for node in gm.graph.nodes:
         target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        if node.op != "call_function":
             continue
-        index = _FLAG_ARGUMENT.get(target.overloadpacket.__name__)
-        if index is not None and len(node.args) > index and node.args[index] is captured_in_training:
-            bindings.append(ModeBinding(node.name, index, _owner(node), True, False))
+        key = None
+        if target in _FLAG_FUNCTIONS:
+            key = "training"
+        elif isinstance(target, torch._ops.OpOverload):
+            key = _FLAG_OPS.get(target.overloadpacket.__name__)
+        if key is None:
+            continue
+        value = node.kwargs.get(key) if isinstance(key, str) else node.args[key] if len(node.args) > key else None
+        if value is captured_in_training:
+            bindings.append(ModeBinding(node.name, key, _owner(node), True, False))
     return bindings
 
 

@@ -425,3 +425,30 @@ def test_swsify_binds_the_dropout_flags_where_the_other_mode_does_not_trace(capl
         assert torch.equal(sws(x), sws(x))
         sws.train()
         assert not torch.equal(sws(x), sws(x))  # the dropout
+
+
+class ExportsInEvalOnly(ShapeBranch):
+    """Exported (symbolic tracing fails on the shape test); in training mode a data-dependent
+    check stops export too."""
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.training and bool(h.sum() > 0):
+            h = h * 1.0
+        if x.shape[0] > 1:
+            h = self.drop(h)
+        return self.c(torch.relu(self.b(h)))
+
+
+def test_swsify_binds_the_exported_dropout_flag_where_the_other_mode_does_not_export(caplog):
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    with caplog.at_level("WARNING", logger="sas_compile"):
+        sws = sas_compile.swsify(ExportsInEvalOnly().eval(), M=4, example_inputs=(x,))
+    assert sws.sparsify_plan.capture == "export"
+    assert any("does not export in training mode" in r.getMessage() for r in caplog.records)
+    with torch.no_grad():
+        sws.eval()
+        assert torch.equal(sws(x), sws(x))
+        sws.train()
+        assert not torch.equal(sws(x), sws(x))  # the dropout, bound by the aten op's schema
