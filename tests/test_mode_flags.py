@@ -188,11 +188,15 @@ def test_sasify_keeps_checkpointing(cls, caplog):
         torch.testing.assert_close(sas(x), dense(x), rtol=1e-9, atol=1e-12)
 
 
-class DropoutMLP(nn.Module):
+class ThreeLinears(nn.Module):
+    """Linears of width 6 -> 16 -> 16 -> 3; each subclass writes its own forward around them."""
+
     def __init__(self):
         super().__init__()
         self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
 
+
+class DropoutMLP(ThreeLinears):
     def forward(self, x):
         h = F.dropout(torch.relu(self.a(x)), 0.5, training=self.training)
         return self.c(torch.relu(self.b(h)))
@@ -274,12 +278,8 @@ def test_a_forward_that_asks_for_the_grad_mode_keeps_the_users_forward(caplog):
                for r in caplog.records)
 
 
-class DropBranch(nn.Module):
+class DropBranch(ThreeLinears):
     """A branch on the mode (stochastic-depth-like) beside a dropout flag."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
 
     def forward(self, x):
         h = torch.relu(self.a(x))
@@ -395,12 +395,8 @@ def test_a_forward_that_switches_gradients_off_inside_keeps_its_gradients(caplog
     assert any("swsify: Teacher: its forward switches gradients off" in r.getMessage() for r in caplog.records)
 
 
-class DropPath(nn.Module):
+class DropPath(ThreeLinears):
     """Stochastic depth written with the batch size: symbolic tracing fails in training mode only."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
 
     def forward(self, x):
         h = torch.relu(self.a(x))
