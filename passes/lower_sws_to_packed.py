@@ -91,6 +91,12 @@ class PackedSWSLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, M={self.M}, "
                 f"kept={self.kept}, bias={self.bias is not None}, target={self.target!r}")
 
+    def __prepare_scriptable__(self):
+        """One error for ``torch.jit.script``, which cannot compile the packed weight's class."""
+        raise TypeError(f"torch.jit.script cannot compile a packed SWS layer ({self.source or 'PackedSWSLinear'}: "
+                        "its weight is a Python PackedSparseWeight): torch.jit.trace the lowered model instead "
+                        "(in eval mode, under torch.no_grad()) or torch.export it")
+
 
 @dataclass
 class SWSLowering:

@@ -81,6 +81,36 @@ class ModeValue(nn.Module):
     def extra_repr(self) -> str:
         return f"training: {self.train_value!r}, eval: {self.eval_value!r}"
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` needs the call's type: a pair of bools, ints or floats becomes
+        the same values in a subclass whose forward declares it (``torch.jit.script`` puts it in
+        the model in this one's place; it behaves the same in eager mode)."""
+        kinds = {type(self.train_value), type(self.eval_value)}
+        typed = _TYPED_MODE_VALUES.get(kinds.pop()) if len(kinds) == 1 else None
+        if typed is None or type(self) is typed:
+            return self
+        twin = typed(self.train_value, self.eval_value)
+        twin.training = self.training
+        return twin
+
+
+class _BoolModeValue(ModeValue):
+    def forward(self) -> bool:
+        return self.train_value if self.training else self.eval_value
+
+
+class _IntModeValue(ModeValue):
+    def forward(self) -> int:
+        return self.train_value if self.training else self.eval_value
+
+
+class _FloatModeValue(ModeValue):
+    def forward(self) -> float:
+        return self.train_value if self.training else self.eval_value
+
+
+_TYPED_MODE_VALUES = {bool: _BoolModeValue, int: _IntModeValue, float: _FloatModeValue}
+
 
 @contextlib.contextmanager
 def _all_in_mode(model: nn.Module, mode: bool) -> Iterator[None]:

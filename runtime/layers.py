@@ -15,7 +15,7 @@ from torch import nn
 
 from . import sas_ops  # noqa: F401  (registers torch.ops.sas.*)
 from .projection import check_M, expand_dense_weight, get_rule
-from .sas_ops import sas_conv1d_call, sas_conv2d_call, sas_linear_call
+from .sas_ops import resolve_conv_padding, sas_conv2d_call, sas_linear_call
 
 __all__ = ["SASLinear", "SASConv2d", "SASConv1d", "SAS_LAYERS"]
 
@@ -37,8 +37,8 @@ def _parameters_like(layer: nn.Module, wide: torch.Tensor):
 
 
 class _SASBase(nn.Module):
-    M: int
-    rule: str
+    # M (int) and rule (str) are set by _check; no class annotations: TorchScript reads those
+    # as types and cannot resolve them as the strings this module's annotations are
 
     def _check(self, M: int, rule: str) -> None:
         check_M(M)
@@ -154,11 +154,53 @@ class _SASConvNd(_SASBase):
             amounts += [before, after]
         self._mode_pad = tuple(amounts)
 
-    def _op_input(self, x: torch.Tensor):
-        """``(input, padding)`` for the op: the input padded here where the mode is not zeros."""
-        if self.padding_mode == "zeros":
-            return x, self.padding
-        return F.pad(x, self._mode_pad, mode=self.padding_mode), (0,) * self._dims
+    def _op_arguments(self):
+        """The layer as the op's 2-D convolution: ``(pad, pad_mode, stride, padding, dilation)``.
+
+        ``pad`` is what ``F.pad`` adds to the (2-D) input first, in ``pad_mode``, or None: the
+        padding mode's amounts (the op then pads nothing), or the extra row and column of
+        ``'same'`` with an odd total. The other three are the op's lists. A conv1d is a conv2d of
+        height 1. From the layer's own sizes, never its weight's shape, which ``torch.jit.trace``
+        records as tensors."""
+        if self._dims == 1:
+            stride, dilation, kernel = [1, self.stride[0]], [1, self.dilation[0]], [1, self.kernel_size[0]]
+            padding = self.padding if isinstance(self.padding, str) else (0, self.padding[0])
+        else:
+            stride, dilation, kernel = list(self.stride), list(self.dilation), list(self.kernel_size)
+            padding = self.padding
+        if self.padding_mode != "zeros":
+            pad = list(self._mode_pad) + [0, 0] * (2 - self._dims)  # a conv1d's height is not padded
+            return pad, self.padding_mode, stride, [0, 0], dilation
+        padding, extra = resolve_conv_padding(padding, kernel, dilation, stride)
+        return (None if extra is None else list(extra)), "constant", stride, list(padding), dilation
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this first: the op's arguments become typed attributes the
+        scripted forward reads (``_script_pad`` is never empty: TorchScript cannot type an
+        empty list; ``_script_pads`` says whether it applies)."""
+        pad, mode, stride, padding, dilation = self._op_arguments()
+        self._script_dims = self._dims  # a class attribute, which TorchScript does not read
+        self._script_pads = pad is not None
+        self._script_pad, self._script_pad_mode = pad if pad is not None else [0], mode
+        self._script_stride, self._script_padding, self._script_dilation = stride, padding, dilation
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch alone
+            x = x.unsqueeze(2) if self._script_dims == 1 else x
+            if self._script_pads:
+                x = F.pad(x, self._script_pad, self._script_pad_mode)
+            out = sas_conv2d_call(x, self.weight, self.bias, self._script_stride, self._script_padding,
+                                  self._script_dilation, self.groups, self.M, self.rule)
+            return out.squeeze(2) if self._script_dims == 1 else out
+        else:
+            pad, mode, stride, padding, dilation = self._op_arguments()
+            x = x.unsqueeze(2) if self._dims == 1 else x
+            if pad is not None:
+                x = F.pad(x, pad, mode)
+            out = sas_conv2d_call(x, self.weight, self.bias, stride, padding, dilation, self.groups, self.M,
+                                  self.rule)
+            return out.squeeze(2) if self._dims == 1 else out
 
     @classmethod
     def from_dense(cls, layer, M: int = 2, *, fold_relu: bool = False, rule: str = "sign_pattern"):
@@ -187,21 +229,11 @@ class SASConv2d(_SASConvNd):
 
     _dims = 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, padding = self._op_input(x)
-        return sas_conv2d_call(x, self.weight, self.bias, self.stride, padding, self.dilation,
-                               self.groups, self.M, self.rule)
-
 
 class SASConv1d(_SASConvNd):
     """A 1-D convolution on the projected input (run as a 2-D one of height 1)."""
 
     _dims = 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, padding = self._op_input(x)
-        return sas_conv1d_call(x, self.weight, self.bias, self.stride, padding, self.dilation,
-                               self.groups, self.M, self.rule)
 
 
 SAS_LAYERS = (SASLinear, SASConv2d, SASConv1d)

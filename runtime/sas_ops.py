@@ -779,22 +779,36 @@ def resolve_conv_padding(
     return padding, None
 
 
-def sas_conv2d_call(x, weight, bias, stride, padding, dilation, groups, M: int, rule: str):
-    """``sas::conv2d`` with the arguments of ``F.conv2d`` (ints or pairs, string padding)."""
+def _conv_arguments(x: Tensor, weight: Tensor, stride, padding, dilation):
+    """``(x, stride, padding, dilation)`` as ``sas::conv2d`` takes them, from ``F.conv2d``'s
+    forms: ints or pairs, and ``'same'`` with an odd total padding as an ``F.pad`` of ``x``."""
     pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
     stride, dilation = pair(stride), pair(dilation)
-    padding, extra = resolve_conv_padding(padding, weight.shape[-2:], dilation, stride)
-    if extra is not None:
-        x = F.pad(x, extra)
-    if composite_transform_active():
-        return projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
+    kernel = [int(k) for k in weight.shape[-2:]] if isinstance(padding, str) else None  # only 'same' reads it
+    padding, extra = resolve_conv_padding(padding, kernel, dilation, stride)
+    return (x if extra is None else F.pad(x, extra)), stride, padding, dilation
+
+
+def sas_conv2d_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
+                    dilation: List[int], groups: int, M: int, rule: str) -> Tensor:
+    """``sas::conv2d`` with the arguments of ``F.conv2d`` (ints or pairs, string padding), or its
+    composite form where a transform needs it (``torch.func``, forward AD).
+
+    TorchScript compiles it (a scripted SAS layer or rewritten graph calls it) with the op's own
+    lists, and skips the eager-only part."""
+    if not torch.jit.is_scripting():
+        x, stride, padding, dilation = _conv_arguments(x, weight, stride, padding, dilation)
+        if composite_transform_active():
+            return projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
     return torch.ops.sas.conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
 
 
-def sas_linear_call(x, weight, bias, M: int, rule: str):
-    """``sas::linear``, or its composite form where a transform needs it (``torch.func``, forward AD)."""
-    if composite_transform_active():
-        return projected_linear(x, weight, bias, M, rule)
+def sas_linear_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: str) -> Tensor:
+    """``sas::linear``, or its composite form where a transform needs it (``torch.func``, forward AD);
+    TorchScript compiles the op call alone."""
+    if not torch.jit.is_scripting():
+        if composite_transform_active():
+            return projected_linear(x, weight, bias, M, rule)
     return torch.ops.sas.linear(x, weight, bias, M, rule)
 
 

@@ -33,10 +33,18 @@ def one_of_m_mask(weight: Tensor, M: int) -> Tensor:
     if pad:
         # a last partial chunk keeps one of the weights it has: padding can never win
         flat = torch.cat([flat, flat.new_full((pad,), -1.0)])
-    keep = flat.view(-1, M).argmax(dim=1)
-    mask = torch.zeros(flat.numel() // M, M, dtype=torch.bool, device=weight.device)
-    mask.scatter_(1, keep.unsqueeze(1), True)
+    keep = flat.view(-1, M).argmax(dim=1, keepdim=True)
+    # out of place (a comparison, not a scatter into zeros): torch.jit.trace records it whole
+    mask = keep == torch.arange(M, device=weight.device)
     return mask.view(-1)[:n].view(weight.shape)
+
+
+def _cacheable(weight: Tensor) -> bool:
+    """Whether an eval-mode product can be cached for ``weight``: a real tensor in eager mode. A
+    trace (``torch.jit.trace``, ``torch.export``, ``torch.compile``) records the mask's ops
+    instead: a cached product would be a constant in it, and a fake tensor has no data pointer."""
+    return (type(weight) in (torch.Tensor, nn.Parameter) and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling())
 
 
 class OneOfMMask(nn.Module):
@@ -80,7 +88,7 @@ class OneOfMMask(nn.Module):
         return one_of_m_mask(weight, self.M)
 
     def forward(self, weight: Tensor) -> Tensor:
-        if not self.training and not torch.is_grad_enabled():
+        if not self.training and not torch.is_grad_enabled() and _cacheable(weight):
             frozen = self.frozen if self.freeze_mask and self.frozen is not None else None
             key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype,
                    None if frozen is None else (frozen.data_ptr(), frozen._version))
@@ -96,6 +104,16 @@ class OneOfMMask(nn.Module):
 
     def extra_repr(self) -> str:
         return f"M={self.M}, freeze_mask={self.freeze_mask}"
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` cannot compile a parametrization (``torch.nn.utils.parametrize``
+        builds the weight in a Python property): one error saying what works instead."""
+        raise TypeError(
+            "torch.jit.script cannot compile an SWS model: its 1:M masks are torch.nn.utils.parametrize "
+            "parametrizations, which TorchScript does not support. torch.jit.trace it instead (in eval mode, "
+            "under torch.no_grad(), it records the mask; torch.export works too), or bake the masks in first "
+            "with torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight', leave_parametrized=True) "
+            "on each masked layer")
 
 
 def sws_mask_of(module: nn.Module, name: str = "weight") -> Optional[OneOfMMask]:

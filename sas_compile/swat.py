@@ -96,6 +96,10 @@ class SWATLayer(nn.Module):
                                                                  device=self.weight.device))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=self.weight.device))
 
+    def __prepare_scriptable__(self):
+        """One error for ``torch.jit.script``: a SWAT layer's training step is its own op with state."""
+        raise TypeError(_SWAT_SCRIPT_ERROR)
+
     @property
     def is_dense(self) -> bool:
         return self.weight_density >= 1.0 and self.activation_density >= 1.0
@@ -190,6 +194,12 @@ class SWATConv1d(SWATConv2d):
                         self.dilation, self.groups)
 
 
+_SWAT_SCRIPT_ERROR = (
+    "torch.jit.script cannot compile a SWAT model: its training step updates thresholds and saves compressed "
+    "activations in Python. For inference, torch.jit.trace it in eval mode under torch.no_grad() (which records "
+    "the top-K weights it computes with) or torch.export it; train it as the eager module")
+
+
 class BitmaskReLU(nn.Module):
     """``nn.ReLU`` (exact, out of place) whose backward keeps a 1-bit mask, not the output.
 
@@ -197,8 +207,13 @@ class BitmaskReLU(nn.Module):
     this swap the dense activation stays alive beside SWAT's compressed copy.
     """
 
+    def __prepare_scriptable__(self):
+        raise TypeError(_SWAT_SCRIPT_ERROR)
+
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad and not composite_transform_active():
+        # torch.jit.trace gets the plain relu: its sanity check reruns without gradients
+        if torch.is_grad_enabled() and x.requires_grad and not composite_transform_active() \
+                and not torch.jit.is_tracing():
             return ops.swat_relu(x)
         return torch.relu(x)
 
