@@ -4,11 +4,11 @@ Why a pass-level module: the analysis passes (the SWS width decision), ``report`
 ``inspect``, the accounting functions of the user API and SWAT all count with these
 formulas; living below the user API, every layer of the package can use them without
 importing upwards. In the style of ``torch.utils.flop_counter``, a formula is registered
-per (op, method): ops ``linear``, ``conv1d``, ``conv2d``; methods ``base``, ``sas``, ``sws``,
+per (op, method): ops ``linear``, ``conv1d``, ``conv2d``, ``conv3d``; methods ``base``, ``sas``, ``sws``,
 ``swat``. A formula reads the layer's geometry (any object with ``op``, ``in_channels``,
 ``out_channels``, ``kernel_size``, ``groups``, ``has_bias``: a ``LayerPlan`` or a
 :class:`Geometry`) and never branches on the op: the fan-in ``Cin/groups * prod(kernel)``
-covers all three, which is how conv1d stopped being counted as a linear layer.
+covers all of them, which is how conv1d stopped being counted as a linear layer.
 
 The paper's "mult count" is multiply-accumulates of conv/linear layers (not 2x FLOPs); params
 are stored weights and biases. Every size may be an int or a sympy expression.
@@ -51,10 +51,16 @@ __all__ = [
     "weight_numel",
     "format_count",
     "check_M_values",
+    "LAYER_OPS",
+    "DENSE_LAYER_OPS",
+    "COUNTED_OPS",
 ]
 
 METHODS = ("base", "sas", "sws", "swat")
-LAYER_OPS = ("linear", "conv1d", "conv2d")
+LAYER_OPS = ("linear", "conv1d", "conv2d", "conv3d")
+# counted like the layers (their mults and params), never converted: SAS and SWS keep them dense
+DENSE_LAYER_OPS = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+COUNTED_OPS = LAYER_OPS + DENSE_LAYER_OPS  # every layer op a report row counts the mults of
 
 
 @dataclass(frozen=True)
@@ -278,7 +284,7 @@ def _bias(layer, out_channels: Optional[int] = None) -> int:
     return int(out_channels if out_channels is not None else layer.out_channels) if layer.has_bias else 0
 
 
-@register_cost(LAYER_OPS, "base")
+@register_cost(LAYER_OPS + DENSE_LAYER_OPS, "base")
 def _base(layer, *, positions: Size = 1, sws_M: Optional[int] = None) -> Dict[str, Size]:
     """Dense layer: ``Co * Cbar`` per output position; a layer carrying a 1:M mask counts its nonzeros."""
     numel = weight_numel(layer)
@@ -293,7 +299,7 @@ def _sas(layer, *, positions: Size = 1, M: int) -> Dict[str, Size]:
     return {"mults": positions * numel, "params": M * numel + _bias(layer)}
 
 
-@register_cost(LAYER_OPS, "sws")
+@register_cost(LAYER_OPS + DENSE_LAYER_OPS, "sws")
 def _sws(layer, *, positions: Size = 1, M: int, in_channels: Optional[int] = None,
          out_channels: Optional[int] = None, groups: Optional[int] = None, sparse: bool = True,
          widen_in: bool = True, widen_out: bool = True) -> Dict[str, Size]:
@@ -317,7 +323,7 @@ def _sws(layer, *, positions: Size = 1, M: int, in_channels: Optional[int] = Non
             "in_channels": int(in_channels), "out_channels": int(out_channels), "fan_in": fan_in(wide)}
 
 
-@register_cost(LAYER_OPS, "swat")
+@register_cost(LAYER_OPS + DENSE_LAYER_OPS, "swat")
 def _swat(layer, *, positions: Size = 1, weight_density: float, activation_density: float,
           structure: str = "unstructured") -> Dict[str, Size]:
     """SWAT training mults: forward and input gradient on the top-K weights (per structure),

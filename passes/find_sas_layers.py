@@ -32,7 +32,7 @@ from .plan import LayerPlan, Plan
 __all__ = ["LayerCall", "match_layer_call", "find_sas_layers", "raw_input_nodes", "layers_from_modules",
            "OPAQUE_PROJECTION_MODULES", "OPAQUE_PROJECTION_FUNCTIONS", "opaque_projection_reason", "opaque_kind",
            "layer_plan_from_module", "already_sas_reason", "parameter_holders",
-           "LINEAR_FUNCTIONS", "CONV_FUNCTIONS", "SASOp", "SAS_OPS", "sas_op", "stores_weight", "stock_forward", "op_name"]
+           "LINEAR_FUNCTIONS", "CONV_FUNCTIONS", "LAYER_MODULES", "CONV_DIMS", "SASOp", "SAS_OPS", "sas_op", "stores_weight", "stock_forward", "op_name"]
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 CONV_FUNCTIONS = {
@@ -40,8 +40,14 @@ CONV_FUNCTIONS = {
     torch.ops.aten.conv2d.padding: "conv2d",
     F.conv1d: "conv1d", torch.conv1d: "conv1d", torch.ops.aten.conv1d.default: "conv1d",
     torch.ops.aten.conv1d.padding: "conv1d",
+    F.conv3d: "conv3d", torch.conv3d: "conv3d", torch.ops.aten.conv3d.default: "conv3d",
+    torch.ops.aten.conv3d.padding: "conv3d",
 }
-UNSUPPORTED_CONV_MODULES = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CONV_DIMS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}  # spatial dims of each convolution op
+# the stock layer modules SAS converts (a module swap replaces exactly these)
+LAYER_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+UNSUPPORTED_CONV_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CONVERTS = "SAS converts Linear, Conv1d, Conv2d and Conv3d"
 # modules whose linear projections run inside them (not as separate linear calls the graph shows)
 OPAQUE_PROJECTION_MODULES = (nn.MultiheadAttention, nn.RNNBase, nn.TransformerEncoderLayer,
                              nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder,
@@ -59,8 +65,14 @@ OPAQUE_PROJECTION_FUNCTIONS = {
     torch._transformer_encoder_layer_fwd: "encoder_fast_path",
     torch.ops.aten._transformer_encoder_layer_fwd.default: "encoder_fast_path",
 }
-UNSUPPORTED_CONV_FUNCTIONS = {F.conv3d: "conv3d", torch.conv3d: "conv3d", F.conv_transpose2d: "conv_transpose2d",
-                              F.conv_transpose1d: "conv_transpose1d"}
+UNSUPPORTED_CONV_FUNCTIONS = {
+    F.conv_transpose1d: "conv_transpose1d", torch.conv_transpose1d: "conv_transpose1d",
+    torch.ops.aten.conv_transpose1d.default: "conv_transpose1d",
+    F.conv_transpose2d: "conv_transpose2d", torch.conv_transpose2d: "conv_transpose2d",
+    torch.ops.aten.conv_transpose2d.input: "conv_transpose2d",
+    F.conv_transpose3d: "conv_transpose3d", torch.conv_transpose3d: "conv_transpose3d",
+    torch.ops.aten.conv_transpose3d.input: "conv_transpose3d",
+}
 _CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
@@ -69,7 +81,7 @@ class LayerCall:
     """A conv/linear call site with its arguments normalised."""
 
     node: fx.Node
-    op: str  # linear | conv1d | conv2d | <unsupported op name>
+    op: str  # linear | conv1d | conv2d | conv3d | <unsupported op name>
     x: fx.Node
     weight: object  # fx.Node (get_attr / placeholder / computed) or None for module calls
     bias: object
@@ -102,15 +114,17 @@ def match_layer_call(node: fx.Node, gm: fx.GraphModule) -> Optional[LayerCall]:
         x = node.args[0] if node.args else None
         if isinstance(mod, nn.Linear):
             return LayerCall(node, "linear", x, None, None, mod, node.target)
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not isinstance(mod, UNSUPPORTED_CONV_MODULES):
-            op = "conv2d" if isinstance(mod, nn.Conv2d) else "conv1d"
-            n = 2 if op == "conv2d" else 1
+        if isinstance(mod, LAYER_MODULES[1:]):
+            op = module_op(mod)
+            n = CONV_DIMS[op]
             # a padding_mode other than 'zeros' is the SAS layer's too (it pads before projecting)
             return LayerCall(node, op, x, None, None, mod, node.target, _tup(mod.stride, n), mod.padding,
                              _tup(mod.dilation, n), mod.groups)
-        if isinstance(mod, UNSUPPORTED_CONV_MODULES):
-            return LayerCall(node, type(mod).__name__.lower(), x, None, None, mod, node.target, supported=False,
-                             unsupported_reason=f"{type(mod).__name__} is not supported (SAS converts Linear, Conv1d and Conv2d)")
+        if isinstance(mod, UNSUPPORTED_CONV_MODULES):  # counted (geometry kept), not converted
+            n = len(mod.kernel_size)
+            return LayerCall(node, f"conv_transpose{n}d", x, None, None, mod, node.target, _tup(mod.stride, n),
+                             mod.padding, _tup(mod.dilation, n), mod.groups, supported=False,
+                             unsupported_reason=f"{type(mod).__name__} is not supported ({CONVERTS})")
         return None
     if node.op != "call_function":
         return None
@@ -119,13 +133,19 @@ def match_layer_call(node: fx.Node, gm: fx.GraphModule) -> Optional[LayerCall]:
         return LayerCall(node, "linear", _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias"), None, None)
     if target in CONV_FUNCTIONS:
         op = CONV_FUNCTIONS[target]
-        n = 2 if op == "conv2d" else 1
+        n = CONV_DIMS[op]
         args = [_arg(node, i, name, d) for i, (name, d) in enumerate(zip(_CONV_ARG_NAMES, (None, None, None, 1, 0, 1, 1)))]
         return LayerCall(node, op, args[0], args[1], args[2], None, None, _tup(args[3], n), args[4] if isinstance(args[4], str) else _tup(args[4], n),
                          _tup(args[5], n), int(args[6]))
     if target in UNSUPPORTED_CONV_FUNCTIONS:
-        return LayerCall(node, UNSUPPORTED_CONV_FUNCTIONS[target], _arg(node, 0, "input"), _arg(node, 1, "weight"), None, None, None,
-                         supported=False, unsupported_reason=f"{UNSUPPORTED_CONV_FUNCTIONS[target]} is not supported (SAS converts linear, conv1d and conv2d)")
+        # conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation)
+        op = UNSUPPORTED_CONV_FUNCTIONS[target]
+        n = int(op[-2])
+        groups = _arg(node, 6, "groups", 1)
+        return LayerCall(node, op, _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias"), None, None,
+                         _tup(_arg(node, 3, "stride", 1), n), _arg(node, 4, "padding", 0),
+                         _tup(_arg(node, 7, "dilation", 1), n), groups if isinstance(groups, int) else 1,
+                         supported=False, unsupported_reason=f"{op} is not supported ({CONVERTS})")
     return None
 
 
@@ -329,10 +349,10 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
 
 
 def module_op(mod: nn.Module) -> str:
-    """``linear`` / ``conv1d`` / ``conv2d`` for a layer module (dense or SAS)."""
+    """``linear`` / ``conv1d`` / ``conv2d`` / ``conv3d`` for a layer module (dense or SAS)."""
     if hasattr(mod, "in_features"):
         return "linear"
-    return "conv2d" if len(mod.kernel_size) == 2 else "conv1d"
+    return f"conv{len(mod.kernel_size)}d"
 
 
 def layer_plan_from_module(fqn: str, node: str, mod: nn.Module, eligible: bool, reason: Optional[str]) -> LayerPlan:
@@ -357,7 +377,7 @@ def layers_from_modules(model: nn.Module, config) -> List[LayerPlan]:
         if isinstance(mod, SAS_LAYERS):
             layer = layer_plan_from_module(fqn, fqn, mod, False, already_sas_reason(mod.M))
             layer.sas_M = mod.M
-        elif isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        elif isinstance(mod, LAYER_MODULES):
             eligible, reason = True, None
             if first and getattr(config, "dense_input_layers", True):
                 eligible, reason = False, ("input layer (assumed: the first layer module; pass example_inputs for an "
@@ -401,12 +421,12 @@ def opaque_projection_reason(kind: str, name: str) -> str:
     entry point does with it (checked: dynamo keeps each of these calls whole)."""
     if kind == "rnn":
         return (f"{name}: its gate projections run inside one fused RNN op, not as linear calls: kept dense (SAS "
-                "converts Linear, Conv1d and Conv2d layers). Under torch.compile, dynamo captures no graph of a "
+                "converts Linear and Conv1d/2d/3d layers). Under torch.compile, dynamo captures no graph of a "
                 "forward that calls an RNN module (unless torch._dynamo.config.allow_rnn = True), so "
                 "backend='sas' leaves every layer of that forward dense; sasify converts the layers around it")
     if kind == "bilinear":
-        return (f"{name}: a bilinear layer (x1^T W x2), not a linear one: kept dense (SAS converts Linear, Conv1d "
-                "and Conv2d layers)")
+        return (f"{name}: a bilinear layer (x1^T W x2), not a linear one: kept dense (SAS converts Linear and "
+                "Conv1d/2d/3d layers)")
     if kind == "attention":
         return (f"{name}: its input and output projections run inside F.multi_head_attention_forward (or its "
                 "inference fast path), one call that torch.compile also keeps whole, not as linear calls: kept "
@@ -505,6 +525,8 @@ def _existing_sas_call(node: fx.Node, gm: fx.GraphModule, sources: Optional[Dict
     groups = int(_arg(node, 6, "groups", 1)) if op == "conv2d" else 1
     out_c, in_c = (shape[0], shape[1] // M * groups) if shape else (-1, -1)
     kernel = tuple(shape[2:]) if shape and op == "conv2d" else ()
+    if op == "conv2d" and kernel:  # the one conv op serves conv1d (3-D weight) and conv3d (5-D) layers
+        op = f"conv{len(kernel)}d"
     layer = LayerPlan(name, node.name, op, False, already_sas_reason(M), in_c, out_c, kernel, groups=groups,
                       has_bias=b is not None, weight_target=target,
                       weight_kind="placeholder" if is_placeholder else "attr", sas_M=M)
@@ -524,7 +546,9 @@ def _describe(call: LayerCall, kind: str, target: str, weight, name: str) -> Lay
         out_c, in_c = (shape[0], shape[1]) if shape else (-1, -1)
         return LayerPlan(name, call.node.name, "linear", True, None, in_c, out_c, has_bias=has_bias,
                          weight_target=target, module_target=call.module_path, weight_in_out=call.weight_in_out)
-    if shape is not None:
+    if shape is not None and "transpose" in call.op:  # stored [in, out / groups, *kernel]
+        out_c, in_c, kernel = shape[1] * call.groups, shape[0], tuple(shape[2:])
+    elif shape is not None:
         out_c, in_c, kernel = shape[0], shape[1] * call.groups, tuple(shape[2:])
     else:
         out_c, in_c, kernel = -1, -1, ()
@@ -569,16 +593,16 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
             # the module the call ran in; export may name a tied weight after another of its owners
             stack_path = clean_module_path(last[0])
             stack_owner = _get_submodule(model, stack_path)
-            if isinstance(stack_owner, (nn.Linear, nn.Conv1d, nn.Conv2d)) and stack_owner.weight is weight:
+            if isinstance(stack_owner, LAYER_MODULES) and stack_owner.weight is weight:
                 owner_path = stack_path
         owner = _get_submodule(model, owner_path) if model is not None else None
         is_module_call = (last is not None and clean_module_path(last[0]) == owner_path
-                          and isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d))
+                          and isinstance(owner, LAYER_MODULES)
                           and stock_forward(owner)
                           and (owner.weight is weight or layer.weight_target == f"{owner_path}.weight"))
         if not is_module_call:
             return False, ("functional call (or a module with its own forward) in a model that symbolic tracing "
-                           "cannot capture: only stock nn.Linear/nn.Conv1d/nn.Conv2d modules are swapped there; "
+                           "cannot capture: only stock nn.Linear/nn.Conv1d/2d/3d modules are swapped there; "
                            "torch.compile(model, backend='sas') converts it")
         layer.module_target = owner_path
     if capture == "dynamo" and kind == "placeholder" and model is not None:
@@ -586,7 +610,7 @@ def _eligibility(call, kind, weight, layer, filter_fn, dense_input_layers, gm, c
         layer.module_target = _dynamo_module_call(call, weight, model)
         if layer.module_target is None:
             return False, ("functional call (or a module with its own forward) in a model captured by dynamo: "
-                           "only stock nn.Linear/nn.Conv1d/nn.Conv2d modules are swapped there; "
+                           "only stock nn.Linear/nn.Conv1d/2d/3d modules are swapped there; "
                            "torch.compile(model, backend='sas') converts it")
     return True, None
 
@@ -707,17 +731,17 @@ def _reads(value, tensor, gm: fx.GraphModule, parameters: Dict[str, torch.Tensor
 
 
 # a module swap replaces the module's forward: only these forwards are known to be the call the graph shows
-STOCK_FORWARDS = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward)
+STOCK_FORWARDS = tuple(cls.forward for cls in LAYER_MODULES)
 
 
 def stock_forward(module: nn.Module) -> bool:
-    """Whether ``module`` runs nn.Linear/Conv1d/Conv2d's own forward: its class does not override
+    """Whether ``module`` runs nn.Linear/Conv1d/2d/3d's own forward: its class does not override
     it, and neither does the instance (accelerate and other tools replace ``module.forward``)."""
     return type(module).forward in STOCK_FORWARDS and "forward" not in vars(module)
 
 
 def _dynamo_module_call(call: LayerCall, weight, model: nn.Module) -> Optional[str]:
-    """The path in ``model`` of the stock ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` module whose own
+    """The path in ``model`` of the stock ``nn.Linear``/``nn.Conv1d/2d/3d`` module whose own
     forward made ``call`` on its own weight (dynamo inlines module calls; ``nn_module_stack``
     names the module each op ran in), else None."""
     innermost = _innermost_module(call.node)

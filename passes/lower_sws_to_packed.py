@@ -11,7 +11,7 @@ moves with ``.to()`` and is saved in ``state_dict``.
 
 What stays on the masked dense weight, with the reason in the returned summary:
 
-* convolutions (conv1d, conv2d): the packed kernel is a GEMM and feeding it a convolution
+* convolutions (conv1d, conv2d, conv3d): the packed kernel is a GEMM and feeding it a convolution
   needs im2col, which this pass does not do;
 * a layer whose row length is not a multiple of M (``fan_in % M != 0``): its 1:M chunks
   straddle rows, so the weight has no 2:4 rows to pack;
@@ -121,7 +121,7 @@ def _owner(gm: nn.Module, target: str) -> Tuple[nn.Module, str]:
 
 def _packable(call, weight_target: str, gm: fx.GraphModule, M: int) -> Optional[str]:
     """Why this layer cannot be lowered, or None."""
-    if call is not None and call.op in ("conv1d", "conv2d"):
+    if call is not None and call.op in ("conv1d", "conv2d", "conv3d"):
         return CONV_STAYS
     if call is None or call.op != "linear":
         return "not a linear call of the graph"

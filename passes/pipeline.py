@@ -21,7 +21,7 @@ from sas_compile.runtime.layers import SAS_LAYERS
 
 from .capture import CaptureError, capture, capture_with_dynamo, clean_module_path
 from .find_foldable_relus import find_foldable_relus
-from .find_sas_layers import find_sas_layers, layers_from_modules
+from .find_sas_layers import LAYER_MODULES, find_sas_layers, layers_from_modules
 from .lower_sas_to_projection import lower_sas_to_projection
 from .mode_flags import trace_modes
 from .plan import Plan
@@ -201,7 +201,7 @@ def _module_swap_conflicts(layers, model: nn.Module, foreign: Dict[int, list]) -
 
 
 def _layer_modules_not_in_graphs(layers, model: nn.Module, graphs, foreign: Dict[int, list]) -> list:
-    """``"path: why"`` for each Linear/Conv1d/Conv2d module of ``model`` that no captured graph calls as a
+    """``"path: why"`` for each Linear/Conv1d/2d/3d module of ``model`` that no captured graph calls as a
     layer: the run on the example inputs did not call it, its forward computes with other ops (a
     matmul), or other code reads its weight. Each stays dense."""
     seen = {layer.module_target or layer.name for layer in layers}
@@ -209,7 +209,7 @@ def _layer_modules_not_in_graphs(layers, model: nn.Module, graphs, foreign: Dict
               for path, _ in (node.meta.get("nn_module_stack") or {}).values()}
     lines = []
     for path, mod in model.named_modules():
-        if path in seen or isinstance(mod, SAS_LAYERS) or not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        if path in seen or isinstance(mod, SAS_LAYERS) or not isinstance(mod, LAYER_MODULES):
             continue
         if foreign.get(id(mod.weight)):
             why = f"other code reads its weight ({', '.join(foreign[id(mod.weight)][:2])}), not its own forward"

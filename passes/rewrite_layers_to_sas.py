@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from sas_compile.runtime import sas_ops
-from sas_compile.runtime.layers import SASConv1d, SASConv2d, SASLinear
+from sas_compile.runtime.layers import SASConv1d, SASConv2d, SASConv3d, SASLinear
 from sas_compile.runtime.projection import expand_dense_weight
 
 from .capture import copy_model, tensors_in
@@ -106,7 +106,7 @@ def sas_module(dense: nn.Module, M: int, fold: bool, rule: str, wide: Optional[n
     SAS linear on ``W^T``. Another module that is not a Linear/Conv was proved ``x @ W.T + b``.
     """
     source = dense_source(dense.weight)
-    if weight_in_out or not isinstance(dense, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+    if weight_in_out or not isinstance(dense, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         # a module the analysis proved a linear written with other ops (addmm, x @ W.T)
         return _sas_linear_of(dense, source.t() if weight_in_out else source, M, fold, rule, wide)
     if wide is None and source is not dense.weight:
@@ -117,6 +117,8 @@ def sas_module(dense: nn.Module, M: int, fold: bool, rule: str, wide: Optional[n
         new = SASConv2d.from_dense(dense, M, fold_relu=fold, rule=rule)
     elif isinstance(dense, nn.Conv1d):
         new = SASConv1d.from_dense(dense, M, fold_relu=fold, rule=rule)
+    elif isinstance(dense, nn.Conv3d):
+        new = SASConv3d.from_dense(dense, M, fold_relu=fold, rule=rule)
     else:
         raise TypeError(f"no SAS layer for {type(dense).__name__}")
     if wide is not None:
@@ -212,9 +214,12 @@ def _emit_sas_call(graph: fx.Graph, layer: LayerPlan, call, x, weight, M: int, r
 
     A convolution's padding is resolved here: ``'same'`` with an odd total padding becomes an
     explicit ``F.pad``; a conv1d runs as a conv2d of height 1 (``unsqueeze`` / ``squeeze`` of
-    the activation; the op takes the 3-D weight itself as the kernel of height 1, since a
-    per-call view of it would miss the op's per-weight caches on every call).
-    ``from_dense``: the weight is the dense parameter (a dynamo graph input), expanded inside the op.
+    the activation's dim -2, so an unbatched ``[C, L]`` works too; the op takes the 3-D weight
+    itself as the kernel of height 1, since a per-call view of it would miss the op's per-weight
+    caches on every call); a conv3d is the same op with its 5-D weight.
+    ``from_dense``: the weight is the dense parameter (a dynamo graph input), expanded inside the
+    op, which needs a batch dim: an input dynamo recorded as unbatched gets one around the op
+    (``sas_conv2d_call`` does that at run time for the wide weight's graphs).
     """
     extra = (fold, rule, train_dense) if from_dense else (rule,)
     if layer.op == "linear":
@@ -222,18 +227,24 @@ def _emit_sas_call(graph: fx.Graph, layer: LayerPlan, call, x, weight, M: int, r
         return graph.call_function(op, (x, weight, call.bias, M, *extra))
     op = torch.ops.sas.conv2d_from_dense.default if from_dense else sas_ops.sas_conv2d_call
     kernel = list(layer.kernel_size)
+    example = x.meta.get("example_value") if isinstance(x, fx.Node) else None
+    unbatched = from_dense and isinstance(example, torch.Tensor) and example.dim() == len(kernel) + 1
+    if unbatched:
+        x = graph.call_method("unsqueeze", (x, 0))
     if layer.op == "conv1d":
         stride, dilation = [1, call.stride[0]], [1, call.dilation[0]]
         padding = call.padding if isinstance(call.padding, str) else (0, call.padding[0])
         kernel = [1, *kernel]
-        x = graph.call_method("unsqueeze", (x, 2))
+        x = graph.call_method("unsqueeze", (x, -2))
     else:
         stride, dilation, padding = list(call.stride), list(call.dilation), call.padding
     padding, pad = sas_ops.resolve_conv_padding(padding, kernel, dilation, stride)
     if pad is not None:
         x = graph.call_function(F.pad, (x, pad))
     out = graph.call_function(op, (x, weight, call.bias, stride, list(padding), dilation, call.groups, M, *extra))
-    return graph.call_method("squeeze", (out, 2)) if layer.op == "conv1d" else out
+    if layer.op == "conv1d":
+        out = graph.call_method("squeeze", (out, -2))
+    return graph.call_method("squeeze", (out, 0)) if unbatched else out
 
 
 def rewrite_layers_to_sas(gm: fx.GraphModule, plan: Plan, config) -> Plan:

@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from .capture import layer_owner, shape_tree
-from .find_sas_layers import LayerCall, match_layer_call, op_name, stores_weight
+from .find_sas_layers import CONV_DIMS, LAYER_MODULES, UNSUPPORTED_CONV_MODULES, LayerCall, match_layer_call, op_name, stores_weight
 from .sws_width_model import Dim, LayerSite, WidthUnionFind
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
     "is_shape",
 ]
 
-LAYER_OPS = ("linear", "conv1d", "conv2d")  # what SWS widens and masks
+LAYER_OPS = ("linear", "conv1d", "conv2d", "conv3d")  # what SWS widens and masks
 
 
 class UnsupportedOp(Exception):
@@ -691,6 +691,11 @@ def pool_2d(walk: WidthWalk, node: fx.Node):
     return _pool(walk, node, 2)
 
 
+def pool_3d(walk: WidthWalk, node: fx.Node):
+    """3-D pooling/resizing of ``[N, C, D, H, W]``."""
+    return _pool(walk, node, 3)
+
+
 def pool_spatial(walk: WidthWalk, node: fx.Node):
     """Interpolation and pixel shuffle: the trailing spatial dims (one or two) change."""
     return _pool(walk, node, None)
@@ -743,7 +748,7 @@ def reduce(walk: WidthWalk, node: fx.Node):
 
 
 def layer(walk: WidthWalk, node: fx.Node):
-    """A linear / conv1d / conv2d call in any spelling (``find_sas_layers.match_layer_call``)."""
+    """A linear / conv1d / conv2d / conv3d call in any spelling (``find_sas_layers.match_layer_call``)."""
     call = match_layer_call(node, walk.gm)
     if call.module is not None and not stores_weight(call.module):
         raise UnsupportedOp(f"{type(call.module).__name__}.weight is computed before each call (weight_norm, "
@@ -769,8 +774,8 @@ def layer(walk: WidthWalk, node: fx.Node):
 
 
 def _conv(walk: WidthWalk, node, call: LayerCall, x, w, wt, b, bt):
-    """conv1d or conv2d: the channel dim precedes ``nk`` spatial dims."""
-    op, nk = call.op, 1 if call.op == "conv1d" else 2
+    """conv1d, conv2d or conv3d: the channel dim precedes ``nk`` spatial dims."""
+    op, nk = call.op, CONV_DIMS[call.op]
     shape = walk.shape(node)
     if x is None or w is None or not is_shape(shape):
         raise UnsupportedOp(f"{op} with unknown shapes")
@@ -932,7 +937,7 @@ Rule = Callable[[WidthWalk, fx.Node], Any]
 ELEMENTWISE_OPS = (
     # activations, dropouts, casts, copies
     "relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu", "elu",
-    "selu", "celu", "mish", "softplus", "hardtanh", "dropout", "dropout1d", "dropout2d", "alpha_dropout",
+    "selu", "celu", "mish", "softplus", "hardtanh", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
     "feature_dropout", "native_dropout", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "erf", "square",
     "reciprocal", "clone", "detach", "contiguous", "float", "half", "bfloat16", "double", "to", "type", "type_as",
     "_to_copy", "alias", "softmax", "log_softmax", "_softmax", "_log_softmax", "clamp", "clamp_min", "clamp_max",
@@ -960,6 +965,10 @@ POOL_2D_OPS = (
     "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "max_pool2d_with_indices",
     "lp_pool2d", "_adaptive_avg_pool2d", "upsample_nearest2d", "upsample_bilinear2d",
 )
+POOL_3D_OPS = (
+    "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d", "max_pool3d_with_indices",
+    "lp_pool3d", "_adaptive_avg_pool3d", "upsample_nearest3d", "upsample_trilinear3d",
+)
 # export's guards and asserts, autocast and grad-mode markers
 NOOP_OPS = ("_guards_fn", "_assert_async", "_assert_scalar", "sym_constrain_range_for_size",
             "_set_grad_enabled", "_enter_autocast", "_exit_autocast")
@@ -986,6 +995,7 @@ WIDTH_RULES: Dict[str, Rule] = {
     # pooling, resizing, reductions
     **dict.fromkeys(POOL_1D_OPS, pool_1d),
     **dict.fromkeys(POOL_2D_OPS, pool_2d),
+    **dict.fromkeys(POOL_3D_OPS, pool_3d),
     **dict.fromkeys(("interpolate", "pixel_shuffle"), pool_spatial),
     "pad": pad, "constant_pad_nd": pad,
     **dict.fromkeys(("mean", "sum", "amax", "var", "std"), reduce),
@@ -996,11 +1006,13 @@ WIDTH_RULES: Dict[str, Rule] = {
 }
 
 MODULE_WIDTH_RULES: Dict[type, Rule] = {
-    nn.BatchNorm1d: batch_norm_module, nn.BatchNorm2d: batch_norm_module, nn.LayerNorm: layer_norm_module,
+    nn.BatchNorm1d: batch_norm_module, nn.BatchNorm2d: batch_norm_module, nn.BatchNorm3d: batch_norm_module,
+    nn.LayerNorm: layer_norm_module,
     nn.GroupNorm: group_norm_module, nn.Embedding: embedding_module, nn.Flatten: regroup,
     nn.MaxPool1d: pool_1d, nn.AvgPool1d: pool_1d, nn.AdaptiveAvgPool1d: pool_1d, nn.AdaptiveMaxPool1d: pool_1d,
     nn.MaxPool2d: pool_2d, nn.AvgPool2d: pool_2d, nn.AdaptiveAvgPool2d: pool_2d, nn.AdaptiveMaxPool2d: pool_2d,
-    **dict.fromkeys((nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU,
+    nn.MaxPool3d: pool_3d, nn.AvgPool3d: pool_3d, nn.AdaptiveAvgPool3d: pool_3d, nn.AdaptiveMaxPool3d: pool_3d,
+    **dict.fromkeys((nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU,
                      nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softmax,
                      nn.Hardtanh, nn.Softplus), elementwise),
 }
@@ -1014,8 +1026,9 @@ def _module_rule(module: nn.Module) -> Optional[Rule]:
 
 
 def has_width_rule(module: nn.Module) -> bool:
-    """Whether the analysis sees into a call of ``module`` (a layer or a module with a rule)."""
-    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) or _module_rule(module) is not None
+    """Whether the analysis sees into a call of ``module`` (a layer, a transposed convolution, whose
+    widths it keeps, or a module with a rule)."""
+    return isinstance(module, LAYER_MODULES + UNSUPPORTED_CONV_MODULES) or _module_rule(module) is not None
 
 
 def width_rule_for(node: fx.Node, gm: fx.GraphModule) -> Rule:

@@ -186,6 +186,8 @@ def _guess_inputs(gm: fx.GraphModule) -> Optional[tuple]:
                 guess = torch.randn(2, mod.in_channels, 32, 32)
             elif isinstance(mod, nn.Conv1d):
                 guess = torch.randn(2, mod.in_channels, 64)
+            elif isinstance(mod, nn.Conv3d):
+                guess = torch.randn(2, mod.in_channels, 16, 16, 16)
             elif isinstance(mod, nn.Linear):
                 guess = torch.randn(2, mod.in_features)
             elif isinstance(mod, nn.Embedding):

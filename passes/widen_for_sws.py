@@ -4,7 +4,7 @@ Why this pass exists: the SWS baseline is a *different network* (sqrt(M) times w
 a transformed copy of the trained one, so everything whose shape changes is rebuilt with
 the layer types' default (kaiming) initialisation. The widths come from
 ``tie_channel_widths``; this pass only applies them: new conv/linear/norm/embedding
-modules (Conv1d and Conv2d), resized graph parameters, and the integer size arguments of
+modules (Conv1d, Conv2d and Conv3d), resized graph parameters, and the integer size arguments of
 reshapes that name a widened width. Parameters and modules whose shapes stay are left as
 they are. Then every layer the analysis calls sparse gets the 1:M magnitude mask
 (``runtime.sws_mask.OneOfMMask``) as a parametrization of its weight.
@@ -139,13 +139,13 @@ def _rebuild_module(gm, node, widths: ChannelWidths) -> Optional[nn.Module]:
     t = node.target
     wshape = widths.param_shape(f"{t}.weight")
     layer = widths.layers.get(node.name)
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)) and layer is None:
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and layer is None:
         # the analysis could not follow this call (its reason fixed the widths around it): as it is
         return None
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if (layer.in_channels, layer.out_channels, layer.groups) == (mod.in_channels, mod.out_channels, mod.groups):
             return None
-        cls = nn.Conv1d if isinstance(mod, nn.Conv1d) else nn.Conv2d
+        cls = next(c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(mod, c))
         new = cls(layer.in_channels, layer.out_channels, mod.kernel_size, mod.stride, mod.padding,
                   mod.dilation, layer.groups, mod.bias is not None, mod.padding_mode)
         return _like(mod, new)
@@ -153,7 +153,7 @@ def _rebuild_module(gm, node, widths: ChannelWidths) -> Optional[nn.Module]:
         if (layer.in_channels, layer.out_channels) == (mod.in_features, mod.out_features):
             return None
         return _like(mod, nn.Linear(layer.in_channels, layer.out_channels, mod.bias is not None))
-    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
         shape = widths.shape_of(node.name)
         c = shape[1] if shape is not None else (wshape or (mod.num_features,))[0]
         if c == mod.num_features:
@@ -266,7 +266,7 @@ def _update_size_args(gm, node: fx.Node, widths: ChannelWidths) -> bool:
                 _set_arg(node, 2, "sizes", type(sizes)(new))
                 return True
         return False
-    if name in ("conv1d", "conv2d") and node.name in widths.layers:
+    if name in ("conv1d", "conv2d", "conv3d") and node.name in widths.layers:
         groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
         new_groups = widths.layers[node.name].groups
         if groups != new_groups:  # a depthwise conv's groups follow its width

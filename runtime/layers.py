@@ -17,7 +17,7 @@ from . import sas_ops  # noqa: F401  (registers torch.ops.sas.*)
 from .projection import check_M, expand_dense_weight, get_rule
 from .sas_ops import resolve_conv_padding, sas_conv2d_call, sas_linear_call
 
-__all__ = ["SASLinear", "SASConv2d", "SASConv1d", "SAS_LAYERS"]
+__all__ = ["SASLinear", "SASConv2d", "SASConv1d", "SASConv3d", "SAS_LAYERS"]
 
 
 def _init_like_narrow(weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in: int) -> None:
@@ -160,7 +160,8 @@ class _SASConvNd(_SASBase):
         ``pad`` is what ``F.pad`` adds to the (2-D) input first, in ``pad_mode``, or None: the
         padding mode's amounts (the op then pads nothing), or the extra row and column of
         ``'same'`` with an odd total. The other three are the op's lists. A conv1d is a conv2d of
-        height 1. From the layer's own sizes, never its weight's shape, which ``torch.jit.trace``
+        height 1 (its input ``[N, C, L]`` or unbatched ``[C, L]`` gains the height before ``L``).
+        From the layer's own sizes, never its weight's shape, which ``torch.jit.trace``
         records as tensors."""
         if self._dims == 1:
             stride, dilation, kernel = [1, self.stride[0]], [1, self.dilation[0]], [1, self.kernel_size[0]]
@@ -170,7 +171,7 @@ class _SASConvNd(_SASBase):
             padding = self.padding
         if self.padding_mode != "zeros":
             pad = list(self._mode_pad) + [0, 0] * (2 - self._dims)  # a conv1d's height is not padded
-            return pad, self.padding_mode, stride, [0, 0], dilation
+            return pad, self.padding_mode, stride, [0] * len(stride), dilation
         padding, extra = resolve_conv_padding(padding, kernel, dilation, stride)
         return (None if extra is None else list(extra)), "constant", stride, list(padding), dilation
 
@@ -187,24 +188,24 @@ class _SASConvNd(_SASBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles this branch alone
-            x = x.unsqueeze(2) if self._script_dims == 1 else x
+            x = x.unsqueeze(-2) if self._script_dims == 1 else x
             if self._script_pads:
                 x = F.pad(x, self._script_pad, self._script_pad_mode)
             out = sas_conv2d_call(x, self.weight, self.bias, self._script_stride, self._script_padding,
                                   self._script_dilation, self.groups, self.M, self.rule)
-            return out.squeeze(2) if self._script_dims == 1 else out
+            return out.squeeze(-2) if self._script_dims == 1 else out
         else:
             pad, mode, stride, padding, dilation = self._op_arguments()
-            x = x.unsqueeze(2) if self._dims == 1 else x
+            x = x.unsqueeze(-2) if self._dims == 1 else x
             if pad is not None:
                 x = F.pad(x, pad, mode)
             out = sas_conv2d_call(x, self.weight, self.bias, stride, padding, dilation, self.groups, self.M,
                                   self.rule)
-            return out.squeeze(2) if self._dims == 1 else out
+            return out.squeeze(-2) if self._dims == 1 else out
 
     @classmethod
     def from_dense(cls, layer, M: int = 2, *, fold_relu: bool = False, rule: str = "sign_pattern"):
-        """Function-preserving conversion of an ``nn.Conv{1,2}d`` (any ``padding_mode``)."""
+        """Function-preserving conversion of an ``nn.Conv{1,2,3}d`` (any ``padding_mode``)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new._check(M, rule)
@@ -236,4 +237,10 @@ class SASConv1d(_SASConvNd):
     _dims = 1
 
 
-SAS_LAYERS = (SASLinear, SASConv2d, SASConv1d)
+class SASConv3d(_SASConvNd):
+    """A 3-D convolution on the projected input: ``conv3d(S(x), Wt)``, ``Wt`` has ``M*Cin`` channels."""
+
+    _dims = 3
+
+
+SAS_LAYERS = (SASLinear, SASConv2d, SASConv1d, SASConv3d)

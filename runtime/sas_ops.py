@@ -158,7 +158,7 @@ def projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M: int,
     """``sas::conv2d`` in plain out-of-place ops (padding as ``F.conv2d`` takes it); as
     :func:`projected_linear`."""
     kernel = _kernel_2d(weight)
-    return F.conv2d(_zero_dead_nonfinite(project_aten(x, M, 1, rule), kernel, 1, groups), kernel, bias, stride,
+    return _conv_nd(_zero_dead_nonfinite(project_aten(x, M, 1, rule), kernel, 1, groups), kernel, bias, stride,
                     padding, dilation, groups)
 
 
@@ -233,13 +233,33 @@ def conv2d_output_size(size: int, kernel: int, stride: int, padding: int, dilati
 
 
 def _kernel_2d(weight: Tensor) -> Tensor:
-    """A conv weight as ``F.conv2d`` takes it: a conv1d weight ``(out, in, k)`` is the kernel ``(out, in, 1, k)``.
+    """A conv weight as the convolution takes it: a conv1d weight ``(out, in, k)`` is the kernel
+    ``(out, in, 1, k)``; a conv2d or conv3d weight is its own kernel.
 
     The conv ops take a conv1d layer's weight itself (3-D, beside an input of height 1) and make
     this view only after their per-weight cache lookups (expansion, dead slots, unfolded
     weight): a view is a new tensor on every call, and those caches key on the tensor itself.
     """
     return weight.unsqueeze(2) if weight.dim() == 3 else weight
+
+
+def _conv_nd(x: Tensor, kernel: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:
+    """``F.conv2d``, or ``F.conv3d`` for a 5-D kernel (a conv3d layer's)."""
+    return (F.conv3d if kernel.dim() == 5 else F.conv2d)(x, kernel, bias, stride, padding, dilation, groups)
+
+
+def _strided_positions(strides) -> tuple:
+    """The index that reads every stride-th position of each spatial dim of an ``[N, C, ...]`` tensor."""
+    return (slice(None), slice(None), *(slice(None, None, step) for step in strides))
+
+
+def _conv_output(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    """An empty output of the convolution (the ops' fake implementations)."""
+    kernel = _kernel_2d(weight).shape[2:]
+    sizes = [conv2d_output_size(x.shape[2 + i], kernel[i], stride[i], padding[i], dilation[i])
+             for i in range(len(kernel))]
+    out = x.new_empty((x.shape[0], weight.shape[0], *sizes))
+    return out.contiguous(memory_format=_conv_memory_format(x))
 
 
 def _conv_memory_format(x: Tensor) -> torch.memory_format:
@@ -262,7 +282,8 @@ def sas_conv2d(
 ) -> Tensor:
     """``F.conv2d(S(x), weight, bias, ...)`` with ``S`` along channels; ``weight`` is wide.
 
-    A 3-D ``weight`` is a conv1d weight, the kernel of height 1 (``x`` then has height 1).
+    A 3-D ``weight`` is a conv1d weight, the kernel of height 1 (``x`` then has height 1); a 5-D
+    ``weight`` (with a 5-D ``x`` and three-entry lists) makes it ``F.conv3d``.
     """
     return _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
 
@@ -274,11 +295,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, M, rule):
 
 @sas_conv2d.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, M, rule):
-    kh, kw = _kernel_2d(weight).shape[-2:]
-    h = conv2d_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
-    w = conv2d_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
-    out = x.new_empty((x.shape[0], weight.shape[0], h, w))
-    return out.contiguous(memory_format=_conv_memory_format(x))
+    return _conv_output(x, weight, stride, padding, dilation)
 
 
 def _pointwise_subsample(x: Tensor, weight: Tensor, stride, padding):
@@ -288,10 +305,10 @@ def _pointwise_subsample(x: Tensor, weight: Tensor, stride, padding):
     stride 2, and no copy of the wide input inside ``convolution_backward``, which makes one for
     strided 1x1 kernels (a 4x-wide one at M = 4 was the peak of a ResNet-50 training step).
     ``(x, stride)`` otherwise."""
-    kh, kw = _kernel_2d(weight).shape[-2:]
-    if kh == kw == 1 and list(padding) == [0, 0] and list(stride) != [1, 1]:
-        sub = x[:, :, ::stride[0], ::stride[1]]
-        return sub.contiguous(memory_format=_conv_memory_format(x)), [1, 1]
+    kernel = _kernel_2d(weight).shape[2:]
+    if all(k == 1 for k in kernel) and not any(padding) and any(step != 1 for step in stride):
+        sub = x[_strided_positions(stride)]
+        return sub.contiguous(memory_format=_conv_memory_format(x)), [1] * len(stride)
     return x, stride
 
 
@@ -309,7 +326,7 @@ def _projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rul
     if out is None:
         # after a failed packed call this raises the caller's own error if the inputs are wrong:
         # only where it succeeds was the packed path at fault
-        out = F.conv2d(wide_x, _kernel_2d(weight), bias, stride, padding, dilation, groups)
+        out = _conv_nd(wide_x, _kernel_2d(weight), bias, stride, padding, dilation, groups)
         if failure is not None:
             _stop_packing(failure)
     return owned(out.contiguous(memory_format=_conv_memory_format(x)))
@@ -391,7 +408,7 @@ def _packed_cpu_weight(wide_x: Tensor, weight: Tensor, stride, padding, dilation
             # the next optimizer step on, so it goes now rather than being held through training
             _packed_cache.forget(weight)
         return None
-    if not (wide_x.is_cpu and wide_x.dtype == torch.float32
+    if not (wide_x.is_cpu and wide_x.dtype == torch.float32 and wide_x.dim() == 4
             and type(wide_x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
             and weight.dtype == torch.float32 and weight.numel() >= max(wide_x.numel(), PACK_MIN_WEIGHT_VALUES)
             and not weight.is_inference()
@@ -450,7 +467,8 @@ def _unfoldable(x: Tensor, groups: int, M: int, rule: str) -> bool:
     """Whether the conv is one SAS GEMM over im2col rows: K is ordered kernel position, then
     channel, so the sign pattern's channel groups must not straddle kernel positions."""
     index_rule = get_rule(rule, M)
-    return groups == 1 and isinstance(index_rule, SignPatternRule) and x.shape[1] % index_rule.bits == 0
+    return (groups == 1 and x.dim() == 4 and isinstance(index_rule, SignPatternRule)
+            and x.shape[1] % index_rule.bits == 0)
 
 
 _unfolded_cache = PerWeightCache()
@@ -539,7 +557,7 @@ def _projected_conv_grads(grad, x, wide_weight, bias_sizes, conf, M, rule, need_
         wide = project_transient(xs, M, 1, rule, _backward_dead_mask(xs, wide_weight, groups))
         grad_wide, part_w, part_b = torch.ops.aten.convolution_backward(
             gs, wide, _kernel_2d(wide_weight), bias_sizes if need_b else None, read_stride, padding, dilation,
-            False, [0, 0], groups, [need_x, need_w, need_b])
+            False, [0] * len(read_stride), groups, [need_x, need_w, need_b])
         del wide
         if need_x:
             grad_x_parts.append(_slot_grad(grad_wide, xs, M, rule, 1))
@@ -553,7 +571,7 @@ def _projected_conv_grads(grad, x, wide_weight, bias_sizes, conf, M, rule, need_
     if grad_x is not None and x_read is not x:  # the positions the strided 1x1 kernel skips get 0
         read = grad_x
         grad_x = torch.zeros_like(x)
-        grad_x[:, :, ::stride[0], ::stride[1]] = read
+        grad_x[_strided_positions(stride)] = read
     if grad_w is not None and wide_weight.dim() == 3:
         grad_w = grad_w.squeeze(2)  # a conv1d weight's gradient has its shape
     return grad_x, grad_w, grad_b
@@ -706,11 +724,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, M, fold_relu, rule, tr
 
 @sas_conv2d_from_dense.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, M, fold_relu, rule, train_dense):
-    kh, kw = _kernel_2d(weight).shape[-2:]
-    h = conv2d_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
-    w = conv2d_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
-    out = x.new_empty((x.shape[0], weight.shape[0], h, w))
-    return out.contiguous(memory_format=_conv_memory_format(x))
+    return _conv_output(x, weight, stride, padding, dilation)
 
 
 def _from_dense_conv_setup(ctx, inputs, output):
@@ -749,19 +763,22 @@ def dense_linear_through(x, weight, bias, M: int, fold_relu: bool, rule: str, tr
 def dense_conv2d_through(x, weight, bias, stride, padding, dilation, groups, M: int, fold_relu: bool, rule: str,
                          train_dense: bool):
     """What ``sas::conv2d_from_dense`` computes, as the dense convolution."""
-    return F.conv2d(torch.relu(x) if fold_relu else x, _kernel_2d(weight), bias, stride, padding, dilation, groups)
+    return _conv_nd(torch.relu(x) if fold_relu else x, _kernel_2d(weight), bias, stride, padding, dilation, groups)
 
 
 def resolve_conv_padding(
-    padding, kernel_size: Sequence[int], dilation: Sequence[int], stride: Sequence[int]
+    padding, kernel_size: Optional[Sequence[int]], dilation: Sequence[int], stride: Sequence[int]
 ):
-    """Turn ``'same'`` / ``'valid'`` / ints into ``(symmetric [ph, pw], extra F.pad or None)``.
+    """Turn ``'same'`` / ``'valid'`` / ints into ``(symmetric padding per dim, extra F.pad or None)``.
 
-    ``'same'`` with an odd total padding pads one more on the bottom/right, as PyTorch does.
+    ``'same'`` with an odd total padding pads one more at the end of that dim (bottom/right),
+    as PyTorch does. The number of spatial dims is ``len(stride)``; ``kernel_size`` is read
+    for ``'same'`` only.
     """
+    dims = len(stride)
     if isinstance(padding, str):
         if padding == "valid":
-            return [0, 0], None
+            return [0] * dims, None
         if padding != "same":
             raise ValueError(f"padding={padding!r}: expected 'same', 'valid' or integers")
         if any(s != 1 for s in stride):
@@ -770,37 +787,65 @@ def resolve_conv_padding(
         sym = [t // 2 for t in totals]
         extra = [t - 2 * s for t, s in zip(totals, sym)]
         if any(extra):
-            # F.pad order: (left, right, top, bottom)
-            return sym, (0, extra[1], 0, extra[0])
+            pad = []  # F.pad order: the last dim first, (before, after) each
+            for amount in reversed(extra):
+                pad += [0, amount]
+            return sym, tuple(pad)
         return sym, None
     if isinstance(padding, int):
-        return [padding, padding], None
+        return [padding] * dims, None
     padding = list(padding)
     return padding, None
 
 
 def _conv_arguments(x: Tensor, weight: Tensor, stride, padding, dilation):
     """``(x, stride, padding, dilation)`` as ``sas::conv2d`` takes them, from ``F.conv2d``'s
-    forms: ints or pairs, and ``'same'`` with an odd total padding as an ``F.pad`` of ``x``."""
-    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
-    stride, dilation = pair(stride), pair(dilation)
-    kernel = [int(k) for k in weight.shape[-2:]] if isinstance(padding, str) else None  # only 'same' reads it
+    forms: ints or lists, and ``'same'`` with an odd total padding as an ``F.pad`` of ``x``.
+    Reads ``x``'s rank only where an int gives no count of dims (a symbolic trace records lists)."""
+    if isinstance(stride, int) and isinstance(dilation, int):
+        dims = x.dim() - 2
+    else:
+        dims = len(dilation) if isinstance(stride, int) else len(stride)
+    per_dim = lambda v: [v] * dims if isinstance(v, int) else list(v)  # noqa: E731
+    stride, dilation = per_dim(stride), per_dim(dilation)
+    kernel = [int(k) for k in _kernel_2d(weight).shape[2:]] if isinstance(padding, str) else None  # 'same' only
     padding, extra = resolve_conv_padding(padding, kernel, dilation, stride)
     return (x if extra is None else F.pad(x, extra)), stride, padding, dilation
 
 
+def _batch_of_one(x: Tensor, weight: Tensor) -> Tensor:
+    """``x`` with a batch dim: an unbatched input (``[C, H, W]``, ``[C, D, H, W]`` for a 5-D weight),
+    which ``F.conv2d`` takes too, gains one, since the ops project along dim 1."""
+    return x if x.dim() == max(weight.dim(), 4) else x.unsqueeze(0)
+
+
+def _unbatched_like(out: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """``out`` without the batch dim :func:`_batch_of_one` gave an unbatched ``x``."""
+    return out if x.dim() == max(weight.dim(), 4) else out.squeeze(0)
+
+
+# a symbolic trace that enters a SAS layer (torch.fx.symbolic_trace of a SAS model) records these
+# two as calls: they read the input's rank, which a traced proxy has only at run time
+torch.fx.wrap("_batch_of_one")
+torch.fx.wrap("_unbatched_like")
+
+
 def sas_conv2d_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
                     dilation: List[int], groups: int, M: int, rule: str) -> Tensor:
-    """``sas::conv2d`` with the arguments of ``F.conv2d`` (ints or pairs, string padding), or its
-    composite form where a transform needs it (``torch.func``, forward AD).
+    """``sas::conv2d`` with the arguments of ``F.conv2d`` (ints or lists, string padding), or its
+    composite form where a transform needs it (``torch.func``, forward AD). An unbatched input
+    runs as a batch of one (:func:`_batch_of_one`).
 
     TorchScript compiles it (a scripted SAS layer or rewritten graph calls it) with the op's own
     lists, and skips the eager-only part."""
+    batched = _batch_of_one(x, weight)
     if not torch.jit.is_scripting():
-        x, stride, padding, dilation = _conv_arguments(x, weight, stride, padding, dilation)
+        batched, stride, padding, dilation = _conv_arguments(batched, weight, stride, padding, dilation)
         if composite_transform_active():
-            return projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
-    return torch.ops.sas.conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule)
+            out = projected_conv2d(batched, weight, bias, stride, padding, dilation, groups, M, rule)
+            return _unbatched_like(out, x, weight)
+    out = torch.ops.sas.conv2d(batched, weight, bias, stride, padding, dilation, groups, M, rule)
+    return _unbatched_like(out, x, weight)
 
 
 def sas_linear_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: str) -> Tensor:
@@ -813,21 +858,17 @@ def sas_linear_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, r
 
 
 def sas_conv1d_call(x, weight, bias, stride, padding, dilation, groups, M: int, rule: str):
-    """A 1-D SAS convolution as a 2-D one of height 1 (same projection, same weights).
+    """A 1-D SAS convolution as a 2-D one of height 1 (same projection, same weights); ``x`` is
+    ``[N, C, L]`` or unbatched ``[C, L]``.
 
     The op takes the 3-D weight itself (the kernel of height 1): a per-call ``unsqueeze`` view
     would miss the per-weight caches (dead slots, unfolded weight) on every call.
     """
     first = lambda v: v if isinstance(v, (int, str)) else v[0]  # noqa: E731
     stride, dilation, pad = [1, first(stride)], [1, first(dilation)], first(padding)
-    padding, extra = resolve_conv_padding(pad if isinstance(pad, str) else (0, pad), (1, weight.shape[-1]), dilation,
-                                          stride)
-    x = x.unsqueeze(2)
-    if extra is not None:
-        x = F.pad(x, extra)
-    if composite_transform_active():
-        return projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule).squeeze(2)
-    return torch.ops.sas.conv2d(x, weight, bias, stride, padding, dilation, groups, M, rule).squeeze(2)
+    padding = pad if isinstance(pad, str) else [0, pad]
+    return sas_conv2d_call(x.unsqueeze(-2), weight, bias, stride, padding, dilation, groups, M, rule).squeeze(-2)
+
 
 # under torch.autocast, x, weight and bias are cast to the region's dtype, as for aten::linear
 _autocast_library = torch.library.Library("sas", "IMPL")

@@ -167,7 +167,7 @@ def _warn_graph_rewrite(model: nn.Module, new: nn.Module, plan: Plan) -> None:
     folds_only = bool(causes) and all(layer.module_target is not None for layer in plan.eligible())
     log.warning(
         "sasify: the result is a torch.fx.GraphModule, not %s: %s change the graph itself, which swapping "
-        "modules in a copy of %s cannot express%s. Layer modules (nn.Linear, nn.Conv1d/2d) and ReLUs as "
+        "modules in a copy of %s cannot express%s. Layer modules (nn.Linear, nn.Conv1d/2d/3d) and ReLUs as "
         "nn.ReLU modules read by one layer keep your class%s", type(model).__name__,
         ", ".join(causes[:4]) + (", ..." if len(causes) > 4 else "") or "its layers", type(model).__name__,
         f" (its own methods, {', '.join(own[:4])}, are not on the result)" if own else "",
@@ -226,7 +226,7 @@ def sasify(model: nn.Module, *, M: int = 2, example_inputs=None, filter_fn: Opti
     Returns:
         the SAS model. The user's own class (a deep copy with modules swapped: ``len()``,
         indexing, custom methods and ``isinstance`` keep working) whenever the rewrite is a
-        pure module swap: every converted layer is an ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``
+        pure module swap: every converted layer is an ``nn.Linear`` or ``nn.Conv1d/2d/3d``
         module, and every folded ReLU an ``nn.ReLU`` module called once and read only by the
         SAS layer (it becomes ``nn.Identity``, and the SAS layer computes ``layer(relu(x))``,
         also when called on its own; ``fold_relu=False`` keeps every ReLU module as it is);

@@ -4,7 +4,7 @@
 (``passes/capture.py``), ties its widths across the whole graph
 (``passes/tie_channel_widths.py``), rebuilds it sqrt(M) times wider with fresh default
 initialisation and puts a 1:M mask on the weight of every widened conv/linear (Linear,
-Conv1d, Conv2d; ``passes/widen_for_sws.py``). The mult count then stays close to the base
+Conv1d, Conv2d, Conv3d; ``passes/widen_for_sws.py``). The mult count then stays close to the base
 model's, which is the comparison the paper makes against SAS at the same mult budget.
 ``lower_sws(model)`` puts its masked linears on the packed weight and the SWS kernel
 (``passes/lower_sws_to_packed.py``); ``measure_sws_model`` counts what a built model costs and
@@ -193,12 +193,12 @@ def measure_sws_model(model_or_layer: nn.Module, example_inputs=None) -> Dict[st
     ``positions`` and ``mults``. Counted from the built model, not from the analysis, so it
     checks what ``report`` predicts (``accounting.sws_costs`` is the formula).
     """
-    if isinstance(model_or_layer, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+    if isinstance(model_or_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
         return {"": _layer_costs(model_or_layer, "weight", model_or_layer)}
     layers = getattr(model_or_layer, "sws_layers", None)
     if layers is None:
         raise ValueError(
-            "measure_sws_model: expected a model built by sas_compile.swsify (or one nn.Conv1d/nn.Conv2d/nn.Linear), "
+            "measure_sws_model: expected a model built by sas_compile.swsify (or one nn.Conv1d/2d/3d or nn.Linear), "
             f"got {type(model_or_layer).__name__}"
         )
     positions = _positions(model_or_layer, example_inputs) if example_inputs is not None else {}
@@ -229,11 +229,11 @@ def _layer_costs(owner: nn.Module, attr: str, layer) -> Dict[str, Any]:
     mask = sws_mask_of(owner, attr)
     out_features = weight.shape[0]
     fan_in = weight[0].numel() if weight.shape[0] else 0
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         groups, in_channels = layer.groups, layer.in_channels
     elif isinstance(layer, nn.Linear):
         groups, in_channels = 1, layer.in_features
-    elif isinstance(layer, fx.Node) and weight.dim() in (3, 4):  # F.conv1d / F.conv2d
+    elif isinstance(layer, fx.Node) and weight.dim() in (3, 4, 5):  # F.conv1d / F.conv2d / F.conv3d
         groups = layer.args[6] if len(layer.args) > 6 else layer.kwargs.get("groups", 1)
         # the graph's groups argument is the widened one (a depthwise conv's follows its width)
         in_channels = weight.shape[1] * groups
@@ -263,7 +263,7 @@ def _positions(gm, example_inputs) -> Dict[str, int]:
         wdim = getattr(*_owner_of(gm, gm.sws_layers[node.name])).dim()
         is_conv = wdim >= 3 and len(shape) >= wdim - 1
         dims = list(shape)
-        # a conv's channel dim precedes its spatial dims (-3 for conv2d, -2 for conv1d)
+        # a conv's channel dim precedes its spatial dims (-4 for conv3d, -3 for conv2d, -2 for conv1d)
         del dims[-(wdim - 1) if is_conv else -1]
         n = 1
         for d in dims:
