@@ -174,10 +174,10 @@ def section_sweep(dry: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from sas_compile.runtime import autotune, sas_matmul, sas_ops, sws_matmul  # noqa: F401 (ops)
+    from sas_compile.runtime import autotune, sas_matmul, sas_ops, sas_transposed, sws_matmul  # noqa: F401 (ops)
     from sas_compile.runtime import execution_targets  # its tf32 switch: the kernels' float32 path
     from sas_compile.runtime.packing import pack_sws_weight, unpack_sws_weight
-    from sas_compile.runtime.projection import project
+    from sas_compile.runtime.projection import expand_transposed_weight, project
 
     device = "cpu" if dry else "cuda"
     kernel_target = "emulator" if dry else "cuda"
@@ -256,6 +256,25 @@ def section_sweep(dry: bool) -> dict:
                                                "sign_pattern")
                 record("sas_conv2d", dtype, M, (n, c, h, w, co, k), "op", out, ref,
                        1e-5 if dtype == torch.float32 else tolerance[dtype])
+    # conv3d (the same op on a 5-D weight) and transposed convolutions: projection + cuDNN
+    for dtype in (torch.float16, torch.float32):
+        for M in (2, 4):
+            tol = 1e-5 if dtype == torch.float32 else tolerance[dtype]
+            x = torch.randn(2, 6, 5, 7, 6, generator=g).to(dtype)
+            weight = (torch.randn(5, M * 6, 3, 3, 3, generator=g) / (M * 6 * 27) ** 0.5).to(dtype)
+            ref = F.conv3d(project(x.double(), M, 1), weight.double(), None, [1, 2, 1], 1)
+            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+                out = torch.ops.sas.conv2d(x.to(device), weight.to(device), None, [1, 2, 1], [1, 1, 1], [1, 1, 1], 1,
+                                           M, "sign_pattern")
+            record("sas_conv3d", dtype, M, tuple(x.shape), "op", out, ref, tol)
+            x = torch.randn(2, 6, 7, 5, generator=g).to(dtype)
+            dense = torch.randn(6, 4, 3, 3, generator=g) / 54 ** 0.5
+            wide = expand_transposed_weight(dense, M).to(dtype)
+            ref = F.conv_transpose2d(project(x.double(), M, 1), wide.double(), None, 2, 1, 1)
+            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+                out = torch.ops.sas.conv_transpose(x.to(device), wide.to(device), None, [2, 2], [1, 1], [1, 1],
+                                                   [1, 1], 1, M, "sign_pattern")
+            record("sas_conv_transpose2d", dtype, M, tuple(x.shape), "op", out, ref, tol)
     failed = [c for c in cases if not c["ok"]]
     return {"status": "ok" if not failed else "failed", "cases": len(cases), "failed": failed,
             "worst_rel_err": worst, "autotune": [d.describe() for d in autotune.decisions()]}

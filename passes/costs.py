@@ -52,15 +52,15 @@ __all__ = [
     "format_count",
     "check_M_values",
     "LAYER_OPS",
-    "DENSE_LAYER_OPS",
+    "SWS_KEPT_OPS",
     "COUNTED_OPS",
 ]
 
 METHODS = ("base", "sas", "sws", "swat")
-LAYER_OPS = ("linear", "conv1d", "conv2d", "conv3d")
-# counted like the layers (their mults and params), never converted: SAS and SWS keep them dense
-DENSE_LAYER_OPS = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
-COUNTED_OPS = LAYER_OPS + DENSE_LAYER_OPS  # every layer op a report row counts the mults of
+LAYER_OPS = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+# layers SWS keeps as they are (its width analysis does not follow them): SAS converts them
+SWS_KEPT_OPS = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+COUNTED_OPS = LAYER_OPS  # every layer op a report row counts the mults of
 
 
 @dataclass(frozen=True)
@@ -284,7 +284,7 @@ def _bias(layer, out_channels: Optional[int] = None) -> int:
     return int(out_channels if out_channels is not None else layer.out_channels) if layer.has_bias else 0
 
 
-@register_cost(LAYER_OPS + DENSE_LAYER_OPS, "base")
+@register_cost(LAYER_OPS, "base")
 def _base(layer, *, positions: Size = 1, sws_M: Optional[int] = None) -> Dict[str, Size]:
     """Dense layer: ``Co * Cbar`` per output position; a layer carrying a 1:M mask counts its nonzeros."""
     numel = weight_numel(layer)
@@ -299,7 +299,7 @@ def _sas(layer, *, positions: Size = 1, M: int) -> Dict[str, Size]:
     return {"mults": positions * numel, "params": M * numel + _bias(layer)}
 
 
-@register_cost(LAYER_OPS + DENSE_LAYER_OPS, "sws")
+@register_cost(LAYER_OPS, "sws")
 def _sws(layer, *, positions: Size = 1, M: int, in_channels: Optional[int] = None,
          out_channels: Optional[int] = None, groups: Optional[int] = None, sparse: bool = True,
          widen_in: bool = True, widen_out: bool = True) -> Dict[str, Size]:
@@ -323,7 +323,7 @@ def _sws(layer, *, positions: Size = 1, M: int, in_channels: Optional[int] = Non
             "in_channels": int(in_channels), "out_channels": int(out_channels), "fan_in": fan_in(wide)}
 
 
-@register_cost(LAYER_OPS + DENSE_LAYER_OPS, "swat")
+@register_cost(LAYER_OPS, "swat")
 def _swat(layer, *, positions: Size = 1, weight_density: float, activation_density: float,
           structure: str = "unstructured") -> Dict[str, Size]:
     """SWAT training mults: forward and input gradient on the top-K weights (per structure),

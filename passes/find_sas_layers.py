@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from sas_compile.runtime import sas_ops  # noqa: F401  (registers torch.ops.sas.*)
+from sas_compile.runtime import sas_ops, sas_transposed  # noqa: F401  (registers torch.ops.sas.*)
 from sas_compile.runtime.layers import SAS_LAYERS
 
 from .capture import clean_module_path, example_sizes, layer_owner
@@ -43,11 +43,12 @@ CONV_FUNCTIONS = {
     F.conv3d: "conv3d", torch.conv3d: "conv3d", torch.ops.aten.conv3d.default: "conv3d",
     torch.ops.aten.conv3d.padding: "conv3d",
 }
-CONV_DIMS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}  # spatial dims of each convolution op
+# spatial dims of each convolution op
+CONV_DIMS = {"conv1d": 1, "conv2d": 2, "conv3d": 3, "conv_transpose1d": 1, "conv_transpose2d": 2,
+             "conv_transpose3d": 3}
+TRANSPOSED_CONV_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # the stock layer modules SAS converts (a module swap replaces exactly these)
-LAYER_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-UNSUPPORTED_CONV_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-CONVERTS = "SAS converts Linear, Conv1d, Conv2d and Conv3d"
+LAYER_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + TRANSPOSED_CONV_MODULES
 # modules whose linear projections run inside them (not as separate linear calls the graph shows)
 OPAQUE_PROJECTION_MODULES = (nn.MultiheadAttention, nn.RNNBase, nn.TransformerEncoderLayer,
                              nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder,
@@ -65,7 +66,7 @@ OPAQUE_PROJECTION_FUNCTIONS = {
     torch._transformer_encoder_layer_fwd: "encoder_fast_path",
     torch.ops.aten._transformer_encoder_layer_fwd.default: "encoder_fast_path",
 }
-UNSUPPORTED_CONV_FUNCTIONS = {
+TRANSPOSED_CONV_FUNCTIONS = {
     F.conv_transpose1d: "conv_transpose1d", torch.conv_transpose1d: "conv_transpose1d",
     torch.ops.aten.conv_transpose1d.default: "conv_transpose1d",
     F.conv_transpose2d: "conv_transpose2d", torch.conv_transpose2d: "conv_transpose2d",
@@ -81,7 +82,7 @@ class LayerCall:
     """A conv/linear call site with its arguments normalised."""
 
     node: fx.Node
-    op: str  # linear | conv1d | conv2d | conv3d | <unsupported op name>
+    op: str  # linear | conv1d | conv2d | conv3d | conv_transpose1d/2d/3d | <unsupported op name>
     x: fx.Node
     weight: object  # fx.Node (get_attr / placeholder / computed) or None for module calls
     bias: object
@@ -95,6 +96,7 @@ class LayerCall:
     unsupported_reason: Optional[str] = None
     weight_in_out: bool = False  # the weight is stored ``[in, out]`` (addmm's second matrix)
     weight_view: Optional[fx.Node] = None  # a matmul's transpose of its [out, in] weight (``x @ W.T``)
+    output_padding: Tuple[int, ...] = ()  # a transposed convolution's
 
 
 def _tup(v, n):
@@ -118,13 +120,13 @@ def match_layer_call(node: fx.Node, gm: fx.GraphModule) -> Optional[LayerCall]:
             op = module_op(mod)
             n = CONV_DIMS[op]
             # a padding_mode other than 'zeros' is the SAS layer's too (it pads before projecting)
-            return LayerCall(node, op, x, None, None, mod, node.target, _tup(mod.stride, n), mod.padding,
+            call = LayerCall(node, op, x, None, None, mod, node.target, _tup(mod.stride, n), mod.padding,
                              _tup(mod.dilation, n), mod.groups)
-        if isinstance(mod, UNSUPPORTED_CONV_MODULES):  # counted (geometry kept), not converted
-            n = len(mod.kernel_size)
-            return LayerCall(node, f"conv_transpose{n}d", x, None, None, mod, node.target, _tup(mod.stride, n),
-                             mod.padding, _tup(mod.dilation, n), mod.groups, supported=False,
-                             unsupported_reason=f"{type(mod).__name__} is not supported ({CONVERTS})")
+            if isinstance(mod, TRANSPOSED_CONV_MODULES):
+                call.output_padding = _tup(mod.output_padding, n)
+                if len(node.args) > 1 or node.kwargs:  # forward(x, output_size): resolved per call by the layer
+                    call.output_padding = ()
+            return call
         return None
     if node.op != "call_function":
         return None
@@ -137,15 +139,14 @@ def match_layer_call(node: fx.Node, gm: fx.GraphModule) -> Optional[LayerCall]:
         args = [_arg(node, i, name, d) for i, (name, d) in enumerate(zip(_CONV_ARG_NAMES, (None, None, None, 1, 0, 1, 1)))]
         return LayerCall(node, op, args[0], args[1], args[2], None, None, _tup(args[3], n), args[4] if isinstance(args[4], str) else _tup(args[4], n),
                          _tup(args[5], n), int(args[6]))
-    if target in UNSUPPORTED_CONV_FUNCTIONS:
+    if target in TRANSPOSED_CONV_FUNCTIONS:
         # conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation)
-        op = UNSUPPORTED_CONV_FUNCTIONS[target]
-        n = int(op[-2])
-        groups = _arg(node, 6, "groups", 1)
+        op = TRANSPOSED_CONV_FUNCTIONS[target]
+        n = CONV_DIMS[op]
         return LayerCall(node, op, _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias"), None, None,
-                         _tup(_arg(node, 3, "stride", 1), n), _arg(node, 4, "padding", 0),
-                         _tup(_arg(node, 7, "dilation", 1), n), groups if isinstance(groups, int) else 1,
-                         supported=False, unsupported_reason=f"{op} is not supported ({CONVERTS})")
+                         _tup(_arg(node, 3, "stride", 1), n), _tup(_arg(node, 4, "padding", 0), n),
+                         _tup(_arg(node, 7, "dilation", 1), n), int(_arg(node, 6, "groups", 1)),
+                         output_padding=_tup(_arg(node, 5, "output_padding", 0), n))
     return None
 
 
@@ -349,9 +350,11 @@ def find_sas_layers(gm: fx.GraphModule, plan: Plan, config) -> Plan:
 
 
 def module_op(mod: nn.Module) -> str:
-    """``linear`` / ``conv1d`` / ``conv2d`` / ``conv3d`` for a layer module (dense or SAS)."""
+    """``linear``, ``conv1d/2d/3d`` or ``conv_transpose1d/2d/3d`` for a layer module (dense or SAS)."""
     if hasattr(mod, "in_features"):
         return "linear"
+    if getattr(mod, "transposed", False) is True:  # nn.ConvTranspose*d and SAS ones
+        return f"conv_transpose{len(mod.kernel_size)}d"
     return f"conv{len(mod.kernel_size)}d"
 
 
@@ -476,8 +479,8 @@ def _opaque_function_layer(node: fx.Node, kind: str, gm: fx.GraphModule) -> Laye
 class SASOp:
     """One ``sas::`` op: the layer it computes and where its ``M`` argument is."""
 
-    kind: str  # linear | conv2d | linear_from_dense | conv2d_from_dense
-    op: str  # the layer op: linear | conv2d
+    kind: str  # linear | conv2d | conv_transpose, each also ``*_from_dense``
+    op: str  # the layer op: linear | conv2d | conv_transpose
     m_index: int  # position of M among the op's arguments
     wide_weight: bool  # its weight argument is already the wide (M times) weight, not a dense one
 
@@ -494,6 +497,9 @@ SAS_OPS: Dict[object, SASOp] = {
     sas_ops.sas_conv2d_call: SASOp("conv2d", "conv2d", 7, True),
     torch.ops.sas.linear_from_dense: SASOp("linear_from_dense", "linear", 3, False),
     torch.ops.sas.conv2d_from_dense: SASOp("conv2d_from_dense", "conv2d", 7, False),
+    torch.ops.sas.conv_transpose: SASOp("conv_transpose", "conv_transpose", 8, True),
+    sas_transposed.sas_conv_transpose_call: SASOp("conv_transpose", "conv_transpose", 8, True),
+    torch.ops.sas.conv_transpose_from_dense: SASOp("conv_transpose_from_dense", "conv_transpose", 8, False),
 }
 
 
@@ -522,11 +528,16 @@ def _existing_sas_call(node: fx.Node, gm: fx.GraphModule, sources: Optional[Dict
     shape = tuple(tensor.shape) if tensor is not None else _shape(w)
     name = sources.get(target, target) if is_placeholder else target
     name = name[: -len(".weight")] if name.endswith(".weight") else name
-    groups = int(_arg(node, 6, "groups", 1)) if op == "conv2d" else 1
-    out_c, in_c = (shape[0], shape[1] // M * groups) if shape else (-1, -1)
-    kernel = tuple(shape[2:]) if shape and op == "conv2d" else ()
+    groups = int(_arg(node, spec.m_index - 1, "groups", 1)) if op != "linear" else 1
+    if op == "conv_transpose":  # the wide weight is [M * in, out/groups, *kernel]
+        out_c, in_c = (shape[1] * groups, shape[0] // M) if shape else (-1, -1)
+    else:
+        out_c, in_c = (shape[0], shape[1] // M * groups) if shape else (-1, -1)
+    kernel = tuple(shape[2:]) if shape and op != "linear" else ()
     if op == "conv2d" and kernel:  # the one conv op serves conv1d (3-D weight) and conv3d (5-D) layers
         op = f"conv{len(kernel)}d"
+    elif op == "conv_transpose" and kernel:
+        op = f"conv_transpose{len(kernel)}d"
     layer = LayerPlan(name, node.name, op, False, already_sas_reason(M), in_c, out_c, kernel, groups=groups,
                       has_bias=b is not None, weight_target=target,
                       weight_kind="placeholder" if is_placeholder else "attr", sas_M=M)

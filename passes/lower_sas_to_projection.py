@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-from sas_compile.runtime import sas_ops
+from sas_compile.runtime import sas_ops, sas_transposed
 from sas_compile.runtime.matmul import sas_linear_choice
 from sas_compile.runtime.projection import expand_dense_weight
 
@@ -38,6 +38,8 @@ _LOWERINGS = {
     "conv2d": sas_ops.projected_conv2d,
     "linear_from_dense": sas_ops.dense_linear_through,
     "conv2d_from_dense": sas_ops.dense_conv2d_through,
+    "conv_transpose": sas_transposed.projected_conv_transpose,
+    "conv_transpose_from_dense": sas_transposed.dense_conv_transpose_through,
 }
 assert set(_LOWERINGS) == {spec.kind for spec in SAS_OPS.values()}, "every sas:: op needs its lowering"
 
@@ -60,7 +62,10 @@ def _random_like(value: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _kernel_is_faster(node: fx.Node, kind: str, device: torch.device) -> bool:
-    """Whether the autotuner picks a Sparse Tensor Core path for this layer's shape."""
+    """Whether the autotuner picks a Sparse Tensor Core path for this layer's shape (no kernel
+    computes a transposed convolution)."""
+    if kind.startswith("conv_transpose"):
+        return False
     x, weight = _example(node.args[0]), _example(node.args[1])
     bias = _example(node.args[2]) if node.args[2] is not None else None
     if x is None or weight is None or (node.args[2] is not None and bias is None):

@@ -29,13 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from sas_compile.runtime import sas_ops
-from sas_compile.runtime.layers import SASConv1d, SASConv2d, SASConv3d, SASLinear
-from sas_compile.runtime.projection import expand_dense_weight
+from sas_compile.runtime import sas_ops, sas_transposed
+from sas_compile.runtime.layers import (SASConv1d, SASConv2d, SASConv3d, SASConvTranspose1d, SASConvTranspose2d,
+                                        SASConvTranspose3d, SASLinear)
+from sas_compile.runtime.projection import expand_dense_weight, expand_transposed_weight
 
 from .capture import copy_model, tensors_in
 from .find_foldable_relus import relu_input
-from .find_sas_layers import match_layer_call
+from .find_sas_layers import LAYER_MODULES, match_layer_call
 from .plan import LayerPlan, Plan
 
 log = logging.getLogger("sas_compile.passes")
@@ -94,6 +95,12 @@ def holds_stand_ins(model: nn.Module) -> bool:
                for tensor in tensors_in(value, depth=2))
 
 
+# the SAS layer of each stock layer module (``find_sas_layers.LAYER_MODULES``)
+SAS_CLASS = {nn.Linear: SASLinear, nn.Conv1d: SASConv1d, nn.Conv2d: SASConv2d, nn.Conv3d: SASConv3d,
+             nn.ConvTranspose1d: SASConvTranspose1d, nn.ConvTranspose2d: SASConvTranspose2d,
+             nn.ConvTranspose3d: SASConvTranspose3d}
+
+
 def sas_module(dense: nn.Module, M: int, fold: bool, rule: str, wide: Optional[nn.Parameter] = None, *,
                weight_in_out: bool = False) -> nn.Module:
     """The SAS layer computing the same function as ``dense`` (``dense(relu(x))`` if folded).
@@ -106,21 +113,15 @@ def sas_module(dense: nn.Module, M: int, fold: bool, rule: str, wide: Optional[n
     SAS linear on ``W^T``. Another module that is not a Linear/Conv was proved ``x @ W.T + b``.
     """
     source = dense_source(dense.weight)
-    if weight_in_out or not isinstance(dense, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if weight_in_out or not isinstance(dense, LAYER_MODULES):
         # a module the analysis proved a linear written with other ops (addmm, x @ W.T)
         return _sas_linear_of(dense, source.t() if weight_in_out else source, M, fold, rule, wide)
     if wide is None and source is not dense.weight:
-        wide = _wide_like(source, M, fold, rule, getattr(dense, "groups", 1))
-    if isinstance(dense, nn.Linear):
-        new = SASLinear.from_dense(dense, M, fold_relu=fold, rule=rule)
-    elif isinstance(dense, nn.Conv2d):
-        new = SASConv2d.from_dense(dense, M, fold_relu=fold, rule=rule)
-    elif isinstance(dense, nn.Conv1d):
-        new = SASConv1d.from_dense(dense, M, fold_relu=fold, rule=rule)
-    elif isinstance(dense, nn.Conv3d):
-        new = SASConv3d.from_dense(dense, M, fold_relu=fold, rule=rule)
-    else:
+        wide = _wide_like(source, M, fold, rule, getattr(dense, "groups", 1), getattr(dense, "transposed", False) is True)
+    sas_class = next((sas for cls, sas in SAS_CLASS.items() if isinstance(dense, cls)), None)
+    if sas_class is None:
         raise TypeError(f"no SAS layer for {type(dense).__name__}")
+    new = sas_class.from_dense(dense, M, fold_relu=fold, rule=rule)
     if wide is not None:
         new.weight = wide
     if dense.bias is not None:
@@ -188,10 +189,15 @@ def carry_model_state(model: nn.Module, built: nn.Module) -> None:
                 owner._non_persistent_buffers_set.add(name)
 
 
-def _wide_like(dense: torch.Tensor, M: int, fold: bool, rule: str, groups: int) -> torch.Tensor:
-    """The wide version of a functional call's weight: a Parameter with its requires_grad, or a plain tensor."""
+def _wide_like(dense: torch.Tensor, M: int, fold: bool, rule: str, groups: int,
+               transposed: bool = False) -> torch.Tensor:
+    """The wide version of a functional call's weight: a Parameter with its requires_grad, or a plain
+    tensor (a transposed convolution's widens dim 0)."""
     with torch.no_grad():
-        wide = expand_dense_weight(dense.detach(), M, fold_relu=fold, rule=rule, groups=groups)
+        if transposed:
+            wide = expand_transposed_weight(dense.detach(), M, fold_relu=fold, rule=rule)
+        else:
+            wide = expand_dense_weight(dense.detach(), M, fold_relu=fold, rule=rule, groups=groups)
     return nn.Parameter(wide, requires_grad=dense.requires_grad) if isinstance(dense, nn.Parameter) else wide
 
 
@@ -222,6 +228,16 @@ def _emit_sas_call(graph: fx.Graph, layer: LayerPlan, call, x, weight, M: int, r
     (``sas_conv2d_call`` does that at run time for the wide weight's graphs).
     """
     extra = (fold, rule, train_dense) if from_dense else (rule,)
+    if "transpose" in layer.op:  # the op takes any rank and the unbatched form
+        op = (torch.ops.sas.conv_transpose_from_dense.default if from_dense
+              else sas_transposed.sas_conv_transpose_call)
+        example = x.meta.get("example_value") if isinstance(x, fx.Node) else None
+        unbatched = from_dense and isinstance(example, torch.Tensor) and example.dim() == len(layer.kernel_size) + 1
+        if unbatched:
+            x = graph.call_method("unsqueeze", (x, 0))
+        out = graph.call_function(op, (x, weight, call.bias, list(call.stride), list(call.padding),
+                                       list(call.output_padding), list(call.dilation), call.groups, M, *extra))
+        return graph.call_method("squeeze", (out, 0)) if unbatched else out
     if layer.op == "linear":
         op = torch.ops.sas.linear_from_dense.default if from_dense else sas_ops.sas_linear_call
         return graph.call_function(op, (x, weight, call.bias, M, *extra))
@@ -282,7 +298,8 @@ def rewrite_layers_to_sas(gm: fx.GraphModule, plan: Plan, config) -> Plan:
                 owner_path, _, pname = layer.weight_target.rpartition(".")
                 owner = gm.get_submodule(owner_path) if owner_path else gm
                 if wide is None:
-                    wide = _wide_like(dense_source(getattr(owner, pname)), M, fold, rule, layer.groups)
+                    wide = _wide_like(dense_source(getattr(owner, pname)), M, fold, rule, layer.groups,
+                                      "transpose" in layer.op)
                 if getattr(owner, pname) is not wide:
                     _set_tensor(owner, pname, wide)
             with gm.graph.inserting_before(node):

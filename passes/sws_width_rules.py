@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from .capture import layer_owner, shape_tree
-from .find_sas_layers import CONV_DIMS, LAYER_MODULES, UNSUPPORTED_CONV_MODULES, LayerCall, match_layer_call, op_name, stores_weight
+from .find_sas_layers import CONV_DIMS, LAYER_MODULES, LayerCall, match_layer_call, op_name, stores_weight
 from .sws_width_model import Dim, LayerSite, WidthUnionFind
 
 __all__ = [
@@ -768,6 +768,8 @@ def layer(walk: WidthWalk, node: fx.Node):
             walk.uf.tie(b[0], w[0], node.name)
         walk.record_layer(node, "linear", x[-1], w[0], 1, (), wt, bt, call.x)
         return list(x[:-1]) + [w[0]]
+    if "transpose" in call.op:
+        raise UnsupportedOp(f"SWS does not widen or mask a transposed convolution ({call.op})")
     if call.op not in LAYER_OPS:
         raise UnsupportedOp(call.unsupported_reason or f"{call.op} is not supported")
     return _conv(walk, node, call, x, w, wt, b, bt)
@@ -1028,7 +1030,7 @@ def _module_rule(module: nn.Module) -> Optional[Rule]:
 def has_width_rule(module: nn.Module) -> bool:
     """Whether the analysis sees into a call of ``module`` (a layer, a transposed convolution, whose
     widths it keeps, or a module with a rule)."""
-    return isinstance(module, LAYER_MODULES + UNSUPPORTED_CONV_MODULES) or _module_rule(module) is not None
+    return isinstance(module, LAYER_MODULES) or _module_rule(module) is not None
 
 
 def width_rule_for(node: fx.Node, gm: fx.GraphModule) -> Rule:

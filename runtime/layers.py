@@ -7,17 +7,20 @@ Mults per output position equal the narrow layer's; parameters grow ``M`` times.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import sas_ops  # noqa: F401  (registers torch.ops.sas.*)
-from .projection import check_M, expand_dense_weight, get_rule
+from . import sas_transposed  # noqa: F401  (registers torch.ops.sas.conv_transpose*)
+from .projection import check_M, expand_dense_weight, expand_transposed_weight, get_rule
 from .sas_ops import resolve_conv_padding, sas_conv2d_call, sas_linear_call
+from .sas_transposed import sas_conv_transpose_call
 
-__all__ = ["SASLinear", "SASConv2d", "SASConv1d", "SASConv3d", "SAS_LAYERS"]
+__all__ = ["SASLinear", "SASConv2d", "SASConv1d", "SASConv3d", "SASConvTranspose1d", "SASConvTranspose2d",
+           "SASConvTranspose3d", "SAS_LAYERS"]
 
 
 def _init_like_narrow(weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in: int) -> None:
@@ -40,6 +43,10 @@ class _SASBase(nn.Module):
     # M (int) and rule (str) are set by _check; no class annotations: TorchScript reads those
     # as types and cannot resolve them as the strings this module's annotations are
 
+    def _dense_weight_shape(self):
+        """The dense layer's weight shape: dim 1, the input side, M times narrower."""
+        return (self.weight.shape[0], self.weight.shape[1] // self.M, *self.weight.shape[2:])
+
     def _check(self, M: int, rule: str) -> None:
         check_M(M)
         get_rule(rule, M)
@@ -51,8 +58,7 @@ class _SASBase(nn.Module):
         saying what works, in place of the bare size mismatch."""
         weight = state_dict.get(prefix + "weight")
         own = self.weight
-        if (isinstance(weight, torch.Tensor) and weight.dim() == own.dim() and weight.shape[0] == own.shape[0]
-                and weight.shape[1] * self.M == own.shape[1] and weight.shape[2:] == own.shape[2:]):
+        if isinstance(weight, torch.Tensor) and tuple(weight.shape) == self._dense_weight_shape():
             error_msgs.append(
                 f"{prefix}weight has the dense layer's shape {tuple(weight.shape)}, not this M={self.M} SAS "
                 f"layer's {tuple(own.shape)}: a dense checkpoint. Load it into the dense model and sasify that "
@@ -243,4 +249,87 @@ class SASConv3d(_SASConvNd):
     _dims = 3
 
 
-SAS_LAYERS = (SASLinear, SASConv2d, SASConv1d, SASConv3d)
+class _SASConvTransposeNd(_SASBase):
+    """A SAS transposed convolution: ``conv_transpose(S(x), Wt)``, ``Wt`` of ``[M * in, out/groups,
+    *kernel]`` (``sas::conv_transpose``). Its forward takes ``output_size`` as the dense layer's does."""
+
+    _dims = 2
+    transposed = True  # as nn.ConvTranspose*d says it
+    # the dense layer's own rule from output_size to output_padding (it reads only the arguments
+    # and self.output_padding)
+    _output_padding = nn.modules.conv._ConvTransposeNd._output_padding
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, M: int = 2, stride=1, padding=0,
+                 output_padding=0, groups: int = 1, bias: bool = True, dilation=1, rule: str = "sign_pattern",
+                 device=None, dtype=None):
+        super().__init__()
+        self._check(M, rule)
+        tup = lambda v: (v,) * self._dims if isinstance(v, int) else tuple(v)  # noqa: E731
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.padding = tup(kernel_size), tup(stride), tup(padding)
+        self.output_padding, self.dilation = tup(output_padding), tup(dilation)
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(in_channels * M, out_channels // groups, *self.kernel_size, **kw))
+        self.bias = nn.Parameter(torch.empty(out_channels, **kw)) if bias else None
+        # one of M slots is nonzero: the fan-in is the dense layer's (PyTorch's, for a transposed layer)
+        _init_like_narrow(self.weight, self.bias, out_channels // groups * math.prod(self.kernel_size))
+
+    @classmethod
+    def from_dense(cls, layer, M: int = 2, *, fold_relu: bool = False, rule: str = "sign_pattern"):
+        """Function-preserving conversion of an ``nn.ConvTranspose{1,2,3}d``."""
+        if layer.padding_mode != "zeros":  # PyTorch's transposed layers refuse other modes in forward
+            raise ValueError(f"padding_mode={layer.padding_mode!r}: a transposed convolution pads with zeros only")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new._check(M, rule)
+        new.in_channels, new.out_channels, new.groups = layer.in_channels, layer.out_channels, layer.groups
+        new.kernel_size, new.stride, new.padding = tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.padding)
+        new.output_padding, new.dilation = tuple(layer.output_padding), tuple(layer.dilation)
+        with torch.no_grad():
+            wide = expand_transposed_weight(layer.weight.detach(), M, fold_relu=fold_relu, rule=rule)
+        new.weight, new.bias = _parameters_like(layer, wide)
+        return new
+
+    def _dense_weight_shape(self):
+        """The dense layer's weight shape: dim 0, its input channels, M times narrower."""
+        return (self.weight.shape[0] // self.M, *self.weight.shape[1:])
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` reads instance attributes only: the class's dim count becomes one."""
+        self._script_dims = self._dims
+        return self
+
+    def forward(self, x: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
+        dims = self._script_dims if torch.jit.is_scripting() else self._dims
+        output_padding = self._output_padding(x, output_size, list(self.stride), list(self.padding),
+                                              list(self.kernel_size), dims, list(self.dilation))
+        return sas_conv_transpose_call(x, self.weight, self.bias, list(self.stride), list(self.padding),
+                                       output_padding, list(self.dilation), self.groups, self.M, self.rule)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, M={self.M}, "
+                f"stride={self.stride}, padding={self.padding}, output_padding={self.output_padding}, "
+                f"dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}")
+
+
+class SASConvTranspose1d(_SASConvTransposeNd):
+    """A 1-D transposed convolution on the projected input."""
+
+    _dims = 1
+
+
+class SASConvTranspose2d(_SASConvTransposeNd):
+    """A 2-D transposed convolution on the projected input."""
+
+    _dims = 2
+
+
+class SASConvTranspose3d(_SASConvTransposeNd):
+    """A 3-D transposed convolution on the projected input."""
+
+    _dims = 3
+
+
+SAS_LAYERS = (SASLinear, SASConv2d, SASConv1d, SASConv3d, SASConvTranspose1d, SASConvTranspose2d, SASConvTranspose3d)

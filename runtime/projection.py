@@ -40,6 +40,10 @@ __all__ = [
     "shrink_workspace",
     "WORKSPACE_LIMIT_BYTES",
     "project_aten",
+    "expand_transposed_weight",
+    "fold_transposed_grad",
+    "zero_rows",
+    "dead_rows",
     "dead_slots",
     "infinite_meets_dead_slots",
     "zero_columns",
@@ -420,7 +424,7 @@ def project_aten(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern") -
     and for autograd to differentiate.
 
     The same values as :func:`project`, and the ops' derivative: each value's magnitude in its
-    rule's slot, ``+1`` for ``x > 0`` and ``-1`` otherwise (``sas_ops._slot_grad``, the derivative
+    rule's slot, ``+1`` for ``x > 0`` and ``-1`` otherwise (``sas_ops.slot_grad``, the derivative
     from the left at 0; ``clamp_min`` planes, the previous form, passed both slots' gradients at
     an exact 0). A compiler such as inductor fuses it with the elementwise ops around it
     (BatchNorm, ReLU) into one pass that writes the wide tensor.
@@ -477,6 +481,41 @@ def expand_dense_weight(
     grouped = weight.reshape(groups, out_channels // groups, per_group, 1, *kernel)
     wide = grouped * _grouped_signs(weight, M, fold_relu, rule, groups)
     return wide.reshape(out_channels, per_group * M, *kernel)
+
+
+def expand_transposed_weight(weight: Tensor, M: int, *, fold_relu: bool = False,
+                             rule: str = "sign_pattern") -> Tensor:
+    """:func:`expand_dense_weight` of a transposed convolution's weight ``[in, out/groups, *kernel]``:
+    its input channels are dim 0, numbered across the groups, so ``Wt[c*M + m] = s_c(m) W[c]``
+    whatever the groups (each group's wide channels stay one block of dim 0)."""
+    channels = weight.shape[0]
+    signs = slot_signs(channels, M, fold_relu=fold_relu, rule=rule, dtype=weight.dtype, device=weight.device)
+    wide = weight.unsqueeze(1) * signs.view(channels, M, *([1] * (weight.dim() - 1)))
+    return wide.reshape(channels * M, *weight.shape[1:])
+
+
+def fold_transposed_grad(grad_wide: Tensor, M: int, *, fold_relu: bool = False, rule: str = "sign_pattern") -> Tensor:
+    """The adjoint of :func:`expand_transposed_weight`: ``dW[c] = sum_m s_c(m) dWt[c*M + m]``."""
+    channels = grad_wide.shape[0] // M
+    signs = slot_signs(channels, M, fold_relu=fold_relu, rule=rule, dtype=grad_wide.dtype, device=grad_wide.device)
+    per_slot = grad_wide.reshape(channels, M, *grad_wide.shape[1:])
+    return (per_slot * signs.view(channels, M, *([1] * (grad_wide.dim() - 1)))).sum(1)
+
+
+def zero_rows(weight: Tensor) -> Tensor:
+    """Bool ``[weight.shape[0]]``: the input channels of a transposed convolution's weight whose
+    every weight is zero (what :func:`zero_columns` is for a convolution's), as plain ops."""
+    return (weight.reshape(weight.shape[0], -1) == 0).all(dim=1)
+
+
+def dead_rows(weight: Tensor) -> Optional[Tensor]:
+    """:func:`dead_slots` of a transposed convolution's wide weight (its input channels are rows),
+    or None if none; cached per weight version."""
+    def make():
+        dead = zero_rows(weight.detach())
+        return dead if bool(dead.any()) else None
+
+    return _dead_cache.get(weight, ("dead_rows",), make)
 
 
 def fold_wide_grad(

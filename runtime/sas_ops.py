@@ -53,7 +53,7 @@ def _backward_dead_mask(x: Tensor, weight: Tensor, groups: int = 1) -> Optional[
     return dead_slots(weight, groups)
 
 
-def _fit_workspace_to_training(x: Tensor, M: int) -> None:
+def fit_workspace_to_training(x: Tensor, M: int) -> None:
     """Called by the ops' ``setup_context``, which runs only when autograd records the op.
 
     A training step's peak memory is at the end of its forward, where the activations have
@@ -71,7 +71,7 @@ def _fit_workspace_to_training(x: Tensor, M: int) -> None:
 
 
 def _slot_grad_host(grad_wide: Tensor, x: Tensor, dim: int, M: int) -> Optional[Tensor]:
-    """:func:`_slot_grad` of the sign-pattern rule by the host kernels (``runtime/host_kernels.py``);
+    """:func:`slot_grad` of the sign-pattern rule by the host kernels (``runtime/host_kernels.py``);
     a channels_last convolution is read as NHWC; None where the kernels do not apply."""
     if dim == 1 and x.dim() == 4 and _conv_memory_format(x) == torch.channels_last:
         if _conv_memory_format(grad_wide) != torch.channels_last:
@@ -81,7 +81,7 @@ def _slot_grad_host(grad_wide: Tensor, x: Tensor, dim: int, M: int) -> Optional[
     return host_kernels.slot_grad_sign(grad_wide, x, dim, M)
 
 
-def _slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Tensor:
+def slot_grad(grad_wide: Tensor, x: Tensor, M: int, rule: str, dim: int) -> Tensor:
     """d/dx of S(x): the wide gradient at each value's slot, times d|x|/dx.
 
     The slot holds ``|x|``: its derivative is +1 for ``x > 0`` and -1 otherwise, the derivative
@@ -162,7 +162,7 @@ def projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M: int,
                     padding, dilation, groups)
 
 
-def _differentiable_grads(composite, x: Tensor, weight: Tensor, grad: Tensor, need_x: bool, need_w: bool):
+def differentiable_grads(composite, x: Tensor, weight: Tensor, grad: Tensor, need_x: bool, need_w: bool):
     """``(grad_x, grad_w)`` of ``composite(x, weight)`` against ``grad``, as a graph autograd can
     differentiate again: a backward under ``create_graph=True``."""
     targets = [t for t, need in ((x, need_x), (weight, need_w)) if need]
@@ -197,7 +197,7 @@ def _(x, weight, bias, M, rule):
 
 def _linear_setup(ctx, inputs, output):
     x, weight, bias, M, rule = inputs
-    _fit_workspace_to_training(x, M)
+    fit_workspace_to_training(x, M)
     ctx.save_for_backward(x, weight)
     ctx.M, ctx.rule = M, rule
 
@@ -207,13 +207,13 @@ def _linear_backward(ctx, grad):
     M, rule = ctx.M, ctx.rule
     grad_x = grad_w = grad_b = None
     if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
-        grad_x, grad_w = _differentiable_grads(lambda xx, ww: projected_linear(xx, ww, None, M, rule), x, weight, grad,
+        grad_x, grad_w = differentiable_grads(lambda xx, ww: projected_linear(xx, ww, None, M, rule), x, weight, grad,
                                                *ctx.needs_input_grad[:2])
         if ctx.needs_input_grad[2]:
             grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, grad_w, grad_b, None, None
     if ctx.needs_input_grad[0]:
-        grad_x = _slot_grad(grad.matmul(weight), x, M, rule, x.dim() - 1)
+        grad_x = slot_grad(grad.matmul(weight), x, M, rule, x.dim() - 1)
     if ctx.needs_input_grad[1]:
         wide = project_transient(x, M, -1, rule, _backward_dead_mask(x, weight))
         grad_w = grad.reshape(-1, grad.shape[-1]).t().matmul(wide.reshape(-1, wide.shape[-1]))
@@ -518,7 +518,7 @@ def _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, 
 
 def _conv_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, groups, M, rule = inputs
-    _fit_workspace_to_training(x, M)
+    fit_workspace_to_training(x, M)
     ctx.save_for_backward(x, weight)
     ctx.conf = (list(stride), list(padding), list(dilation), groups)
     ctx.M, ctx.rule = M, rule
@@ -533,7 +533,7 @@ def _projected_conv_grads(grad, x, wide_weight, bias_sizes, conf, M, rule, need_
 
     One ``convolution_backward`` on the recomputed projection for all three: oneDNN shares its
     reorders between the input and weight gradients (two separate calls measured 1.3-1.5x one).
-    The wide input gradient is folded to the narrow one (:func:`_slot_grad`) and freed. On the
+    The wide input gradient is folded to the narrow one (:func:`slot_grad`) and freed. On the
     CPU a wide input above ``BACKWARD_CHUNK_BYTES`` is recomputed and used a batch chunk at a
     time (the weight and bias gradients summed over the chunks): the recomputed projection and
     the wide input gradient, each M times the layer's input, are the largest transients of a
@@ -560,7 +560,7 @@ def _projected_conv_grads(grad, x, wide_weight, bias_sizes, conf, M, rule, need_
             False, [0] * len(read_stride), groups, [need_x, need_w, need_b])
         del wide
         if need_x:
-            grad_x_parts.append(_slot_grad(grad_wide, xs, M, rule, 1))
+            grad_x_parts.append(slot_grad(grad_wide, xs, M, rule, 1))
         del grad_wide
         grad_w = part_w if grad_w is None or part_w is None else grad_w.add_(part_w)
         grad_b = part_b if grad_b is None or part_b is None else grad_b.add_(part_b)
@@ -582,7 +582,7 @@ def _conv_backward(ctx, grad):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
         stride, padding, dilation, groups = ctx.conf
-        grad_x, grad_w = _differentiable_grads(
+        grad_x, grad_w = differentiable_grads(
             lambda xx, ww: projected_conv2d(xx, ww, None, stride, padding, dilation, groups, ctx.M, ctx.rule),
             x, weight, grad, need_x, need_w)
         grad_b = grad.sum((0, 2, 3)) if need_b and ctx.bias_sizes is not None else None
@@ -676,7 +676,7 @@ def _(x, weight, bias, M, fold_relu, rule, train_dense):
 
 def _from_dense_linear_setup(ctx, inputs, output):
     x, weight, bias, M, fold_relu, rule, train_dense = inputs
-    _fit_workspace_to_training(x, M)
+    fit_workspace_to_training(x, M)
     ctx.save_for_backward(x, weight)
     ctx.conf = (M, fold_relu, rule, train_dense)
 
@@ -688,7 +688,7 @@ def _from_dense_linear_backward(ctx, grad):
     wide = expand_dense_weight(weight, M, fold_relu=fold_relu, rule=rule)
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_x = _slot_grad(grad.matmul(wide), x, M, rule, x.dim() - 1)
+        grad_x = slot_grad(grad.matmul(wide), x, M, rule, x.dim() - 1)
     if ctx.needs_input_grad[1] and not train_dense:
         grad_w = torch.ops.sas.refuse_dense_training(weight)
     elif ctx.needs_input_grad[1]:
@@ -729,7 +729,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, M, fold_relu, rule, tr
 
 def _from_dense_conv_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, groups, M, fold_relu, rule, train_dense = inputs
-    _fit_workspace_to_training(x, M)
+    fit_workspace_to_training(x, M)
     ctx.save_for_backward(x, weight)
     ctx.conf = (list(stride), list(padding), list(dilation), groups)
     ctx.sas = (M, fold_relu, rule, train_dense)
@@ -813,39 +813,40 @@ def _conv_arguments(x: Tensor, weight: Tensor, stride, padding, dilation):
     return (x if extra is None else F.pad(x, extra)), stride, padding, dilation
 
 
-def _batch_of_one(x: Tensor, weight: Tensor) -> Tensor:
+def batch_of_one(x: Tensor, weight: Tensor, transposed: bool = False) -> Tensor:
     """``x`` with a batch dim: an unbatched input (``[C, H, W]``, ``[C, D, H, W]`` for a 5-D weight),
-    which ``F.conv2d`` takes too, gains one, since the ops project along dim 1."""
-    return x if x.dim() == max(weight.dim(), 4) else x.unsqueeze(0)
+    which ``F.conv2d`` takes too, gains one, since the ops project along dim 1. A transposed
+    convolution's batched input has its weight's rank (its 1-D form runs as it is)."""
+    return x if x.dim() == (weight.dim() if transposed else max(weight.dim(), 4)) else x.unsqueeze(0)
 
 
-def _unbatched_like(out: Tensor, x: Tensor, weight: Tensor) -> Tensor:
-    """``out`` without the batch dim :func:`_batch_of_one` gave an unbatched ``x``."""
-    return out if x.dim() == max(weight.dim(), 4) else out.squeeze(0)
+def unbatched_like(out: Tensor, x: Tensor, weight: Tensor, transposed: bool = False) -> Tensor:
+    """``out`` without the batch dim :func:`batch_of_one` gave an unbatched ``x``."""
+    return out if x.dim() == (weight.dim() if transposed else max(weight.dim(), 4)) else out.squeeze(0)
 
 
 # a symbolic trace that enters a SAS layer (torch.fx.symbolic_trace of a SAS model) records these
 # two as calls: they read the input's rank, which a traced proxy has only at run time
-torch.fx.wrap("_batch_of_one")
-torch.fx.wrap("_unbatched_like")
+torch.fx.wrap("batch_of_one")
+torch.fx.wrap("unbatched_like")
 
 
 def sas_conv2d_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
                     dilation: List[int], groups: int, M: int, rule: str) -> Tensor:
     """``sas::conv2d`` with the arguments of ``F.conv2d`` (ints or lists, string padding), or its
     composite form where a transform needs it (``torch.func``, forward AD). An unbatched input
-    runs as a batch of one (:func:`_batch_of_one`).
+    runs as a batch of one (:func:`batch_of_one`).
 
     TorchScript compiles it (a scripted SAS layer or rewritten graph calls it) with the op's own
     lists, and skips the eager-only part."""
-    batched = _batch_of_one(x, weight)
+    batched = batch_of_one(x, weight)
     if not torch.jit.is_scripting():
         batched, stride, padding, dilation = _conv_arguments(batched, weight, stride, padding, dilation)
         if composite_transform_active():
             out = projected_conv2d(batched, weight, bias, stride, padding, dilation, groups, M, rule)
-            return _unbatched_like(out, x, weight)
+            return unbatched_like(out, x, weight)
     out = torch.ops.sas.conv2d(batched, weight, bias, stride, padding, dilation, groups, M, rule)
-    return _unbatched_like(out, x, weight)
+    return unbatched_like(out, x, weight)
 
 
 def sas_linear_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int, rule: str) -> Tensor:

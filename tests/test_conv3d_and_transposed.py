@@ -1,14 +1,17 @@
-"""3-D convolutions convert to SAS; transposed convolutions are counted; unbatched inputs run.
+"""3-D and transposed convolutions convert to SAS; unbatched inputs run.
 
-Before: ``nn.Conv3d`` and ``F.conv3d`` stayed dense ("not supported"), and the report counted
-no multiplies for them or for any transposed convolution (a 3-D CNN's report said its mults were
-its linear head's); swsify could not follow a conv3d; and a SAS convolution given an unbatched
-input (``[C, H, W]``, which ``nn.Conv2d`` takes) raised, because the op projects along dim 1.
+Before: ``nn.Conv3d``, ``F.conv3d`` and every transposed convolution stayed dense ("not
+supported"), and the report counted no multiplies for them (a 3-D CNN's report said its mults
+were its linear head's); swsify could not follow a conv3d; and a SAS convolution given an
+unbatched input (``[C, H, W]``, which ``nn.Conv2d`` takes) raised, because the op projects along
+dim 1.
 
 A SAS conv3d is the ``sas::conv2d`` op with a 5-D weight (``F.conv3d`` on the projected input,
-one ``convolution_backward`` for the gradients). Every check is in float64 on random inputs of
-ragged sizes against the reference formulation: the reference code's zero-filled projection
-(``reference_project``) followed by ``F.conv3d`` with the wide weight.
+one ``convolution_backward`` for the gradients); a SAS transposed convolution is
+``sas::conv_transpose``, whose weight ``[M * in, out/groups, *kernel]`` widens dim 0. Every
+check is in float64 on random inputs of ragged sizes against the reference formulation: the
+reference code's zero-filled projection (``reference_project``) followed by the dense op with
+the wide weight.
 """
 from __future__ import annotations
 
@@ -181,18 +184,168 @@ def test_report_counts_conv3d_and_transposed_convolutions():
     }
     for name, mults in expected.items():
         assert rows[name]["base"]["mults"] == mults, name
-    assert rows["mid"]["op"] == "conv3d" and rows["mid"]["eligible"]
+    assert [rows[n]["op"] for n in expected] == ["conv3d", "conv3d", "conv_transpose3d", "conv_transpose2d"]
+    assert not rows["enc"]["eligible"] and all(rows[n]["eligible"] for n in ("mid", "up", "w"))
     assert rows["mid"]["sas"][2]["params"] == 2 * 8 * 6 * 27 + 8
-    for name in ("up", "w"):  # counted, kept dense by SAS and SWS alike
+    assert rows["up"]["sas"][2]["params"] == 2 * 8 * 4 * 8 + 4
+    assert rows["w"]["sas"][2]["params"] == 2 * 4 * 3 * 9
+    for name in ("up", "w"):  # SWS keeps a transposed convolution as it is
         row = rows[name]
-        assert not row["eligible"] and "not supported" in row["reason"]
-        assert row["sas"][2] == row["base"]
         assert row["sws"][2]["mults"] == row["base"]["mults"]
         assert row["sws"][2]["params"] == row["base"]["params"]
     assert report.totals["base"]["mults"] == report.totals["sas"][2]["mults"] == sum(expected.values())
     plan = sas_compile.sasify(model, M=2).sas_plan
     up = next(layer for layer in plan.layers if layer.name == "up")
     assert (up.in_channels, up.out_channels, up.kernel_size) == (8, 4, (2, 2, 2))
+
+
+TRANSPOSED_CASES = [
+    (nn.ConvTranspose1d, dict(kernel_size=3), (9,)),
+    (nn.ConvTranspose1d, dict(kernel_size=4, stride=3, padding=2, output_padding=1, dilation=2), (7,)),
+    (nn.ConvTranspose2d, dict(kernel_size=3, stride=2, padding=1, output_padding=1), (5, 7)),
+    (nn.ConvTranspose2d, dict(kernel_size=(2, 3), groups=2, bias=False), (4, 6)),
+    (nn.ConvTranspose2d, dict(kernel_size=1, stride=2), (5, 3)),
+    (nn.ConvTranspose3d, dict(kernel_size=(2, 3, 2), stride=(2, 1, 2), padding=(0, 1, 1), groups=2), (3, 4, 5)),
+]
+TRANSPOSED_IDS = ["1d", "1d strided dilated output_padding", "2d output_padding", "2d groups", "2d 1x1 stride 2",
+                  "3d groups"]
+
+
+def _transposed_net(cls, conv):
+    first = {nn.ConvTranspose1d: nn.Conv1d, nn.ConvTranspose2d: nn.Conv2d, nn.ConvTranspose3d: nn.Conv3d}[cls]
+    return nn.Sequential(first(3, 6, 1), nn.ReLU(), cls(6, 4, **conv)).to(DT).eval()
+
+
+@pytest.mark.parametrize("M", [2, 4])
+@pytest.mark.parametrize("cls,conv,spatial", TRANSPOSED_CASES, ids=TRANSPOSED_IDS)
+def test_transposed_convolutions_convert_and_match_the_reference(cls, conv, spatial, M):
+    torch.manual_seed(6)
+    dense = _transposed_net(cls, conv)
+    sas = sas_compile.sasify(dense, M=M)
+    layer = sas[2]
+    assert type(layer).__name__ == "SAS" + cls.__name__ and isinstance(sas, nn.Sequential)
+    assert layer.weight.shape == (6 * M, *dense[2].weight.shape[1:])
+    assert sas[1].__class__ is nn.Identity  # the ReLU is folded into the SAS layer
+    x = torch.randn(2, 3, *spatial, dtype=DT)
+    with torch.no_grad():
+        torch.testing.assert_close(sas(x), dense(x), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(sas(x[0]), dense(x[0]), rtol=1e-10, atol=1e-12)  # unbatched
+        # forward(x, output_size): the largest size the stride allows (output_padding stride - 1)
+        d = dense[2]
+        size = [(n - 1) * st - 2 * p + dl * (k - 1) + 1 + (st - 1)
+                for n, st, p, dl, k in zip(spatial, d.stride, d.padding, d.dilation, d.kernel_size)]
+        torch.testing.assert_close(sas[2](sas[1](sas[0](x)), output_size=size),
+                                   d(dense[1](dense[0](x)), output_size=size), rtol=1e-10, atol=1e-12)
+    # the layer alone against the reference formulation: values and every gradient
+    with torch.no_grad():
+        layer.weight.normal_()  # no longer the expansion of a dense weight
+    h = torch.randn(3, 6, *spatial, dtype=DT, requires_grad=True)
+    out = layer(h)
+    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[len(spatial)]
+    want = fn(reference_project(h, M, 1), layer.weight, layer.bias, layer.stride, layer.padding, layer.output_padding,
+              layer.groups, layer.dilation)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    params = [h, layer.weight] + ([layer.bias] if layer.bias is not None else [])
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(want, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_transposed_higher_order_and_nonfinite():
+    torch.manual_seed(7)
+    dense = _transposed_net(nn.ConvTranspose2d, dict(kernel_size=3, stride=2, padding=1))
+    sas = sas_compile.sasify(dense, M=2)  # the ReLU folded: the negative slots' weight rows are zero
+    layer = sas[2]
+    z = torch.randn(2, 6, 4, 5, dtype=DT)
+    z[0, 1, 2, 3] = -float("inf")
+    with torch.no_grad():
+        want = dense[2](torch.relu(z))  # relu(-inf) = 0: no NaN
+        torch.testing.assert_close(layer(z), want, rtol=1e-12, atol=1e-12)
+    z = torch.randn(2, 6, 4, 5, dtype=DT, requires_grad=True)
+    ref = lambda t: dense[2](torch.relu(t))  # noqa: E731
+    tangent = torch.randn_like(z)
+    torch.testing.assert_close(torch.func.jvp(layer, (z,), (tangent,))[1], torch.func.jvp(ref, (z,), (tangent,))[1],
+                               rtol=1e-12, atol=1e-12)
+    # a gradient penalty: the second derivative through the layer's weight
+    (gz,) = torch.autograd.grad(layer(z).square().sum(), z, create_graph=True)
+    (penalty_w,) = torch.autograd.grad(gz.square().sum(), layer.weight)
+    wide = layer.weight.detach().clone().requires_grad_(True)
+    fn = lambda t: F.conv_transpose2d(reference_project(t, 2, 1), wide, layer.bias, 2, 1)  # noqa: E731
+    (gz_ref,) = torch.autograd.grad(fn(z).square().sum(), z, create_graph=True)
+    (penalty_ref,) = torch.autograd.grad(gz_ref.square().sum(), wide)
+    torch.testing.assert_close(penalty_w, penalty_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_backend_converts_transposed_convolutions_of_a_dense_model(inner):
+    torch.manual_seed(8)
+    w = torch.randn(4, 5, 3, 3, dtype=DT)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Conv2d(3, 6, 1)
+            self.up = nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1)
+            self.w = nn.Parameter(w.clone())
+
+        def forward(self, x):
+            return F.conv_transpose2d(F.relu(self.up(F.relu(self.inp(x)))), self.w, padding=1)
+
+    dense = Net().to(DT)
+    x = torch.randn(2, 3, 5, 4, dtype=DT)
+    torch._dynamo.reset()
+    compiled = torch.compile(dense, backend="sas", options={"inner": inner})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), dense(x), rtol=1e-10, atol=1e-12)
+    with pytest.raises(sas_compile.runtime.sas_ops.SASTrainingError):
+        compiled(x).sum().backward()
+    # train_dense: the dense weights' gradients through the expansion are the dense model's
+    torch._dynamo.reset()
+    trained = torch.compile(dense, backend="sas", options={"inner": inner, "train_dense": True})
+    x1 = x.clone().requires_grad_(True)
+    trained(x1).square().sum().backward()
+    got = [x1.grad] + [p.grad.clone() for p in dense.parameters()]
+    dense.zero_grad()
+    x2 = x.clone().requires_grad_(True)
+    dense(x2).square().sum().backward()
+    for a, b in zip(got, [x2.grad] + [p.grad for p in dense.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch._dynamo.reset()
+
+
+def test_weight_tied_between_a_conv_and_a_transposed_conv_stays_dense():
+    class TiedAutoencoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Conv2d(3, 4, 1)
+            self.enc = nn.Conv2d(4, 6, 3, stride=2)
+
+        def forward(self, x):
+            h = F.relu(self.enc(F.relu(self.inp(x))))
+            return F.conv_transpose2d(h, self.enc.weight, stride=2)
+
+    model = TiedAutoencoder().to(DT).eval()
+    x = torch.randn(2, 3, 9, 9, dtype=DT)
+    sas = sas_compile.sasify(model, M=2)
+    layers = {layer.name: layer for layer in sas.sas_plan.layers}
+    tied = [layer for name, layer in layers.items() if name.startswith("enc")]
+    assert len(tied) == 2 and not any(layer.eligible for layer in tied)
+    assert all("different ops" in layer.reason for layer in tied)
+    with torch.no_grad():
+        torch.testing.assert_close(sas(x), model(x), rtol=1e-10, atol=1e-12)
+
+
+def test_transposed_layer_scripts_and_refuses_a_dense_checkpoint():
+    torch.manual_seed(9)
+    dense = _transposed_net(nn.ConvTranspose2d, dict(kernel_size=3, stride=2, output_padding=1))
+    sas = sas_compile.sasify(dense, M=4)
+    x = torch.randn(2, 3, 4, 5, dtype=DT)
+    scripted = torch.jit.script(sas)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), dense(x), rtol=1e-10, atol=1e-12)
+    assert "sas::conv_transpose" in str(scripted.inlined_graph)
+    with pytest.raises(RuntimeError, match=r"2\.weight has the dense layer's shape \(6, 4, 3, 3\).*sasify"):
+        sas.load_state_dict(dense.state_dict())
 
 
 def test_swsify_widens_through_conv3d():
@@ -207,3 +360,24 @@ def test_swsify_widens_through_conv3d():
     assert sws(x).shape == (2, 5)
     weight = sws.get_submodule("3").weight  # the 1:M masked weight: one of every 4 values kept
     assert int((weight != 0).sum()) == weight.numel() // 4
+
+
+@pytest.mark.parametrize("M", [2, 4])
+def test_opcheck_conv3d_and_transposed_ops(M):
+    """The ops' fake, autograd and schema registrations agree with their kernels (torch.library.opcheck)."""
+    from sas_compile.runtime.projection import expand_transposed_weight
+
+    torch.manual_seed(10)
+    x3 = torch.randn(2, 4, 3, 5, 4, requires_grad=True)
+    w3 = torch.randn(3, 4 * M, 2, 3, 2, requires_grad=True)
+    torch.library.opcheck(torch.ops.sas.conv2d.default,
+                          (x3, w3, torch.randn(3), [1, 2, 1], [1, 0, 1], [1, 1, 2], 1, M, "sign_pattern"))
+    for spatial in ((7,), (4, 5), (3, 4, 3)):
+        n = len(spatial)
+        x = torch.randn(2, 4, *spatial, requires_grad=True)
+        dense = torch.randn(4, 3, *(3,) * n)
+        conf = ([2] * n, [1] * n, [1] * n, [1] * n, 1)
+        wide = expand_transposed_weight(dense, M).requires_grad_(True)
+        torch.library.opcheck(torch.ops.sas.conv_transpose.default, (x, wide, torch.randn(3), *conf, M, "sign_pattern"))
+        torch.library.opcheck(torch.ops.sas.conv_transpose_from_dense.default,
+                              (x, dense.requires_grad_(True), None, *conf, M, False, "sign_pattern", True))

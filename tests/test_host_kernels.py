@@ -72,7 +72,7 @@ def test_slot_gradient_equals_the_torch_formulation(monkeypatch, dtype, shape, d
     wide_shape = list(shape)
     wide_shape[d] *= 2
     g = torch.randn(wide_shape, dtype=dtype)
-    expected = _torch_formulation(monkeypatch, lambda: sas_ops._slot_grad(g.clone(), x, 2, RULE, d))
+    expected = _torch_formulation(monkeypatch, lambda: sas_ops.slot_grad(g.clone(), x, 2, RULE, d))
     got = host_kernels.slot_grad_m2(g, x, dim, threads=threads)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     per_slot = g.unflatten(d, (shape[d], 2))
@@ -137,7 +137,7 @@ def test_sign_pattern_kernels_equal_the_torch_formulation(monkeypatch, M, dtype,
 
     g = torch.randn(out.flatten(d, d + 1).shape, dtype=dtype)
     got = host_kernels.slot_grad_sign(g, x, dim, M, threads=threads)
-    expected_grad = _torch_formulation(monkeypatch, lambda: sas_ops._slot_grad(g.clone(), x, M, RULE, d))
+    expected_grad = _torch_formulation(monkeypatch, lambda: sas_ops.slot_grad(g.clone(), x, M, RULE, d))
     torch.testing.assert_close(got, expected_grad, rtol=0, atol=0)
     at_slot = g.unflatten(d, (shape[d], M)).gather(d + 1, slot.unsqueeze(d + 1)).squeeze(d + 1)
     torch.testing.assert_close(got, torch.where(x <= 0, -at_slot, at_slot), rtol=0, atol=0)
@@ -244,7 +244,7 @@ def test_small_inputs_take_the_kernels(monkeypatch, M):
     g = torch.randn(3, 5 * M)
     folded = host_kernels.slot_grad_sign(g, x, -1, M)
     assert folded is not None
-    expected_grad = _torch_formulation(monkeypatch, lambda: sas_ops._slot_grad(g.clone(), x, M, RULE, 1))
+    expected_grad = _torch_formulation(monkeypatch, lambda: sas_ops.slot_grad(g.clone(), x, M, RULE, 1))
     torch.testing.assert_close(folded, expected_grad, rtol=0, atol=0)
 
 
@@ -358,7 +358,7 @@ def _check_threaded_kernels(monkeypatch):
     x = _special((6, 40, 9, 11), torch.float32, seed=5)
     g = torch.randn(6, 80, 9, 11)
     expected = _torch_formulation(monkeypatch, lambda: project(x, 2, 1))
-    expected_grad = _torch_formulation(monkeypatch, lambda: sas_ops._slot_grad(g.clone(), x, 2, RULE, 1))
+    expected_grad = _torch_formulation(monkeypatch, lambda: sas_ops.slot_grad(g.clone(), x, 2, RULE, 1))
     out = torch.empty(6, 40, 2, 9, 11)
     assert host_kernels.project_m2(x, out, 1, check_finite=True, threads=2) is False  # x holds inf and NaN
     torch.testing.assert_close(out.flatten(1, 2), expected, rtol=0, atol=0, equal_nan=True)
@@ -373,7 +373,7 @@ def _check_threaded_kernels(monkeypatch):
                                          threads=2) is True
         torch.testing.assert_close(out4.flatten(1, 2), _torch_formulation(monkeypatch, lambda: project(x4, 4, 1)),
                                    rtol=0, atol=0, equal_nan=True)
-        expected4 = _torch_formulation(monkeypatch, lambda: sas_ops._slot_grad(g4.clone(), x4, 4, RULE, 1))
+        expected4 = _torch_formulation(monkeypatch, lambda: sas_ops.slot_grad(g4.clone(), x4, 4, RULE, 1))
         torch.testing.assert_close(host_kernels.slot_grad_sign(g4, x4, 1, 4, threads=2), expected4, rtol=0, atol=0)
 
 

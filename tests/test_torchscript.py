@@ -17,6 +17,8 @@ check against the reference formulation.
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -185,3 +187,29 @@ def test_unscriptable_models_say_what_works():
         torch.jit.script(lowered)
     with torch.no_grad():
         torch.testing.assert_close(_trace(lowered, x)(x), lowered(x), rtol=0, atol=0)
+
+
+def test_a_fresh_process_loads_saved_sas_models(tmp_path):
+    """What a deployment does: save a scripted, a traced and an exported SAS model, then load and run
+    them in a new process that imports ``sas_compile.layers`` (which registers the ``sas::`` ops)."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3, padding="same"), nn.ReLU(),
+                          nn.ConvTranspose2d(4, 3, 2, stride=2), nn.Flatten(), nn.ReLU(), nn.Linear(3 * 14 * 14, 5))
+    sas = sas_compile.sasify(dense.to(DT).eval(), M=2)
+    x = torch.randn(2, 3, 9, 9, dtype=DT)
+    torch.jit.save(torch.jit.script(sas), tmp_path / "scripted.pt")
+    torch.jit.save(_trace(sas, x), tmp_path / "traced.pt")
+    torch.export.save(torch.export.export(sas, (x,)), tmp_path / "exported.pt2")
+    torch.save({"x": x, "want": sas(x).detach()}, tmp_path / "io.pt")
+    code = f"""
+import torch, sas_compile.layers
+io = torch.load({str(tmp_path / "io.pt")!r})
+for name in ("scripted.pt", "traced.pt"):
+    got = torch.jit.load({str(tmp_path)!r} + "/" + name)(io["x"])
+    torch.testing.assert_close(got, io["want"], rtol=0, atol=0)
+got = torch.export.load({str(tmp_path / "exported.pt2")!r}).module()(io["x"])
+torch.testing.assert_close(got, io["want"], rtol=1e-12, atol=1e-12)
+print("loaded")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-3000:]
