@@ -31,6 +31,7 @@ from .projection import (
     dead_slots,
     zero_columns,
     expand_dense_weight,
+    expand_transposed_weight,
     fold_wide_grad,
     get_rule,
     project_aten,
@@ -53,7 +54,7 @@ def _backward_dead_mask(x: Tensor, weight: Tensor, groups: int = 1) -> Optional[
     return dead_slots(weight, groups)
 
 
-def fit_workspace_to_training(x: Tensor, M: int) -> None:
+def _fit_workspace_to_training(x: Tensor, M: int) -> None:
     """Called by the ops' ``setup_context``, which runs only when autograd records the op.
 
     A training step's peak memory is at the end of its forward, where the activations have
@@ -197,7 +198,7 @@ def _(x, weight, bias, M, rule):
 
 def _linear_setup(ctx, inputs, output):
     x, weight, bias, M, rule = inputs
-    fit_workspace_to_training(x, M)
+    _fit_workspace_to_training(x, M)
     ctx.save_for_backward(x, weight)
     ctx.M, ctx.rule = M, rule
 
@@ -516,13 +517,20 @@ def _sas_conv2d_unfolded(x, weight, bias, stride, padding, dilation, groups, M, 
     return owned(out.contiguous(memory_format=_conv_memory_format(x)))
 
 
+def save_conv_context(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], conf: tuple, M: int) -> None:
+    """What a convolution op's ``setup_context`` keeps (every conv op's, transposed or from a dense
+    weight): the narrow input and the weight, the op's geometry ``conf``, the bias's size; and
+    the workspace fitted to a training forward."""
+    _fit_workspace_to_training(x, M)
+    ctx.save_for_backward(x, weight)
+    ctx.conf = conf
+    ctx.bias_sizes = None if bias is None else list(bias.shape)
+
+
 def _conv_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, groups, M, rule = inputs
-    fit_workspace_to_training(x, M)
-    ctx.save_for_backward(x, weight)
-    ctx.conf = (list(stride), list(padding), list(dilation), groups)
+    save_conv_context(ctx, x, weight, bias, (list(stride), list(padding), list(dilation), groups), M)
     ctx.M, ctx.rule = M, rule
-    ctx.bias_sizes = None if bias is None else list(bias.shape)
 
 
 BACKWARD_CHUNK_BYTES = 16 << 20  # a CPU backward whose wide input is larger runs in batch chunks
@@ -610,14 +618,19 @@ class SASTrainingError(RuntimeError):
 _wide_cache = PerWeightCache()
 
 
-def wide_weight(weight: Tensor, M: int, fold_relu: bool, rule: str, groups: int = 1) -> Tensor:
-    """The expanded weight of ``weight`` (``expand_dense_weight``), cached per parameter and version.
+def wide_weight(weight: Tensor, M: int, fold_relu: bool, rule: str, groups: int = 1,
+                transposed: bool = False) -> Tensor:
+    """The expanded weight of ``weight`` (``expand_dense_weight``, or ``expand_transposed_weight``
+    for a transposed convolution's), cached per parameter and version.
 
     Every in-place write bumps a tensor's version counter (optimizer steps, ``load_state_dict``,
     in-place initialisation under ``no_grad``), so the cache follows them; writes through
     ``.data`` bypass the counter, as they bypass autograd's checks: call
     :func:`clear_wide_weight_cache` after such writes.
     """
+    if transposed:
+        return _wide_cache.get(weight, ("wide transposed", M, bool(fold_relu), rule),
+                               lambda: expand_transposed_weight(weight.detach(), M, fold_relu=fold_relu, rule=rule))
     return _wide_cache.get(weight, ("wide", M, bool(fold_relu), rule, groups),
                            lambda: expand_dense_weight(weight.detach(), M, fold_relu=fold_relu, rule=rule,
                                                        groups=groups))
@@ -676,7 +689,7 @@ def _(x, weight, bias, M, fold_relu, rule, train_dense):
 
 def _from_dense_linear_setup(ctx, inputs, output):
     x, weight, bias, M, fold_relu, rule, train_dense = inputs
-    fit_workspace_to_training(x, M)
+    _fit_workspace_to_training(x, M)
     ctx.save_for_backward(x, weight)
     ctx.conf = (M, fold_relu, rule, train_dense)
 
@@ -729,11 +742,8 @@ def _(x, weight, bias, stride, padding, dilation, groups, M, fold_relu, rule, tr
 
 def _from_dense_conv_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, groups, M, fold_relu, rule, train_dense = inputs
-    fit_workspace_to_training(x, M)
-    ctx.save_for_backward(x, weight)
-    ctx.conf = (list(stride), list(padding), list(dilation), groups)
+    save_conv_context(ctx, x, weight, bias, (list(stride), list(padding), list(dilation), groups), M)
     ctx.sas = (M, fold_relu, rule, train_dense)
-    ctx.bias_sizes = None if bias is None else list(bias.shape)
 
 
 def _from_dense_conv_backward(ctx, grad):

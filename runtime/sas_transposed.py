@@ -24,7 +24,6 @@ from torch import Tensor
 
 from .autocast import register_autocast_like_linear
 from .projection import (
-    PerWeightCache,
     dead_rows,
     expand_transposed_weight,
     fold_transposed_grad,
@@ -35,11 +34,12 @@ from .projection import (
 )
 from .sas_ops import (
     batch_of_one,
+    composite_transform_active,
     differentiable_grads,
-    fit_workspace_to_training,
+    save_conv_context,
     slot_grad,
     unbatched_like,
-    composite_transform_active,
+    wide_weight,
 )
 
 __all__ = ["sas_conv_transpose", "sas_conv_transpose_from_dense", "sas_conv_transpose_call",
@@ -122,13 +122,14 @@ def _(x, weight, bias, stride, padding, output_padding, dilation, groups, M, rul
     return _fake(x, weight, stride, padding, output_padding, dilation, groups)
 
 
+def _conf(stride, padding, output_padding, dilation, groups) -> tuple:
+    return list(stride), list(padding), list(output_padding), list(dilation), groups
+
+
 def _setup(ctx, inputs, output):
     x, weight, bias, stride, padding, output_padding, dilation, groups, M, rule = inputs
-    fit_workspace_to_training(x, M)
-    ctx.save_for_backward(x, weight)
-    ctx.conf = (list(stride), list(padding), list(output_padding), list(dilation), groups)
+    save_conv_context(ctx, x, weight, bias, _conf(stride, padding, output_padding, dilation, groups), M)
     ctx.M, ctx.rule = M, rule
-    ctx.bias_sizes = None if bias is None else list(bias.shape)
 
 
 def _backward(ctx, grad):
@@ -151,24 +152,12 @@ sas_conv_transpose.register_autograd(_backward, setup_context=_setup)
 
 # ---------------------------------------------------------------- from a dense weight
 
-_wide_cache = PerWeightCache()
-
-
-def _wide(weight: Tensor, M: int, fold_relu: bool, rule: str) -> Tensor:
-    """The wide weight of a dense transposed-convolution weight, cached per parameter and version."""
-    def make():
-        with torch.no_grad():
-            return expand_transposed_weight(weight.detach(), M, fold_relu=fold_relu, rule=rule)
-
-    return _wide_cache.get(weight, ("transposed", M, fold_relu, rule), make)
-
-
 @torch.library.custom_op("sas::conv_transpose_from_dense", mutates_args=())
 def sas_conv_transpose_from_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
                                   padding: List[int], output_padding: List[int], dilation: List[int], groups: int,
                                   M: int, fold_relu: bool, rule: str, train_dense: bool) -> Tensor:
     """``sas::conv_transpose`` with the wide weight expanded (and cached) from the dense ``weight``."""
-    wide = _wide(weight, M, fold_relu, rule)
+    wide = wide_weight(weight, M, fold_relu, rule, transposed=True)  # cached per weight version
     return _forward(x, wide, bias, stride, padding, output_padding, dilation, groups, M, rule)
 
 
@@ -179,11 +168,8 @@ def _(x, weight, bias, stride, padding, output_padding, dilation, groups, M, fol
 
 def _from_dense_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, output_padding, dilation, groups, M, fold_relu, rule, train_dense = inputs
-    fit_workspace_to_training(x, M)
-    ctx.save_for_backward(x, weight)
-    ctx.conf = (list(stride), list(padding), list(output_padding), list(dilation), groups)
+    save_conv_context(ctx, x, weight, bias, _conf(stride, padding, output_padding, dilation, groups), M)
     ctx.sas = (M, fold_relu, rule, train_dense)
-    ctx.bias_sizes = None if bias is None else list(bias.shape)
 
 
 def _from_dense_backward(ctx, grad):

@@ -297,6 +297,13 @@ def test_backend_converts_transposed_convolutions_of_a_dense_model(inner):
     compiled = torch.compile(dense, backend="sas", options={"inner": inner})
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), dense(x), rtol=1e-10, atol=1e-12)
+        # the wide weights follow the dense ones: an in-place write (the version counter sees it),
+        # and a write through .data after clear_wide_weight_cache(), as for every SAS op
+        dense.w.mul_(0.5)
+        torch.testing.assert_close(compiled(x), dense(x), rtol=1e-10, atol=1e-12)
+        dense.up.weight.data.mul_(-2.0)
+        sas_compile.runtime.sas_ops.clear_wide_weight_cache()
+        torch.testing.assert_close(compiled(x), dense(x), rtol=1e-10, atol=1e-12)
     with pytest.raises(sas_compile.runtime.sas_ops.SASTrainingError):
         compiled(x).sum().backward()
     # train_dense: the dense weights' gradients through the expansion are the dense model's
