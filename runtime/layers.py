@@ -47,6 +47,18 @@ class _SASBase(nn.Module):
         """The dense layer's weight shape: dim 1, the input side, M times narrower."""
         return (self.weight.shape[0], self.weight.shape[1] // self.M, *self.weight.shape[2:])
 
+    def _set_geometry(self, in_channels: int, out_channels: int, groups: int, **per_dim) -> None:
+        """A convolution's channels and groups, and each per-dim size (an int for every dim, a
+        sequence, or a string padding kept as it is) as a tuple of ``self._dims``."""
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by "
+                             f"groups={groups}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        for name, value in per_dim.items():
+            if not isinstance(value, str):
+                value = (value,) * self._dims if isinstance(value, int) else tuple(value)
+            setattr(self, name, value)
+
     def _check(self, M: int, rule: str) -> None:
         check_M(M)
         get_rule(rule, M)
@@ -127,12 +139,8 @@ class _SASConvNd(_SASBase):
                  rule: str = "sign_pattern", device=None, dtype=None, padding_mode: str = "zeros"):
         super().__init__()
         self._check(M, rule)
-        tup = lambda v: (v,) * self._dims if isinstance(v, int) else tuple(v)  # noqa: E731
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.dilation = tup(kernel_size), tup(stride), tup(dilation)
-        self.padding = padding if isinstance(padding, str) else tup(padding)
+        self._set_geometry(in_channels, out_channels, groups, kernel_size=kernel_size, stride=stride,
+                           dilation=dilation, padding=padding)
         self._set_padding_mode(padding_mode)
         kw = {"device": device, "dtype": dtype}
         shape = (out_channels, in_channels // groups * M, *self.kernel_size)
@@ -215,9 +223,8 @@ class _SASConvNd(_SASBase):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new._check(M, rule)
-        new.in_channels, new.out_channels, new.groups = layer.in_channels, layer.out_channels, layer.groups
-        new.kernel_size, new.stride, new.dilation = tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.dilation)
-        new.padding = layer.padding
+        new._set_geometry(layer.in_channels, layer.out_channels, layer.groups, kernel_size=layer.kernel_size,
+                          stride=layer.stride, dilation=layer.dilation, padding=layer.padding)
         new._set_padding_mode(getattr(layer, "padding_mode", "zeros"))
         with torch.no_grad():
             wide = expand_dense_weight(layer.weight.detach(), M, fold_relu=fold_relu, rule=rule, groups=layer.groups)
@@ -264,12 +271,8 @@ class _SASConvTransposeNd(_SASBase):
                  device=None, dtype=None):
         super().__init__()
         self._check(M, rule)
-        tup = lambda v: (v,) * self._dims if isinstance(v, int) else tuple(v)  # noqa: E731
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.padding = tup(kernel_size), tup(stride), tup(padding)
-        self.output_padding, self.dilation = tup(output_padding), tup(dilation)
+        self._set_geometry(in_channels, out_channels, groups, kernel_size=kernel_size, stride=stride, padding=padding,
+                           output_padding=output_padding, dilation=dilation)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(in_channels * M, out_channels // groups, *self.kernel_size, **kw))
         self.bias = nn.Parameter(torch.empty(out_channels, **kw)) if bias else None
@@ -284,9 +287,9 @@ class _SASConvTransposeNd(_SASBase):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new._check(M, rule)
-        new.in_channels, new.out_channels, new.groups = layer.in_channels, layer.out_channels, layer.groups
-        new.kernel_size, new.stride, new.padding = tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.padding)
-        new.output_padding, new.dilation = tuple(layer.output_padding), tuple(layer.dilation)
+        new._set_geometry(layer.in_channels, layer.out_channels, layer.groups, kernel_size=layer.kernel_size,
+                          stride=layer.stride, padding=layer.padding, output_padding=layer.output_padding,
+                          dilation=layer.dilation)
         with torch.no_grad():
             wide = expand_transposed_weight(layer.weight.detach(), M, fold_relu=fold_relu, rule=rule)
         new.weight, new.bias = _parameters_like(layer, wide)

@@ -138,11 +138,11 @@ def composite_transform_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None or getattr(forward_ad, "_current_level", -1) >= 0
 
 
-def _zero_dead_nonfinite(wide_x: Tensor, weight: Tensor, dim: int, groups: int = 1) -> Tensor:
-    """A slot whose weight column is all zero reads 0 where its value is not finite (the ops'
-    dead slots: never ``0 * inf`` = NaN); elementwise, so it batches under ``vmap``, and finite
-    values stay, so such a column's weight gradient is the ops' own."""
-    dead = zero_columns(weight.detach(), groups)
+def zero_dead_nonfinite(wide_x: Tensor, dead: Tensor, dim: int) -> Tensor:
+    """A slot whose weights are all zero (``dead``, one entry per wide index along ``dim``: a
+    weight's :func:`zero_columns`, a transposed one's ``zero_rows``) reads 0 where its value is not
+    finite (the ops' dead slots: never ``0 * inf`` = NaN); elementwise, so it batches under
+    ``vmap``, and finite values stay, so such a slot's weight gradient is the ops' own."""
     shape = [1] * wide_x.dim()
     shape[dim] = dead.shape[0]
     return torch.where(dead.view(shape) & ~torch.isfinite(wide_x), torch.zeros((), dtype=wide_x.dtype,
@@ -152,15 +152,16 @@ def _zero_dead_nonfinite(wide_x: Tensor, weight: Tensor, dim: int, groups: int =
 def projected_linear(x, weight, bias, M: int, rule: str):
     """``sas::linear`` in plain out-of-place ops: its values and derivatives (see *the composite
     form*); also what the GPU lowering writes into compiled graphs."""
-    return F.linear(_zero_dead_nonfinite(project_aten(x, M, -1, rule), weight, -1), weight, bias)
+    return F.linear(zero_dead_nonfinite(project_aten(x, M, -1, rule), zero_columns(weight.detach()), -1), weight,
+                    bias)
 
 
 def projected_conv2d(x, weight, bias, stride, padding, dilation, groups, M: int, rule: str):
     """``sas::conv2d`` in plain out-of-place ops (padding as ``F.conv2d`` takes it); as
     :func:`projected_linear`."""
     kernel = _kernel_2d(weight)
-    return _conv_nd(_zero_dead_nonfinite(project_aten(x, M, 1, rule), kernel, 1, groups), kernel, bias, stride,
-                    padding, dilation, groups)
+    wide_x = zero_dead_nonfinite(project_aten(x, M, 1, rule), zero_columns(kernel.detach(), groups), 1)
+    return _conv_nd(wide_x, kernel, bias, stride, padding, dilation, groups)
 
 
 def differentiable_grads(composite, x: Tensor, weight: Tensor, grad: Tensor, need_x: bool, need_w: bool):

@@ -40,6 +40,7 @@ from .sas_ops import (
     slot_grad,
     unbatched_like,
     wide_weight,
+    zero_dead_nonfinite,
 )
 
 __all__ = ["sas_conv_transpose", "sas_conv_transpose_from_dense", "sas_conv_transpose_call",
@@ -57,17 +58,10 @@ def _conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, p
     return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, True, output_padding, groups)
 
 
-def _zero_dead_nonfinite(wide_x: Tensor, weight: Tensor) -> Tensor:
-    """A slot whose weight row is all zero reads 0 where its value is not finite (never ``0 * inf``)."""
-    dead = zero_rows(weight.detach()).view(1, -1, *([1] * (wide_x.dim() - 2)))
-    return torch.where(dead & ~torch.isfinite(wide_x), torch.zeros((), dtype=wide_x.dtype, device=wide_x.device),
-                       wide_x)
-
-
 def projected_conv_transpose(x, weight, bias, stride, padding, output_padding, dilation, groups, M: int, rule: str):
     """``sas::conv_transpose`` in plain out-of-place ops: its values and derivatives (the composite
     form, and what the GPU lowering writes into compiled graphs)."""
-    wide_x = _zero_dead_nonfinite(project_aten(x, M, 1, rule), weight)
+    wide_x = zero_dead_nonfinite(project_aten(x, M, 1, rule), zero_rows(weight.detach()), 1)
     return _conv_transpose(wide_x, weight, bias, stride, padding, output_padding, dilation, groups)
 
 
