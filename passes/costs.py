@@ -53,14 +53,12 @@ __all__ = [
     "check_M_values",
     "LAYER_OPS",
     "SWS_KEPT_OPS",
-    "COUNTED_OPS",
 ]
 
 METHODS = ("base", "sas", "sws", "swat")
 LAYER_OPS = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 # layers SWS keeps as they are (its width analysis does not follow them): SAS converts them
 SWS_KEPT_OPS = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
-COUNTED_OPS = LAYER_OPS  # every layer op a report row counts the mults of
 
 
 @dataclass(frozen=True)

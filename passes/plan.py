@@ -17,7 +17,7 @@ __all__ = ["LayerPlan", "Plan", "layer_cost_summary", "render_svg"]
 
 @dataclass
 class LayerPlan:
-    """One conv1d / conv2d / linear call site of the captured graph.
+    """One convolution (1-, 2- or 3-D, transposed or not) or linear call site of the captured graph.
 
     ``name`` is the user's module path (``layer1.0.conv1``) when the layer is a module, or
     the path of the weight's owner for functional calls. ``in_channels`` is the narrow input
@@ -29,7 +29,7 @@ class LayerPlan:
 
     name: str
     node: str
-    op: str  # "linear" | "conv1d" | "conv2d" | an unsupported op's name
+    op: str  # "linear" | "conv1d/2d/3d" | "conv_transpose1d/2d/3d" | an unsupported op's name
     eligible: bool
     reason: Optional[str]
     in_channels: int
@@ -148,7 +148,7 @@ def layer_cost_summary(layer: LayerPlan, M: Optional[int]) -> Dict[str, Any]:
     without M (an analysis) reports after = before.
     """
     positions = layer.output_positions
-    if layer.in_channels <= 0 or layer.out_channels <= 0 or layer.op not in costs.COUNTED_OPS:
+    if layer.in_channels <= 0 or layer.out_channels <= 0 or layer.op not in costs.LAYER_OPS:
         return {"mults_before": None, "mults_after": None, "params_before": None, "params_after": None,
                 "per_position": positions is None}
     count = 1 if positions is None else positions
@@ -182,7 +182,7 @@ def _sas_text(layer: LayerPlan) -> str:
 
 
 def _geometry(layer: LayerPlan) -> str:
-    if layer.op not in costs.COUNTED_OPS:
+    if layer.op not in costs.LAYER_OPS:
         return ""
     if layer.op == "linear":
         return f"{layer.in_channels} -> {layer.out_channels}"
@@ -229,7 +229,7 @@ def plan_to_text(plan: Plan) -> str:
                else ["layer", "op", "geometry", "input -> output", plan.technique, mults, "params"])
     n = len(plan.eligible())
     at = f"M={plan.M}, " if plan.M else ""
-    total = sum(layer.op in costs.COUNTED_OPS for layer in plan.layers)
+    total = sum(layer.op in costs.LAYER_OPS for layer in plan.layers)
     head = (f"{plan.technique} plan ({at}captured with {plan.capture}): {n} of {total} conv/linear layers "
             f"{_VERBS.get(plan.technique, 'convert')}")
     opaque = len(plan.layers) - total

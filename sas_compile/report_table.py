@@ -14,7 +14,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .accounting import sum_costs
-from .passes.costs import COUNTED_OPS, format_count
+from .passes.costs import LAYER_OPS, format_count
 from .passes.plan import Plan
 
 __all__ = ["Report", "SWAT_KEYS", "sum_swat", "format_count"]
@@ -251,12 +251,12 @@ class Report:
                     sas = "no"
                 line = [indent + name, r["op"], sas]
             else:
-                line = [indent + name, "", f"{sum(r['eligible'] for r in rows)}/{sum(r['op'] in COUNTED_OPS for r in rows)}"]
+                line = [indent + name, "", f"{sum(r['eligible'] for r in rows)}/{sum(r['op'] in LAYER_OPS for r in rows)}"]
             line += [fmt(tot["base"]["mults"]), fmt(tot["base"]["params"])]
             for m in self.M:
                 s = tot["sws"][m]
                 width = ""
-                if leaf and rows[0]["op"] in COUNTED_OPS:
+                if leaf and rows[0]["op"] in LAYER_OPS:
                     w = rows[0]["sws"][m]
                     width = f"{w['in_features']}x{w['out_features']}"
                 line += [fmt(tot["sas"][m]["mults"]), fmt(tot["sas"][m]["params"]), fmt(s["mults"]),

@@ -78,7 +78,7 @@ def _seeing_into_opaque_modules(model: nn.Module, example_inputs, plan: Plan, fi
     shows their linears, so their mults are counted, and the SWS columns are those of the model
     swsify builds, which widens through them. sasify keeps their projections dense, and so do the
     SAS columns here. None where there are none, or export fails (the traced plan then stands)."""
-    holders = {layer.module_target for layer in plan.layers if layer.op not in costs.COUNTED_OPS
+    holders = {layer.module_target for layer in plan.layers if layer.op not in costs.LAYER_OPS
                and layer.module_target is not None
                and opaque_kind(model.get_submodule(layer.module_target)) in ("attention", "transformer")}
     if not holders:  # an RNN's or a bilinear layer's op is one call in an exported graph too
@@ -326,7 +326,7 @@ def report(
     opaque: Dict[str, LayerPlan] = {}
     shared_rows: List[str] = []
     for layer in plan.layers:
-        if layer.op not in costs.COUNTED_OPS:
+        if layer.op not in costs.LAYER_OPS:
             opaque[layer.module_path] = layer
             continue
         resolved, why = _resolved_layer(layer)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import sas_compile
+import sas_compile.layers  # noqa: F401  (registers the sas:: ops the tests call directly)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CONVERSIONS = ("dense", "sasify", "swsify", "swatify")
@@ -96,13 +97,26 @@ def test_cpu_autocast_bf16_follows_float32(kind):
     assert max_rel_dev(mixed, reference) < 5e-2, (mixed, reference)
 
 
-@pytest.mark.parametrize("op", ["linear", "conv2d"])
+@pytest.mark.parametrize("op", ["linear", "conv2d", "conv3d", "conv_transpose", "conv_transpose_from_dense"])
 def test_sas_ops_cast_like_aten_under_autocast(op):
     x = torch.randn(4, 6, 5, 5)
     if op == "linear":
         x = x.flatten(1)
         w = torch.randn(3, 2 * x.shape[1], requires_grad=True)
         call = lambda: torch.ops.sas.linear(x, w, None, 2, "sign_pattern")  # noqa: E731
+    elif op == "conv3d":  # the conv2d op on a 5-D weight
+        x = torch.randn(2, 6, 4, 5, 3)
+        w = torch.randn(3, 12, 3, 3, 3, requires_grad=True)
+        call = lambda: torch.ops.sas.conv2d(x, w, None, [1, 1, 1], [1, 1, 1], [1, 1, 1], 1, 2,  # noqa: E731
+                                            "sign_pattern")
+    elif op == "conv_transpose":
+        w = torch.randn(12, 3, 3, 3, requires_grad=True)
+        call = lambda: torch.ops.sas.conv_transpose(x, w, None, [2, 2], [1, 1], [1, 1], [1, 1], 1, 2,  # noqa: E731
+                                                    "sign_pattern")
+    elif op == "conv_transpose_from_dense":
+        w = torch.randn(6, 3, 3, 3, requires_grad=True)
+        call = lambda: torch.ops.sas.conv_transpose_from_dense(  # noqa: E731
+            x, w, None, [2, 2], [1, 1], [1, 1], [1, 1], 1, 2, False, "sign_pattern", True)
     else:
         w = torch.randn(3, 12, 3, 3, requires_grad=True)
         call = lambda: torch.ops.sas.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, 2, "sign_pattern")  # noqa: E731
