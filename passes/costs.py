@@ -4,7 +4,8 @@ Why a pass-level module: the analysis passes (the SWS width decision), ``report`
 ``inspect``, the accounting functions of the user API and SWAT all count with these
 formulas; living below the user API, every layer of the package can use them without
 importing upwards. In the style of ``torch.utils.flop_counter``, a formula is registered
-per (op, method): ops ``linear``, ``conv1d``, ``conv2d``, ``conv3d``; methods ``base``, ``sas``, ``sws``,
+per (op, method): ops ``linear``, ``conv1d``-``conv3d``, ``conv_transpose1d``-``conv_transpose3d`` (a
+transposed convolution counted per *input* position); methods ``base``, ``sas``, ``sws``,
 ``swat``. A formula reads the layer's geometry (any object with ``op``, ``in_channels``,
 ``out_channels``, ``kernel_size``, ``groups``, ``has_bias``: a ``LayerPlan`` or a
 :class:`Geometry`) and never branches on the op: the fan-in ``Cin/groups * prod(kernel)``
@@ -52,13 +53,10 @@ __all__ = [
     "format_count",
     "check_M_values",
     "LAYER_OPS",
-    "SWS_KEPT_OPS",
 ]
 
 METHODS = ("base", "sas", "sws", "swat")
 LAYER_OPS = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
-# layers SWS keeps as they are (its width analysis does not follow them): SAS converts them
-SWS_KEPT_OPS = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,7 @@ def _owner(gm: nn.Module, target: str) -> Tuple[nn.Module, str]:
 
 def _packable(call, weight_target: str, gm: fx.GraphModule, M: int) -> Optional[str]:
     """Why this layer cannot be lowered, or None."""
-    if call is not None and call.op in ("conv1d", "conv2d", "conv3d"):
+    if call is not None and call.op.startswith("conv"):  # transposed ones too
         return CONV_STAYS
     if call is None or call.op != "linear":
         return "not a linear call of the graph"

@@ -41,7 +41,8 @@ __all__ = [
     "is_shape",
 ]
 
-LAYER_OPS = ("linear", "conv1d", "conv2d", "conv3d")  # what SWS widens and masks
+# what SWS widens and masks
+LAYER_OPS = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 
 
 class UnsupportedOp(Exception):
@@ -748,7 +749,7 @@ def reduce(walk: WidthWalk, node: fx.Node):
 
 
 def layer(walk: WidthWalk, node: fx.Node):
-    """A linear / conv1d / conv2d / conv3d call in any spelling (``find_sas_layers.match_layer_call``)."""
+    """A linear / conv1d-3d / conv_transpose1d-3d call in any spelling (``find_sas_layers.match_layer_call``)."""
     call = match_layer_call(node, walk.gm)
     if call.module is not None and not stores_weight(call.module):
         raise UnsupportedOp(f"{type(call.module).__name__}.weight is computed before each call (weight_norm, "
@@ -768,10 +769,10 @@ def layer(walk: WidthWalk, node: fx.Node):
             walk.uf.tie(b[0], w[0], node.name)
         walk.record_layer(node, "linear", x[-1], w[0], 1, (), wt, bt, call.x)
         return list(x[:-1]) + [w[0]]
-    if "transpose" in call.op:
-        raise UnsupportedOp(f"SWS does not widen or mask a transposed convolution ({call.op})")
     if call.op not in LAYER_OPS:
         raise UnsupportedOp(call.unsupported_reason or f"{call.op} is not supported")
+    if "transpose" in call.op:
+        return _conv_transpose(walk, node, call, x, w, wt, b, bt)
     return _conv(walk, node, call, x, w, wt, b, bt)
 
 
@@ -799,6 +800,34 @@ def _conv(walk: WidthWalk, node, call: LayerCall, x, w, wt, b, bt):
         uf.fix(d, "kernel size")
     walk.record_layer(node, op, x[cdim], w[0], groups, ks, wt, bt, call.x)
     return list(x[:cdim]) + [w[0]] + [walk.fresh(s, "spatial size") for s in shape[-nk:]]
+
+
+def _conv_transpose(walk: WidthWalk, node, call: LayerCall, x, w, wt, b, bt):
+    """conv_transpose1d/2d/3d: the weight is stored ``[in, out/groups, *kernel]``, so dim 0 ties
+    the input's channels and the output's channels are ``groups * w[1]``."""
+    op, nk = call.op, CONV_DIMS[call.op]
+    shape = walk.shape(node)
+    if x is None or w is None or not is_shape(shape):
+        raise UnsupportedOp(f"{op} with unknown shapes")
+    groups, uf = call.groups, walk.uf
+    cdim = len(x) - (nk + 1)
+    cin = walk.size(x[cdim])
+    co = walk.size(w[1]) * groups
+    uf.tie(x[cdim], w[0], node.name)
+    if groups == 1:
+        out = w[1]
+    elif groups == cin:  # depthwise: groups follow the width, out = multiplier x width (w[1] stays)
+        out = uf.resolve(x[cdim]).scaled(Fraction(co, cin))
+    else:  # grouped: the number of groups stays, both widths must split into it
+        uf.requirements.append((uf.resolve(x[cdim]).scaled(Fraction(1, groups)), f"{node.name}: groups={groups}"))
+        out = w[1].scaled(groups)
+    if b is not None:
+        uf.tie(b[0], out, node.name)
+    ks = tuple(walk.size(d) for d in w[2:])
+    for d in w[2:]:
+        uf.fix(d, "kernel size")
+    walk.record_layer(node, op, x[cdim], out, groups, ks, wt, bt, call.x)
+    return list(x[:cdim]) + [out] + [walk.fresh(s, "spatial size") for s in shape[-nk:]]
 
 
 # --------------------------------------------------------------------------- rules: normalisation, embedding
@@ -1028,8 +1057,8 @@ def _module_rule(module: nn.Module) -> Optional[Rule]:
 
 
 def has_width_rule(module: nn.Module) -> bool:
-    """Whether the analysis sees into a call of ``module`` (a layer, a transposed convolution, whose
-    widths it keeps, or a module with a rule)."""
+    """Whether the analysis sees into a call of ``module`` (a conv/linear layer, transposed
+    convolutions included, or a module with a rule)."""
     return isinstance(module, LAYER_MODULES) or _module_rule(module) is not None
 
 

@@ -4,10 +4,13 @@ Why this pass exists: the SWS baseline is a *different network* (sqrt(M) times w
 a transformed copy of the trained one, so everything whose shape changes is rebuilt with
 the layer types' default (kaiming) initialisation. The widths come from
 ``tie_channel_widths``; this pass only applies them: new conv/linear/norm/embedding
-modules (Conv1d, Conv2d and Conv3d), resized graph parameters, and the integer size arguments of
-reshapes that name a widened width. Parameters and modules whose shapes stay are left as
+modules (Conv1d-3d, ConvTranspose1d-3d), resized graph parameters, the groups argument of a
+functional depthwise conv, and the integer size arguments of reshapes that name a widened width. Parameters and modules whose shapes stay are left as
 they are. Then every layer the analysis calls sparse gets the 1:M magnitude mask
-(``runtime.sws_mask.OneOfMMask``) as a parametrization of its weight.
+(``runtime.sws_mask.OneOfMMask``) as a parametrization of its weight; a transposed
+convolution's mask is told its groups, so that its chunks run along the channels it sums over.
+A weight shared by a convolution and a transposed convolution (a tied autoencoder's) is masked
+once, in the layout of the site that comes first in the graph.
 
 A fresh parameter keeps ``requires_grad``, dtype and device of the one it replaces, and
 parameters that were one tensor (tied weights, which the analysis widens as one) are one
@@ -54,7 +57,8 @@ def widen_for_sws(gm: fx.GraphModule, widths: ChannelWidths, *, freeze_mask: boo
             owner = gm.get_submodule(parent) if parent else gm
             if sws_mask_of(owner, attr) is None:  # a module called at two sites is masked once
                 # a frozen mask is taken now, so that the state_dict holds it from the start
-                mask = OneOfMMask(widths.M, freeze_mask, weight=getattr(owner, attr))
+                transposed = layer.groups if "transpose" in layer.op else None
+                mask = OneOfMMask(widths.M, freeze_mask, weight=getattr(owner, attr), transposed_groups=transposed)
                 parametrize.register_parametrization(owner, attr, mask, unsafe=True)
                 mask.train(owner.training)
                 masked += 1
@@ -134,14 +138,25 @@ def _like(old: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _TRANSPOSED
+
+
 def _rebuild_module(gm, node, widths: ChannelWidths) -> Optional[nn.Module]:
     mod = gm.get_submodule(node.target)
     t = node.target
     wshape = widths.param_shape(f"{t}.weight")
     layer = widths.layers.get(node.name)
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and layer is None:
+    if isinstance(mod, _LAYER_MODULES) and layer is None:
         # the analysis could not follow this call (its reason fixed the widths around it): as it is
         return None
+    if isinstance(mod, _TRANSPOSED):
+        if (layer.in_channels, layer.out_channels, layer.groups) == (mod.in_channels, mod.out_channels, mod.groups):
+            return None
+        cls = next(c for c in _TRANSPOSED if isinstance(mod, c))
+        new = cls(layer.in_channels, layer.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                  mod.output_padding, layer.groups, mod.bias is not None, mod.dilation, mod.padding_mode)
+        return _like(mod, new)
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if (layer.in_channels, layer.out_channels, layer.groups) == (mod.in_channels, mod.out_channels, mod.groups):
             return None
@@ -277,6 +292,14 @@ def _update_size_args(gm, node: fx.Node, widths: ChannelWidths) -> bool:
             kwargs = {k: v for k, v in node.kwargs.items() if k not in ("stride", "padding", "dilation", "groups", "bias")}
             node.args = tuple(args[:6]) + (new_groups,)
             node.kwargs = kwargs
+            return True
+        return False
+    if name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d") and node.name in widths.layers:
+        # (input, weight, bias, stride, padding, output_padding, groups, dilation)
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        new_groups = widths.layers[node.name].groups
+        if groups != new_groups:  # a depthwise transposed conv's groups follow its width
+            _set_arg(node, 6, "groups", new_groups)
             return True
         return False
     if name == "layer_norm" and new_shape is not None:

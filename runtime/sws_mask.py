@@ -6,7 +6,10 @@ Why here, beside the ops: the mask decides which weights the SWS kernels store a
 
 The weight is viewed row-major as ``[out, in/groups * kernel]`` and flattened; every chunk of
 M consecutive weights keeps exactly one, the largest magnitude, and a last partial chunk keeps
-one: the paper's count ``ceil(in * out / M)``. The mask is recomputed every forward in training
+one: the paper's count ``ceil(in * out / M)``. A transposed convolution stores its weight
+``[in, out/groups, *kernel]``; its mask (``transposed_groups``) is taken in the same
+``[out, in/groups * kernel]`` view, so the chunks run along the channels the layer sums over,
+as a convolution's do. The mask is recomputed every forward in training
 with a straight-through gradient; ``freeze_mask=True`` computes it once and trains only the kept
 weights: that mask is a persistent buffer, part of the state_dict, so a reloaded checkpoint
 computes with the mask it was trained with. In eval mode, without autograd, the masked weight is
@@ -22,11 +25,32 @@ from torch.nn.utils import parametrize
 
 from .projection import check_M
 
-__all__ = ["OneOfMMask", "one_of_m_mask", "sws_mask_of"]
+__all__ = ["OneOfMMask", "one_of_m_mask", "sws_mask_of", "transposed_to_conv_layout", "conv_to_transposed_layout"]
 
 
-def one_of_m_mask(weight: Tensor, M: int) -> Tensor:
-    """Bool mask keeping the largest-magnitude weight of every M consecutive (row-major) weights."""
+def transposed_to_conv_layout(weight: Tensor, groups: int) -> Tensor:
+    """A transposed convolution's ``[in, out/groups, *kernel]`` weight as ``[out, in/groups, *kernel]``
+    (the layout of the convolution it is the gradient of, each group's in and out swapped)."""
+    cin, og, kernel = weight.shape[0], weight.shape[1], weight.shape[2:]
+    if groups < 1 or cin % groups:
+        raise ValueError(f"transposed_groups={groups}: the weight's {cin} input channels do not split into it")
+    return weight.reshape(groups, cin // groups, og, *kernel).transpose(1, 2).reshape(groups * og, cin // groups, *kernel)
+
+
+def conv_to_transposed_layout(weight: Tensor, groups: int) -> Tensor:
+    """The inverse of :func:`transposed_to_conv_layout`."""
+    cout, ig, kernel = weight.shape[0], weight.shape[1], weight.shape[2:]
+    return weight.reshape(groups, cout // groups, ig, *kernel).transpose(1, 2).reshape(groups * ig, cout // groups, *kernel)
+
+
+def one_of_m_mask(weight: Tensor, M: int, transposed_groups: Optional[int] = None) -> Tensor:
+    """Bool mask keeping the largest-magnitude weight of every M consecutive (row-major) weights.
+
+    ``transposed_groups``: ``weight`` is a transposed convolution's (with that many groups); the
+    chunks are taken in its ``[out, in/groups, *kernel]`` view and the mask returned in its shape."""
+    if transposed_groups is not None:
+        mask = one_of_m_mask(transposed_to_conv_layout(weight, transposed_groups), M)
+        return conv_to_transposed_layout(mask, transposed_groups)
     flat = weight.detach().reshape(-1).abs()
     n = flat.numel()
     pad = (-n) % M
@@ -53,14 +77,20 @@ class OneOfMMask(nn.Module):
     ``state_dict`` keeps the plain dense weight (``parametrizations.weight.original``) and,
     with ``freeze_mask``, the frozen mask (``parametrizations.weight.0.frozen``). ``weight``
     freezes the mask of that weight now (else at the first forward), so that the state_dict
-    holds it from the start.
+    holds it from the start. ``transposed_groups`` (the layer's groups) marks the weight of a
+    transposed convolution: its chunks run along its input channels (see the module docstring).
     """
 
-    def __init__(self, M: int, freeze_mask: bool = False, weight: Optional[Tensor] = None):
+    def __init__(self, M: int, freeze_mask: bool = False, weight: Optional[Tensor] = None, *,
+                 transposed_groups: Optional[int] = None):
         super().__init__()
         self.M = check_M(M)
         self.freeze_mask = freeze_mask
-        frozen = one_of_m_mask(weight, M) if freeze_mask and weight is not None else None
+        if transposed_groups is not None and (isinstance(transposed_groups, bool) or not isinstance(transposed_groups, int)
+                                              or transposed_groups < 1):
+            raise ValueError(f"transposed_groups={transposed_groups!r}: expected the layer's groups, an int >= 1")
+        self.transposed_groups = transposed_groups
+        frozen = self._compute(weight) if freeze_mask and weight is not None else None
         # a frozen mask is state: a checkpoint without it would reload with a different mask
         self.register_buffer("frozen", frozen, persistent=freeze_mask)
         self._cache: Optional[Tensor] = None
@@ -81,11 +111,21 @@ class OneOfMMask(nn.Module):
         """The current bool mask of ``weight`` (the frozen one when ``freeze_mask``)."""
         if self.freeze_mask:
             if self.frozen is None or self.frozen.shape != weight.shape:
-                self.frozen = one_of_m_mask(weight, self.M)
+                self.frozen = self._compute(weight)
             elif self.frozen.device != weight.device:  # loaded from a checkpoint on another device
                 self.frozen = self.frozen.to(weight.device)
             return self.frozen
-        return one_of_m_mask(weight, self.M)
+        return self._compute(weight)
+
+    def _compute(self, weight: Tensor) -> Tensor:
+        return one_of_m_mask(weight, self.M, self.transposed_groups)
+
+    def conv_layout(self, weight: Tensor) -> Tensor:
+        """``weight`` viewed as ``[out, in/groups, *kernel]``, the layout whose row-major chunks
+        the mask keeps one of (a transposed convolution's weight is rearranged into it)."""
+        if self.transposed_groups is None:
+            return weight
+        return transposed_to_conv_layout(weight, self.transposed_groups)
 
     def forward(self, weight: Tensor) -> Tensor:
         if not self.training and not torch.is_grad_enabled() and _cacheable(weight):
@@ -103,7 +143,8 @@ class OneOfMMask(nn.Module):
         return weight + (weight * mask - weight).detach()
 
     def extra_repr(self) -> str:
-        return f"M={self.M}, freeze_mask={self.freeze_mask}"
+        extra = "" if self.transposed_groups is None else f", transposed_groups={self.transposed_groups}"
+        return f"M={self.M}, freeze_mask={self.freeze_mask}{extra}"
 
     def __prepare_scriptable__(self):
         """``torch.jit.script`` cannot compile a parametrization (``torch.nn.utils.parametrize``

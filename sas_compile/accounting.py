@@ -171,7 +171,7 @@ def layer_costs(
     else:
         for m in Ms:
             w = (sws_widths or {}).get(m)
-            if sws_dense or layer.op in costs.SWS_KEPT_OPS:  # SWS keeps it as it is
+            if sws_dense:  # SWS keeps it as it is
                 sws[m] = costs.layer_cost(layer, "sws", positions=positions, M=m, sparse=False, **own)
             elif w is not None:
                 sparse = bool(getattr(w, "sparse", getattr(w, "widened", True)))

@@ -4,7 +4,7 @@
 (``passes/capture.py``), ties its widths across the whole graph
 (``passes/tie_channel_widths.py``), rebuilds it sqrt(M) times wider with fresh default
 initialisation and puts a 1:M mask on the weight of every widened conv/linear (Linear,
-Conv1d, Conv2d, Conv3d; ``passes/widen_for_sws.py``). The mult count then stays close to the base
+Conv1d-3d, ConvTranspose1d-3d; ``passes/widen_for_sws.py``). The mult count then stays close to the base
 model's, which is the comparison the paper makes against SAS at the same mult budget.
 ``lower_sws(model)`` puts its masked linears on the packed weight and the SWS kernel
 (``passes/lower_sws_to_packed.py``); ``measure_sws_model`` counts what a built model costs and
@@ -20,7 +20,8 @@ The 1:M pattern
 The weight is viewed row-major as ``[out, in/groups * kernel]`` (``kh * kw`` for conv2d,
 ``k`` for conv1d) and flattened; every chunk
 of M consecutive weights keeps exactly one, the largest magnitude, and a last partial
-chunk keeps one. This gives the paper's count ``ceil(in * out / M)`` exactly; when
+chunk keeps one (a transposed convolution's ``[in, out/groups, *kernel]`` weight is masked
+in that same ``[out, in/groups * kernel]`` view, so its chunks run along the channels it sums over). This gives the paper's count ``ceil(in * out / M)`` exactly; when
 ``fan_in % M != 0`` a chunk may straddle two rows (such a layer cannot be packed into
 2:4 rows; ``export_sws_weights`` says so). The mask is recomputed every forward in training
 with a straight-through gradient (the dense weight gets the gradient of the masked one),
@@ -193,12 +194,13 @@ def measure_sws_model(model_or_layer: nn.Module, example_inputs=None) -> Dict[st
     ``positions`` and ``mults``. Counted from the built model, not from the analysis, so it
     checks what ``report`` predicts (``accounting.sws_costs`` is the formula).
     """
-    if isinstance(model_or_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+    if isinstance(model_or_layer, _LAYER_MODULES):
         return {"": _layer_costs(model_or_layer, "weight", model_or_layer)}
     layers = getattr(model_or_layer, "sws_layers", None)
     if layers is None:
         raise ValueError(
-            "measure_sws_model: expected a model built by sas_compile.swsify (or one nn.Conv1d/2d/3d or nn.Linear), "
+            "measure_sws_model: expected a model built by sas_compile.swsify (or one nn.Conv1d/2d/3d, "
+            "nn.ConvTranspose1d/2d/3d or nn.Linear), "
             f"got {type(model_or_layer).__name__}"
         )
     positions = _positions(model_or_layer, example_inputs) if example_inputs is not None else {}
@@ -215,6 +217,10 @@ def measure_sws_model(model_or_layer: nn.Module, example_inputs=None) -> Dict[st
     return out
 
 
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _TRANSPOSED
+
+
 def _graph_layer(gm, node_name):
     for node in gm.graph.nodes:
         if node.name == node_name:
@@ -224,22 +230,32 @@ def _graph_layer(gm, node_name):
     return None
 
 
+def _transposed_call(layer) -> bool:
+    """Whether ``layer`` (a module or a graph call) is a transposed convolution."""
+    if isinstance(layer, nn.Module):
+        return isinstance(layer, _TRANSPOSED)
+    return isinstance(layer, fx.Node) and "conv_transpose" in getattr(layer.target, "__name__", str(layer.target))
+
+
 def _layer_costs(owner: nn.Module, attr: str, layer) -> Dict[str, Any]:
     weight = getattr(owner, attr)
     mask = sws_mask_of(owner, attr)
-    out_features = weight.shape[0]
-    fan_in = weight[0].numel() if weight.shape[0] else 0
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        groups, in_channels = layer.groups, layer.in_channels
-    elif isinstance(layer, nn.Linear):
-        groups, in_channels = 1, layer.in_features
-    elif isinstance(layer, fx.Node) and weight.dim() in (3, 4, 5):  # F.conv1d / F.conv2d / F.conv3d
-        groups = layer.args[6] if len(layer.args) > 6 else layer.kwargs.get("groups", 1)
-        # the graph's groups argument is the widened one (a depthwise conv's follows its width)
-        in_channels = weight.shape[1] * groups
-    else:
-        groups, in_channels = 1, weight.shape[1]
     numel = weight.numel()
+    if isinstance(layer, _LAYER_MODULES) and not isinstance(layer, nn.Linear):
+        groups, in_channels, out_features = layer.groups, layer.in_channels, layer.out_channels
+    elif isinstance(layer, nn.Linear):
+        groups, in_channels, out_features = 1, layer.in_features, layer.out_features
+    elif isinstance(layer, fx.Node) and weight.dim() in (3, 4, 5):  # F.conv*d / F.conv_transpose*d
+        # (input, weight, bias, stride, padding, dilation | output_padding, groups, ...): groups is
+        # argument 6 of both, the widened one (a depthwise conv's follows its width)
+        groups = layer.args[6] if len(layer.args) > 6 else layer.kwargs.get("groups", 1)
+        if _transposed_call(layer):  # stored [in, out/groups, *kernel]
+            in_channels, out_features = weight.shape[0], weight.shape[1] * groups
+        else:
+            in_channels, out_features = weight.shape[1] * groups, weight.shape[0]
+    else:
+        groups, in_channels, out_features = 1, weight.shape[1], weight.shape[0]
+    fan_in = numel // out_features if out_features else 0
     if isinstance(owner, PackedSWSLinear):  # lowered: the mask it was packed with
         nonzeros, sparse = owner.kept, True
     else:
@@ -259,7 +275,10 @@ def _positions(gm, example_inputs) -> Dict[str, int]:
     for node in gm.graph.nodes:
         if node.name not in gm.sws_layers:
             continue
-        shape = tuple(node.meta["tensor_meta"].shape)
+        layer = gm.get_submodule(node.target) if node.op == "call_module" else node
+        # a transposed convolution multiplies per input position (passes/costs.py)
+        counted = node.args[0] if _transposed_call(layer) else node
+        shape = tuple(counted.meta["tensor_meta"].shape)
         wdim = getattr(*_owner_of(gm, gm.sws_layers[node.name])).dim()
         is_conv = wdim >= 3 and len(shape) >= wdim - 1
         dims = list(shape)
@@ -277,7 +296,8 @@ def export_sws_weights(model: nn.Module, *, strict: bool = True) -> Dict[str, An
 
     Returns ``{layer node name: PackedSparseWeight}`` (``sas_compile.runtime.packing``) of the
     masked weight viewed as ``[out, in/groups * kernel]`` (conv1d ``[out, in*k]``, conv2d
-    ``[out, in*kh*kw]``); dense layers (no mask) are left out: 1:2 is a valid 2:4 pattern and 1:4
+    ``[out, in*kh*kw]``; a transposed convolution's ``[in, out/groups, *kernel]`` weight rearranged
+    into that view, as its mask chunks it); dense layers (no mask) are left out: 1:2 is a valid 2:4 pattern and 1:4
     is stored as 2:4 with explicit zeros. A layer whose 1:M chunks straddle rows
     (``fan_in % M != 0``) cannot be packed: ``strict`` raises a ValueError naming it,
     ``strict=False`` leaves it out. A layer :func:`lower_sws` packed gives its packed weight.
@@ -295,7 +315,8 @@ def export_sws_weights(model: nn.Module, *, strict: bool = True) -> Dict[str, An
         if sws_mask_of(owner, attr) is None:
             continue
         with torch.no_grad():
-            weight = getattr(owner, attr).detach()
+            # a transposed convolution's weight in the [out, in/groups, *kernel] view its mask chunks
+            weight = sws_mask_of(owner, attr).conv_layout(getattr(owner, attr).detach())
         flat = weight.reshape(weight.shape[0], -1)
         if flat.shape[1] % M:
             if strict:

@@ -189,10 +189,14 @@ def test_report_counts_conv3d_and_transposed_convolutions():
     assert rows["mid"]["sas"][2]["params"] == 2 * 8 * 6 * 27 + 8
     assert rows["up"]["sas"][2]["params"] == 2 * 8 * 4 * 8 + 4
     assert rows["w"]["sas"][2]["params"] == 2 * 4 * 3 * 9
-    for name in ("up", "w"):  # SWS keeps a transposed convolution as it is
-        row = rows[name]
-        assert row["sws"][2]["mults"] == row["base"]["mults"]
-        assert row["sws"][2]["params"] == row["base"]["params"]
+    # SWS widens and masks transposed convolutions too: up 8 -> 4 becomes 11 -> 6 (sqrt(2) wider,
+    # rounded), 1:2 sparse; w reads up's output (4 -> 6) and writes the network output (3 stays)
+    sws_up, sws_w = rows["up"]["sws"][2], rows["w"]["sws"][2]
+    assert (sws_up["in_features"], sws_up["out_features"]) == (11, 6)
+    assert sws_up["mults"] == 2 * 2 * 3 * 4 * -(-11 * 6 * 8 // 2)
+    assert sws_up["params"] == 11 * 6 * 8 + 6 and sws_up["nonzero_params"] == 11 * 6 * 8 // 2 + 6
+    assert (sws_w["in_features"], sws_w["out_features"]) == (6, 3)
+    assert sws_w["mults"] == 2 * 6 * 8 * (6 * 3 * 9 // 2)
     assert report.totals["base"]["mults"] == report.totals["sas"][2]["mults"] == sum(expected.values())
     plan = sas_compile.sasify(model, M=2).sas_plan
     up = next(layer for layer in plan.layers if layer.name == "up")
