@@ -173,9 +173,9 @@ def is_builtin_sign_rule_m2(index_rule: IndexRule) -> bool:
 
 
 def _is_channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last
-    )
+    """``x`` is a channels_last 4-D or channels_last_3d 5-D tensor (and not also contiguous)."""
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=last)
 
 
 def project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern", dead: Optional[Tensor] = None) -> Tensor:
@@ -188,7 +188,8 @@ def project(x: Tensor, M: int, dim: int = -1, rule: str = "sign_pattern", dead: 
     per wide index along ``dim``, from :func:`dead_slots`) zeroes the slots whose weight column
     is all zero: their product is 0 for finite values, and the same 0 instead of
     ``0 * inf = NaN`` for infinite ones, which is what the dense layer gives
-    (``W relu(-inf) = 0``). A channels_last 4-D input gives a channels_last output.
+    (``W relu(-inf) = 0``). A channels_last 4-D (channels_last_3d 5-D) input gives an output in
+    that layout.
     """
     return _project(x, M, dim, rule, dead, x.new_empty)
 
@@ -253,8 +254,8 @@ def release_workspace() -> None:
 def _project(x: Tensor, M: int, dim: int, rule: str, dead: Optional[Tensor], empty,
              dead_if_nonfinite: bool = False) -> Tensor:
     dim = dim % x.dim()
-    if dim == 1 and _is_channels_last(x):
-        return _project(x.permute(0, 2, 3, 1), M, -1, rule, dead, empty, dead_if_nonfinite).permute(0, 3, 1, 2)
+    if dim == 1 and _is_channels_last(x):  # project the channels-last view: the result is channels-last too
+        return _project(x.movedim(1, -1), M, -1, rule, dead, empty, dead_if_nonfinite).movedim(-1, 1)
     index_rule = get_rule(rule, M)
     if torch.is_grad_enabled() and x.requires_grad:
         # differentiable form (out= writes are not): the same planes, stacked

@@ -265,8 +265,11 @@ def _conv_output(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor
 
 
 def _conv_memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
+    """The layout a convolution gives for ``x``: channels_last (4-D) or channels_last_3d (5-D)
+    when ``x`` is in it, as ``F.conv2d``/``F.conv3d`` do; contiguous otherwise."""
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=last):
+        return last
     return torch.contiguous_format
 
 

@@ -15,6 +15,8 @@ the wide weight.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -392,3 +394,27 @@ def test_opcheck_conv3d_and_transposed_ops(M):
         torch.library.opcheck(torch.ops.sas.conv_transpose.default, (x, wide, torch.randn(3), *conf, M, "sign_pattern"))
         torch.library.opcheck(torch.ops.sas.conv_transpose_from_dense.default,
                               (x, dense.requires_grad_(True), None, *conf, M, False, "sign_pattern", True))
+
+
+@pytest.mark.parametrize("cls", [nn.Conv3d, nn.ConvTranspose3d])
+def test_channels_last_3d_input_keeps_its_layout(cls):
+    """A channels_last_3d input gives a channels_last_3d output and input gradient, as the dense
+    layer's (before: the SAS layer's were contiguous), with the values of the float64 reference."""
+    torch.manual_seed(11)
+    dense = nn.Sequential(nn.Conv3d(3, 6, 1), nn.ReLU(), cls(6, 4, 3, stride=2, padding=1)).eval()
+    sas = sas_compile.sasify(dense, M=2)
+    fmt = torch.channels_last_3d
+    x = torch.randn(2, 3, 4, 5, 6).contiguous(memory_format=fmt).requires_grad_(True)
+    x64 = x.detach().to(DT).requires_grad_(True)
+    want = copy.deepcopy(dense).to(DT)(x64)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got, ref = sas(x), dense(x)
+        assert ref.is_contiguous(memory_format=fmt) and not ref.is_contiguous()  # what the dense layer gives
+        assert got.is_contiguous(memory_format=fmt) and not got.is_contiguous()
+        torch.testing.assert_close(got.to(DT), want.detach(), rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(got)
+    gx, = torch.autograd.grad(got, x, g)
+    assert gx.is_contiguous(memory_format=fmt)
+    gwant, = torch.autograd.grad(want, x64, g.to(DT))
+    torch.testing.assert_close(gx.to(DT), gwant, rtol=1e-5, atol=1e-5)

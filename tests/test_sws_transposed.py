@@ -218,3 +218,20 @@ def test_measure_sws_model_counts_a_single_transposed_layer():
     costs = measure_sws_model(layer)[""]
     assert (costs["in_channels"], costs["out_channels"], costs["groups"]) == (8, 6, 2)
     assert costs["fan_in"] == 4 * 9 and costs["weight_numel"] == 8 * 3 * 9 == costs["nonzeros"]
+
+
+def test_widths_agree_between_symbolic_and_exported_graphs():
+    """The aten spellings an exported graph holds (``aten.conv_transpose2d.input``) get the same widths."""
+    from torch import fx
+
+    from sas_compile.passes.tie_channel_widths import sws_layer_widths
+
+    torch.manual_seed(6)
+    model = Decoder(2).eval()
+    x = torch.randn(2, 3, 8, 8)
+    traced = sws_layer_widths(fx.symbolic_trace(model), 4, (x,))
+    exported = sws_layer_widths(torch.export.export(model, (x,), strict=False).module(), 4)
+    pick = lambda ws: [(w.op, w.in_channels, w.out_channels, w.fan_in, w.groups, w.sparse)  # noqa: E731
+                       for w in ws.values()]
+    assert pick(traced) == pick(exported)
+    assert ("conv_transpose2d", 64, 32, 32 * 9, 2, True) in pick(traced)
