@@ -771,63 +771,53 @@ def layer(walk: WidthWalk, node: fx.Node):
         return list(x[:-1]) + [w[0]]
     if call.op not in LAYER_OPS:
         raise UnsupportedOp(call.unsupported_reason or f"{call.op} is not supported")
-    if "transpose" in call.op:
-        return _conv_transpose(walk, node, call, x, w, wt, b, bt)
     return _conv(walk, node, call, x, w, wt, b, bt)
 
 
 def _conv(walk: WidthWalk, node, call: LayerCall, x, w, wt, b, bt):
-    """conv1d, conv2d or conv3d: the channel dim precedes ``nk`` spatial dims."""
+    """conv1d-3d and conv_transpose1d-3d: the channel dim precedes ``nk`` spatial dims."""
     op, nk = call.op, CONV_DIMS[call.op]
     shape = walk.shape(node)
     if x is None or w is None or not is_shape(shape):
         raise UnsupportedOp(f"{op} with unknown shapes")
     groups, uf = call.groups, walk.uf
     cdim = len(x) - (nk + 1)
-    cin = walk.size(x[cdim])
-    co = walk.size(w[0])
+    channels = (_transposed_channels if "transpose" in op else _conv_channels)(uf, node.name, x[cdim], w, groups)
+    if b is not None:
+        uf.tie(b[0], channels, node.name)
+    ks = tuple(walk.size(d) for d in w[2:])
+    for d in w[2:]:
+        uf.fix(d, "kernel size")
+    walk.record_layer(node, op, x[cdim], channels, groups, ks, wt, bt, call.x)
+    return list(x[:cdim]) + [channels] + [walk.fresh(s, "spatial size") for s in shape[-nk:]]
+
+
+def _conv_channels(uf: WidthUnionFind, where: str, x: Dim, w, groups: int) -> Dim:
+    """A convolution's weight ``[out, in/groups, *kernel]``: ties it to the input width ``x``;
+    returns the output width (``w[0]``)."""
+    cin, co = int(uf.dim_size(x)), int(uf.dim_size(w[0]))
     if groups == 1:
-        uf.tie(x[cdim], w[1], node.name)
+        uf.tie(x, w[1], where)
     elif groups == cin:  # depthwise: groups follow the width, out = multiplier x width
-        uf.tie(w[0], uf.resolve(x[cdim]).scaled(Fraction(co, cin)), node.name)
+        uf.tie(w[0], uf.resolve(x).scaled(Fraction(co, cin)), where)
     else:  # grouped: the number of groups stays, both widths must split into it
-        uf.tie(w[1], uf.resolve(x[cdim]).scaled(Fraction(1, groups)), node.name)
-        uf.requirements.append((w[0].scaled(Fraction(1, groups)), f"{node.name}: groups={groups}"))
-    if b is not None:
-        uf.tie(b[0], w[0], node.name)
-    ks = tuple(walk.size(d) for d in w[2:])
-    for d in w[2:]:
-        uf.fix(d, "kernel size")
-    walk.record_layer(node, op, x[cdim], w[0], groups, ks, wt, bt, call.x)
-    return list(x[:cdim]) + [w[0]] + [walk.fresh(s, "spatial size") for s in shape[-nk:]]
+        uf.tie(w[1], uf.resolve(x).scaled(Fraction(1, groups)), where)
+        uf.requirements.append((w[0].scaled(Fraction(1, groups)), f"{where}: groups={groups}"))
+    return w[0]
 
 
-def _conv_transpose(walk: WidthWalk, node, call: LayerCall, x, w, wt, b, bt):
-    """conv_transpose1d/2d/3d: the weight is stored ``[in, out/groups, *kernel]``, so dim 0 ties
-    the input's channels and the output's channels are ``groups * w[1]``."""
-    op, nk = call.op, CONV_DIMS[call.op]
-    shape = walk.shape(node)
-    if x is None or w is None or not is_shape(shape):
-        raise UnsupportedOp(f"{op} with unknown shapes")
-    groups, uf = call.groups, walk.uf
-    cdim = len(x) - (nk + 1)
-    cin = walk.size(x[cdim])
-    co = walk.size(w[1]) * groups
-    uf.tie(x[cdim], w[0], node.name)
+def _transposed_channels(uf: WidthUnionFind, where: str, x: Dim, w, groups: int) -> Dim:
+    """A transposed convolution's weight ``[in, out/groups, *kernel]``: dim 0 ties the input
+    width ``x``; returns the output width, ``groups * w[1]``."""
+    cin, co = int(uf.dim_size(x)), int(uf.dim_size(w[1])) * groups
+    uf.tie(x, w[0], where)
     if groups == 1:
-        out = w[1]
-    elif groups == cin:  # depthwise: groups follow the width, out = multiplier x width (w[1] stays)
-        out = uf.resolve(x[cdim]).scaled(Fraction(co, cin))
-    else:  # grouped: the number of groups stays, both widths must split into it
-        uf.requirements.append((uf.resolve(x[cdim]).scaled(Fraction(1, groups)), f"{node.name}: groups={groups}"))
-        out = w[1].scaled(groups)
-    if b is not None:
-        uf.tie(b[0], out, node.name)
-    ks = tuple(walk.size(d) for d in w[2:])
-    for d in w[2:]:
-        uf.fix(d, "kernel size")
-    walk.record_layer(node, op, x[cdim], out, groups, ks, wt, bt, call.x)
-    return list(x[:cdim]) + [out] + [walk.fresh(s, "spatial size") for s in shape[-nk:]]
+        return w[1]
+    if groups == cin:  # depthwise: groups follow the width, out = multiplier x width (w[1] stays)
+        return uf.resolve(x).scaled(Fraction(co, cin))
+    # grouped: the number of groups stays, both widths must split into it
+    uf.requirements.append((uf.resolve(x).scaled(Fraction(1, groups)), f"{where}: groups={groups}"))
+    return w[1].scaled(groups)
 
 
 # --------------------------------------------------------------------------- rules: normalisation, embedding
