@@ -5,8 +5,8 @@ a transformed copy of the trained one, so everything whose shape changes is rebu
 the layer types' default (kaiming) initialisation. The widths come from
 ``tie_channel_widths``; this pass only applies them: new conv/linear/norm/embedding
 modules (Conv1d-3d, ConvTranspose1d-3d), resized graph parameters, the groups argument of a
-functional depthwise conv, and the integer size arguments of reshapes that name a widened width. Parameters and modules whose shapes stay are left as
-they are. Then every layer the analysis calls sparse gets the 1:M magnitude mask
+functional depthwise conv, and the integer size arguments of reshapes that name a widened
+width. Parameters and modules whose shapes stay are left as they are. Then every layer the analysis calls sparse gets the 1:M magnitude mask
 (``runtime.sws_mask.OneOfMMask``) as a parametrization of its weight; a transposed
 convolution's mask is told its groups, so that its chunks run along the channels it sums over.
 A weight shared by a convolution and a transposed convolution (a tied autoencoder's) is masked
@@ -29,6 +29,7 @@ from torch.nn.utils import parametrize
 
 from sas_compile.runtime.sws_mask import OneOfMMask, sws_mask_of
 
+from .find_sas_layers import LAYER_MODULES, TRANSPOSED_CONV_MODULES
 from .sws_width_model import ChannelWidths
 from .sws_width_rules import graph_attr, op_name, size_args
 
@@ -138,22 +139,18 @@ def _like(old: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _TRANSPOSED
-
-
 def _rebuild_module(gm, node, widths: ChannelWidths) -> Optional[nn.Module]:
     mod = gm.get_submodule(node.target)
     t = node.target
     wshape = widths.param_shape(f"{t}.weight")
     layer = widths.layers.get(node.name)
-    if isinstance(mod, _LAYER_MODULES) and layer is None:
+    if isinstance(mod, LAYER_MODULES) and layer is None:
         # the analysis could not follow this call (its reason fixed the widths around it): as it is
         return None
-    if isinstance(mod, _TRANSPOSED):
+    if isinstance(mod, TRANSPOSED_CONV_MODULES):
         if (layer.in_channels, layer.out_channels, layer.groups) == (mod.in_channels, mod.out_channels, mod.groups):
             return None
-        cls = next(c for c in _TRANSPOSED if isinstance(mod, c))
+        cls = next(c for c in TRANSPOSED_CONV_MODULES if isinstance(mod, c))
         new = cls(layer.in_channels, layer.out_channels, mod.kernel_size, mod.stride, mod.padding,
                   mod.output_padding, layer.groups, mod.bias is not None, mod.dilation, mod.padding_mode)
         return _like(mod, new)

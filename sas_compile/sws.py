@@ -21,7 +21,8 @@ The weight is viewed row-major as ``[out, in/groups * kernel]`` (``kh * kw`` for
 ``k`` for conv1d) and flattened; every chunk
 of M consecutive weights keeps exactly one, the largest magnitude, and a last partial
 chunk keeps one (a transposed convolution's ``[in, out/groups, *kernel]`` weight is masked
-in that same ``[out, in/groups * kernel]`` view, so its chunks run along the channels it sums over). This gives the paper's count ``ceil(in * out / M)`` exactly; when
+in that same ``[out, in/groups * kernel]`` view, so its chunks run along the channels it
+sums over). This gives the paper's count ``ceil(in * out / M)`` exactly; when
 ``fan_in % M != 0`` a chunk may straddle two rows (such a layer cannot be packed into
 2:4 rows; ``export_sws_weights`` says so). The mask is recomputed every forward in training
 with a straight-through gradient (the dense weight gets the gradient of the masked one),
@@ -43,7 +44,8 @@ from torch import fx, nn
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
 from .passes.capture import (CaptureError, capture_seeing_into_leaves, copy_model, normalize_example_inputs,
                              propagate_shapes, trainable_export_graph)
-from .passes.find_sas_layers import layer_plan_from_module, match_layer_call, parameter_holders
+from .passes.find_sas_layers import (LAYER_MODULES, TRANSPOSED_CONV_MODULES, layer_plan_from_module, match_layer_call,
+                                     op_name, parameter_holders)
 from .passes.lower_sws_to_packed import PackedSWSLinear, lower_sws_to_packed
 from .passes.mode_flags import bind_mode_values, export_modes, trace_modes
 from .passes.sws_width_rules import has_width_rule
@@ -194,7 +196,7 @@ def measure_sws_model(model_or_layer: nn.Module, example_inputs=None) -> Dict[st
     ``positions`` and ``mults``. Counted from the built model, not from the analysis, so it
     checks what ``report`` predicts (``accounting.sws_costs`` is the formula).
     """
-    if isinstance(model_or_layer, _LAYER_MODULES):
+    if isinstance(model_or_layer, LAYER_MODULES):
         return {"": _layer_costs(model_or_layer, "weight", model_or_layer)}
     layers = getattr(model_or_layer, "sws_layers", None)
     if layers is None:
@@ -217,10 +219,6 @@ def measure_sws_model(model_or_layer: nn.Module, example_inputs=None) -> Dict[st
     return out
 
 
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _TRANSPOSED
-
-
 def _graph_layer(gm, node_name):
     for node in gm.graph.nodes:
         if node.name == node_name:
@@ -233,15 +231,15 @@ def _graph_layer(gm, node_name):
 def _transposed_call(layer) -> bool:
     """Whether ``layer`` (a module or a graph call) is a transposed convolution."""
     if isinstance(layer, nn.Module):
-        return isinstance(layer, _TRANSPOSED)
-    return isinstance(layer, fx.Node) and "conv_transpose" in getattr(layer.target, "__name__", str(layer.target))
+        return isinstance(layer, TRANSPOSED_CONV_MODULES)
+    return isinstance(layer, fx.Node) and op_name(layer).startswith("conv_transpose")
 
 
 def _layer_costs(owner: nn.Module, attr: str, layer) -> Dict[str, Any]:
     weight = getattr(owner, attr)
     mask = sws_mask_of(owner, attr)
     numel = weight.numel()
-    if isinstance(layer, _LAYER_MODULES) and not isinstance(layer, nn.Linear):
+    if isinstance(layer, LAYER_MODULES) and not isinstance(layer, nn.Linear):
         groups, in_channels, out_features = layer.groups, layer.in_channels, layer.out_channels
     elif isinstance(layer, nn.Linear):
         groups, in_channels, out_features = 1, layer.in_features, layer.out_features
