@@ -10,6 +10,7 @@ narrow activation.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import List, Optional, Sequence
@@ -750,20 +751,32 @@ def _from_dense_conv_setup(ctx, inputs, output):
     ctx.sas = (M, fold_relu, rule, train_dense)
 
 
-def _from_dense_conv_backward(ctx, grad):
+def from_dense_conv_backward(ctx, grad, expand, fold, grads):
+    """``(grad_x, grad_w, grad_b)`` of a convolution's ``*_from_dense`` op (``sas::conv2d_from_dense``,
+    ``sas::conv_transpose_from_dense``), whose setup saved ``(x, dense weight)``, ``ctx.conf``,
+    ``ctx.bias_sizes`` and ``ctx.sas = (M, fold_relu, rule, train_dense)``: the dense weight is
+    expanded again (``expand``), the wide op's gradients taken (``grads``, as
+    ``_projected_conv_grads``) and the wide weight gradient folded back (``fold``). Without
+    ``train_dense`` a weight gradient asked for is refused (``sas::refuse_dense_training``)."""
     x, weight = ctx.saved_tensors
     M, fold_relu, rule, train_dense = ctx.sas
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    refuse = need_w and not train_dense
-    need_w = need_w and train_dense
+    train_w = need_w and train_dense
+    wide = expand(weight, M, fold_relu=fold_relu, rule=rule)
+    grad_x, grad_wide_w, grad_b = grads(grad, x, wide, ctx.bias_sizes, ctx.conf, M, rule, need_x, train_w,
+                                        need_b and ctx.bias_sizes is not None)
+    if train_w:
+        grad_w = fold(grad_wide_w, M, fold_relu=fold_relu, rule=rule)
+    else:
+        grad_w = torch.ops.sas.refuse_dense_training(weight) if need_w else None
+    return grad_x, grad_w, grad_b
+
+
+def _from_dense_conv_backward(ctx, grad):
     groups = ctx.conf[3]
-    wide = expand_dense_weight(weight, M, fold_relu=fold_relu, rule=rule, groups=groups)
-    grad_x, grad_wide_w, grad_b = _projected_conv_grads(grad, x, wide, ctx.bias_sizes, ctx.conf, M, rule,
-                                                        need_x, need_w, need_b)
-    grad_w = fold_wide_grad(grad_wide_w, M, fold_relu=fold_relu, rule=rule, groups=groups) if need_w else None
-    if refuse:
-        grad_w = torch.ops.sas.refuse_dense_training(weight)
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+    grads = from_dense_conv_backward(ctx, grad, functools.partial(expand_dense_weight, groups=groups),
+                                     functools.partial(fold_wide_grad, groups=groups), _projected_conv_grads)
+    return grads + (None,) * 8
 
 
 sas_conv2d_from_dense.register_autograd(_from_dense_conv_backward, setup_context=_from_dense_conv_setup)

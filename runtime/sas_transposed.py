@@ -36,6 +36,7 @@ from .sas_ops import (
     batch_of_one,
     composite_transform_active,
     differentiable_grads,
+    from_dense_conv_backward,
     save_conv_context,
     slot_grad,
     unbatched_like,
@@ -167,18 +168,7 @@ def _from_dense_setup(ctx, inputs, output):
 
 
 def _from_dense_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    M, fold_relu, rule, train_dense = ctx.sas
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    refuse = need_w and not train_dense
-    need_w = need_w and train_dense
-    wide = expand_transposed_weight(weight, M, fold_relu=fold_relu, rule=rule)
-    grad_x, grad_wide_w, grad_b = _grads(grad, x, wide, ctx.bias_sizes, ctx.conf, M, rule, need_x, need_w,
-                                         need_b and ctx.bias_sizes is not None)
-    grad_w = fold_transposed_grad(grad_wide_w, M, fold_relu=fold_relu, rule=rule) if need_w else None
-    if refuse:
-        grad_w = torch.ops.sas.refuse_dense_training(weight)
-    return (grad_x, grad_w, grad_b) + (None,) * 9
+    return from_dense_conv_backward(ctx, grad, expand_transposed_weight, fold_transposed_grad, _grads) + (None,) * 9
 
 
 sas_conv_transpose_from_dense.register_autograd(_from_dense_backward, setup_context=_from_dense_setup)
