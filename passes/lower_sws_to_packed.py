@@ -35,7 +35,7 @@ from sas_compile.runtime.matmul import TARGETS, sws_matmul
 from sas_compile.runtime.packing import PackedSparseWeight, pack_sws_weight, unpack_sws_weight
 from sas_compile.runtime.sws_mask import sws_mask_of
 
-from .find_sas_layers import match_layer_call
+from .find_sas_layers import LAYER_MODULES, LayerCall, match_layer_call, module_op
 
 log = logging.getLogger("sas_compile.passes")
 
@@ -145,7 +145,7 @@ def _packed_module(gm: fx.GraphModule, weight_target: str, bias: Optional[Tensor
     return PackedSWSLinear(pack_sws_weight(weight, M), bias, kept, target, weight_target)
 
 
-def lower_sws_to_packed(gm: fx.GraphModule, *, target: str = "auto") -> SWSLowering:
+def lower_sws_to_packed(gm: nn.Module, *, target: str = "auto") -> SWSLowering:
     """Rewrite (in place) every masked linear of an ``swsify``-built ``gm`` into a :class:`PackedSWSLinear`.
 
     A module call swaps the ``nn.Linear`` for the packed module at the same path; a functional
@@ -160,11 +160,11 @@ def lower_sws_to_packed(gm: fx.GraphModule, *, target: str = "auto") -> SWSLower
         raise ValueError(f"lower_sws_to_packed: target={target!r} is not one of {list(TARGETS)}")
     M = gm.sws_M
     summary = SWSLowering(target)
-    nodes = {n.name: n for n in gm.graph.nodes}
+    calls = _layer_calls(gm)
     # decide every layer before rewriting any: a shared module is swapped once for all its calls
     todo = []
     for node_name, weight_target in gm.sws_layers.items():
-        call = match_layer_call(nodes[node_name], gm) if node_name in nodes else None
+        call = calls[node_name]
         why = _packable(call, weight_target, gm, M)
         if why is None:
             todo.append((node_name, weight_target, call))
@@ -189,13 +189,31 @@ def lower_sws_to_packed(gm: fx.GraphModule, *, target: str = "auto") -> SWSLower
         summary.lowered[node_name] = path
         gm.sws_layers[node_name] = f"{path}.weight"
     summary.lowered = {node_name: summary.lowered[node_name] for node_name, _, _ in todo}  # graph order
-    if any(call.module is None for _, _, call in todo):
+    if any(call.module is None for _, _, call in todo):  # functional calls: only in a GraphModule
         _drop_unread_weights(gm, packed_by_weight)
         gm.graph.lint()
         _recompile(gm)
     gm.sws_lowering = summary
     log.debug("lower_sws_to_packed: %d linears packed, %d layers stay", len(summary.lowered), len(summary.kept))
     return summary
+
+
+def _layer_calls(gm: nn.Module) -> Dict[str, Optional[LayerCall]]:
+    """The call of every SWS layer (node name -> LayerCall, None where it is no conv/linear call).
+
+    An SWS model of the user's class (``sws_module_swaps``) has no graph: every layer is the
+    module holding its weight, and lowering it only swaps modules."""
+    if getattr(gm, "sws_module_swaps", False):
+        out: Dict[str, Optional[LayerCall]] = {}
+        for node_name, weight_target in gm.sws_layers.items():
+            path = weight_target.rpartition(".")[0]
+            module = gm.get_submodule(path)
+            out[node_name] = (LayerCall(None, module_op(module), None, None, None, module, path)
+                              if isinstance(module, LAYER_MODULES) else None)
+        return out
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return {node_name: match_layer_call(nodes[node_name], gm) if node_name in nodes else None
+            for node_name in gm.sws_layers}
 
 
 def _call_packed(gm: fx.GraphModule, call, path: str) -> None:

@@ -33,6 +33,7 @@ changes or the model goes back to training.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from .passes.find_sas_layers import (LAYER_MODULES, TRANSPOSED_CONV_MODULES, lay
                                      op_name, parameter_holders)
 from .passes.lower_sws_to_packed import PackedSWSLinear, lower_sws_to_packed
 from .passes.mode_flags import bind_mode_values, export_modes, trace_modes
+from .passes.sws_module_swaps import graph_signature, same_outputs, swap_into_model, tied_parameter_paths
 from .passes.sws_width_rules import has_width_rule
 from .passes.tie_channel_widths import tie_channel_widths
 from .passes.widen_for_sws import widen_for_sws
@@ -71,9 +73,11 @@ __all__ = [
 ]
 
 
-def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs) -> Tuple[fx.GraphModule, str]:
-    """The SWS model :func:`swsify` documents, and how the model was captured (the arguments
-    were checked by ``SWSConfig`` and ``sparsify``)."""
+def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs
+               ) -> Tuple[nn.Module, fx.GraphModule, str]:
+    """The SWS model :func:`swsify` documents, the widened graph it was built from (the model itself
+    where that is the result) and how the model was captured (the arguments were checked by
+    ``SWSConfig`` and ``sparsify``)."""
     sas_layers = existing_sas_layers(model)
     if sas_layers:
         raise ValueError(
@@ -103,6 +107,35 @@ def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs) -> Tuple[f
         modes = export_modes(captured.gm, source, captured.example_inputs)
     else:
         modes = trace_modes(captured.gm, source)
+    gm = trainable_export_graph(captured.gm) if captured.method == "export" else captured.gm
+    bind_mode_values(gm, modes.bindings)
+    # a traced graph without branches on self.training may go back into the traced copy as swaps
+    before = graph_signature(gm) if captured.method == "symbolic_trace" and modes.why is None else None
+    widths = tie_channel_widths(gm, config.M, example_inputs, filter_fn=config.filter_fn,
+                                dense_input_layers=config.dense_input_layers, model=model)
+    widen_for_sws(gm, widths, freeze_mask=config.freeze_mask)
+    why = ("torch.export captured it (symbolic tracing could not), and an export graph calls aten ops on its parameters, "
+           "not your modules" if captured.method == "export" else modes.why)
+    if before is not None:
+        why = swap_into_model(gm, source, before, gm.sws_layers, tied_parameter_paths(model))
+        if why is None:
+            why = _check_swapped(gm, source, example_inputs, model)
+        if why is None:
+            order = [node.name for node in gm.graph.nodes if node.name in gm.sws_layers]  # call order
+            source.sws_widths, source.sws_M = gm.sws_widths, gm.sws_M
+            source.sws_layers = {name: gm.sws_layers[name] for name in order}
+            source.sws_module_swaps = True
+            return source, gm, captured.method
+    _warn_graph_result(model, modes, why)
+    gm.train(model.training)
+    carry_model_state(model, gm)
+    if example_inputs is not None:
+        _check_runs(gm, example_inputs, model)
+    return gm, gm, captured.method
+
+
+def _warn_graph_result(model: nn.Module, modes, why: Optional[str]) -> None:
+    """Say why the SWS model is a GraphModule and what of the user's forward it does not keep."""
     if modes.why is not None and not modes.mode_paths:
         log.warning("swsify: %s: %s. SWS rebuilds the network from one captured graph, which cannot hold that: "
                     "the SWS model differs from the model there", type(model).__name__, modes.why)
@@ -119,19 +152,39 @@ def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs) -> Tuple[f
         log.warning("swsify: the SWS model of %s runs without the torch.utils.checkpoint calls of its forward "
                     "(in %s): a traced graph inlines them, so training keeps every activation they free",
                     type(model).__name__, ", ".join(p or "the root" for p in modes.checkpointed))
-    gm = trainable_export_graph(captured.gm) if captured.method == "export" else captured.gm
-    bind_mode_values(gm, modes.bindings)
-    widths = tie_channel_widths(gm, config.M, example_inputs, filter_fn=config.filter_fn,
-                                dense_input_layers=config.dense_input_layers, model=model)
-    widen_for_sws(gm, widths, freeze_mask=config.freeze_mask)
-    gm.train(model.training)
-    carry_model_state(model, gm)
-    if example_inputs is not None:
-        _check_runs(gm, example_inputs, model)
-    return gm, captured.method
+    if modes.why is None and not isinstance(model, fx.GraphModule):
+        log.warning("swsify: the result is a torch.fx.GraphModule running the captured graph, not %s (indexing, "
+                    "its containers and its own methods are not on it): %s", type(model).__name__, why)
 
 
-def lower_sws(model: fx.GraphModule, *, target: str = "auto", inplace: bool = False) -> fx.GraphModule:
+def _check_swapped(gm: fx.GraphModule, swapped: nn.Module, example_inputs, model: nn.Module) -> Optional[str]:
+    """Why the user's forward on the swapped modules is not the widened graph, or None: both run on
+    ``example_inputs`` in eval mode from one random seed and must give equal outputs."""
+    if example_inputs is None:
+        return None
+    inputs = [t for t in torch.utils._pytree.tree_leaves(example_inputs) if isinstance(t, torch.Tensor)]
+    devices = sorted({t.device.index or 0 for t in [*swapped.parameters(), *inputs] if t.is_cuda})
+    outputs = []
+    with _in_eval(gm, swapped), torch.no_grad():
+        # forward itself: the root's hooks are the copy's (and the graph's once carried), not the graph's
+        for module in (gm, swapped):
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(0)
+                try:
+                    outputs.append(module.forward(*example_inputs))
+                except Exception as err:
+                    if module is gm:
+                        raise RuntimeError(
+                            f"swsify: the widened {type(model).__name__} does not run on example_inputs ({err}). "
+                            "Exclude the layers around the failing op with filter_fn, and please report the model."
+                        ) from err
+                    return f"its own forward fails on the widened modules ({type(err).__name__}: {err})"
+    if not same_outputs(*outputs):
+        return "its own forward on the widened modules does not give the widened graph's outputs"
+    return None
+
+
+def lower_sws(model: nn.Module, *, target: str = "auto", inplace: bool = False) -> nn.Module:
     """An ``swsify``-built model whose masked linears run ``sws_matmul`` on their packed 1:M weight.
 
     For inference: each mask is read once, now (the mask of the current weights, or the frozen
@@ -140,7 +193,8 @@ def lower_sws(model: fx.GraphModule, *, target: str = "auto", inplace: bool = Fa
     packed layer (``layer.target``, changeable later). Convolutions, layers whose rows do not
     fit 2:4 (``fan_in % M != 0``) and dense layers stay as they are; ``result.sws_lowering``
     lists every layer with what happened to it (``passes/lower_sws_to_packed.py``). ``model``
-    is copied unless ``inplace``.
+    is copied unless ``inplace``; the result keeps its class (the user's, where ``swsify`` kept
+    it: there every masked ``nn.Linear`` is swapped for its packed module).
     """
     if getattr(model, "sws_layers", None) is None:
         raise ValueError(f"lower_sws: expected a model built by sas_compile.swsify, got {type(model).__name__}")
@@ -149,7 +203,7 @@ def lower_sws(model: fx.GraphModule, *, target: str = "auto", inplace: bool = Fa
     return out
 
 
-def _copy(model: fx.GraphModule) -> fx.GraphModule:
+def _copy(model: nn.Module) -> nn.Module:
     try:
         out = copy.deepcopy(model)
     except AttributeError as err:  # torch's GraphModule deepcopy misses parametrized attributes of the root
@@ -160,20 +214,29 @@ def _copy(model: fx.GraphModule) -> fx.GraphModule:
         ) from err
     # GraphModule's deepcopy keeps only its own attributes: carry what swsify recorded
     out.sws_widths, out.sws_M, out.sws_layers = model.sws_widths, model.sws_M, dict(model.sws_layers)
+    out.sws_module_swaps = getattr(model, "sws_module_swaps", False)
     return out
 
 
 def _check_runs(gm, example_inputs, model) -> None:
-    modes = {m: m.training for m in gm.modules()}
     try:
-        gm.eval()
-        with torch.no_grad():
+        with _in_eval(gm), torch.no_grad():
             gm(*example_inputs)
     except Exception as err:
         raise RuntimeError(
             f"swsify: the widened {type(model).__name__} does not run on example_inputs ({err}). "
             "Exclude the layers around the failing op with filter_fn, and please report the model."
         ) from err
+
+
+@contextlib.contextmanager
+def _in_eval(*models: nn.Module):
+    """The models in eval mode, every module's own flag restored afterwards (a mask's as a mask's)."""
+    modes = {m: m.training for model in models for m in model.modules()}
+    try:
+        for model in models:
+            model.eval()
+        yield
     finally:
         for m, t in modes.items():
             m.train(t) if isinstance(m, OneOfMMask) else setattr(m, "training", t)
@@ -219,11 +282,14 @@ def measure_sws_model(model_or_layer: nn.Module, example_inputs=None) -> Dict[st
     return out
 
 
-def _graph_layer(gm, node_name):
-    for node in gm.graph.nodes:
+def _graph_layer(model, node_name):
+    """The layer of ``node_name``: its module, or the graph node of a functional call."""
+    if getattr(model, "sws_module_swaps", False):  # the user's class: every layer is a module
+        return model.get_submodule(model.sws_layers[node_name].rpartition(".")[0])
+    for node in model.graph.nodes:
         if node.name == node_name:
             if node.op == "call_module":
-                return gm.get_submodule(node.target)
+                return model.get_submodule(node.target)
             return node
     return None
 
@@ -266,18 +332,13 @@ def _layer_costs(owner: nn.Module, attr: str, layer) -> Dict[str, Any]:
     }
 
 
-def _positions(gm, example_inputs) -> Dict[str, int]:
+def _positions(model, example_inputs) -> Dict[str, int]:
     """Output positions (all dims but the channel one) of every layer, from one shape pass."""
-    propagate_shapes(gm, normalize_example_inputs(example_inputs), run_for_real=True)
+    inputs = normalize_example_inputs(example_inputs)
+    shapes = _shapes_by_hooks(model, inputs) if getattr(model, "sws_module_swaps", False) else _graph_shapes(model, inputs)
     out = {}
-    for node in gm.graph.nodes:
-        if node.name not in gm.sws_layers:
-            continue
-        layer = gm.get_submodule(node.target) if node.op == "call_module" else node
-        # a transposed convolution multiplies per input position (passes/costs.py)
-        counted = node.args[0] if _transposed_call(layer) else node
-        shape = tuple(counted.meta["tensor_meta"].shape)
-        wdim = getattr(*_owner_of(gm, gm.sws_layers[node.name])).dim()
+    for name, shape in shapes.items():
+        wdim = getattr(*_owner_of(model, model.sws_layers[name])).dim()
         is_conv = wdim >= 3 and len(shape) >= wdim - 1
         dims = list(shape)
         # a conv's channel dim precedes its spatial dims (-4 for conv3d, -3 for conv2d, -2 for conv1d)
@@ -285,8 +346,51 @@ def _positions(gm, example_inputs) -> Dict[str, int]:
         n = 1
         for d in dims:
             n *= int(d)
-        out[node.name] = n
+        out[name] = n
     return out
+
+
+def _graph_shapes(gm: fx.GraphModule, inputs) -> Dict[str, tuple]:
+    """Per layer node, the shape its mults are counted on, from a shape pass over the graph."""
+    propagate_shapes(gm, inputs, run_for_real=True)
+    out = {}
+    for node in gm.graph.nodes:
+        if node.name in gm.sws_layers:
+            layer = gm.get_submodule(node.target) if node.op == "call_module" else node
+            # a transposed convolution multiplies per input position (passes/costs.py)
+            counted = node.args[0] if _transposed_call(layer) else node
+            out[node.name] = tuple(counted.meta["tensor_meta"].shape)
+    return out
+
+
+def _shapes_by_hooks(model: nn.Module, inputs) -> Dict[str, tuple]:
+    """:func:`_graph_shapes` for an SWS model of the user's class: forward hooks on its layer modules,
+    whose calls come in the order of ``sws_layers`` (the captured graph's order)."""
+    calls: Dict[str, list] = {}
+    for name, target in model.sws_layers.items():
+        calls.setdefault(target.rpartition(".")[0], []).append(name)
+    seen: Dict[str, list] = {path: [] for path in calls}
+    handles = []
+    for path in calls:
+        module = model.get_submodule(path)
+        transposed = isinstance(module, TRANSPOSED_CONV_MODULES)  # counted per input position
+
+        def record(mod, args, output, path=path, transposed=transposed):
+            seen[path].append(tuple((args[0] if transposed else output).shape))
+        handles.append(module.register_forward_hook(record))
+    try:
+        with _in_eval(model), torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for path, names in calls.items():
+        if len(seen[path]) != len(names):
+            raise ValueError(f"measure_sws_model: {path or 'the root'} ran {len(seen[path])} time(s) on example_inputs, "
+                             f"where the SWS model was built with {len(names)} call(s) of it ({', '.join(names)})")
+        out.update(zip(names, seen[path]))
+    return {name: out[name] for name in model.sws_layers}
 
 
 def export_sws_weights(model: nn.Module, *, strict: bool = True) -> Dict[str, Any]:
@@ -344,7 +448,7 @@ class SWSConfig:
 
 @register_handler(SWSConfig)
 def _convert(model: nn.Module, config: SWSConfig, example_inputs) -> nn.Module:
-    built, capture_method = _build_sws(model, config, example_inputs)
+    built, gm, capture_method = _build_sws(model, config, example_inputs)
     holders = parameter_holders(built)
     layers = []
     for node_name, w in built.sws_widths.layers.items():
@@ -357,9 +461,9 @@ def _convert(model: nn.Module, config: SWSConfig, example_inputs) -> nn.Module:
                                 weight_group=tied[0], shared_with=tuple(t for t in tied if t != target),
                                 sws_M=config.M if w.sparse else None))
     for node_name, why in built.sws_widths.unfollowed.items():  # conv/linear calls left as they are
-        layers.append(_unfollowed_layer(built, node_name, f"not widened: the width analysis cannot follow this "
+        layers.append(_unfollowed_layer(gm, node_name, f"not widened: the width analysis cannot follow this "
                                                           f"call ({why}); its widths stay"))
-    order = {node.name: i for i, node in enumerate(built.graph.nodes)}
+    order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
     layers.sort(key=lambda layer: order.get(layer.node, len(order)))
     if layers and not any(layer.eligible for layer in layers):
         reasons = sorted({layer.reason for layer in layers if layer.reason})
@@ -387,7 +491,7 @@ def swsify(
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     freeze_mask: bool = False,
     dense_input_layers: bool = True,
-) -> fx.GraphModule:
+) -> nn.Module:
     """Build the SWS baseline of ``model``: sqrt(M) times wider, 1:M sparse weights.
 
     ``sparsify(model, SWSConfig(M=M, ...), filter_fn=..., example_inputs=...)``; ``model`` is
@@ -403,10 +507,18 @@ def swsify(
     keeping the ``requires_grad``, dtype and device of the one it replaces; the rest are
     copies of the original's. Weights that were one Parameter (tied) widen as one and stay
     one Parameter. With ``freeze_mask`` the masks are frozen now and saved in the state_dict.
-    A model that already has SAS layers is refused (ValueError naming them). The result is a
-    GraphModule whose ``sws_widths`` attribute holds the width analysis and whose
-    ``sparsify_plan`` lists the layers (sparse or why not). For inference on the sparse
-    kernels, :func:`lower_sws` it.
+    A model that already has SAS layers is refused (ValueError naming them).
+
+    The result is ``model``'s own class (a copy with the widened modules and parameters
+    swapped in, ``sws_module_swaps`` True: indexing, containers, its methods and its own
+    forward keep working) whenever the widening changes nothing in the traced graph but
+    modules and parameters (a ``symbolic_trace`` capture without branches on
+    ``self.training``, every layer a module, no reshape naming a width) and, given
+    ``example_inputs``, the copy's forward gives the widened graph's outputs on them. Otherwise
+    it is a GraphModule of the captured graph, and a warning says why. Either way its
+    ``sws_widths`` attribute holds the width analysis, ``sws_layers`` maps each layer's node
+    name in that graph to its weight, and ``sparsify_plan`` lists the layers (sparse or why
+    not). For inference on the sparse kernels, :func:`lower_sws` it.
     """
     config = SWSConfig(M=M, freeze_mask=freeze_mask, dense_input_layers=bool(dense_input_layers))
     return sparsify(model, config, filter_fn=filter_fn, example_inputs=example_inputs)

@@ -216,9 +216,24 @@ def test_swsify_follows_the_mode_and_warns_about_checkpointing(caplog):
         with torch.no_grad():
             assert not torch.equal(model(x), model(x))  # dropout in training
     with caplog.at_level("WARNING", logger="sas_compile"):
-        sas_compile.swsify(Checkpointed(), M=4)
+        kept = sas_compile.swsify(Checkpointed(), M=4)
+    # a module swap keeps the user's forward, checkpoint calls included: nothing to warn about
+    assert isinstance(kept, Checkpointed) and kept.block[0].in_features == 32
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="sas_compile"):
+        graph = sas_compile.swsify(CheckpointedFixedWidth(), M=4)
+    assert isinstance(graph, torch.fx.GraphModule)
     assert any("without the torch.utils.checkpoint calls" in r.getMessage() and "(in block)" in r.getMessage()
                for r in caplog.records)
+
+
+class CheckpointedFixedWidth(Checkpointed):
+    """A reshape naming a width makes the SWS model a graph, which inlines the checkpoint."""
+
+    def forward(self, x):
+        h = F.relu(self.a(x)).reshape(-1, 16)
+        h = checkpoint(self.block, h, use_reentrant=self.reentrant) + h
+        return self.c(F.relu(h))
 
 
 def _saved(model) -> io.BytesIO:

@@ -332,7 +332,8 @@ def test_hooks_and_buffers_of_the_model_itself_stay_as_they_were_on_a_rewritten_
     """A GraphModule built from a capture left out the hooks of the model's root: a forward hook
     that scales the output, or a pre-hook that shifts the input, is part of its function. The
     result gets copies (a handle from the original removes the hook there only). And it made
-    every buffer persistent: a checkpoint without the non-persistent ones did not load."""
+    every buffer persistent: a checkpoint without the non-persistent ones did not load. swsify's
+    module swap (the user's class) keeps both as well."""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -342,26 +343,33 @@ def test_hooks_and_buffers_of_the_model_itself_stay_as_they_were_on_a_rewritten_
         def forward(self, x):
             return self.b(F.relu(self.a(x + self.offset)))  # the functional ReLU folds: a rewritten graph
 
+    class NamedWidth(Net):
+        def forward(self, x):  # a reshape naming a width: swsify rewrites the graph too
+            return self.b(F.relu(self.a(x + self.offset)).reshape(-1, 12))
+
     torch.manual_seed(0)
-    model = Net().double()
-    scale = model.register_forward_hook(lambda mod, inp, out: out * 10)
-    model.register_forward_pre_hook(lambda mod, inp: (inp[0] + 1,))
     x = torch.randn(4, 6, dtype=torch.float64)
-    sas = sas_compile.sasify(model, M=2)
-    sws = sas_compile.swsify(model, M=4)
-    assert isinstance(sas, torch.fx.GraphModule) and isinstance(sws, torch.fx.GraphModule)
-    for converted in (sas, sws):
-        assert "offset" in dict(converted.named_buffers()) and "offset" not in converted.state_dict()
-    assert set(sas.state_dict()) == set(model.state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(sas(x), model(x), rtol=1e-10, atol=1e-12)
-        hooked_sws = sws(x)
-    scale.remove()
-    with torch.no_grad():
-        torch.testing.assert_close(sas(x), model(x) * 10, rtol=1e-10, atol=1e-12)  # still hooked
-        sws._forward_hooks.clear()
-        sws._forward_pre_hooks.clear()
-        torch.testing.assert_close(hooked_sws, sws(x + 1) * 10, rtol=1e-10, atol=1e-12)
+    for cls in (Net, NamedWidth):
+        model = cls().double()
+        scale = model.register_forward_hook(lambda mod, inp, out: out * 10)
+        model.register_forward_pre_hook(lambda mod, inp: (inp[0] + 1,))
+        sas = sas_compile.sasify(model, M=2)
+        sws = sas_compile.swsify(model, M=4, example_inputs=(x,))
+        assert sws.a.out_features == 24  # widened
+        assert isinstance(sas, torch.fx.GraphModule) == (cls is Net)  # sasify folds Net's ReLU into b
+        assert isinstance(sws, torch.fx.GraphModule) == (cls is NamedWidth)
+        for converted in (sas, sws):
+            assert "offset" in dict(converted.named_buffers()) and "offset" not in converted.state_dict()
+        assert set(sas.state_dict()) == set(model.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(sas(x), model(x), rtol=1e-10, atol=1e-12)
+            hooked_sws = sws(x)
+        scale.remove()
+        with torch.no_grad():
+            torch.testing.assert_close(sas(x), model(x) * 10, rtol=1e-10, atol=1e-12)  # still hooked
+            sws._forward_hooks.clear()
+            sws._forward_pre_hooks.clear()
+            torch.testing.assert_close(hooked_sws, sws(x + 1) * 10, rtol=1e-10, atol=1e-12)
 
 
 def test_hooks_on_a_converted_layer_keep_running():
