@@ -21,6 +21,8 @@ SWS:
 - ``sws_width_model.py`` / ``sws_width_rules.py`` / ``tie_channel_widths.py``: which widths widen
   together (the width model, the per-op rule table, the entry point; analysed once, decided per M).
 - ``widen_for_sws.py``: the sqrt(M)-wide network with 1:M masks (rewrite).
+- ``sws_module_swaps.py``: that network put back into a copy of the user's model as module and
+  parameter swaps, where the rewrite changed nothing else (rewrite).
 - ``lower_sws_to_packed.py``: masked linears onto packed 1:M weights and ``sws_matmul`` (lowering).
 
 Reports:

@@ -174,10 +174,7 @@ def _check_swapped(gm: fx.GraphModule, swapped: nn.Module, example_inputs, model
                     outputs.append(module.forward(*example_inputs))
                 except Exception as err:
                     if module is gm:
-                        raise RuntimeError(
-                            f"swsify: the widened {type(model).__name__} does not run on example_inputs ({err}). "
-                            "Exclude the layers around the failing op with filter_fn, and please report the model."
-                        ) from err
+                        raise _does_not_run(model, err) from err
                     return f"its own forward fails on the widened modules ({type(err).__name__}: {err})"
     if not same_outputs(*outputs):
         return "its own forward on the widened modules does not give the widened graph's outputs"
@@ -223,10 +220,12 @@ def _check_runs(gm, example_inputs, model) -> None:
         with _in_eval(gm), torch.no_grad():
             gm(*example_inputs)
     except Exception as err:
-        raise RuntimeError(
-            f"swsify: the widened {type(model).__name__} does not run on example_inputs ({err}). "
-            "Exclude the layers around the failing op with filter_fn, and please report the model."
-        ) from err
+        raise _does_not_run(model, err) from err
+
+
+def _does_not_run(model: nn.Module, err: Exception) -> RuntimeError:
+    return RuntimeError(f"swsify: the widened {type(model).__name__} does not run on example_inputs ({err}). "
+                        "Exclude the layers around the failing op with filter_fn, and please report the model.")
 
 
 @contextlib.contextmanager
