@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 
 from sas_compile.runtime.matmul import TARGETS, sws_matmul
 from sas_compile.runtime.packing import PackedSparseWeight, pack_sws_weight, unpack_sws_weight
-from sas_compile.runtime.sws_mask import sws_mask_of
+from sas_compile.runtime.sws_mask import drop_parametrization, sws_mask_of
 
 from .find_sas_layers import LAYER_MODULES, LayerCall, match_layer_call, module_op
 
@@ -241,9 +241,7 @@ def _drop_unread_weights(gm: fx.GraphModule, packed_by_weight: Dict[str, str]) -
             continue
         owner, attr = _owner(gm, weight_target)
         if parametrize.is_parametrized(owner, attr):
-            if not isinstance(owner, fx.GraphModule):  # a parametrized GraphModule cannot be copied at all
-                _own_class(owner)
-            parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+            drop_parametrization(owner, attr)
         delattr(owner, attr)
 
 
@@ -262,15 +260,3 @@ def _recompile(gm: fx.GraphModule) -> None:
         gm.recompile()
     finally:
         gm.__class__ = cls
-
-
-def _own_class(module: nn.Module) -> None:
-    """Give ``module`` its own copy of its parametrized class before a parametrization is removed.
-
-    parametrize keeps a module's parametrized attributes as properties of a class made for that
-    module, which ``copy.deepcopy`` shares with the original; removing one on a lowered copy
-    would remove it from the model it was copied from too.
-    """
-    cls = type(module)
-    body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, body)

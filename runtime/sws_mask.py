@@ -25,7 +25,8 @@ from torch.nn.utils import parametrize
 
 from .projection import check_M
 
-__all__ = ["OneOfMMask", "one_of_m_mask", "sws_mask_of", "transposed_to_conv_layout", "conv_to_transposed_layout"]
+__all__ = ["OneOfMMask", "one_of_m_mask", "sws_mask_of", "sws_masks", "drop_parametrization",
+           "transposed_to_conv_layout", "conv_to_transposed_layout"]
 
 
 def transposed_to_conv_layout(weight: Tensor, groups: int) -> Tensor:
@@ -162,3 +163,30 @@ def sws_mask_of(module: nn.Module, name: str = "weight") -> Optional[OneOfMMask]
     if module is None or not parametrize.is_parametrized(module, name):
         return None
     return next((p for p in getattr(module.parametrizations, name) if isinstance(p, OneOfMMask)), None)
+
+
+def sws_masks(model: nn.Module) -> dict:
+    """``{parameter path: M}`` of every weight of ``model`` that carries a :class:`OneOfMMask`."""
+    out = {}
+    for path, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for name in module.parametrizations:
+                mask = sws_mask_of(module, name)
+                if mask is not None:
+                    out[f"{path}.{name}" if path else name] = int(mask.M)
+    return out
+
+
+def drop_parametrization(module: nn.Module, name: str) -> None:
+    """Remove every parametrization of ``module.<name>``: its stored original becomes the parameter again.
+
+    ``module`` first gets its own copy of its parametrized class: parametrize keeps a module's
+    parametrized attributes as properties of a class made for that module, which ``copy.deepcopy``
+    shares with the original, so removing one on a copy would remove it from the model it was
+    copied from too. (A GraphModule keeps its class: torch cannot deepcopy a parametrized one.)
+    """
+    if not isinstance(module, torch.fx.GraphModule):
+        cls = type(module)
+        body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, body)
+    parametrize.remove_parametrizations(module, name, leave_parametrized=False)

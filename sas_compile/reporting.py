@@ -34,7 +34,7 @@ from .passes.find_sas_layers import opaque_kind, opaque_projection_reason
 from .passes.pipeline import analyze_graph, module_plan
 from .passes.sws_width_rules import has_width_rule
 from .passes.tie_channel_widths import analyze_channel_widths
-from .runtime.sws_mask import sws_mask_of
+from .runtime.sws_mask import drop_parametrization, sws_masks
 from .passes.plan import LayerPlan, Plan
 from . import swat as swat_module
 from .report_table import SWAT_KEYS, Report
@@ -146,20 +146,39 @@ def _symbolic_positions(layer: LayerPlan) -> Optional[Tuple[int, str]]:
     return coefficient, "*".join(factors) if factors else "1"
 
 
-def _mark_sws_layers(model: nn.Module, plan: Plan) -> List[str]:
-    """Set ``sws_M`` on layers whose weight carries the SWS 1:M mask; their names."""
+def _mark_sws_layers(plan: Plan, masks: Dict[str, int]) -> List[str]:
+    """Set ``sws_M`` on layers whose weight carries the SWS 1:M mask (``masks``: weight path -> M); their names."""
     names = []
     for layer in plan.layers:
-        path = layer.module_target or (layer.weight_target or "").rsplit(".", 1)[0]
-        try:
-            mod = model.get_submodule(path) if path else None
-        except AttributeError:
-            continue
-        mask = sws_mask_of(mod, "weight") if mod is not None else None
-        if mask is not None:
-            layer.sws_M = int(mask.M)
+        target = f"{layer.module_target}.weight" if layer.module_target else layer.weight_target
+        if target in masks:
+            layer.sws_M = masks[target]
             names.append(layer.name)
     return names
+
+
+def _unmasked_view(model: nn.Module) -> Tuple[nn.Module, Dict[str, int]]:
+    """A copy of ``model`` sharing its tensors, each SWS-masked weight back to its stored dense
+    parameter, and ``{weight path: M}`` of those masks.
+
+    Why: where a weight is read as an attribute (a ``torch.export``-built SWS model reads every
+    weight so), tracing follows the mask's parametrization into its ops: the analysis saw a
+    weight computed in the graph ("nothing to widen") and the module holding the original as a
+    second, parameters-only row. The stored parameter has the weight's shape, and the mask's M
+    is all the counts need (``ceil(numel / M)`` nonzeros).
+    """
+    masks = sws_masks(model)
+    if not masks:
+        return model, masks
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    try:
+        view = copy_model(model, shared)
+    except (AttributeError, RuntimeError, TypeError):  # torch cannot deepcopy a GraphModule with parametrized own weights
+        return model, masks
+    for target in masks:
+        parent, _, name = target.rpartition(".")
+        drop_parametrization(view.get_submodule(parent) if parent else view, name)
+    return view, masks
 
 
 def check_sparsities(swat: Any) -> Tuple[float, ...]:
@@ -273,6 +292,9 @@ def report(
     check_filter_fn(filter_fn)
     example_inputs = bind_example_inputs(model, example_inputs)
     swat_modules = swat_module.swat_layers(model)
+    # a model swsify built: its unmasked layers (dense input layer, excluded or unwidened) are SWS as they are
+    built_sws = getattr(model, "sws_layers", None) is not None
+    model, masks = _unmasked_view(model)
     notes: List[str] = []
     if swat_modules:
         model = _dense_view(model, swat_modules)
@@ -310,9 +332,7 @@ def report(
     widths, why = _sws_widths(plan, Ms, example_inputs, filter_fn, dense_input_layers)
     notes.extend(w for w in why if w not in notes)
 
-    masked = _mark_sws_layers(model, plan)
-    # a model swsify built: its unmasked layers (dense input layer, excluded or unwidened) are SWS as they are
-    built_sws = getattr(model, "sws_layers", None) is not None
+    masked = _mark_sws_layers(plan, masks)
     if masked:
         notes.append(f"{len(masked)} layers carry a 1:M SWS weight mask: their base and SWS columns count "
                      "nonzero weights (" + ", ".join(masked[:4]) + (", ..." if len(masked) > 4 else "") + ")")

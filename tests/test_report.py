@@ -377,6 +377,49 @@ def test_report_on_an_sws_model_counts_its_nonzeros():
     assert any("SWS weight mask" in n for n in rep.notes)
 
 
+class _ExportOnlyCNN(nn.Module):
+    """A shape test in forward: symbolic tracing fails, torch.export captures it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.a(x)))
+        if x.shape[0] > 1:
+            h = h * 2
+        return self.fc(torch.relu(self.b(h)).mean((2, 3)))
+
+
+def test_report_on_an_export_built_sws_model_counts_its_masked_weights():
+    """An export-built SWS model reads its masked weights as attributes, and tracing followed the
+    mask into its ops: the report called those layers' weights computed ("nothing to widen", all
+    weights counted) and listed their modules again as parameters-only rows (parameters counted twice)."""
+    from sas_compile.runtime.sws_mask import sws_mask_of
+    from sas_compile.sws import measure_sws_model
+
+    torch.manual_seed(0)
+    model, x = _ExportOnlyCNN().eval(), torch.randn(2, 3, 8, 8)
+    dense = report(model, x, M=(4,))
+    sws_model = sas_compile.swsify(model, M=4, example_inputs=x)
+    assert sws_model.sparsify_plan.capture == "export" and isinstance(sws_model, torch.fx.GraphModule)
+    with torch.no_grad():
+        before = sws_model(x)
+    rep = report(sws_model, x, M=(4,), symbolic=False)
+    measured = measure_sws_model(sws_model, (x,))
+    assert [r["name"] for r in rep.layers] == [c["name"] for c in measured.values()] == ["a", "b", "fc"]
+    assert any(n.startswith("2 layers carry a 1:M SWS weight mask") and n.endswith("(b, fc)") for n in rep.notes)
+    assert rep.totals["base"]["mults"] == sum(c["mults"] for c in measured.values()) == dense.totals["sws"][4]["mults"]
+    assert rep.totals["sws"][4] == dense.totals["sws"][4]
+    assert rep.totals["base"]["params"] == sum(p.numel() for p in sws_model.parameters())
+    assert [r["name"] for r in rep.parameters] == ["bn"]  # the masked layers' modules are not rows again
+    # the report worked on a view: the model keeps its masks and its function
+    assert sws_mask_of(sws_model.b, "weight") is not None and sws_mask_of(sws_model.fc, "weight") is not None
+    with torch.no_grad():
+        assert torch.equal(sws_model(x), before)
+
+
 @pytest.mark.parametrize("branchy", [False, True])
 def test_inspect_builds_the_rewrite_on_meta_weights_with_the_same_graph(monkeypatch, branchy):
     """inspect_model builds the rewrite on meta stand-ins: the same graph and modules as sasify,
