@@ -411,6 +411,9 @@ class TraceModes:
     the flags of the calls known to take one), so a caller that builds from the captured graph
     anyway still reads them at run time.
     ``mode_paths``: ``why`` is that training and eval mode take different paths.
+    ``only_grad_switches``: ``why`` is only that the forward switches gradients off or on for
+    part of itself: the graph is the one path of both modes and grad modes, and only a graph
+    built from it loses the switches.
     ``checkpointed``: what ``torch.utils.checkpoint`` checkpoints in training mode (module paths,
     '' for the root, or "a function"): a traced graph inlines it, so it keeps the activations
     checkpointing frees.
@@ -421,6 +424,9 @@ class TraceModes:
     checkpointed: List[str] = field(default_factory=list)
     # ``why`` is that the paths differ between the modes (the graph then has the captured mode's)
     mode_paths: bool = False
+    # ``why`` is only that the forward switches grad mode inside: one path, which the user's own
+    # forward on swapped modules keeps as written
+    only_grad_switches: bool = False
 
 
 def trace_modes(gm: fx.GraphModule, model: nn.Module) -> TraceModes:
@@ -442,11 +448,6 @@ def trace_modes(gm: fx.GraphModule, model: nn.Module) -> TraceModes:
     if why is not None:
         bindings = _aligned_bindings(list(gm.graph.nodes), list(traces[not model.training].nodes), model.training)
         return TraceModes(bindings, why, checkpointed, mode_paths=True)
-    if watch.switches:
-        switched = "off" if False in watch.switches else "on"
-        return TraceModes(bindings, f"its forward switches gradients {switched} for part of itself (torch.no_grad() "
-                                    "or torch.enable_grad() inside forward), which a traced graph drops, so its "
-                                    "gradients would not be the model's", checkpointed)
     try:  # torch.is_grad_enabled() is a constant to the trace too: no graph holds both answers
         other_grad = _trace_in_mode(model, True, concrete_args, grad=not torch.is_grad_enabled())
         grad_dependent = other_grad.python_code("self").src != traces[True].python_code("self").src
@@ -455,6 +456,11 @@ def trace_modes(gm: fx.GraphModule, model: nn.Module) -> TraceModes:
     if grad_dependent:
         return TraceModes(bindings, "its forward depends on torch.is_grad_enabled() (it traces differently with "
                                     "gradients on and off)", checkpointed)
+    if watch.switches:
+        switched = "off" if False in watch.switches else "on"
+        return TraceModes(bindings, f"its forward switches gradients {switched} for part of itself (torch.no_grad() "
+                                    "or torch.enable_grad() inside forward), which a traced graph drops, so its "
+                                    "gradients would not be the model's", checkpointed, only_grad_switches=True)
     return TraceModes(bindings, None, checkpointed)
 
 

@@ -110,7 +110,8 @@ def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs
     gm = trainable_export_graph(captured.gm) if captured.method == "export" else captured.gm
     bind_mode_values(gm, modes.bindings)
     # a traced graph without branches on self.training may go back into the traced copy as swaps
-    before = graph_signature(gm) if captured.method == "symbolic_trace" and modes.why is None else None
+    swappable = modes.why is None or modes.only_grad_switches  # the user's forward keeps its switches
+    before = graph_signature(gm) if captured.method == "symbolic_trace" and swappable else None
     widths = tie_channel_widths(gm, config.M, example_inputs, filter_fn=config.filter_fn,
                                 dense_input_layers=config.dense_input_layers, model=model)
     widen_for_sws(gm, widths, freeze_mask=config.freeze_mask)
@@ -152,7 +153,7 @@ def _warn_graph_result(model: nn.Module, modes, why: Optional[str]) -> None:
         log.warning("swsify: the SWS model of %s runs without the torch.utils.checkpoint calls of its forward "
                     "(in %s): a traced graph inlines them, so training keeps every activation they free",
                     type(model).__name__, ", ".join(p or "the root" for p in modes.checkpointed))
-    if modes.why is None and not isinstance(model, fx.GraphModule):
+    if (modes.why is None or modes.only_grad_switches) and not isinstance(model, fx.GraphModule):
         log.warning("swsify: the result is a torch.fx.GraphModule running the captured graph, not %s (indexing, "
                     "its containers and its own methods are not on it): %s", type(model).__name__, why)
 
@@ -512,7 +513,8 @@ def swsify(
     swapped in, ``sws_module_swaps`` True: indexing, containers, its methods and its own
     forward keep working) whenever the widening changes nothing in the traced graph but
     modules and parameters (a ``symbolic_trace`` capture without branches on
-    ``self.training``, every layer a module, no reshape naming a width) and, given
+    ``self.training`` or ``torch.is_grad_enabled()``, every layer a module, no reshape naming a
+    width; ``torch.no_grad()`` blocks and checkpoint calls stay in the forward) and, given
     ``example_inputs``, the copy's forward gives the widened graph's outputs on them. Otherwise
     it is a GraphModule of the captured graph, and a warning says why. Either way its
     ``sws_widths`` attribute holds the width analysis, ``sws_layers`` maps each layer's node

@@ -404,10 +404,28 @@ def test_a_forward_that_switches_gradients_off_inside_keeps_its_gradients(caplog
     assert any("switches gradients off" in message for message in warned)
     sas(x).sum().backward()
     assert sas.teacher.weight.grad is None and sas.b.weight.grad is not None
+    # swsify's module swap keeps the forward, its no_grad block included: no warning, the same gradients
     caplog.clear()
     with caplog.at_level("WARNING", logger="sas_compile"):
-        sas_compile.swsify(Teacher(), M=4)
-    assert any("swsify: Teacher: its forward switches gradients off" in r.getMessage() for r in caplog.records)
+        sws = sas_compile.swsify(Teacher().double(), M=4, example_inputs=(x,))
+    assert type(sws) is Teacher and sws.a.out_features == 24 and not caplog.records
+    sws(x).sum().backward()
+    assert sws.teacher.weight.grad is None
+    assert sws.b.parametrizations.weight.original.grad is not None and sws.a.weight.grad is not None
+    # where the SWS model must be a graph (a reshape naming a width), the warning says it drops the switch
+    with caplog.at_level("WARNING", logger="sas_compile"):
+        graph = sas_compile.swsify(TeacherFixedWidth().double(), M=4, example_inputs=(x,))
+    assert isinstance(graph, torch.fx.GraphModule)
+    assert any("swsify: TeacherFixedWidth: its forward switches gradients off" in r.getMessage()
+               for r in caplog.records)
+
+
+class TeacherFixedWidth(Teacher):
+    def forward(self, x):
+        h = F.relu(self.a(x)).reshape(-1, 12)
+        with torch.no_grad():
+            target = self.teacher(h)
+        return self.b(F.relu(h)) - target
 
 
 class DropPath(ThreeLinears):
