@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import sympy
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -31,6 +32,7 @@ from .passes import costs
 from .passes.costs import check_M_values
 from .passes.capture import CaptureError, bind_example_inputs, capture_seeing_into_leaves, copy_model
 from .passes.find_sas_layers import opaque_kind, opaque_projection_reason
+from .passes.lower_sws_to_packed import MODULE_BIAS, PackedSWSLinear
 from .passes.pipeline import analyze_graph, module_plan
 from .passes.sws_width_rules import has_width_rule
 from .passes.tie_channel_widths import analyze_channel_widths
@@ -168,7 +170,8 @@ def _unmasked_view(model: nn.Module) -> Tuple[nn.Module, Dict[str, int]]:
     is all the counts need (``ceil(numel / M)`` nonzeros).
     """
     masks = sws_masks(model)
-    if not masks:
+    packed = [path for path, module in model.named_modules() if isinstance(module, PackedSWSLinear)]
+    if not masks and not packed:
         return model, masks
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     try:
@@ -178,7 +181,31 @@ def _unmasked_view(model: nn.Module) -> Tuple[nn.Module, Dict[str, int]]:
     for target in masks:
         parent, _, name = target.rpartition(".")
         drop_parametrization(view.get_submodule(parent) if parent else view, name)
+    for path in packed:
+        module = view.get_submodule(path)
+        masks[f"{path}.weight" if path else "weight"] = int(module.M)
+        if path:
+            view.set_submodule(path, _PackedAsLinear(module))
+        else:
+            view = _PackedAsLinear(module)
     return view, masks
+
+
+class _PackedAsLinear(nn.Linear):
+    """A lowered SWS layer (:class:`PackedSWSLinear`) as the analysis sees it: a linear whose weight
+    is a stand-in of the packed weight's shape (one zero, expanded: no memory) and whose bias is the
+    layer's. Called with the bias a functional call site passes, as the packed layer is."""
+
+    def __init__(self, packed: PackedSWSLinear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        zero = packed.values.new_zeros(())
+        self.weight = nn.Parameter(zero.expand(packed.out_features, packed.in_features), requires_grad=False)
+        self.bias = packed.bias
+        self.train(packed.training)
+
+    def forward(self, x: Tensor, bias: Any = MODULE_BIAS) -> Tensor:
+        return F.linear(x, self.weight, self.bias if bias is MODULE_BIAS else bias)
 
 
 def check_sparsities(swat: Any) -> Tuple[float, ...]:

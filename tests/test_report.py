@@ -420,6 +420,47 @@ def test_report_on_an_export_built_sws_model_counts_its_masked_weights():
         assert torch.equal(sws_model(x), before)
 
 
+class _ExportOnlyMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if x.shape[0] > 1:
+            h = h * 2
+        return self.c(torch.relu(self.b(h)))
+
+
+@pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
+def test_report_on_a_lowered_sws_model_counts_what_it_packed(capture):
+    """lower_sws's packed layers (an unpacked weight property, a bias) were counted as dense linears on
+    a computed weight plus a parameters-only row: the lowered model reported 4x the mults of the SWS
+    model it was lowered from. Both now report the same counts."""
+    from sas_compile.sws import lower_sws, measure_sws_model
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    model = (nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+             if capture == "symbolic_trace" else _ExportOnlyMLP())
+    sws_model = sas_compile.swsify(model, M=4, example_inputs=x).eval()
+    assert sws_model.sparsify_plan.capture == capture
+    lowered = lower_sws(sws_model, target="cpu")
+    assert len(lowered.sws_lowering.lowered) == 2
+    with torch.no_grad():
+        before = lowered(x)
+    want, got = (report(m, x, M=(4,), symbolic=False) for m in (sws_model, lowered))
+    assert got.totals == want.totals
+    assert [r["base"] for r in got.layers] == [r["base"] for r in want.layers]
+    assert not got.parameters
+    measured = measure_sws_model(lowered, (x,))
+    assert got.totals["base"]["mults"] == sum(c["mults"] for c in measured.values())
+    biases = 32 + 32 + 3  # every bias dense
+    assert got.totals["sws"][4]["nonzero_params"] == sum(c["nonzeros"] for c in measured.values()) + biases
+    with torch.no_grad():
+        assert torch.equal(lowered(x), before)  # the report worked on a view
+
+
 @pytest.mark.parametrize("branchy", [False, True])
 def test_inspect_builds_the_rewrite_on_meta_weights_with_the_same_graph(monkeypatch, branchy):
     """inspect_model builds the rewrite on meta stand-ins: the same graph and modules as sasify,
