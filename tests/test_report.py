@@ -498,3 +498,25 @@ def test_inspect_builds_the_rewrite_on_meta_weights_with_the_same_graph(monkeypa
     assert all(p.device.type == "cpu" for p in model.parameters())  # the user's model untouched
     if branchy:
         assert plan.graph_after == real.code
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet18", "encoder", "functional_conv", "shared_linear"])
+def test_report_on_built_and_lowered_sws_models_counts_what_they_compute(name):
+    """report(swsify(model)) and report(lower_sws(...)) against measure_sws_model, which counts the
+    built model itself: mults, and every parameter once. functional_conv masks a weight of the
+    GraphModule's own (torch cannot deepcopy that GraphModule, so the report reads a graph view)."""
+    import zoo
+    from sas_compile.sws import lower_sws, measure_sws_model
+
+    factory, make_input = zoo.models()[name]
+    torch.manual_seed(0)
+    x = make_input()
+    built = [sas_compile.swsify(factory(), M=4, example_inputs=(x,)).eval() for _ in range(2)]
+    lowered = lower_sws(built[1], target="cpu", inplace=True)
+    for model, is_lowered in ((built[0], False), (lowered, True)):
+        rep = report(model, (x,), M=(4,), symbolic=False)
+        measured = measure_sws_model(model, (x,))
+        assert rep.totals["base"]["mults"] == sum(c["mults"] for c in measured.values()) == rep.totals["sws"][4]["mults"]
+        if not is_lowered:  # lowered layers keep their weights as packed buffers, counted as the dense view
+            assert rep.totals["base"]["params"] == sum(p.numel() for p in model.parameters())
+        assert [r["name"] for r in rep.parameters if "Parametrized" in r["op"] or "Packed" in r["op"]] == []
