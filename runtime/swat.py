@@ -408,11 +408,17 @@ def swat_linear(
     )[0]
 
 
-# ---------------------------------------------------------------- conv2d
+# ---------------------------------------------------------------- conv2d (and conv3d)
+# ``swat::conv2d`` and its backward take a 4-D (conv2d) or 5-D (conv3d) weight, as ``sas::conv2d``
+# does: the scores, masks and compressed storage are the same along any number of spatial dims.
 
 
-def _conv2d_output_size(size, kernel: int, stride: int, padding: int, dilation: int):
+def _conv_output_size(size, kernel: int, stride: int, padding: int, dilation: int):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _conv_fn(weight: Tensor):
+    return F.conv3d if weight.dim() == 5 else F.conv2d
 
 
 @torch.library.custom_op("swat::conv2d", mutates_args=())
@@ -428,17 +434,18 @@ def _swat_conv2d(
     groups: int,
     structure: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(F.conv2d(x, W_k, bias, ...), values, bits)``: the output and the compressed ``x_k``.
+    """``(F.conv2d(x, W_k, bias, ...), values, bits)``: the output and the compressed ``x_k``
+    (``F.conv3d`` for a 5-D weight).
 
     With the channel structure (groups = 1) the convolution reads only the kept input channels.
     """
+    conv = _conv_fn(weight)
     idx = _kept_channels(weight, weight_threshold, structure) if groups == 1 else None
     if idx is None:
         w_k = mask_weight(weight, weight_threshold, structure)
-        y = F.conv2d(x, w_k, bias, stride, padding, dilation, groups)
+        y = conv(x, w_k, bias, stride, padding, dilation, groups)
     else:
-        y = F.conv2d(x.index_select(1, idx), weight.index_select(1, idx), bias, stride, padding,
-                     dilation)
+        y = conv(x.index_select(1, idx), weight.index_select(1, idx), bias, stride, padding, dilation)
     values, bits = compress_activation(x, activation_threshold, structure, 1)
     return owned(y), values, bits
 
@@ -446,11 +453,10 @@ def _swat_conv2d(
 @_swat_conv2d.register_fake
 def _(x, weight, bias, weight_threshold, activation_threshold, stride, padding, dilation,
       groups, structure):
-    kh, kw = weight.shape[-2:]
-    h = _conv2d_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
-    w = _conv2d_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    spatial = [_conv_output_size(x.shape[2 + i], k, stride[i], padding[i], dilation[i])
+               for i, k in enumerate(weight.shape[2:])]
     values, bits = _fake_compressed(x, structure, 1)
-    return x.new_empty((x.shape[0], weight.shape[0], h, w)), values, bits
+    return x.new_empty((x.shape[0], weight.shape[0], *spatial)), values, bits
 
 
 def _conv_setup(ctx, inputs, output):
@@ -483,6 +489,7 @@ def _swat_conv2d_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(grad_x, grad_w, grad_b)`` of ``swat::conv2d``; an unneeded one is an empty tensor."""
     grad = grad.contiguous()
+    no_output_padding = [0] * (weight.dim() - 2)
     x_k = decompress_activation(values, bits, x_shape, structure, 1)
     bias_sizes = [weight.shape[0]] if need_b else None
     idx = _kept_channels(weight, weight_threshold, structure) if groups == 1 else None
@@ -490,17 +497,17 @@ def _swat_conv2d_backward(
         # the removed input channels get zero gradient: compute only the kept ones
         shape = list(x_shape)
         shape[1] = idx.numel()
-        grad_sub = torch.nn.grad.conv2d_input(shape, weight.index_select(1, idx), grad, stride,
-                                              padding, dilation)
+        conv_input = torch.nn.grad.conv3d_input if weight.dim() == 5 else torch.nn.grad.conv2d_input
+        grad_sub = conv_input(shape, weight.index_select(1, idx), grad, stride, padding, dilation)
         grad_x = grad.new_zeros(x_shape).index_copy_(1, idx, grad_sub)
         _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, x_k, weight, bias_sizes, stride, padding, dilation, False, [0, 0], groups,
+            grad, x_k, weight, bias_sizes, stride, padding, dilation, False, no_output_padding, groups,
             [False, need_w, need_b])
     else:
         # one call: grad_x only reads W_k (and x's shape), grad_w only reads x_k
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad, x_k, mask_weight(weight, weight_threshold, structure), bias_sizes, stride,
-            padding, dilation, False, [0, 0], groups, [need_x, need_w, need_b])
+            padding, dilation, False, no_output_padding, groups, [need_x, need_w, need_b])
     # one empty tensor per unneeded gradient: a custom op's outputs must not alias each other
     return (grad_x if need_x else grad.new_empty(0), grad_w if need_w else grad.new_empty(0),
             grad_b if need_b else grad.new_empty(0))
@@ -548,7 +555,8 @@ def swat_conv2d(
     groups: int = 1,
     structure: str = "unstructured",
 ) -> Tensor:
-    """SWAT conv2d layer (symmetric integer padding): forward with ``W_k``, backward with ``x_k``."""
+    """SWAT conv2d layer (symmetric integer padding): forward with ``W_k``, backward with ``x_k``;
+    a 5-D weight (and input) is a conv3d."""
     return torch.ops.swat.conv2d(
         x, weight, bias, weight_threshold, activation_threshold,
         list(stride), list(padding), list(dilation), groups, structure,

@@ -40,7 +40,7 @@ from .runtime.sws_mask import drop_parametrization, sws_masks
 from .passes.plan import LayerPlan, Plan
 from . import swat as swat_module
 from .report_table import SWAT_KEYS, Report
-from .swat import BitmaskReLU, SWATConv1d, SWATLinear
+from .swat import BitmaskReLU, SWATLinear
 
 log = logging.getLogger("sas_compile.report")
 
@@ -259,12 +259,12 @@ def check_sparsities(swat: Any) -> Tuple[float, ...]:
 
 
 def _as_dense_layer(layer: nn.Module) -> nn.Module:
-    """The nn.Linear/Conv1d/Conv2d a SWAT layer was made from, sharing its weight and bias."""
+    """The nn.Linear/Conv1d/Conv2d/Conv3d a SWAT layer was made from, sharing its weight and bias."""
     w = layer.weight
     if isinstance(layer, SWATLinear):
         dense = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, device="meta")
     else:
-        n = 1 if isinstance(layer, SWATConv1d) else 2
+        n = w.dim() - 2
         padding: Any = tuple(layer.padding)
         mode = "zeros"
         if layer.pre_pad is not None:
@@ -272,7 +272,7 @@ def _as_dense_layer(layer: nn.Module) -> nn.Module:
             pairs = [layer.pre_pad[2 * i: 2 * i + 2] for i in range(n)][::-1]
             padding = tuple(a for a, _ in pairs) if all(a == b for a, b in pairs) else "same"
             mode = "zeros" if layer.pad_mode == "constant" else layer.pad_mode
-        cls = nn.Conv1d if n == 1 else nn.Conv2d
+        cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n - 1]
         dense = cls(w.shape[1] * layer.groups, w.shape[0], tuple(w.shape[2:]), stride=layer.stride,
                     padding=padding, dilation=layer.dilation, groups=layer.groups,
                     bias=layer.bias is not None, padding_mode=mode, device="meta")

@@ -20,6 +20,7 @@ renormalised. A layer's activations use the layer's weight density (the same K r
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from .api import FilterFn, analyze, attach_result, check_filter_fn, register_handler, sparsify
 from .passes import costs
 from .passes.capture import copy_model
-from .passes.find_sas_layers import layer_plan_from_module, parameter_holders, stores_weight
+from .passes.find_sas_layers import TRANSPOSED_CONV_MODULES, layer_plan_from_module, parameter_holders, stores_weight
 from .passes.plan import Plan
 from .passes.rewrite_layers_to_sas import carry_hooks
 from .runtime import swat as ops
@@ -46,6 +47,7 @@ __all__ = [
     "SWATLinear",
     "SWATConv1d",
     "SWATConv2d",
+    "SWATConv3d",
     "BitmaskReLU",
     "DISTRIBUTIONS",
     "erk_densities",
@@ -53,8 +55,10 @@ __all__ = [
     "swat_costs",
 ]
 
+log = logging.getLogger("sas_compile")
+
 DISTRIBUTIONS = ("uniform", "erk")
-_SOURCE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_SOURCE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 # ---------------------------------------------------------------- modules
@@ -145,7 +149,9 @@ class SWATLinear(SWATLayer):
 class SWATConv2d(SWATLayer):
     """``nn.Conv2d`` trained with SWAT (``swat::conv2d``); any padding mode, any groups."""
 
-    def __init__(self, source: nn.Conv2d, **kwargs):
+    _dense_conv = staticmethod(F.conv2d)  # eval mode and dense steps
+
+    def __init__(self, source: nn.Module, **kwargs):
         super().__init__(source, **kwargs)
         self.stride = tuple(source.stride)
         self.dilation = tuple(source.dilation)
@@ -171,7 +177,14 @@ class SWATConv2d(SWATLayer):
             return ops.swat_conv2d(x, self.weight, self.bias, self.weight_threshold,
                                    self.activation_threshold, stride, padding, dilation,
                                    self.groups, self.structure)
-        return F.conv2d(x, self.sparse_weight(), self.bias, stride, padding, dilation, self.groups)
+        return self._dense_conv(x, self.sparse_weight(), self.bias, stride, padding, dilation, self.groups)
+
+
+class SWATConv3d(SWATConv2d):
+    """``nn.Conv3d`` trained with SWAT: the same op on a 5-D weight (scores per weight, or per input
+    channel over its three kernel dims; an activation channel is one sample's volume)."""
+
+    _dense_conv = staticmethod(F.conv3d)
 
 
 class SWATConv1d(SWATConv2d):
@@ -218,7 +231,12 @@ class BitmaskReLU(nn.Module):
         return torch.relu(x)
 
 
-_SWAT_CLASS = {nn.Linear: SWATLinear, nn.Conv1d: SWATConv1d, nn.Conv2d: SWATConv2d}
+_SWAT_CLASS = {nn.Linear: SWATLinear, nn.Conv1d: SWATConv1d, nn.Conv2d: SWATConv2d, nn.Conv3d: SWATConv3d}
+# listed in the plan, kept dense: SWAT sparsifies a layer's forward weights and the activations it
+# saves for its weight gradient; a transposed convolution would need its own pair of ops
+_NOT_SWAT = {cls: ("a transposed convolution: SWAT here trains nn.Linear and nn.Conv1d/2d/3d layers "
+                   "(a transposed convolution has no swat:: op); it trains dense")
+             for cls in TRANSPOSED_CONV_MODULES}
 
 
 # ---------------------------------------------------------------- argument checks
@@ -332,7 +350,7 @@ def _convert(model: nn.Module, config: SWATConfig, example_inputs) -> nn.Module:
     if sas_layers:
         raise ValueError(
             f"swatify: {type(model).__name__} already has SAS layers: {', '.join(sas_layers)}. SWAT trains "
-            "nn.Linear / nn.Conv1d / nn.Conv2d layers of a dense model and has no SAS-layer version: call "
+            "nn.Linear / nn.Conv1d/2d/3d layers of a dense model and has no SAS-layer version: call "
             "swatify on the dense model instead."
         )
     model = copy_model(model)
@@ -365,9 +383,11 @@ def _convert(model: nn.Module, config: SWATConfig, example_inputs) -> nn.Module:
     holders = parameter_holders(model)
     layers = []
     for fqn, mod in modules.items():
-        if type(mod) in _SWAT_CLASS:
+        if type(mod) in _SWAT_CLASS or type(mod) in _NOT_SWAT:
             converted = fqn in densities
-            reason = None if converted else (_swat_reason(mod) or "excluded by filter_fn")
+            reason = None if converted else (_NOT_SWAT.get(type(mod)) or _swat_reason(mod) or "excluded by filter_fn")
+            if type(mod) in _NOT_SWAT:
+                log.info("swatify: %s stays dense: %s", fqn, reason)
             layer = layer_plan_from_module(fqn, fqn, mod, converted, reason)
             tied = holders.get(id(mod.weight), [layer.weight_target])
             layer.weight_group = tied[0]
@@ -404,7 +424,7 @@ def swatify(
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     relu_bitmask: bool = True,
 ) -> nn.Module:
-    """A copy of ``model`` whose nn.Linear / nn.Conv1d / nn.Conv2d layers train with SWAT.
+    """A copy of ``model`` whose nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d layers train with SWAT.
 
     ``sparsify(model, SWATConfig(sparsity=..., ...), filter_fn=..., example_inputs=...)``.
     Forward: weights reduced to their top-K magnitudes per layer, activations dense.
@@ -461,7 +481,7 @@ def swat_costs(
 ) -> Dict[str, int]:
     """Training mults of one layer with SWAT, the accounting the SWAT paper reports.
 
-    ``layer`` is a :class:`~sas_compile.plan.LayerPlan`, an nn.Linear/Conv1d/Conv2d or a SWAT
+    ``layer`` is a :class:`~sas_compile.plan.LayerPlan`, an nn.Linear/Conv1d/Conv2d/Conv3d or a SWAT
     layer (whose densities and structure are the defaults). ``output_positions`` (batch times
     spatial output size) defaults to the plan's output shape, else 1 (mults per position).
     Returns ``forward_mults`` (nonzero weights x positions), ``backward_input_mults`` (the
@@ -479,7 +499,7 @@ def swat_costs(
         geometry = costs.Geometry("linear" if w.dim() == 2 else f"conv{w.dim() - 2}d", w.shape[1] * groups,
                                   w.shape[0], tuple(w.shape[2:]), groups, layer.bias is not None)
     else:
-        raise TypeError(f"layer: expected a LayerPlan, nn.Linear/Conv1d/Conv2d or SWAT layer, "
+        raise TypeError(f"layer: expected a LayerPlan, nn.Linear/Conv1d/Conv2d/Conv3d or SWAT layer, "
                         f"got {type(layer).__name__}")
     if isinstance(layer, SWATLayer):
         weight_density = layer.weight_density if weight_density is None else weight_density

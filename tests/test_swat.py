@@ -11,10 +11,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import sas_compile
 from sas_compile.runtime import swat as ops
 from sas_compile.swat import (
     SWATConv1d,
     SWATConv2d,
+    SWATConv3d,
     SWATLayer,
     SWATLinear,
     erk_densities,
@@ -147,6 +149,88 @@ def test_conv2d_gradients_match_masked_float64_reference(structure, stride, padd
         kept = (mw != 0).any(dim=(0, 2, 3))
         assert ((mw != 0) == kept.view(1, -1, 1, 1)).all()
         assert int(kept.sum()) == ops.topk_count(wd, w.shape[1])
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("stride,padding,dilation,groups", [((1, 1, 1), (1, 1, 1), (1, 1, 1), 1),
+                                                            ((2, 1, 1), (0, 2, 1), (1, 2, 1), 3)])
+def test_conv3d_gradients_match_masked_float64_reference(structure, stride, padding, dilation, groups):
+    """swat::conv2d on a 5-D weight is a SWAT conv3d: ragged volumes, strides, dilation, groups."""
+    torch.manual_seed(21)
+    x = torch.randn(2, 6, 7, 5, 6, requires_grad=True)
+    w = torch.randn(9, 6 // groups, 3, 2, 3, requires_grad=True)
+    b = torch.randn(9, requires_grad=True)
+    wd, ad = 0.35, 0.25
+    w_thr, a_thr = fresh_thresholds(x, w, wd, ad, structure, 1)
+    y = ops.swat_conv2d(x, w, b, w_thr, a_thr, stride, padding, dilation, groups, structure)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+
+    mw = topk_weight_mask(w, wd, structure)
+    ma = topk_activation_mask(x, ad, structure, 1)
+    x64, w64, b64, gy64 = (t.detach().double() for t in (x, w, b, gy))
+    x_ref = x64.clone().requires_grad_(True)
+    w_ref = (w64 * mw).requires_grad_(True)
+    ref_y = F.conv3d(x_ref, w_ref, b64, stride, padding, dilation, groups)
+    ref_gx, = torch.autograd.grad(ref_y, x_ref, gy64)
+    xk = (x64 * ma).requires_grad_(True)
+    wv = w64.clone().requires_grad_(True)
+    ref_gw, = torch.autograd.grad(F.conv3d(xk, wv, b64, stride, padding, dilation, groups), wv, gy64)
+    assert y.shape == ref_y.shape
+    torch.testing.assert_close(y.double(), ref_y.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref_gx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), ref_gw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad.double(), gy64.sum((0, 2, 3, 4)), rtol=1e-5, atol=1e-5)
+    assert 0 < int(ma.sum()) < ma.numel() and 0 < int(mw.sum()) < mw.numel()
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_opcheck_conv3d(structure):
+    torch.manual_seed(22)
+    x = torch.randn(2, 4, 5, 4, 6, requires_grad=True)
+    w = torch.randn(3, 4, 3, 2, 3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    w_thr, a_thr = fresh_thresholds(x, w, 0.5, 0.3, structure, 1)
+    torch.library.opcheck(torch.ops.swat.conv2d.default,
+                          (x, w, b, w_thr, a_thr, [2, 1, 1], [1, 0, 1], [1, 1, 1], 1, structure))
+    y = ops.swat_conv2d(x, w, b, w_thr, a_thr, [2, 1, 1], [1, 0, 1], [1, 1, 1], 1, structure)
+    values, bits = ops.compress_activation(x.detach(), a_thr, structure, 1)
+    torch.library.opcheck(torch.ops.swat.conv2d_backward.default,
+                          (torch.randn_like(y), w.detach(), w_thr, values, bits, list(x.shape), [2, 1, 1],
+                           [1, 0, 1], [1, 1, 1], 1, structure, True, True, True))
+
+
+def test_swatify_trains_conv3d_and_lists_transposed_convolutions(caplog):
+    """Before, swatify skipped nn.Conv3d and nn.ConvTranspose*d without a word: its plan said
+    "0 of 0 conv/linear layers". Conv3d layers now train with SWAT (any padding mode); a transposed
+    convolution is listed, dense, with the reason."""
+    torch.manual_seed(23)
+    model = nn.Sequential(nn.Conv3d(2, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv3d(8, 8, 3, padding="same", padding_mode="reflect"), nn.ReLU(),
+                          nn.ConvTranspose3d(8, 4, 2, stride=2))
+    x = torch.randn(3, 2, 5, 4, 6)
+    with caplog.at_level("INFO", logger="sas_compile"):
+        sw = swatify(model, sparsity=0.75, example_inputs=(x,))
+    assert isinstance(sw[0], SWATConv3d) and isinstance(sw[2], SWATConv3d) and type(sw[4]) is nn.ConvTranspose3d
+    plan = {layer.name: layer for layer in sw.sparsify_plan.layers}
+    assert set(plan) == {"0", "2", "4"} and plan["2"].eligible and not plan["4"].eligible
+    assert "transposed convolution" in plan["4"].reason
+    assert any("4 stays dense" in r.getMessage() for r in caplog.records)
+    assert sw[0].weight_density == 1.0 and sw[2].weight_density == 0.25  # the raw-input layer stays dense
+    sw.train()
+    out = sw(x)
+    out.square().mean().backward()
+    assert sw[2].weight.grad is not None and int(sw[2].step) == 1
+    # eval: the layer computes with its top-K weights, padded as the source pads
+    sw.eval()
+    h = F.relu(sw[0](x))
+    kept = sw[2].weight * topk_weight_mask(sw[2].weight, 0.25, "unstructured").float()
+    ref = F.conv3d(F.pad(h, (1, 1, 1, 1, 1, 1), mode="reflect"), kept, sw[2].bias)
+    torch.testing.assert_close(sw[2](h), ref)
+    rep = sas_compile.report(sw, (x,), M=(2,), symbolic=False)
+    swat_row = {r["name"]: r["swat"][0.75] for r in rep.layers}
+    want = swat_costs(sw[2], output_positions=3 * 5 * 4 * 6)
+    assert swat_row["2"]["forward_mults"] == want["forward_mults"]
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
