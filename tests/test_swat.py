@@ -116,14 +116,10 @@ def test_linear_gradients_match_masked_float64_reference(structure):
     assert (w.grad[mw == 0] != 0).any()
 
 
-@pytest.mark.parametrize("structure", STRUCTURES)
-@pytest.mark.parametrize("stride,padding,dilation,groups", [((1, 1), (1, 1), (1, 1), 1),
-                                                            ((2, 1), (0, 2), (1, 2), 2)])
-def test_conv2d_gradients_match_masked_float64_reference(structure, stride, padding, dilation, groups):
-    torch.manual_seed(1)
-    x = torch.randn(3, 6, 9, 7, requires_grad=True)
-    w = torch.randn(10, 6 // groups, 3, 2, requires_grad=True)
-    b = torch.randn(10, requires_grad=True)
+def check_conv_against_reference(x, w, b, stride, padding, dilation, groups, structure, conv):
+    """swat::conv2d (``conv``: F.conv2d or F.conv3d by the weight's rank) against float64 references
+    built from topk masks: forward and input gradient on the kept weights, weight gradient on the
+    kept activations. Returns the weight mask."""
     wd, ad = 0.35, 0.25
     w_thr, a_thr = fresh_thresholds(x, w, wd, ad, structure, 1)
     y = ops.swat_conv2d(x, w, b, w_thr, a_thr, stride, padding, dilation, groups, structure)
@@ -135,20 +131,34 @@ def test_conv2d_gradients_match_masked_float64_reference(structure, stride, padd
     x64, w64, b64, gy64 = (t.detach().double() for t in (x, w, b, gy))
     x_ref = x64.clone().requires_grad_(True)
     w_ref = (w64 * mw).requires_grad_(True)
-    ref_y = F.conv2d(x_ref, w_ref, b64, stride, padding, dilation, groups)
+    ref_y = conv(x_ref, w_ref, b64, stride, padding, dilation, groups)
     ref_gx, = torch.autograd.grad(ref_y, x_ref, gy64)
     xk = (x64 * ma).requires_grad_(True)
     wv = w64.clone().requires_grad_(True)
-    ref_gw, = torch.autograd.grad(F.conv2d(xk, wv, b64, stride, padding, dilation, groups), wv, gy64)
+    ref_gw, = torch.autograd.grad(conv(xk, wv, b64, stride, padding, dilation, groups), wv, gy64)
+    assert y.shape == ref_y.shape
     torch.testing.assert_close(y.double(), ref_y.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), ref_gx, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w.grad.double(), ref_gw, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b.grad.double(), gy64.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad.double(), gy64.sum([0, *range(2, gy64.dim())]), rtol=1e-5, atol=1e-5)
+    assert 0 < int(ma.sum()) < ma.numel() and 0 < int(mw.sum()) < mw.numel()
+    return mw
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("stride,padding,dilation,groups", [((1, 1), (1, 1), (1, 1), 1),
+                                                            ((2, 1), (0, 2), (1, 2), 2)])
+def test_conv2d_gradients_match_masked_float64_reference(structure, stride, padding, dilation, groups):
+    torch.manual_seed(1)
+    x = torch.randn(3, 6, 9, 7, requires_grad=True)
+    w = torch.randn(10, 6 // groups, 3, 2, requires_grad=True)
+    b = torch.randn(10, requires_grad=True)
+    mw = check_conv_against_reference(x, w, b, stride, padding, dilation, groups, structure, F.conv2d)
     if structure == "channel":
         # the same input channels are removed across all filters
         kept = (mw != 0).any(dim=(0, 2, 3))
         assert ((mw != 0) == kept.view(1, -1, 1, 1)).all()
-        assert int(kept.sum()) == ops.topk_count(wd, w.shape[1])
+        assert int(kept.sum()) == ops.topk_count(0.35, w.shape[1])
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
@@ -160,28 +170,7 @@ def test_conv3d_gradients_match_masked_float64_reference(structure, stride, padd
     x = torch.randn(2, 6, 7, 5, 6, requires_grad=True)
     w = torch.randn(9, 6 // groups, 3, 2, 3, requires_grad=True)
     b = torch.randn(9, requires_grad=True)
-    wd, ad = 0.35, 0.25
-    w_thr, a_thr = fresh_thresholds(x, w, wd, ad, structure, 1)
-    y = ops.swat_conv2d(x, w, b, w_thr, a_thr, stride, padding, dilation, groups, structure)
-    gy = torch.randn_like(y)
-    y.backward(gy)
-
-    mw = topk_weight_mask(w, wd, structure)
-    ma = topk_activation_mask(x, ad, structure, 1)
-    x64, w64, b64, gy64 = (t.detach().double() for t in (x, w, b, gy))
-    x_ref = x64.clone().requires_grad_(True)
-    w_ref = (w64 * mw).requires_grad_(True)
-    ref_y = F.conv3d(x_ref, w_ref, b64, stride, padding, dilation, groups)
-    ref_gx, = torch.autograd.grad(ref_y, x_ref, gy64)
-    xk = (x64 * ma).requires_grad_(True)
-    wv = w64.clone().requires_grad_(True)
-    ref_gw, = torch.autograd.grad(F.conv3d(xk, wv, b64, stride, padding, dilation, groups), wv, gy64)
-    assert y.shape == ref_y.shape
-    torch.testing.assert_close(y.double(), ref_y.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), ref_gx, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(w.grad.double(), ref_gw, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b.grad.double(), gy64.sum((0, 2, 3, 4)), rtol=1e-5, atol=1e-5)
-    assert 0 < int(ma.sum()) < ma.numel() and 0 < int(mw.sum()) < mw.numel()
+    check_conv_against_reference(x, w, b, stride, padding, dilation, groups, structure, F.conv3d)
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
