@@ -71,6 +71,9 @@ def swap_into_model(gm: fx.GraphModule, model: nn.Module, before, layers: Dict[s
             owner, attr = _owner(gm, node.target)
             if parametrize.is_parametrized(owner, attr):
                 return f"{node.target} is a masked weight read by a function call"
+    paths: Dict[int, List[str]] = {}  # a module registered under several names is swapped under all
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
     for node in gm.graph.nodes:
         if node.op == "call_module":
             new = gm.get_submodule(node.target)
@@ -80,7 +83,8 @@ def swap_into_model(gm: fx.GraphModule, model: nn.Module, before, layers: Dict[s
                 continue
             if new is not old:
                 new.train(old.training)
-                model.set_submodule(node.target, new)
+                for path in paths[id(old)]:
+                    model.set_submodule(path, new)
         elif node.op == "get_attr":
             new = getattr(*_owner(gm, node.target))
             try:

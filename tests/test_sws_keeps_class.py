@@ -251,6 +251,25 @@ def test_parameters_and_buffers_read_by_the_forward_are_swapped():
     assert s.inner.scratch.shape == (12,) and "inner.scratch" not in s.state_dict()  # still not persistent
 
 
+class Aliased(nn.Module):
+    """One layer registered under two names, the forward calling it by the second."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.head = self.b
+
+    def forward(self, x):
+        return self.head(torch.relu(self.a(x)))
+
+
+def test_a_module_registered_twice_is_swapped_under_both_names():
+    torch.manual_seed(0)
+    s = sas_compile.swsify(Aliased(), M=4)  # without example_inputs: no run to catch it
+    assert isinstance(s, Aliased) and s.head is s.b and s.b.in_features == 16
+    assert s(torch.randn(3, 4)).shape == (3, 2)
+
+
 def test_checkpoints_stay_in_the_forward(caplog):
     torch.manual_seed(0)
     x = torch.randn(3, 6)
