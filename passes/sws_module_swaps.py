@@ -39,7 +39,7 @@ def _raw(owner: nn.Module, attr: str):
     """The stored tensor (a parametrized one's original), not the value a parametrization computes."""
     if parametrize.is_parametrized(owner, attr):
         return getattr(owner.parametrizations, attr).original
-    return getattr(owner, attr, None)
+    return getattr(owner, attr)
 
 
 def _changed_nodes(gm: fx.GraphModule, before) -> List[str]:
@@ -105,7 +105,7 @@ def swap_into_model(gm: fx.GraphModule, model: nn.Module, before, layers: Dict[s
         for path in group:
             try:
                 held.add(id(_raw(*_owner(model, path))))
-            except AttributeError:  # its owner was rebuilt without it (a parametrization the rebuild dropped)
+            except AttributeError:  # its owner was rebuilt without it (a rebuilt weight_norm'd layer)
                 return f"the tied weight {path} is not in the widened model"
         if len(held) > 1:
             return f"the tied weights {', '.join(group)} would no longer be one tensor"

@@ -161,13 +161,15 @@ def _mark_sws_layers(plan: Plan, masks: Dict[str, int]) -> List[str]:
 
 def _unmasked_view(model: nn.Module) -> Tuple[nn.Module, Dict[str, int]]:
     """A copy of ``model`` sharing its tensors, each SWS-masked weight back to its stored dense
-    parameter, and ``{weight path: M}`` of those masks.
+    parameter and each layer ``lower_sws`` packed a linear of its shape, and ``{weight path: M}``
+    of those masks and packed layers.
 
     Why: where a weight is read as an attribute (a ``torch.export``-built SWS model reads every
-    weight so), tracing follows the mask's parametrization into its ops: the analysis saw a
-    weight computed in the graph ("nothing to widen") and the module holding the original as a
-    second, parameters-only row. The stored parameter has the weight's shape, and the mask's M
-    is all the counts need (``ceil(numel / M)`` nonzeros).
+    weight so), tracing follows the mask's parametrization into its ops, and through a packed
+    layer it follows the unpacking: the analysis saw a weight computed in the graph ("nothing to
+    widen", every weight counted) and the module holding the original (or the bias) as a second,
+    parameters-only row. The stand-ins have the weights' shapes, and the M is all the counts
+    need (``ceil(numel / M)`` nonzeros).
     """
     masks = sws_masks(model)
     packed = [path for path, module in model.named_modules() if isinstance(module, PackedSWSLinear)]
