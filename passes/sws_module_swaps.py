@@ -9,8 +9,9 @@ with some modules and parameters replaced; this pass makes those replacements in
 was traced, which then runs its own ``forward`` (its ``.train()``/``.eval()`` branches,
 checkpoints and grad-mode switches as written).
 
-``graph_signature`` records the graph before the rewrite; ``swap_into_model`` compares, swaps,
-and checks that weights tied in the user's model are still one tensor. It returns why not, or
+``graph_signature`` records the graph before the rewrite; ``swap_into_model`` compares, swaps
+(a swapped module takes the hooks of the one it replaces, as sasify's swaps do), and checks
+that weights tied in the user's model are still one tensor. It returns why not, or
 None when the copy now is the SWS model.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
+
+from .rewrite_layers_to_sas import carry_hooks
 
 __all__ = ["graph_signature", "same_outputs", "swap_into_model", "tied_parameter_paths"]
 
@@ -83,6 +86,7 @@ def swap_into_model(gm: fx.GraphModule, model: nn.Module, before, layers: Dict[s
                 continue
             if new is not old:
                 new.train(old.training)
+                carry_hooks(old, new)  # activation logging or feature extraction on a widened layer
                 for path in paths[id(old)]:
                     model.set_submodule(path, new)
         elif node.op == "get_attr":

@@ -270,6 +270,21 @@ def test_a_module_registered_twice_is_swapped_under_both_names():
     assert s(torch.randn(3, 4)).shape == (3, 2)
 
 
+def test_hooks_on_a_widened_layer_keep_running():
+    """A swapped module takes the hooks of the one it replaces (as sasify's swaps do)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    seen = []
+    model[2].register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape)))
+    s = sas_compile.swsify(model, M=4, example_inputs=(torch.randn(3, 4),))
+    assert isinstance(s, nn.Sequential) and s[2].out_features == 16
+    seen.clear()
+    s(torch.randn(5, 4))
+    assert seen == [(5, 16)]  # the widened layer's output
+    model(torch.randn(5, 4))
+    assert seen == [(5, 16), (5, 8)]  # the user's model keeps its own hook
+
+
 def test_checkpoints_stay_in_the_forward(caplog):
     torch.manual_seed(0)
     x = torch.randn(3, 6)
