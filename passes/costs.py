@@ -326,7 +326,10 @@ def _swat(layer, *, positions: Size = 1, weight_density: float, activation_densi
     weight gradient on the kept activation fraction of the dense ``Co * Cbar`` per position."""
     numel = weight_numel(layer)
     if structure == "channel":
-        channels = layer.in_channels // max(int(layer.groups), 1)
+        # the input channels one weight slice ranks: in/groups of a convolution's [out, in/groups, *k]
+        # weight, all the input channels of a transposed one's [in, out/groups, *k]
+        transposed = layer.op.startswith("conv_transpose")
+        channels = layer.in_channels if transposed else layer.in_channels // max(int(layer.groups), 1)
         nonzeros = numel * topk_count(weight_density, channels) // channels
     else:
         nonzeros = topk_count(weight_density, numel)

@@ -57,6 +57,9 @@ __all__ = [
     "refresh_thresholds",
     "swat_linear",
     "swat_conv2d",
+    "swat_conv_transpose",
+    "in_channel_view",
+    "mask_transposed_weight",
     "swat_relu",
 ]
 
@@ -560,6 +563,143 @@ def swat_conv2d(
     return torch.ops.swat.conv2d(
         x, weight, bias, weight_threshold, activation_threshold,
         list(stride), list(padding), list(dilation), groups, structure,
+    )[0]
+
+
+# ---------------------------------------------------------------- conv_transpose (1d/2d/3d)
+# A transposed convolution stores its weight ``[in, out/groups, *kernel]``: its scores and masks
+# are taken on the ``[out/groups, in, *kernel]`` view (``in_channel_view``), whose dim 1 is the
+# input channel as a convolution's is, so the channel structure ranks input channels here too.
+
+
+def in_channel_view(weight: Tensor) -> Tensor:
+    """A transposed convolution's weight with its input channels on dim 1 (a view, no copy)."""
+    return weight.transpose(0, 1)
+
+
+def mask_transposed_weight(weight: Tensor, threshold: Tensor, structure: str) -> Tensor:
+    """``W_k`` of a transposed convolution's ``[in, out/groups, *kernel]`` weight."""
+    return in_channel_view(mask_weight(in_channel_view(weight), threshold, structure))
+
+
+def _conv_transpose_fn(weight: Tensor):
+    return (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[weight.dim() - 3]
+
+
+@torch.library.custom_op("swat::conv_transpose", mutates_args=())
+def _swat_conv_transpose(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    weight_threshold: Tensor,
+    activation_threshold: Tensor,
+    stride: List[int],
+    padding: List[int],
+    output_padding: List[int],
+    dilation: List[int],
+    groups: int,
+    structure: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(F.conv_transpose{1,2,3}d(x, W_k, bias, ...), values, bits)``: the output and the compressed ``x_k``."""
+    w_k = mask_transposed_weight(weight, weight_threshold, structure)
+    y = _conv_transpose_fn(weight)(x, w_k, bias, stride, padding, output_padding, groups, dilation)
+    values, bits = compress_activation(x, activation_threshold, structure, 1)
+    return owned(y), values, bits
+
+
+@_swat_conv_transpose.register_fake
+def _(x, weight, bias, weight_threshold, activation_threshold, stride, padding, output_padding, dilation,
+      groups, structure):
+    spatial = [(x.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k - 1) + output_padding[i] + 1
+               for i, k in enumerate(weight.shape[2:])]
+    values, bits = _fake_compressed(x, structure, 1)
+    return x.new_empty((x.shape[0], weight.shape[1] * groups, *spatial)), values, bits
+
+
+def _conv_transpose_setup(ctx, inputs, output):
+    x, weight, bias, weight_threshold, _, stride, padding, output_padding, dilation, groups, structure = inputs
+    _, values, bits = output
+    ctx.save_for_backward(weight, weight_threshold, values, bits)
+    ctx.x_shape = x.shape
+    ctx.conf = (list(stride), list(padding), list(output_padding), list(dilation), groups)
+    ctx.structure = structure
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(values, bits)
+
+
+@torch.library.custom_op("swat::conv_transpose_backward", mutates_args=())
+def _swat_conv_transpose_backward(
+    grad: Tensor,
+    weight: Tensor,
+    weight_threshold: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    x_shape: List[int],
+    stride: List[int],
+    padding: List[int],
+    output_padding: List[int],
+    dilation: List[int],
+    groups: int,
+    structure: str,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_w, grad_b)`` of ``swat::conv_transpose``; an unneeded one is an empty tensor.
+
+    One ``convolution_backward`` call: its input gradient reads only ``W_k``, its weight gradient
+    only ``x_k``."""
+    x_k = decompress_activation(values, bits, x_shape, structure, 1)
+    bias_sizes = [weight.shape[1] * groups] if need_b else None
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad.contiguous(), x_k, mask_transposed_weight(weight, weight_threshold, structure), bias_sizes, stride,
+        padding, dilation, True, output_padding, groups, [need_x, need_w, need_b])
+    return (grad_x if need_x else grad.new_empty(0), grad_w if need_w else grad.new_empty(0),
+            grad_b if need_b else grad.new_empty(0))
+
+
+@_swat_conv_transpose_backward.register_fake
+def _(grad, weight, weight_threshold, values, bits, x_shape, stride, padding, output_padding, dilation, groups,
+      structure, need_x, need_w, need_b):
+    return (grad.new_empty(x_shape) if need_x else grad.new_empty(0),
+            weight.new_empty(weight.shape) if need_w else grad.new_empty(0),
+            grad.new_empty(weight.shape[1] * groups) if need_b else grad.new_empty(0))
+
+
+def _conv_transpose_backward(ctx, grad, _grad_values, _grad_bits):
+    if torch.is_grad_enabled():  # create_graph=True
+        refuse_higher_order("swat::conv_transpose backward with create_graph=True")
+    weight, weight_threshold, values, bits = ctx.saved_tensors
+    need = list(ctx.needs_input_grad[:3])
+    need[2] = need[2] and ctx.has_bias
+    grads = torch.ops.swat.conv_transpose_backward(grad, weight, weight_threshold, values, bits, list(ctx.x_shape),
+                                                   *ctx.conf, ctx.structure, *need)
+    return (*(g if n else None for g, n in zip(grads, need)), *([None] * 8))
+
+
+_swat_conv_transpose.register_autograd(_conv_transpose_backward, setup_context=_conv_transpose_setup)
+register_autocast_like_linear(torch.ops.swat.conv_transpose, (0, 1, 2), _autocast_library)
+
+
+def swat_conv_transpose(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    weight_threshold: Tensor,
+    activation_threshold: Tensor,
+    stride: List[int],
+    padding: List[int],
+    output_padding: List[int],
+    dilation: List[int],
+    groups: int = 1,
+    structure: str = "unstructured",
+) -> Tensor:
+    """SWAT transposed convolution (1d/2d/3d by the weight's rank): forward with ``W_k``, backward
+    with ``W_k`` for the input gradient and the saved ``x_k`` for the weight gradient. The weight
+    threshold is one of the scores of :func:`in_channel_view` of the weight."""
+    return torch.ops.swat.conv_transpose(
+        x, weight, bias, weight_threshold, activation_threshold,
+        list(stride), list(padding), list(output_padding), list(dilation), groups, structure,
     )[0]
 
 

@@ -40,7 +40,7 @@ from .runtime.sws_mask import drop_parametrization, sws_masks
 from .passes.plan import LayerPlan, Plan
 from . import swat as swat_module
 from .report_table import SWAT_KEYS, Report
-from .swat import BitmaskReLU, SWATLinear
+from .swat import BitmaskReLU, SWATConvTranspose, SWATLinear
 
 log = logging.getLogger("sas_compile.report")
 
@@ -261,10 +261,15 @@ def check_sparsities(swat: Any) -> Tuple[float, ...]:
 
 
 def _as_dense_layer(layer: nn.Module) -> nn.Module:
-    """The nn.Linear/Conv1d/Conv2d/Conv3d a SWAT layer was made from, sharing its weight and bias."""
+    """The nn.Linear/Conv1d/2d/3d/ConvTranspose1d/2d/3d a SWAT layer was made from, sharing its weight and bias."""
     w = layer.weight
     if isinstance(layer, SWATLinear):
         dense = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, device="meta")
+    elif isinstance(layer, SWATConvTranspose):
+        cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[w.dim() - 3]
+        dense = cls(w.shape[0], w.shape[1] * layer.groups, tuple(w.shape[2:]), stride=layer.stride,
+                    padding=layer.padding, output_padding=layer.output_padding, groups=layer.groups,
+                    bias=layer.bias is not None, dilation=layer.dilation, device="meta")
     else:
         n = w.dim() - 2
         padding: Any = tuple(layer.padding)

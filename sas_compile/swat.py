@@ -48,6 +48,7 @@ __all__ = [
     "SWATConv1d",
     "SWATConv2d",
     "SWATConv3d",
+    "SWATConvTranspose",
     "BitmaskReLU",
     "DISTRIBUTIONS",
     "erk_densities",
@@ -58,7 +59,7 @@ __all__ = [
 log = logging.getLogger("sas_compile")
 
 DISTRIBUTIONS = ("uniform", "erk")
-_SOURCE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_SOURCE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_CONV_MODULES)
 
 
 # ---------------------------------------------------------------- modules
@@ -94,7 +95,7 @@ class SWATLayer(nn.Module):
         self.period = _check_period(period)
         self.sync_thresholds = bool(sync_thresholds)
         with torch.no_grad():
-            w_thr = ops.kth_largest(ops.weight_scores(self.weight, structure), self.weight_density)
+            w_thr = ops.kth_largest(ops.weight_scores(self._scored_weight(), structure), self.weight_density)
         self.register_buffer("weight_threshold", w_thr.clone())
         self.register_buffer("activation_threshold", torch.zeros((), dtype=self.weight.dtype,
                                                                  device=self.weight.device))
@@ -107,6 +108,10 @@ class SWATLayer(nn.Module):
     @property
     def is_dense(self) -> bool:
         return self.weight_density >= 1.0 and self.activation_density >= 1.0
+
+    def _scored_weight(self) -> Tensor:
+        """The weight as the top-K ranks it: input channels on dim 1."""
+        return self.weight
 
     def sparse_weight(self) -> Tensor:
         """``W_k``: the weight reduced to its top-K magnitudes with the current threshold."""
@@ -122,7 +127,7 @@ class SWATLayer(nn.Module):
             ops.refuse_higher_order(f"{type(self).__name__} in a training step under a torch.func transform or "
                                     "forward-mode AD")
         torch.ops.swat.refresh_thresholds(
-            x, self.weight, self.weight_threshold, self.activation_threshold, self.step,
+            x, self._scored_weight(), self.weight_threshold, self.activation_threshold, self.step,
             self.period, self.weight_density, self.activation_density, self.structure,
             self.channel_dim, self.sync_thresholds,
         )
@@ -207,6 +212,49 @@ class SWATConv1d(SWATConv2d):
                         self.dilation, self.groups)
 
 
+class SWATConvTranspose(SWATLayer):
+    """``nn.ConvTranspose1d/2d/3d`` trained with SWAT (``swat::conv_transpose``): any groups,
+    dilation and output padding, and ``forward(x, output_size)`` as the source takes it.
+
+    Its ``[in, out/groups, *kernel]`` weight is ranked on the view with input channels on dim 1
+    (``runtime.swat.in_channel_view``), so ``structure="channel"`` removes input channels, as it
+    does for a convolution; an activation channel is one sample's map of an input channel.
+    """
+
+    transposed = True
+
+    def __init__(self, source: nn.Module, **kwargs):
+        super().__init__(source, **kwargs)
+        self.stride = tuple(source.stride)
+        self.padding = tuple(source.padding)
+        self.output_padding = tuple(source.output_padding)
+        self.dilation = tuple(source.dilation)
+        self.kernel_size = tuple(source.kernel_size)
+        self.groups = source.groups
+
+    def _scored_weight(self) -> Tensor:
+        return ops.in_channel_view(self.weight)
+
+    def sparse_weight(self) -> Tensor:
+        if self.weight_density >= 1.0:
+            return self.weight
+        return ops.mask_transposed_weight(self.weight, self.weight_threshold, self.structure)
+
+    def forward(self, x: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
+        n = len(self.kernel_size)
+        # the output padding an output_size asks for, resolved as nn.ConvTranspose*d resolves it
+        output_padding = nn.modules.conv._ConvTransposeNd._output_padding(
+            self, x, output_size, list(self.stride), list(self.padding), list(self.kernel_size), n,
+            list(self.dilation))
+        if self._sparse_step(x):
+            return ops.swat_conv_transpose(x, self.weight, self.bias, self.weight_threshold,
+                                           self.activation_threshold, self.stride, self.padding, output_padding,
+                                           self.dilation, self.groups, self.structure)
+        conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
+        return conv(x, self.sparse_weight(), self.bias, self.stride, self.padding, output_padding, self.groups,
+                    self.dilation)
+
+
 _SWAT_SCRIPT_ERROR = (
     "torch.jit.script cannot compile a SWAT model: its training step updates thresholds and saves compressed "
     "activations in Python. For inference, torch.jit.trace it in eval mode under torch.no_grad() (which records "
@@ -231,12 +279,8 @@ class BitmaskReLU(nn.Module):
         return torch.relu(x)
 
 
-_SWAT_CLASS = {nn.Linear: SWATLinear, nn.Conv1d: SWATConv1d, nn.Conv2d: SWATConv2d, nn.Conv3d: SWATConv3d}
-# listed in the plan, kept dense: SWAT sparsifies a layer's forward weights and the activations it
-# saves for its weight gradient; a transposed convolution would need its own pair of ops
-_NOT_SWAT = {cls: ("a transposed convolution: SWAT here trains nn.Linear and nn.Conv1d/2d/3d layers "
-                   "(a transposed convolution has no swat:: op); it trains dense")
-             for cls in TRANSPOSED_CONV_MODULES}
+_SWAT_CLASS = {nn.Linear: SWATLinear, nn.Conv1d: SWATConv1d, nn.Conv2d: SWATConv2d, nn.Conv3d: SWATConv3d,
+               **{cls: SWATConvTranspose for cls in TRANSPOSED_CONV_MODULES}}
 
 
 # ---------------------------------------------------------------- argument checks
@@ -383,11 +427,9 @@ def _convert(model: nn.Module, config: SWATConfig, example_inputs) -> nn.Module:
     holders = parameter_holders(model)
     layers = []
     for fqn, mod in modules.items():
-        if type(mod) in _SWAT_CLASS or type(mod) in _NOT_SWAT:
+        if type(mod) in _SWAT_CLASS:
             converted = fqn in densities
-            reason = None if converted else (_NOT_SWAT.get(type(mod)) or _swat_reason(mod) or "excluded by filter_fn")
-            if type(mod) in _NOT_SWAT:
-                log.info("swatify: %s stays dense: %s", fqn, reason)
+            reason = None if converted else (_swat_reason(mod) or "excluded by filter_fn")
             layer = layer_plan_from_module(fqn, fqn, mod, converted, reason)
             tied = holders.get(id(mod.weight), [layer.weight_target])
             layer.weight_group = tied[0]
@@ -424,7 +466,7 @@ def swatify(
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     relu_bitmask: bool = True,
 ) -> nn.Module:
-    """A copy of ``model`` whose nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d layers train with SWAT.
+    """A copy of ``model`` whose nn.Linear, nn.Conv1d/2d/3d and nn.ConvTranspose1d/2d/3d layers train with SWAT.
 
     ``sparsify(model, SWATConfig(sparsity=..., ...), filter_fn=..., example_inputs=...)``.
     Forward: weights reduced to their top-K magnitudes per layer, activations dense.
@@ -481,9 +523,10 @@ def swat_costs(
 ) -> Dict[str, int]:
     """Training mults of one layer with SWAT, the accounting the SWAT paper reports.
 
-    ``layer`` is a :class:`~sas_compile.plan.LayerPlan`, an nn.Linear/Conv1d/Conv2d/Conv3d or a SWAT
-    layer (whose densities and structure are the defaults). ``output_positions`` (batch times
-    spatial output size) defaults to the plan's output shape, else 1 (mults per position).
+    ``layer`` is a :class:`~sas_compile.plan.LayerPlan`, an nn.Linear/Conv1d/2d/3d/ConvTranspose1d/2d/3d
+    or a SWAT layer (whose densities and structure are the defaults). ``output_positions`` (batch
+    times spatial output size; a transposed convolution's input size, which it multiplies per)
+    defaults to the plan's, else 1 (mults per position).
     Returns ``forward_mults`` (nonzero weights x positions), ``backward_input_mults`` (the
     same sparse weights against the dense output gradient) and ``backward_weight_mults``
     (the kept activation fraction of the dense ``Co * Cbar`` per position). Densities of 1
@@ -496,10 +539,14 @@ def swat_costs(
     elif isinstance(layer, (*_SOURCE_TYPES, SWATLayer)):
         w = layer.weight
         groups = int(getattr(layer, "groups", 1))
-        geometry = costs.Geometry("linear" if w.dim() == 2 else f"conv{w.dim() - 2}d", w.shape[1] * groups,
-                                  w.shape[0], tuple(w.shape[2:]), groups, layer.bias is not None)
+        if getattr(layer, "transposed", False) is True:  # stored [in, out/groups, *kernel]
+            geometry = costs.Geometry(f"conv_transpose{w.dim() - 2}d", w.shape[0], w.shape[1] * groups,
+                                      tuple(w.shape[2:]), groups, layer.bias is not None)
+        else:
+            geometry = costs.Geometry("linear" if w.dim() == 2 else f"conv{w.dim() - 2}d", w.shape[1] * groups,
+                                      w.shape[0], tuple(w.shape[2:]), groups, layer.bias is not None)
     else:
-        raise TypeError(f"layer: expected a LayerPlan, nn.Linear/Conv1d/Conv2d/Conv3d or SWAT layer, "
+        raise TypeError(f"layer: expected a LayerPlan, a conv/linear module or a SWAT layer, "
                         f"got {type(layer).__name__}")
     if isinstance(layer, SWATLayer):
         weight_density = layer.weight_density if weight_density is None else weight_density

@@ -17,6 +17,7 @@ from sas_compile.swat import (
     SWATConv1d,
     SWATConv2d,
     SWATConv3d,
+    SWATConvTranspose,
     SWATLayer,
     SWATLinear,
     erk_densities,
@@ -189,27 +190,23 @@ def test_opcheck_conv3d(structure):
                            [1, 0, 1], [1, 1, 1], 1, structure, True, True, True))
 
 
-def test_swatify_trains_conv3d_and_lists_transposed_convolutions(caplog):
+def test_swatify_trains_conv3d_and_transposed_convolutions():
     """Before, swatify skipped nn.Conv3d and nn.ConvTranspose*d without a word: its plan said
-    "0 of 0 conv/linear layers". Conv3d layers now train with SWAT (any padding mode); a transposed
-    convolution is listed, dense, with the reason."""
+    "0 of 0 conv/linear layers". Both now train with SWAT, Conv3d with any padding mode."""
     torch.manual_seed(23)
     model = nn.Sequential(nn.Conv3d(2, 8, 3, padding=1), nn.ReLU(),
                           nn.Conv3d(8, 8, 3, padding="same", padding_mode="reflect"), nn.ReLU(),
                           nn.ConvTranspose3d(8, 4, 2, stride=2))
     x = torch.randn(3, 2, 5, 4, 6)
-    with caplog.at_level("INFO", logger="sas_compile"):
-        sw = swatify(model, sparsity=0.75, example_inputs=(x,))
-    assert isinstance(sw[0], SWATConv3d) and isinstance(sw[2], SWATConv3d) and type(sw[4]) is nn.ConvTranspose3d
+    sw = swatify(model, sparsity=0.75, example_inputs=(x,))
+    assert isinstance(sw[0], SWATConv3d) and isinstance(sw[2], SWATConv3d) and isinstance(sw[4], SWATConvTranspose)
     plan = {layer.name: layer for layer in sw.sparsify_plan.layers}
-    assert set(plan) == {"0", "2", "4"} and plan["2"].eligible and not plan["4"].eligible
-    assert "transposed convolution" in plan["4"].reason
-    assert any("4 stays dense" in r.getMessage() for r in caplog.records)
+    assert set(plan) == {"0", "2", "4"} and all(layer.eligible for layer in plan.values())
     assert sw[0].weight_density == 1.0 and sw[2].weight_density == 0.25  # the raw-input layer stays dense
     sw.train()
     out = sw(x)
     out.square().mean().backward()
-    assert sw[2].weight.grad is not None and int(sw[2].step) == 1
+    assert sw[2].weight.grad is not None and int(sw[2].step) == 1 and int(sw[4].step) == 1
     # eval: the layer computes with its top-K weights, padded as the source pads
     sw.eval()
     h = F.relu(sw[0](x))
@@ -218,8 +215,92 @@ def test_swatify_trains_conv3d_and_lists_transposed_convolutions(caplog):
     torch.testing.assert_close(sw[2](h), ref)
     rep = sas_compile.report(sw, (x,), M=(2,), symbolic=False)
     swat_row = {r["name"]: r["swat"][0.75] for r in rep.layers}
-    want = swat_costs(sw[2], output_positions=3 * 5 * 4 * 6)
-    assert swat_row["2"]["forward_mults"] == want["forward_mults"]
+    assert swat_row["2"]["forward_mults"] == swat_costs(sw[2], output_positions=3 * 5 * 4 * 6)["forward_mults"]
+    # a transposed convolution multiplies per input position
+    assert swat_row["4"]["forward_mults"] == swat_costs(sw[4], output_positions=3 * 5 * 4 * 6)["forward_mults"] \
+        == ops.topk_count(0.25, 8 * 4 * 8) * 3 * 5 * 4 * 6
+
+
+def transposed_weight_mask(weight, density, structure):
+    """topk_weight_mask of a transposed convolution's weight, ranked with input channels on dim 1."""
+    return topk_weight_mask(weight.transpose(0, 1), density, structure).transpose(0, 1)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("dims,stride,padding,output_padding,dilation,groups", [
+    (1, (2,), (1,), (1,), (1,), 1),
+    (2, (2, 1), (0, 1), (1, 0), (1, 2), 2),
+    (3, (1, 2, 2), (1, 0, 1), (0, 1, 0), (2, 1, 1), 3),
+])
+def test_conv_transpose_gradients_match_masked_float64_reference(structure, dims, stride, padding, output_padding,
+                                                                  dilation, groups):
+    """swat::conv_transpose against float64 references from topk masks: ragged sizes, output
+    padding, dilation, groups; the channel structure removes input channels (dim 0 of the weight)."""
+    torch.manual_seed(30 + dims)
+    x = torch.randn(2, 6, *(5, 4, 3)[:dims], requires_grad=True)
+    w = torch.randn(6, 10 // groups if groups != 3 else 3, *(3, 2, 3)[:dims], requires_grad=True)
+    out_channels = w.shape[1] * groups
+    b = torch.randn(out_channels, requires_grad=True)
+    wd, ad = 0.35, 0.25
+    w_thr, a_thr = fresh_thresholds(x, ops.in_channel_view(w), wd, ad, structure, 1)
+    y = ops.swat_conv_transpose(x, w, b, w_thr, a_thr, stride, padding, output_padding, dilation, groups, structure)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+
+    conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+    mw = transposed_weight_mask(w, wd, structure)
+    ma = topk_activation_mask(x, ad, structure, 1)
+    x64, w64, b64, gy64 = (t.detach().double() for t in (x, w, b, gy))
+    x_ref = x64.clone().requires_grad_(True)
+    ref_y = conv(x_ref, w64 * mw, b64, stride, padding, output_padding, groups, dilation)
+    ref_gx, = torch.autograd.grad(ref_y, x_ref, gy64)
+    wv = w64.clone().requires_grad_(True)
+    ref_gw, = torch.autograd.grad(conv(x64 * ma, wv, b64, stride, padding, output_padding, groups, dilation), wv, gy64)
+    assert y.shape == ref_y.shape
+    torch.testing.assert_close(y.double(), ref_y.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref_gx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), ref_gw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad.double(), gy64.sum([0, *range(2, gy64.dim())]), rtol=1e-5, atol=1e-5)
+    assert 0 < int(ma.sum()) < ma.numel() and 0 < int(mw.sum()) < mw.numel()
+    if structure == "channel":  # whole input channels kept or removed
+        kept = (mw != 0).flatten(1).any(1)
+        assert ((mw != 0) == kept.view(-1, *([1] * (w.dim() - 1)))).all()
+        assert int(kept.sum()) == ops.topk_count(wd, w.shape[0])
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_opcheck_conv_transpose(structure):
+    torch.manual_seed(24)
+    x = torch.randn(2, 4, 5, 3, requires_grad=True)
+    w = torch.randn(4, 3, 3, 2, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    args = ([2, 1], [1, 0], [1, 0], [1, 1], 2, structure)
+    w_thr, a_thr = fresh_thresholds(x, ops.in_channel_view(w), 0.5, 0.3, structure, 1)
+    torch.library.opcheck(torch.ops.swat.conv_transpose.default, (x, w, b, w_thr, a_thr, *args))
+    y = ops.swat_conv_transpose(x, w, b, w_thr, a_thr, *args)
+    values, bits = ops.compress_activation(x.detach(), a_thr, structure, 1)
+    torch.library.opcheck(torch.ops.swat.conv_transpose_backward.default,
+                          (torch.randn_like(y), w.detach(), w_thr, values, bits, list(x.shape), *args,
+                           True, True, True))
+
+
+def test_swat_conv_transpose_takes_output_size_and_eval_uses_sparse_weights():
+    torch.manual_seed(25)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, groups=2))
+    sw = swatify(model, sparsity=0.5, structure="channel")
+    layer = sw[2]
+    x = torch.randn(2, 8, 4, 5, requires_grad=True)
+    layer.train()
+    y = layer(x, output_size=[8, 10])  # output_padding (1, 1), resolved as ConvTranspose2d does
+    assert y.shape == (2, 4, 8, 10) and y.shape == model[2](x, output_size=[8, 10]).shape
+    y.sum().backward()
+    layer.eval()
+    kept = layer.weight * transposed_weight_mask(layer.weight, 0.5, "channel").float()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, output_size=[8, 10]),
+                                   F.conv_transpose2d(x, kept, layer.bias, 2, 1, (1, 1), 2))
+        assert int((kept != 0).flatten(1).any(1).sum()) == 4  # half the input channels
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
@@ -659,3 +740,20 @@ def test_ddp_two_gloo_ranks_match_one_process():
         for name, value in model.state_dict().items():
             torch.testing.assert_close(ddp_states[structure][name], value, rtol=1e-4, atol=1e-5,
                                        msg=f"{structure}: {name}")
+
+
+def test_conv_transpose_under_autocast_and_create_graph():
+    """swat::conv_transpose casts like aten::linear under autocast, and refuses a double backward
+    (its backward is SWAT's training gradient, not the forward's derivative)."""
+    torch.manual_seed(26)
+    sw = swatify(nn.Sequential(nn.Conv1d(3, 6, 3), nn.ReLU(), nn.ConvTranspose1d(6, 4, 3, stride=2)), sparsity=0.5)
+    sw.train()
+    x = torch.randn(2, 3, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sw(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    assert sw[2].weight.grad.dtype == torch.float32 and sw[2].weight.grad.abs().sum() > 0
+    xs = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(sw(xs).sum(), xs, create_graph=True)
