@@ -393,9 +393,9 @@ def _convert(model: nn.Module, config: SWATConfig, example_inputs) -> nn.Module:
     sas_layers = existing_sas_layers(model)
     if sas_layers:
         raise ValueError(
-            f"swatify: {type(model).__name__} already has SAS layers: {', '.join(sas_layers)}. SWAT trains "
-            "nn.Linear / nn.Conv1d/2d/3d layers of a dense model and has no SAS-layer version: call "
-            "swatify on the dense model instead."
+            f"swatify: {type(model).__name__} already has SAS layers: {', '.join(sas_layers)}. SWAT trains the "
+            "nn.Linear / nn.Conv1d/2d/3d / nn.ConvTranspose1d/2d/3d layers of a dense model and has no SAS-layer "
+            "version: call swatify on the dense model instead."
         )
     model = copy_model(model)
     names, first = discover_layers(model, example_inputs, config.filter_fn)
