@@ -137,13 +137,19 @@ def check_conv_against_reference(x, w, b, stride, padding, dilation, groups, str
     xk = (x64 * ma).requires_grad_(True)
     wv = w64.clone().requires_grad_(True)
     ref_gw, = torch.autograd.grad(conv(xk, wv, b64, stride, padding, dilation, groups), wv, gy64)
+    assert_matches(y, x, w, b, gy64, ref_y, ref_gx, ref_gw, ma, mw)
+    return mw
+
+
+def assert_matches(y, x, w, b, gy64, ref_y, ref_gx, ref_gw, ma, mw):
+    """A SWAT op's output and gradients against their float64 references; both masks keep some
+    values and drop some (a check that cannot pass by keeping everything)."""
     assert y.shape == ref_y.shape
     torch.testing.assert_close(y.double(), ref_y.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), ref_gx, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w.grad.double(), ref_gw, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.grad.double(), gy64.sum([0, *range(2, gy64.dim())]), rtol=1e-5, atol=1e-5)
     assert 0 < int(ma.sum()) < ma.numel() and 0 < int(mw.sum()) < mw.numel()
-    return mw
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
@@ -256,12 +262,7 @@ def test_conv_transpose_gradients_match_masked_float64_reference(structure, dims
     ref_gx, = torch.autograd.grad(ref_y, x_ref, gy64)
     wv = w64.clone().requires_grad_(True)
     ref_gw, = torch.autograd.grad(conv(x64 * ma, wv, b64, stride, padding, output_padding, groups, dilation), wv, gy64)
-    assert y.shape == ref_y.shape
-    torch.testing.assert_close(y.double(), ref_y.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), ref_gx, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(w.grad.double(), ref_gw, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b.grad.double(), gy64.sum([0, *range(2, gy64.dim())]), rtol=1e-5, atol=1e-5)
-    assert 0 < int(ma.sum()) < ma.numel() and 0 < int(mw.sum()) < mw.numel()
+    assert_matches(y, x, w, b, gy64, ref_y, ref_gx, ref_gw, ma, mw)
     if structure == "channel":  # whole input channels kept or removed
         kept = (mw != 0).flatten(1).any(1)
         assert ((mw != 0) == kept.view(-1, *([1] * (w.dim() - 1)))).all()
