@@ -20,7 +20,6 @@ renormalised. A layer's activations use the layer's weight density (the same K r
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -55,8 +54,6 @@ __all__ = [
     "swat_layers",
     "swat_costs",
 ]
-
-log = logging.getLogger("sas_compile")
 
 DISTRIBUTIONS = ("uniform", "erk")
 _SOURCE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_CONV_MODULES)
