@@ -127,7 +127,7 @@ def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs
             source.sws_layers = {name: gm.sws_layers[name] for name in order}
             source.sws_module_swaps = True
             return source, gm, captured.method
-    _warn_graph_result(model, modes, why)
+    _warn_graph_result(model, modes, why, exported=captured.method == "export")
     gm.train(model.training)
     carry_model_state(model, gm)
     if example_inputs is not None:
@@ -135,8 +135,9 @@ def _build_sws(model: nn.Module, config: "SWSConfig", example_inputs
     return gm, gm, captured.method
 
 
-def _warn_graph_result(model: nn.Module, modes, why: Optional[str]) -> None:
-    """Say why the SWS model is a GraphModule and what of the user's forward it does not keep."""
+def _warn_graph_result(model: nn.Module, modes, why: Optional[str], *, exported: bool) -> None:
+    """Say why the SWS model is a GraphModule and what of the user's forward it does not keep (a
+    warning where the user can change that; for a torch.export capture, where nothing can, an INFO)."""
     if modes.why is not None and not modes.mode_paths:
         log.warning("swsify: %s: %s. SWS rebuilds the network from one captured graph, which cannot hold that: "
                     "the SWS model differs from the model there", type(model).__name__, modes.why)
@@ -154,8 +155,10 @@ def _warn_graph_result(model: nn.Module, modes, why: Optional[str]) -> None:
                     "(in %s): a traced graph inlines them, so training keeps every activation they free",
                     type(model).__name__, ", ".join(p or "the root" for p in modes.checkpointed))
     if (modes.why is None or modes.only_grad_switches) and not isinstance(model, fx.GraphModule):
-        log.warning("swsify: the result is a torch.fx.GraphModule running the captured graph, not %s (indexing, "
-                    "its containers and its own methods are not on it): %s", type(model).__name__, why)
+        (log.info if exported else log.warning)(
+            "swsify: the result is a torch.fx.GraphModule running the captured graph, not %s (indexing, its "
+            "containers and its own methods are not on it): %s%s", type(model).__name__, why,
+            "" if exported else ". Layers called as modules and reshapes written with -1 or x.shape keep your class")
 
 
 def _check_swapped(gm: fx.GraphModule, swapped: nn.Module, example_inputs, model: nn.Module) -> Optional[str]:

@@ -367,3 +367,24 @@ def test_without_example_inputs_copies_and_checkpoints():
 def test_report_agrees_with_a_kept_class_model():
     x = torch.randn(2, 3, 8, 8)
     assert_report_agrees(SmallResNet(), x, 4, True)
+
+
+class ExportOnly(nn.Module):
+    """A shape test in forward: symbolic tracing fails, torch.export captures it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h * 2 if x.shape[0] > 1 else h)
+
+
+def test_an_export_capture_says_so_at_info_level(caplog):
+    """An export graph leaves the user no choice: the GraphModule result is logged at INFO, not warned."""
+    with caplog.at_level(logging.INFO, logger="sas_compile"):
+        s = sas_compile.swsify(ExportOnly(), M=4, example_inputs=(torch.randn(3, 4),))
+    assert isinstance(s, fx.GraphModule) and s.sparsify_plan.capture == "export"
+    about = [r for r in caplog.records if "the result is a torch.fx.GraphModule" in r.getMessage()]
+    assert len(about) == 1 and about[0].levelno == logging.INFO and "torch.export" in about[0].getMessage()
