@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
 from .passes.capture import (CaptureError, capture_seeing_into_leaves, copy_model, normalize_example_inputs,
@@ -205,17 +206,47 @@ def lower_sws(model: nn.Module, *, target: str = "auto", inplace: bool = False) 
 
 
 def _copy(model: nn.Module) -> nn.Module:
-    try:
+    if isinstance(model, fx.GraphModule) and parametrize.is_parametrized(model):
+        # torch's GraphModule deepcopy misses the parametrized attributes of the root (class properties)
+        out = _copy_parametrized_graph_module(model)
+    else:
         out = copy.deepcopy(model)
-    except AttributeError as err:  # torch's GraphModule deepcopy misses parametrized attributes of the root
-        raise ValueError(
-            f"lower_sws: cannot copy this SWS model ({err}): torch cannot deepcopy a GraphModule whose own "
-            "parameters carry a parametrization (a masked weight used functionally by the top-level module). "
-            "Pass inplace=True to lower it in place."
-        ) from err
     # GraphModule's deepcopy keeps only its own attributes: carry what swsify recorded
     out.sws_widths, out.sws_M, out.sws_layers = model.sws_widths, model.sws_M, dict(model.sws_layers)
     out.sws_module_swaps = getattr(model, "sws_module_swaps", False)
+    return out
+
+
+def _copy_parametrized_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of an SWS GraphModule whose own weights are masked (a masked weight the root uses
+    functionally): its graph over copies of every attribute and module the graph reads, each masked
+    weight copied as its stored original and masked again with a copy of its mask. Shared tensors
+    stay shared (one memo); the root's hooks and non-persistent buffers come along."""
+    memo: Dict[int, Any] = {}
+    root: Dict[str, Any] = {}
+    masked = []  # (owner path, name, parametrizations) to register again on the copy
+    for node in gm.graph.nodes:
+        if node.target in root or node.op not in ("get_attr", "call_module"):
+            continue
+        parent, _, name = node.target.rpartition(".")
+        owner = gm.get_submodule(parent) if parent else gm
+        if node.op == "call_module":
+            root[node.target] = copy.deepcopy(getattr(owner, name), memo)
+        elif parametrize.is_parametrized(owner, name):
+            plist = getattr(owner.parametrizations, name)
+            root[node.target] = copy.deepcopy(plist.original, memo)
+            masked.append((parent, name, [copy.deepcopy(p, memo) for p in plist]))
+        else:
+            root[node.target] = copy.deepcopy(getattr(owner, name), memo)
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    out = fx.GraphModule(root, graph, class_name=type(gm).__name__)
+    for parent, name, parametrizations in masked:  # the copied original is the owner's parameter now
+        owner = out.get_submodule(parent) if parent else out
+        for p in parametrizations:
+            parametrize.register_parametrization(owner, name, p, unsafe=True)
+    carry_model_state(gm, out)
+    out.training = gm.training  # the copied modules and masks keep their own flags
     return out
 
 

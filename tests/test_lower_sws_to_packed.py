@@ -188,15 +188,26 @@ def test_a_weight_read_by_a_module_call_and_a_functional_call(functional_first, 
     assert isinstance(low.get_submodule("fc"), PackedSWSLinear)  # one packed copy, in the module's place
 
 
-def test_a_model_whose_own_weights_are_masked_lowers_in_place():
+def test_a_model_whose_own_weights_are_masked_lowers_as_a_copy_and_in_place():
+    """torch cannot deepcopy a GraphModule whose own weights are parametrized: lower_sws used to
+    refuse to copy it (inplace=True only). Its copy now rebuilds the graph over copied tensors."""
     factory, make_x = zoo_models()["functional_conv"]
     x = make_x()
     s = sas_compile.swsify(factory(), M=4, example_inputs=x).eval()
-    with pytest.raises(ValueError, match="inplace=True"):
-        lower_sws(s)  # torch cannot deepcopy a GraphModule with parametrized attributes of its own
     with torch.no_grad():
         want = s(x)
     masked = measure_sws_model(s, x)
+    before = {k: v.clone() for k, v in s.state_dict().items()}
+    copied = lower_sws(s)
+    assert copied is not s and list(copied.sws_lowering.lowered) == ["linear"]
+    assert torch.nn.utils.parametrize.is_parametrized(s, "w") and not hasattr(s, "w_packed")  # untouched
+    assert s.state_dict().keys() == before.keys() and all(torch.equal(s.state_dict()[k], v) for k, v in before.items())
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), want, rtol=0, atol=1e-6)
+        assert torch.equal(s(x), want)
+    assert measure_sws_model(copied, x) == masked
+    # the copy shares no tensor with the model
+    assert not {t.data_ptr() for t in s.state_dict().values()} & {t.data_ptr() for t in copied.state_dict().values()}
     low = lower_sws(s, inplace=True)
     assert low is s and list(low.sws_lowering.lowered) == ["linear"]
     with torch.no_grad():
