@@ -219,28 +219,37 @@ def _copy(model: nn.Module) -> nn.Module:
 
 def _copy_parametrized_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A deep copy of an SWS GraphModule whose own weights are masked (a masked weight the root uses
-    functionally): its graph over copies of every attribute and module the graph reads, each masked
-    weight copied as its stored original and masked again with a copy of its mask. Shared tensors
-    stay shared (one memo); the root's hooks and non-persistent buffers come along."""
+    functionally), which torch's deepcopy cannot make: its graph over copies of every attribute and
+    module the graph reads. A masked weight of the root (or of a bare holder module) is copied as its
+    stored original and masked again with a copy of its mask; a module the graph calls is copied
+    whole, with its own masks. Shared tensors stay shared (one memo); the root's hooks and
+    non-persistent buffers come along."""
     memo: Dict[int, Any] = {}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     root: Dict[str, Any] = {}
+    modules: Dict[str, nn.Module] = {}  # set after construction: fx would assign attributes onto them
     masked = []  # (owner path, name, parametrizations) to register again on the copy
     for node in gm.graph.nodes:
-        if node.target in root or node.op not in ("get_attr", "call_module"):
+        if node.op not in ("get_attr", "call_module") or node.target in root:
             continue
         parent, _, name = node.target.rpartition(".")
         owner = gm.get_submodule(parent) if parent else gm
         if node.op == "call_module":
-            root[node.target] = copy.deepcopy(getattr(owner, name), memo)
+            modules[node.target] = copy.deepcopy(getattr(owner, name), memo)
+            root[node.target] = nn.Module()  # a placeholder while fx assigns the graph's attributes
         elif parametrize.is_parametrized(owner, name):
             plist = getattr(owner.parametrizations, name)
             root[node.target] = copy.deepcopy(plist.original, memo)
-            masked.append((parent, name, [copy.deepcopy(p, memo) for p in plist]))
+            if not any(node.target.startswith(f"{m}.") for m in called):  # else its module's copy holds the mask
+                masked.append((parent, name, [copy.deepcopy(p, memo) for p in plist]))
         else:
             root[node.target] = copy.deepcopy(getattr(owner, name), memo)
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
-    out = fx.GraphModule(root, graph, class_name=type(gm).__name__)
+    # parametrize named the class Parametrized<name>; it names the copy's class again
+    out = fx.GraphModule(root, graph, class_name=type(gm).__bases__[0].__name__)
+    for target in sorted(modules, key=lambda t: t.count(".")):
+        out.set_submodule(target, modules[target])
     for parent, name, parametrizations in masked:  # the copied original is the owner's parameter now
         owner = out.get_submodule(parent) if parent else out
         for p in parametrizations:

@@ -271,3 +271,41 @@ def test_float16_on_the_cuda_kernel(M, monkeypatch):
         want = reference(x.half().float())
     assert got.is_cuda and got.dtype == torch.float16 and len(kernel_calls) == 2
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+class _RootAndTiedWeights(nn.Module):
+    """A masked weight of the root itself, and a module whose weight the graph also reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 8) * 0.1)
+        self.fc = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(F.linear(x, self.w))
+        h = torch.relu(self.fc(h)) + F.linear(h, self.fc.weight)
+        return self.out(h)
+
+
+def test_copying_a_root_masked_graph_masks_every_weight_once():
+    from torch.nn.utils import parametrize
+
+    from sas_compile.sws import _copy
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+    s = sas_compile.swsify(_RootAndTiedWeights(), M=4, example_inputs=x, dense_input_layers=False).eval()
+    assert isinstance(s, torch.fx.GraphModule) and parametrize.is_parametrized(s, "w")
+    copied = _copy(s)
+    masks = {(path, name): len(plist) for path, m in copied.named_modules() if parametrize.is_parametrized(m)
+             for name, plist in m.parametrizations.items()}
+    assert masks == {("", "w"): 1, ("fc", "weight"): 1, ("out", "weight"): 1}
+    assert type(copied).__name__ == type(s).__name__
+    with torch.no_grad():
+        want = s(x)
+        assert torch.equal(copied(x), want)
+        low = lower_sws(s, target="cpu")
+        torch.testing.assert_close(low(x), want, rtol=0, atol=1e-6)
+        assert torch.equal(s(x), want)  # the model itself is untouched
+    assert len(low.sws_lowering.lowered) == 4
