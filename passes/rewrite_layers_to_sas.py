@@ -34,7 +34,7 @@ from sas_compile.runtime.layers import (SASConv1d, SASConv2d, SASConv3d, SASConv
                                         SASConvTranspose3d, SASLinear)
 from sas_compile.runtime.projection import expand_dense_weight, expand_transposed_weight
 
-from .capture import copy_model, tensors_in
+from .capture import HOOK_DICTS, copy_model, tensors_in
 from .find_foldable_relus import relu_input
 from .find_sas_layers import LAYER_MODULES, match_layer_call
 from .plan import LayerPlan, Plan
@@ -149,9 +149,6 @@ def _sas_linear_of(dense: nn.Module, source: torch.Tensor, M: int, fold: bool, r
     carry_hooks(dense, new)
     return new
 
-
-HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-              "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
 
 
 def carry_hooks(old: nn.Module, new: nn.Module) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import sympy
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .accounting import layer_costs
@@ -176,17 +176,12 @@ def _unmasked_view(model: nn.Module) -> Tuple[nn.Module, Dict[str, int]]:
     if not masks and not packed:
         return model, masks
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    try:
-        view = copy_model(model, shared)
-    except (AttributeError, RuntimeError, TypeError):  # torch cannot deepcopy a GraphModule with parametrized own weights
-        if not isinstance(model, fx.GraphModule):
-            return model, masks
-        view = _graph_view(model, masks, shared)
+    view = copy_model(model, shared)
     for target in masks:
         parent, _, name = target.rpartition(".")
         try:
             owner = view.get_submodule(parent) if parent else view
-        except AttributeError:  # a graph view holds only what its graph reads
+        except AttributeError:  # a copied GraphModule holds only what its graph reads
             continue
         if parametrize.is_parametrized(owner, name):
             drop_parametrization(owner, name)
@@ -198,27 +193,6 @@ def _unmasked_view(model: nn.Module) -> Tuple[nn.Module, Dict[str, int]]:
         else:
             view = _PackedAsLinear(module)
     return view, masks
-
-
-def _graph_view(gm: fx.GraphModule, masks: Dict[str, int], shared: Dict[int, Tensor]) -> fx.GraphModule:
-    """A GraphModule running a copy of ``gm``'s graph on ``gm``'s tensors, a masked weight read as an
-    attribute by its stored original, the modules it calls copied (sharing their tensors) where they
-    hold masks. For a GraphModule whose own weights are masked, which torch cannot deepcopy."""
-    root: Dict[str, Any] = {}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.target not in root:
-            parent, _, name = node.target.rpartition(".")
-            owner = gm.get_submodule(parent) if parent else gm
-            root[node.target] = (getattr(owner.parametrizations, name).original if node.target in masks
-                                 else getattr(owner, name))
-        elif node.op == "call_module" and node.target not in root:
-            module = gm.get_submodule(node.target)
-            if any(t == node.target or t.startswith(f"{node.target}.") for t in masks):
-                module = copy_model(module, shared)
-            root[node.target] = module
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return fx.GraphModule(root, graph, class_name=type(gm).__name__)
 
 
 class _PackedAsLinear(nn.Linear):

@@ -34,14 +34,12 @@ changes or the model goes back to training.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import fx, nn
-from torch.nn.utils import parametrize
 
 from .api import FilterFn, attach_result, check_filter_fn, register_handler, sparsify
 from .passes.capture import (CaptureError, capture_seeing_into_leaves, copy_model, normalize_example_inputs,
@@ -206,56 +204,10 @@ def lower_sws(model: nn.Module, *, target: str = "auto", inplace: bool = False) 
 
 
 def _copy(model: nn.Module) -> nn.Module:
-    if isinstance(model, fx.GraphModule) and parametrize.is_parametrized(model):
-        # torch's GraphModule deepcopy misses the parametrized attributes of the root (class properties)
-        out = _copy_parametrized_graph_module(model)
-    else:
-        out = copy.deepcopy(model)
+    out = copy_model(model)  # also a GraphModule whose own weights are masked, which deepcopy cannot copy
     # GraphModule's deepcopy keeps only its own attributes: carry what swsify recorded
     out.sws_widths, out.sws_M, out.sws_layers = model.sws_widths, model.sws_M, dict(model.sws_layers)
     out.sws_module_swaps = getattr(model, "sws_module_swaps", False)
-    return out
-
-
-def _copy_parametrized_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy of an SWS GraphModule whose own weights are masked (a masked weight the root uses
-    functionally), which torch's deepcopy cannot make: its graph over copies of every attribute and
-    module the graph reads. A masked weight of the root (or of a bare holder module) is copied as its
-    stored original and masked again with a copy of its mask; a module the graph calls is copied
-    whole, with its own masks. Shared tensors stay shared (one memo); the root's hooks and
-    non-persistent buffers come along."""
-    memo: Dict[int, Any] = {}
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    root: Dict[str, Any] = {}
-    modules: Dict[str, nn.Module] = {}  # set after construction: fx would assign attributes onto them
-    masked = []  # (owner path, name, parametrizations) to register again on the copy
-    for node in gm.graph.nodes:
-        if node.op not in ("get_attr", "call_module") or node.target in root:
-            continue
-        parent, _, name = node.target.rpartition(".")
-        owner = gm.get_submodule(parent) if parent else gm
-        if node.op == "call_module":
-            modules[node.target] = copy.deepcopy(getattr(owner, name), memo)
-            root[node.target] = nn.Module()  # a placeholder while fx assigns the graph's attributes
-        elif parametrize.is_parametrized(owner, name):
-            plist = getattr(owner.parametrizations, name)
-            root[node.target] = copy.deepcopy(plist.original, memo)
-            if not any(node.target.startswith(f"{m}.") for m in called):  # else its module's copy holds the mask
-                masked.append((parent, name, [copy.deepcopy(p, memo) for p in plist]))
-        else:
-            root[node.target] = copy.deepcopy(getattr(owner, name), memo)
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    # parametrize named the class Parametrized<name>; it names the copy's class again
-    out = fx.GraphModule(root, graph, class_name=type(gm).__bases__[0].__name__)
-    for target in sorted(modules, key=lambda t: t.count(".")):
-        out.set_submodule(target, modules[target])
-    for parent, name, parametrizations in masked:  # the copied original is the owner's parameter now
-        owner = out.get_submodule(parent) if parent else out
-        for p in parametrizations:
-            parametrize.register_parametrization(owner, name, p, unsafe=True)
-    carry_model_state(gm, out)
-    out.training = gm.training  # the copied modules and masks keep their own flags
     return out
 
 
