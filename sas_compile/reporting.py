@@ -370,7 +370,8 @@ def report(
 
     masked = _mark_sws_layers(plan, masks)
     if masked:
-        notes.append(f"{len(masked)} layers carry a 1:M SWS weight mask: their base and SWS columns count "
+        layers = "1 layer carries" if len(masked) == 1 else f"{len(masked)} layers carry"
+        notes.append(f"{layers} a 1:M SWS weight mask: their base and SWS columns count "
                      "nonzero weights (" + ", ".join(masked[:4]) + (", ..." if len(masked) > 4 else "") + ")")
     rows = []
     per_position = example_inputs is None

@@ -166,10 +166,11 @@ def _warn_graph_rewrite(model: nn.Module, new: nn.Module, plan: Plan) -> None:
                  if callable(value) and not name.startswith("_") and name != "forward")
     folds_only = bool(causes) and all(layer.module_target is not None for layer in plan.eligible())
     log.warning(
-        "sasify: the result is a torch.fx.GraphModule, not %s: %s change the graph itself, which swapping "
+        "sasify: the result is a torch.fx.GraphModule, not %s: %s %s the graph itself, which swapping "
         "modules in a copy of %s cannot express%s. Layer modules (nn.Linear, nn.Conv1d/2d/3d) and ReLUs as "
         "nn.ReLU modules read by one layer keep your class%s", type(model).__name__,
-        ", ".join(causes[:4]) + (", ..." if len(causes) > 4 else "") or "its layers", type(model).__name__,
+        ", ".join(causes[:4]) + (", ..." if len(causes) > 4 else "") or "its layers",
+        "changes" if len(causes) == 1 else "change", type(model).__name__,
         f" (its own methods, {', '.join(own[:4])}, are not on the result)" if own else "",
         "; so does sasify(..., fold_relu=False), which leaves every ReLU where it is (the same function, "
         "each SAS layer then projecting the ReLU's output)" if folds_only else "")

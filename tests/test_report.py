@@ -520,3 +520,11 @@ def test_report_on_built_and_lowered_sws_models_counts_what_they_compute(name):
         if not is_lowered:  # lowered layers keep their weights as packed buffers, counted as the dense view
             assert rep.totals["base"]["params"] == sum(p.numel() for p in model.parameters())
         assert [r["name"] for r in rep.parameters if "Parametrized" in r["op"] or "Packed" in r["op"]] == []
+
+
+def test_report_note_on_one_masked_layer_is_singular():
+    """One masked layer: "1 layer carries", not "1 layers carry"."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(4, 8)
+    rep = report(sas_compile.swsify(model, M=4, example_inputs=(x,)), (x,), M=(4,), symbolic=False)
+    assert any(n.startswith("1 layer carries a 1:M SWS weight mask") for n in rep.notes), rep.notes
