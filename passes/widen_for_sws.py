@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from sas_compile.runtime.sws_mask import OneOfMMask, sws_mask_of
 
 from .find_sas_layers import LAYER_MODULES, TRANSPOSED_CONV_MODULES
+from .rewrite_layers_to_sas import carry_hooks
 from .sws_width_model import ChannelWidths
 from .sws_width_rules import graph_attr, op_name, size_args
 
@@ -109,6 +110,7 @@ def _widen(gm: fx.GraphModule, widths: ChannelWidths) -> None:
             done.add(node.target)
             new = _rebuild_module(gm, node, widths)
             if new is not None:
+                carry_hooks(gm.get_submodule(node.target), new)  # the user's hooks run on the widened layer
                 gm.set_submodule(node.target, new)
                 changed += 1
         elif node.op == "get_attr" and node.target not in done:

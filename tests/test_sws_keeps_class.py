@@ -325,6 +325,28 @@ def test_a_graph_change_gives_a_graph_module_and_says_why(caplog):
     assert s(x).shape == (2, 5) and s.fc.in_features == 16 * 4 * 4
 
 
+@pytest.mark.parametrize("factory, x", [
+    (FixedReshape, torch.randn(2, 3, 6, 6)),  # the graph changes: no swap is tried
+    (lambda: TracedOtherwise(), torch.randn(3, 4)),  # swapped, then refused by the output check
+], ids=["graph-change", "refused-swap"])
+def test_a_graph_module_result_runs_the_hooks_of_its_widened_layers(factory, x):
+    """Hooks on a widened layer run whichever the result is: before, a GraphModule result ran them
+    on the layers it kept and dropped them, silently, on the ones it widened."""
+    torch.manual_seed(0)
+    model = factory()
+    widened = "fc" if isinstance(model, FixedReshape) else "a"
+    seen = []
+    getattr(model, widened).register_forward_hook(lambda mod, args, out: seen.append(out.shape[-1]))
+    s = sas_compile.swsify(model, M=4, example_inputs=(x,))
+    assert isinstance(s, fx.GraphModule) and not getattr(s, "sws_module_swaps", False)
+    seen.clear()
+    s(x)
+    assert getattr(s, widened) is not getattr(model, widened)  # a module the rewrite rebuilt
+    assert seen == [getattr(s, widened).out_features]
+    model(x)
+    assert seen[1:] == [getattr(model, widened).out_features]  # the user's model keeps its own hook
+
+
 class TracedOtherwise(nn.Module):
     """A forward whose eager run differs from its trace: the check refuses the swap."""
 
