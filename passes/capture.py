@@ -565,6 +565,8 @@ def _copy_parametrized_graph_module(gm: fx.GraphModule, memo: dict) -> fx.GraphM
     holder module) is copied as its stored original and parametrized again with copies of its
     parametrizations; a module the graph calls is copied whole, with its own. Tensors in ``memo``
     stay shared; the root's hooks and non-persistent buffers come along."""
+    from sas_compile.runtime.sws_mask import register_again  # an SWS mask's owner stays picklable
+
     parametrize = torch.nn.utils.parametrize
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     root: Dict[str, Any] = {}
@@ -592,9 +594,7 @@ def _copy_parametrized_graph_module(gm: fx.GraphModule, memo: dict) -> fx.GraphM
     for target in sorted(modules, key=lambda t: t.count(".")):
         out.set_submodule(target, modules[target])
     for parent, name, parametrizations in parametrized:  # the copied original is the owner's parameter now
-        owner = out.get_submodule(parent) if parent else out
-        for p in parametrizations:
-            parametrize.register_parametrization(owner, name, p, unsafe=True)
+        register_again(out.get_submodule(parent) if parent else out, name, parametrizations)
     for name in HOOK_DICTS:
         if name in vars(gm):
             setattr(out, name, copy.copy(getattr(gm, name)))

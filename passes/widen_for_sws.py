@@ -25,9 +25,8 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import fx, nn
-from torch.nn.utils import parametrize
 
-from sas_compile.runtime.sws_mask import OneOfMMask, sws_mask_of
+from sas_compile.runtime.sws_mask import OneOfMMask, register_mask, sws_mask_of
 
 from .find_sas_layers import LAYER_MODULES, TRANSPOSED_CONV_MODULES
 from .rewrite_layers_to_sas import carry_hooks
@@ -61,7 +60,7 @@ def widen_for_sws(gm: fx.GraphModule, widths: ChannelWidths, *, freeze_mask: boo
                 # a frozen mask is taken now, so that the state_dict holds it from the start
                 transposed = layer.groups if "transpose" in layer.op else None
                 mask = OneOfMMask(widths.M, freeze_mask, weight=getattr(owner, attr), transposed_groups=transposed)
-                parametrize.register_parametrization(owner, attr, mask, unsafe=True)
+                register_mask(owner, attr, mask)
                 mask.train(owner.training)
                 masked += 1
         layers[node_name] = weight_target

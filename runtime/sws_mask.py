@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 
 from .projection import check_M
 
-__all__ = ["OneOfMMask", "one_of_m_mask", "sws_mask_of", "sws_masks", "drop_parametrization",
+__all__ = ["OneOfMMask", "one_of_m_mask", "register_again", "register_mask", "sws_mask_of", "sws_masks", "drop_parametrization",
            "transposed_to_conv_layout", "conv_to_transposed_layout"]
 
 
@@ -190,3 +190,78 @@ def drop_parametrization(module: nn.Module, name: str) -> None:
         body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
         module.__class__ = type(cls.__name__, cls.__bases__, body)
     parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+
+
+def register_mask(owner: nn.Module, name: str, mask: OneOfMMask) -> None:
+    """Parametrize ``owner.<name>`` with ``mask`` (``unsafe``: the mask keeps the shape), so that
+    the owner still pickles: ``torch.save`` of a whole SWS model, as of any model.
+
+    parametrize makes ``owner`` an instance of a class of its own whose ``__getstate__`` refuses
+    pickling ("only supported through state_dict()"); that class (shared by copies of ``owner``)
+    gets a ``__reduce_ex__`` that pickles the plain layer with its stored original and the
+    parametrizations beside it, registered again on load (:func:`_rebuild_parametrized`). The
+    tensors themselves are pickled, so weights tied across layers stay one tensor. A GraphModule
+    (an SWS graph masking a weight its root reads) pickles by fx's own reduce with the original as
+    a plain attribute, which torch.load otherwise could not find: torch.save succeeded and
+    loading failed.
+    """
+    parametrize.register_parametrization(owner, name, mask, unsafe=True)
+    graph = isinstance(owner, torch.fx.GraphModule)
+    type(owner).__reduce_ex__ = _reduce_parametrized_graph_module if graph else _reduce_parametrized
+
+
+def _plain_state(state: dict, owner: str):
+    """``state`` (a parametrized module's ``__dict__``) with each original as the plain parameter,
+    and the parametrization lists to register again."""
+    state = dict(state)
+    parameters, modules = dict(state["_parameters"]), dict(state["_modules"])
+    parametrizations = {}
+    for name, plist in modules.pop("parametrizations").items():
+        if not hasattr(plist, "original"):  # a right_inverse that returned several tensors
+            raise RuntimeError(f"{owner}.{name}: a parametrization with several originals pickles "
+                               "only through state_dict()")
+        parameters[name] = plist.original
+        parametrizations[name] = list(plist)
+    state["_parameters"], state["_modules"] = parameters, modules
+    return state, parametrizations
+
+
+def _reduce_parametrized_graph_module(gm: nn.Module, protocol):
+    state, parametrizations = _plain_state(gm.__dict__, type(gm).__name__)
+    # fx's reduce recompiles, and a recompile of parametrize's subclass of the graph's class makes
+    # its __call__ recurse (fx wraps the call again there): reduce a plain instance of that class
+    plain = object.__new__(type(gm).__bases__[0])
+    plain.__dict__.update(state)
+    rebuild, args = torch.fx.GraphModule.__reduce__(plain)
+    return _rebuild_parametrized_graph_module, (rebuild, args, parametrizations)
+
+
+def _rebuild_parametrized_graph_module(rebuild, args: tuple, parametrizations: dict) -> nn.Module:
+    gm = rebuild(*args)
+    for name, plist in parametrizations.items():
+        register_again(gm, name, plist)
+    return gm
+
+
+def _reduce_parametrized(module: nn.Module, protocol):
+    plain = type(module).__bases__[0]
+    state, parametrizations = _plain_state(module.__dict__, plain.__name__)
+    return _rebuild_parametrized, (plain, state, parametrizations)
+
+
+def _rebuild_parametrized(cls, state: dict, parametrizations: dict) -> nn.Module:
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    for name, plist in parametrizations.items():
+        register_again(module, name, plist)
+    return module
+
+
+def register_again(owner: nn.Module, name: str, parametrizations) -> None:
+    """Register ``parametrizations`` (a copied or unpickled list) on ``owner.<name>`` in order,
+    an SWS mask through :func:`register_mask`."""
+    for p in parametrizations:
+        if isinstance(p, OneOfMMask):
+            register_mask(owner, name, p)
+        else:
+            parametrize.register_parametrization(owner, name, p, unsafe=True)
