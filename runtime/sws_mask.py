@@ -143,6 +143,13 @@ class OneOfMMask(nn.Module):
         # straight-through: forward uses the masked weight, backward reaches every weight
         return weight + (weight * mask - weight).detach()
 
+    def __getstate__(self):
+        """Pickled and deep-copied without the eval cache: a copy of the masked weight, keyed by the
+        address of a tensor the copy does not have."""
+        state = self.__dict__.copy()
+        state["_cache"] = state["_cache_key"] = None
+        return state
+
     def extra_repr(self) -> str:
         extra = "" if self.transposed_groups is None else f", transposed_groups={self.transposed_groups}"
         return f"M={self.M}, freeze_mask={self.freeze_mask}{extra}"

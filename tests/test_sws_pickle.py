@@ -64,11 +64,14 @@ class RootFunctional(nn.Module):
         return self.out(torch.relu(nn.functional.linear(x, self.w, self.b)))
 
 
-def _round_trip(model):
+def _saved(model) -> bytes:
     buffer = io.BytesIO()
     torch.save(model, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
+    return buffer.getvalue()
+
+
+def _round_trip(model):
+    return torch.load(io.BytesIO(_saved(model)), weights_only=False)
 
 
 def _outputs(model, x):
@@ -96,6 +99,9 @@ def test_a_trained_sws_model_pickles_whole_and_trains_on(factory, x, freeze_mask
         opt.zero_grad()
         sws(x).square().mean().backward()
         opt.step()
+    size = len(_saved(sws))
+    _outputs(sws, x)  # eval without autograd: each mask caches its masked weight ...
+    assert len(_saved(sws)) == size  # ... which is not saved (a second copy of the masked weights)
     loaded = _round_trip(sws)
     assert isinstance(loaded, TiedNet if factory is TiedNet else fx.GraphModule)
     assert sws_masks(loaded) == sws_masks(sws) and sws_masks(sws)
