@@ -17,6 +17,7 @@ cached until the weight (or the frozen mask) changes.
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -213,8 +214,19 @@ def register_mask(owner: nn.Module, name: str, mask: OneOfMMask) -> None:
     loading failed.
     """
     parametrize.register_parametrization(owner, name, mask, unsafe=True)
-    graph = isinstance(owner, torch.fx.GraphModule)
-    type(owner).__reduce_ex__ = _reduce_parametrized_graph_module if graph else _reduce_parametrized
+    cls = type(owner)
+    if not isinstance(owner, torch.fx.GraphModule):
+        cls.__reduce_ex__ = _reduce_parametrized
+        return
+    cls.__reduce_ex__ = _reduce_parametrized_graph_module
+    # fx's deepcopy rebuilds the graph's attributes from the instance dict, where the masked one
+    # is not (an AttributeError on '_CodeOnlyModule'): copy a plain instance and mask the copy
+    cls.__deepcopy__ = _deepcopy_parametrized_graph_module
+    base = cls.__bases__[0]
+    if "_wrapped_call" in vars(base):
+        # fx's recompile wraps a subclass's __call__ in a call to its base's, which finds the
+        # subclass's wrapper again: gm.recompile() then made every call recurse without end
+        cls._wrapped_call = vars(base)["_wrapped_call"]
 
 
 def _plain_state(state: dict, owner: str):
@@ -234,13 +246,26 @@ def _plain_state(state: dict, owner: str):
 
 
 def _reduce_parametrized_graph_module(gm: nn.Module, protocol):
-    state, parametrizations = _plain_state(gm.__dict__, type(gm).__name__)
-    # fx's reduce recompiles, and a recompile of parametrize's subclass of the graph's class makes
-    # its __call__ recurse (fx wraps the call again there): reduce a plain instance of that class
-    plain = object.__new__(type(gm).__bases__[0])
-    plain.__dict__.update(state)
+    plain, parametrizations = _plain_graph_module(gm)  # fx's reduce recompiles the plain class
     rebuild, args = torch.fx.GraphModule.__reduce__(plain)
     return _rebuild_parametrized_graph_module, (rebuild, args, parametrizations)
+
+
+def _plain_graph_module(gm: nn.Module):
+    """An instance of the graph's own class sharing ``gm``'s state, masked attributes plain."""
+    state, parametrizations = _plain_state(gm.__dict__, type(gm).__name__)
+    plain = object.__new__(type(gm).__bases__[0])
+    plain.__dict__.update(state)
+    return plain, parametrizations
+
+
+def _deepcopy_parametrized_graph_module(gm: nn.Module, memo: dict) -> nn.Module:
+    plain, parametrizations = _plain_graph_module(gm)
+    out = torch.fx.GraphModule.__deepcopy__(plain, memo)
+    memo[id(gm)] = out
+    for name, plist in parametrizations.items():
+        register_again(out, name, copy.deepcopy(plist, memo))
+    return out
 
 
 def _rebuild_parametrized_graph_module(rebuild, args: tuple, parametrizations: dict) -> nn.Module:

@@ -1,12 +1,14 @@
-"""An SWS model pickles whole, as any model does (``torch.save(model)``).
+"""An SWS model pickles whole and deep-copies, as any model does (``torch.save(model)``).
 
 Its masks are torch parametrizations, and torch refuses to pickle a parametrized module ("only
 supported through state_dict()"): ``torch.save`` of every ``swsify`` result, and of what
 ``lower_sws`` made of it for deployment, raised. ``runtime.sws_mask.register_mask`` pickles the
-plain layer with its stored weight and registers the masks again on load.
+plain layer with its stored weight and registers the masks again on load. A GraphModule whose
+own weight is masked also failed ``copy.deepcopy`` and, after ``gm.recompile()``, every call.
 """
 from __future__ import annotations
 
+import copy
 import io
 import subprocess
 import sys
@@ -148,3 +150,35 @@ def test_a_lowered_sws_model_pickles_and_loads_in_a_fresh_process(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("TiedNet")
+
+
+@pytest.mark.parametrize("factory, x", [
+    (TiedNet, torch.randn(2, 3, 6, 7)),
+    (FixedReshape, torch.randn(2, 3, 6, 6)),
+    (RootFunctional, torch.randn(4, 8)),
+], ids=["kept-class", "graph-module", "root-masked-graph-module"])
+def test_a_deep_copy_is_an_independent_sws_model(factory, x):
+    torch.manual_seed(0)
+    sws = sas_compile.swsify(factory(), M=4, example_inputs=(x,), dense_input_layers=factory is not RootFunctional)
+    copied = copy.deepcopy(sws)
+    assert sws_masks(copied) == sws_masks(sws)
+    expected = _outputs(sws, x)
+    torch.testing.assert_close(_outputs(copied, x), expected, rtol=0, atol=0)
+    copied.train()
+    opt = torch.optim.SGD(copied.parameters(), lr=0.5)
+    opt.zero_grad()
+    copied(x).square().mean().backward()
+    opt.step()
+    assert not torch.equal(_outputs(copied, x), expected)
+    torch.testing.assert_close(_outputs(sws, x), expected, rtol=0, atol=0)  # the original is untouched
+    if factory is TiedNet:
+        assert copied.b.parametrizations.weight.original is copied.a.parametrizations.weight.original
+
+
+def test_a_root_masked_graph_module_still_runs_after_recompile():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    sws = sas_compile.swsify(RootFunctional(), M=4, example_inputs=(x,), dense_input_layers=False)
+    expected = _outputs(sws, x)
+    sws.recompile()  # what an fx pass does after editing the graph
+    torch.testing.assert_close(_outputs(sws, x), expected, rtol=0, atol=0)
