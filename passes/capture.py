@@ -191,6 +191,11 @@ def _trace_fitting(model: nn.Module, example_inputs, nones: Dict[str, None]) -> 
 def _symbolic_trace(model: nn.Module, concrete_args: Optional[Dict[str, Any]] = None) -> fx.GraphModule:
     tracer = SASTracer()
     graph = tracer.trace(model, concrete_args=concrete_args or None)
+    for node in graph.nodes:
+        # a forward annotated under `from __future__ import annotations` gives its placeholders
+        # and output string types, which fx's code makes a global that torch.save cannot pickle
+        if isinstance(node.type, str):
+            node.type = None
     name = model.__class__.__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.meta[CONCRETE_ARGS_META] = concrete_args  # a retrace (mode_flags) takes the same ones

@@ -1,10 +1,12 @@
-"""An SWS model pickles whole and deep-copies, as any model does (``torch.save(model)``).
+"""Converted models pickle whole and deep-copy, as any model does (``torch.save(model)``).
 
-Its masks are torch parametrizations, and torch refuses to pickle a parametrized module ("only
-supported through state_dict()"): ``torch.save`` of every ``swsify`` result, and of what
-``lower_sws`` made of it for deployment, raised. ``runtime.sws_mask.register_mask`` pickles the
+An SWS model's masks are torch parametrizations, and torch refuses to pickle a parametrized
+module ("only supported through state_dict()"): ``torch.save`` of every ``swsify`` result, and
+of what ``lower_sws`` made of it for deployment, raised. ``runtime.sws_mask.register_mask`` pickles the
 plain layer with its stored weight and registers the masks again on load. A GraphModule whose
-own weight is masked also failed ``copy.deepcopy`` and, after ``gm.recompile()``, every call.
+own weight is masked also failed ``copy.deepcopy`` and, after ``gm.recompile()``, every call. And
+any GraphModule result (sasify's or swsify's) of a forward annotated under ``from __future__
+import annotations`` failed ``torch.save``.
 """
 from __future__ import annotations
 
@@ -182,3 +184,31 @@ def test_a_root_masked_graph_module_still_runs_after_recompile():
     expected = _outputs(sws, x)
     sws.recompile()  # what an fx pass does after editing the graph
     torch.testing.assert_close(_outputs(sws, x), expected, rtol=0, atol=0)
+
+
+class AnnotatedResidual(nn.Module):
+    """A forward annotated in a module with ``from __future__ import annotations`` (as this one is):
+    fx gave the traced graph string types, which torch.save could not pickle; the ReLU read twice
+    makes sasify's result a GraphModule, the fixed reshape swsify's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        h = self.conv2(h) + h
+        return self.fc(h.reshape(x.shape[0], 4 * 4 * 4))
+
+
+@pytest.mark.parametrize("convert", ["sasify", "swsify"])
+def test_graph_results_of_an_annotated_forward_pickle(convert):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    model = AnnotatedResidual().eval()
+    built = (sas_compile.sasify(model, M=4) if convert == "sasify"
+             else sas_compile.swsify(model, M=4, example_inputs=(x,)))
+    assert isinstance(built, fx.GraphModule)
+    torch.testing.assert_close(_outputs(_round_trip(built), x), _outputs(built, x), rtol=0, atol=0)
