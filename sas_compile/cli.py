@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"sas-compile {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{report,inspect}", parser_class=_Parser)
-    model_help = (f"built-in model ({', '.join(BUILTIN_MODELS)}) or package.module:factory "
-                  f"(default: {DEFAULT_MODEL})")
+    model_help = (f"built-in model ({', '.join(BUILTIN_MODELS)}) or package.module:factory, imported from the "
+                  f"current directory or sys.path (default: {DEFAULT_MODEL})")
 
     def common(p):
         p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=model_help)

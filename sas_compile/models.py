@@ -6,6 +6,8 @@ also accepts ``package.module:factory`` specs so the CLI can report on any user 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -257,6 +259,17 @@ class ModelSpecError(ValueError):
     """A model name or ``package.module:factory`` spec that cannot be loaded."""
 
 
+def _import_from_here(module_name: str):
+    """Import ``module_name`` as ``python -m`` would: the current directory is searched first. The
+    ``sas-compile`` script's ``sys.path`` starts at its own bin folder, so ``sas-compile report
+    mymodel:make`` next to ``mymodel.py`` found no module ``mymodel``."""
+    here = os.getcwd()
+    if not any(os.path.abspath(p or os.curdir) == here for p in sys.path if isinstance(p, str)):
+        sys.path.insert(0, here)  # kept: the model's module may import its neighbours later
+        importlib.invalidate_caches()
+    return importlib.import_module(module_name)
+
+
 def load_model(spec: Optional[str] = None) -> Tuple[nn.Module, Optional[Tuple[int, ...]]]:
     """Build a model from a built-in name or ``package.module:factory``.
 
@@ -277,9 +290,10 @@ def load_model(spec: Optional[str] = None) -> Tuple[nn.Module, Optional[Tuple[in
     if not module_name or not attr:
         raise ModelSpecError(f"model spec {spec!r} must look like 'package.module:factory'")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_from_here(module_name)
     except Exception as exc:  # import errors of any kind become one clear line
-        raise ModelSpecError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from exc
+        raise ModelSpecError(f"cannot import {module_name!r} for model {spec!r} (from the current directory "
+                             f"or sys.path): {exc}") from exc
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -181,3 +181,22 @@ def test_shapes_from_real_runs_leave_the_model_as_it_was_and_catch_misfits():
         bad = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(6))
         with pytest.raises(ExampleInputsError, match="1"), (shapes_from_real_runs() if real else contextlib.nullcontext()):
             capture(bad, (torch.randn(2, 3, 8, 8),))
+
+
+def test_the_console_script_finds_a_model_module_in_the_current_directory(tmp_path):
+    """``sas-compile report mymodel:make`` beside ``mymodel.py``: a console script's sys.path starts
+    at its bin folder, not the current directory, so this said "No module named 'mymodel'"."""
+    (tmp_path / "mymodel.py").write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3))\n")
+    script = os.path.join(os.path.dirname(sys.executable), "sas-compile")
+    assert os.path.isfile(script), "the sas-compile script is installed by pip install -e ."
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([script, "report", "mymodel:make", "--input-shape", "4,20", "--M", "2", "--format", "json"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["totals"]["base"]["mults"] == 4 * (20 * 32 + 32 * 3)
+    missing = subprocess.run([script, "report", "nomodule:make"], capture_output=True, text=True, cwd=tmp_path,
+                             env=env, timeout=300)
+    assert missing.returncode == 2 and "from the current directory or sys.path" in missing.stderr, missing.stderr
