@@ -233,6 +233,7 @@ def _plain_state(state: dict, owner: str):
     """``state`` (a parametrized module's ``__dict__``) with each original as the plain parameter,
     and the parametrization lists to register again."""
     state = dict(state)
+    state.pop("_compiled_call_impl", None)  # what module.compile() set: not pickled, as nn.Module does
     parameters, modules = dict(state["_parameters"]), dict(state["_modules"])
     parametrizations = {}
     for name, plist in modules.pop("parametrizations").items():

@@ -212,3 +212,16 @@ def test_graph_results_of_an_annotated_forward_pickle(convert):
              else sas_compile.swsify(model, M=4, example_inputs=(x,)))
     assert isinstance(built, fx.GraphModule)
     torch.testing.assert_close(_outputs(_round_trip(built), x), _outputs(built, x), rtol=0, atol=0)
+
+
+def test_a_masked_layer_compiled_in_place_pickles():
+    """``layer.compile()`` keeps a compiled callable on the layer, which nn.Module leaves out of its
+    pickle; a masked layer's own reduce leaves it out too."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 7)
+    sws = sas_compile.swsify(TiedNet(), M=4, example_inputs=(x,)).eval()
+    sws.head.compile()
+    assert "_compiled_call_impl" in vars(sws.head)
+    loaded = _round_trip(sws)
+    assert "_compiled_call_impl" not in vars(loaded.head)
+    torch.testing.assert_close(_outputs(loaded, x), _outputs(sws, x))
