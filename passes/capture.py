@@ -552,60 +552,7 @@ def copy_model(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
         for value in vars(mod).values():
             if isinstance(value, torch.Tensor) and not value.is_leaf and id(value) not in memo:
                 memo[id(value)] = value.detach()
-    if isinstance(module, fx.GraphModule) and torch.nn.utils.parametrize.is_parametrized(module):
-        # torch's GraphModule deepcopy misses the parametrized attributes of the root (class properties)
-        return _copy_parametrized_graph_module(module, memo)
-    return copy.deepcopy(module, memo)
-
-
-# the hook dicts of a module (nn.Module keeps each in its own attribute)
-HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-              "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
-
-
-def _copy_parametrized_graph_module(gm: fx.GraphModule, memo: dict) -> fx.GraphModule:
-    """:func:`copy_model` of a GraphModule whose own weights are parametrized (an SWS model masking a
-    weight its root uses functionally), which torch's deepcopy cannot make: its graph over copies
-    of every attribute and module the graph reads. A parametrized weight of the root (or of a bare
-    holder module) is copied as its stored original and parametrized again with copies of its
-    parametrizations; a module the graph calls is copied whole, with its own. Tensors in ``memo``
-    stay shared; the root's hooks and non-persistent buffers come along."""
-    from sas_compile.runtime.sws_mask import register_again  # an SWS mask's owner stays picklable
-
-    parametrize = torch.nn.utils.parametrize
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    root: Dict[str, Any] = {}
-    modules: Dict[str, nn.Module] = {}  # set after construction: fx would assign attributes onto them
-    parametrized = []  # (owner path, name, parametrizations) to register again on the copy
-    for node in gm.graph.nodes:
-        if node.op not in ("get_attr", "call_module") or node.target in root:
-            continue
-        parent, _, name = node.target.rpartition(".")
-        owner = gm.get_submodule(parent) if parent else gm
-        if node.op == "call_module":
-            modules[node.target] = copy.deepcopy(getattr(owner, name), memo)
-            root[node.target] = nn.Module()  # a placeholder while fx assigns the graph's attributes
-        elif parametrize.is_parametrized(owner, name):
-            plist = getattr(owner.parametrizations, name)
-            root[node.target] = copy.deepcopy(plist.original, memo)
-            if not any(node.target.startswith(f"{m}.") for m in called):  # else its module's copy holds them
-                parametrized.append((parent, name, [copy.deepcopy(p, memo) for p in plist]))
-        else:
-            root[node.target] = copy.deepcopy(getattr(owner, name), memo)
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    # parametrize named the class Parametrized<name>; it names the copy's class again
-    out = fx.GraphModule(root, graph, class_name=type(gm).__bases__[0].__name__)
-    for target in sorted(modules, key=lambda t: t.count(".")):
-        out.set_submodule(target, modules[target])
-    for parent, name, parametrizations in parametrized:  # the copied original is the owner's parameter now
-        register_again(out.get_submodule(parent) if parent else out, name, parametrizations)
-    for name in HOOK_DICTS:
-        if name in vars(gm):
-            setattr(out, name, copy.copy(getattr(gm, name)))
-    out._non_persistent_buffers_set |= {b for b in gm._non_persistent_buffers_set if b in out._buffers}
-    out.training = gm.training  # the copied modules and parametrizations keep their own flags
-    return out
+    return copy.deepcopy(module, memo)  # a root-masked SWS graph too (runtime.sws_mask.register_mask)
 
 
 def capture_with_dynamo(model: nn.Module, example_inputs) -> Tuple[list, list]:

@@ -33,8 +33,9 @@ from sas_compile.runtime import sas_ops, sas_transposed
 from sas_compile.runtime.layers import (SASConv1d, SASConv2d, SASConv3d, SASConvTranspose1d, SASConvTranspose2d,
                                         SASConvTranspose3d, SASLinear)
 from sas_compile.runtime.projection import expand_dense_weight, expand_transposed_weight
+from sas_compile.runtime.sws_mask import HOOK_DICTS
 
-from .capture import HOOK_DICTS, copy_model, tensors_in
+from .capture import copy_model, tensors_in
 from .find_foldable_relus import relu_input
 from .find_sas_layers import LAYER_MODULES, match_layer_call
 from .plan import LayerPlan, Plan

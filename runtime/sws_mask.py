@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from .projection import check_M
 
-__all__ = ["OneOfMMask", "one_of_m_mask", "register_again", "register_mask", "sws_mask_of", "sws_masks", "drop_parametrization",
+__all__ = ["HOOK_DICTS", "OneOfMMask", "one_of_m_mask", "register_again", "register_mask", "sws_mask_of", "sws_masks", "drop_parametrization",
            "transposed_to_conv_layout", "conv_to_transposed_layout"]
 
 
@@ -191,7 +191,7 @@ def drop_parametrization(module: nn.Module, name: str) -> None:
     ``module`` first gets its own copy of its parametrized class: parametrize keeps a module's
     parametrized attributes as properties of a class made for that module, which ``copy.deepcopy``
     shares with the original, so removing one on a copy would remove it from the model it was
-    copied from too. (A GraphModule keeps its class: torch cannot deepcopy a parametrized one.)
+    copied from too. (A GraphModule keeps its class: a copy of one is built with a class of its own.)
     """
     if not isinstance(module, torch.fx.GraphModule):
         cls = type(module)
@@ -220,7 +220,7 @@ def register_mask(owner: nn.Module, name: str, mask: OneOfMMask) -> None:
         return
     cls.__reduce_ex__ = _reduce_parametrized_graph_module
     # fx's deepcopy rebuilds the graph's attributes from the instance dict, where the masked one
-    # is not (an AttributeError on '_CodeOnlyModule'): copy a plain instance and mask the copy
+    # is not (an AttributeError on '_CodeOnlyModule')
     cls.__deepcopy__ = _deepcopy_parametrized_graph_module
     base = cls.__bases__[0]
     if "_wrapped_call" in vars(base):
@@ -247,25 +247,60 @@ def _plain_state(state: dict, owner: str):
 
 
 def _reduce_parametrized_graph_module(gm: nn.Module, protocol):
-    plain, parametrizations = _plain_graph_module(gm)  # fx's reduce recompiles the plain class
+    state, parametrizations = _plain_state(gm.__dict__, type(gm).__name__)
+    # fx's reduce recompiles: reduce an instance of the graph's own class (see register_mask)
+    plain = object.__new__(type(gm).__bases__[0])
+    plain.__dict__.update(state)
     rebuild, args = torch.fx.GraphModule.__reduce__(plain)
     return _rebuild_parametrized_graph_module, (rebuild, args, parametrizations)
 
 
-def _plain_graph_module(gm: nn.Module):
-    """An instance of the graph's own class sharing ``gm``'s state, masked attributes plain."""
-    state, parametrizations = _plain_state(gm.__dict__, type(gm).__name__)
-    plain = object.__new__(type(gm).__bases__[0])
-    plain.__dict__.update(state)
-    return plain, parametrizations
+# the hook dicts of a module (nn.Module keeps each in its own attribute)
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+              "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
 
 
 def _deepcopy_parametrized_graph_module(gm: nn.Module, memo: dict) -> nn.Module:
-    plain, parametrizations = _plain_graph_module(gm)
-    out = torch.fx.GraphModule.__deepcopy__(plain, memo)
+    """``copy.deepcopy`` of a GraphModule whose own weights are masked: its graph over copies of
+    every attribute and module the graph reads. A masked weight of the root (or of a bare holder
+    module) is copied as its stored original and parametrized again with copies of its
+    parametrizations; a module the graph calls is copied whole, with its own, and set after fx
+    assigns the graph's attributes (so a weight both called and read is masked once). Tensors in
+    ``memo`` stay shared; the class name, the root's hooks and non-persistent buffers come along."""
+    fx = torch.fx
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    root: dict = {}
+    modules: dict = {}  # set after construction: fx would assign attributes onto them
+    parametrized = []  # (owner path, name, parametrizations) to register again on the copy
+    for node in gm.graph.nodes:
+        if node.op not in ("get_attr", "call_module") or node.target in root:
+            continue
+        parent, _, name = node.target.rpartition(".")
+        owner = gm.get_submodule(parent) if parent else gm
+        if node.op == "call_module":
+            modules[node.target] = copy.deepcopy(getattr(owner, name), memo)
+            root[node.target] = nn.Module()  # a placeholder while fx assigns the graph's attributes
+        elif parametrize.is_parametrized(owner, name):
+            plist = getattr(owner.parametrizations, name)
+            root[node.target] = copy.deepcopy(plist.original, memo)
+            if not any(node.target.startswith(f"{m}.") for m in called):  # else its module's copy holds them
+                parametrized.append((parent, name, [copy.deepcopy(p, memo) for p in plist]))
+        else:
+            root[node.target] = copy.deepcopy(getattr(owner, name), memo)
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    # parametrize named the class Parametrized<name>; it names the copy's class again
+    out = fx.GraphModule(root, graph, class_name=type(gm).__bases__[0].__name__)
     memo[id(gm)] = out
-    for name, plist in parametrizations.items():
-        register_again(out, name, copy.deepcopy(plist, memo))
+    for target in sorted(modules, key=lambda t: t.count(".")):
+        out.set_submodule(target, modules[target])
+    for parent, name, plist in parametrized:  # the copied original is the owner's parameter now
+        register_again(out.get_submodule(parent) if parent else out, name, plist)
+    for name in HOOK_DICTS:
+        if name in vars(gm):
+            setattr(out, name, copy.copy(getattr(gm, name)))
+    out._non_persistent_buffers_set |= {b for b in gm._non_persistent_buffers_set if b in out._buffers}
+    out.training = gm.training  # the copied modules and parametrizations keep their own flags
     return out
 
 

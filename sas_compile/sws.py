@@ -204,7 +204,7 @@ def lower_sws(model: nn.Module, *, target: str = "auto", inplace: bool = False) 
 
 
 def _copy(model: nn.Module) -> nn.Module:
-    out = copy_model(model)  # also a GraphModule whose own weights are masked, which deepcopy cannot copy
+    out = copy_model(model)  # also a GraphModule whose own weights are masked (register_mask's deepcopy)
     # GraphModule's deepcopy keeps only its own attributes: carry what swsify recorded
     out.sws_widths, out.sws_M, out.sws_layers = model.sws_widths, model.sws_M, dict(model.sws_layers)
     out.sws_module_swaps = getattr(model, "sws_module_swaps", False)
